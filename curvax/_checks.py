@@ -1,0 +1,97 @@
+"""Input validation shared by every layer of curvax.
+
+All checks run at trace time on shapes and tree structures, so they cost nothing
+inside a compiled step and report bad input with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Batch = Tuple[Any, Any]
+
+
+def check_batch(batch: Any, name: str = "batch") -> Batch:
+  """Returns ``(inputs, targets)`` after checking that ``batch`` is such a pair.
+
+  A batch is a tuple or list of two array-likes (or pytrees of arrays for the
+  inputs) sharing a leading batch axis.
+
+  Raises:
+    TypeError: if ``batch`` is missing or is not an ``(inputs, targets)`` pair.
+    ValueError: if the leading batch axes differ or the batch is empty.
+  """
+  if batch is None:
+    raise TypeError(
+        f"`{name}` is required: pass {name}=(inputs, targets), arrays with a "
+        "leading batch axis.")
+  if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
+    raise TypeError(
+        f"`{name}` must be a pair (inputs, targets) with a leading batch axis; "
+        f"got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + ".")
+  inputs, targets = batch
+  n_in = _leading_dims(inputs, f"{name}[0] (inputs)")
+  n_tg = _leading_dims(targets, f"{name}[1] (targets)")
+  if n_in != n_tg:
+    raise ValueError(
+        f"`{name}`: inputs and targets must share the leading batch axis; got "
+        f"{n_in} inputs and {n_tg} targets.")
+  if n_in == 0:
+    raise ValueError(f"`{name}` is empty (batch size 0).")
+  return inputs, targets
+
+
+def _leading_dims(tree: Any, what: str) -> int:
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    raise TypeError(f"{what} holds no arrays.")
+  sizes = set()
+  for leaf in leaves:
+    shape = jnp.shape(leaf)
+    if len(shape) == 0:
+      raise ValueError(f"{what} must have a leading batch axis; got a scalar.")
+    sizes.add(shape[0])
+  if len(sizes) != 1:
+    raise ValueError(f"{what}: leaves disagree on the batch size: {sorted(sizes)}.")
+  return sizes.pop()
+
+
+def batch_size(batch: Batch) -> int:
+  """Static size of the leading axis of a checked batch."""
+  return jnp.shape(jax.tree_util.tree_leaves(batch[1])[0])[0]
+
+
+def check_tree_like(tree: Any, reference: Any, name: str = "vector",
+                    reference_name: str = "params") -> None:
+  """Checks that ``tree`` has the structure and leaf shapes of ``reference``.
+
+  Raises:
+    ValueError: naming the first mismatch.
+  """
+  s_tree = jax.tree_util.tree_structure(tree)
+  s_ref = jax.tree_util.tree_structure(reference)
+  if s_tree != s_ref:
+    raise ValueError(
+        f"`{name}` must be a pytree shaped like `{reference_name}`; tree "
+        f"structures differ:\n  {name}: {s_tree}\n  {reference_name}: {s_ref}")
+  paths_ref = jax.tree_util.tree_leaves_with_path(reference)
+  for (path, ref), leaf in zip(paths_ref, jax.tree_util.tree_leaves(tree)):
+    if jnp.shape(leaf) != jnp.shape(ref):
+      raise ValueError(
+          f"`{name}` must be shaped like `{reference_name}`: at "
+          f"{jax.tree_util.keystr(path)} got shape {jnp.shape(leaf)}, expected "
+          f"{jnp.shape(ref)}.")
+
+
+def require_kwarg(value: Any, name: str, transform: str) -> Any:
+  """Raises a TypeError naming a missing required extra argument of ``update``."""
+  if value is None:
+    raise TypeError(
+        f"{transform}.update needs the keyword argument `{name}`: call "
+        f"update(grads, state, params, {name}=(inputs, targets)).")
+  return value

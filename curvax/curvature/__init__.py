@@ -1,0 +1,12 @@
+"""Matrix-free curvature: GGN, Hessian and Fisher products, per-example
+statistics, diagonals and eigen-structure."""
+
+from curvax.curvature.fisher import fisher_matvec
+from curvax.curvature.ggn import ggn_matvec
+from curvax.curvature.hessian import hessian_matvec
+from curvax.curvature.linearization import ModelLinearization, linearize_model
+
+__all__ = [
+    "ModelLinearization", "fisher_matvec", "ggn_matvec", "hessian_matvec",
+    "linearize_model",
+]

@@ -1,0 +1,15 @@
+"""Losses that know their Hessian with respect to the model output."""
+
+from curvax.losses.base import AutodiffLoss, Loss, as_loss
+from curvax.losses.mean_squared_error import MeanSquaredError, mean_squared_error
+from curvax.losses.objective import objective, per_example_losses
+from curvax.losses.sigmoid_binary_cross_entropy import (
+    SigmoidBinaryCrossEntropy, sigmoid_binary_cross_entropy)
+from curvax.losses.softmax_cross_entropy import (
+    SoftmaxCrossEntropy, softmax_cross_entropy)
+
+__all__ = [
+    "AutodiffLoss", "Loss", "MeanSquaredError", "SigmoidBinaryCrossEntropy",
+    "SoftmaxCrossEntropy", "as_loss", "mean_squared_error", "objective",
+    "per_example_losses", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
+]

@@ -1,0 +1,96 @@
+"""Softmax cross-entropy with its output Hessian and square roots."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from curvax.losses.base import Loss
+
+
+def _soft_targets(outputs, targets):
+  if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+    return jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
+  return targets.astype(outputs.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxCrossEntropy(Loss):
+  r"""Per-example ``l(f, y) = -sum_c y_c log softmax(f)_c`` on logits ``f`` (N, C).
+
+  Targets are integer labels ``(N,)`` or one-hot / soft targets ``(N, C)``.
+  With ``p = softmax(f)`` and ``t = sum_c y_c`` (1 for labels and proper
+  distributions):
+
+  * gradient ``t p - y``;
+  * Hessian ``H = t (diag(p) - p p')`` (Dangel, thesis, Table 4.1 / App. A.3.2),
+    which does not depend on how the mass of ``y`` is spread, so the GGN equals
+    the Fisher (Eq. 3.28);
+  * exact symmetric-structured square root ``S = sqrt(t) (diag(sqrt p) - p sqrt(p)')``,
+    i.e. ``(I - p 1') diag(sqrt p)``, with ``S S' = H`` because ``1'p = 1``;
+  * Monte-Carlo root: columns ``(onehot(c_m) - p) / sqrt(M)`` for
+    ``c_m ~ Cat(p)`` (Eq. 5.9), the gradients at labels drawn from the model.
+  """
+
+  def check_targets(self, outputs, targets):
+    if jnp.ndim(outputs) != 2:
+      raise ValueError(
+          "softmax_cross_entropy: outputs must be logits of shape (N, C); got "
+          f"shape {jnp.shape(outputs)}.")
+    n, c = jnp.shape(outputs)
+    shape = jnp.shape(targets)
+    integer = jnp.issubdtype(jnp.result_type(targets), jnp.integer)
+    if integer and shape == (n,):
+      return
+    if not integer and shape == (n, c):
+      return
+    raise ValueError(
+        "softmax_cross_entropy: targets must be integer labels of shape "
+        f"({n},) or one-hot/soft targets of shape ({n}, {c}); got "
+        f"{'integer' if integer else 'float'} targets of shape {shape}.")
+
+  def __call__(self, outputs, targets):
+    self.check_targets(outputs, targets)
+    logp = jax.nn.log_softmax(outputs, axis=-1)
+    if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+      return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return -jnp.sum(targets * logp, axis=-1)
+
+  def grad(self, outputs, targets):
+    self.check_targets(outputs, targets)
+    y = _soft_targets(outputs, targets)
+    p = jax.nn.softmax(outputs, axis=-1)
+    return jnp.sum(y, -1, keepdims=True) * p - y
+
+  def _mass(self, outputs, targets):
+    if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+      return jnp.ones(outputs.shape[:1] + (1,), outputs.dtype)
+    return jnp.sum(targets, -1, keepdims=True).astype(outputs.dtype)
+
+  def hvp(self, outputs, targets, tangents):
+    self.check_targets(outputs, targets)
+    p = jax.nn.softmax(outputs, axis=-1)
+    hu = p * tangents - p * jnp.sum(p * tangents, -1, keepdims=True)
+    return self._mass(outputs, targets) * hu
+
+  def sqrt_hessian(self, outputs, targets):
+    self.check_targets(outputs, targets)
+    p = jax.nn.softmax(outputs, axis=-1)
+    sp = jnp.sqrt(p)
+    s = jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
+    return jnp.sqrt(self._mass(outputs, targets))[:, :, None] * s
+
+  def sqrt_hessian_sampled(self, key, outputs, targets, num_samples=1):
+    self.check_targets(outputs, targets)
+    p = jax.nn.softmax(outputs, axis=-1)
+    c = jax.random.categorical(key, outputs, axis=-1,
+                               shape=(num_samples,) + outputs.shape[:1])  # (M, N)
+    onehot = jax.nn.one_hot(c, outputs.shape[-1], dtype=outputs.dtype)  # (M, N, C)
+    s = jnp.moveaxis(onehot - p[None], 0, -1)  # (N, C, M)
+    scale = jnp.sqrt(self._mass(outputs, targets) / num_samples)
+    return scale[:, :, None] * s
+
+
+softmax_cross_entropy = SoftmaxCrossEntropy()

@@ -1,0 +1,1 @@
+"""Shared numerics on pytrees: conjugate gradients, damping rules, line searches."""

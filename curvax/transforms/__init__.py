@@ -1,0 +1,1 @@
+"""Curvature-aware optax gradient transformations."""
