@@ -138,3 +138,25 @@ def test_bad_inputs_raise_clear_errors():
     mv(wrong_shape)
   with pytest.raises(ValueError, match="integer labels"):
     curvax.curvature.ggn_matvec(apply_fn, loss, params, (batch[0], jnp.zeros((6, 7), jnp.int32)))
+
+
+def test_l2_regularizer_adds_weight_times_identity_on_weights():
+  apply_fn, loss, params, batch = problem("mlp", "mean_squared_error")
+  names = {"w1", "w2"}
+  reg = curvax.losses.l2_regularizer(
+      0.3, lambda path, leaf: path[-1].key in names)
+  loss_fn = curvax.losses.objective(apply_fn, loss, reg)
+  h = jax.hessian(lambda w: loss_fn(ravel_pytree(params)[1](w), batch))(flat(params))
+  mv = curvax.curvature.add_regularizer_curvature(
+      curvax.curvature.hessian_matvec(curvax.losses.objective(apply_fn, loss), params, batch),
+      reg, params)
+  v = _random_like(params, 8)
+  np.testing.assert_allclose(flat(mv(v)), h @ flat(v), rtol=1e-9, atol=1e-11)
+  expected = 0.15 * (jnp.sum(params["w1"] ** 2) + jnp.sum(params["w2"] ** 2))
+  np.testing.assert_allclose(reg(params), expected, rtol=1e-12)
+
+
+def test_default_l2_skips_flax_biases():
+  reg = curvax.losses.l2_regularizer(2.0)
+  params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+  np.testing.assert_allclose(reg(params), 4.0)

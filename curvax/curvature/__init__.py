@@ -5,8 +5,9 @@ from curvax.curvature.fisher import fisher_matvec
 from curvax.curvature.ggn import ggn_matvec
 from curvax.curvature.hessian import hessian_matvec
 from curvax.curvature.linearization import ModelLinearization, linearize_model
+from curvax.curvature.regularized import add_regularizer_curvature
 
 __all__ = [
-    "ModelLinearization", "fisher_matvec", "ggn_matvec", "hessian_matvec",
+    "ModelLinearization", "add_regularizer_curvature", "fisher_matvec", "ggn_matvec", "hessian_matvec",
     "linearize_model",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,19 +13,24 @@ from curvax.losses.base import as_loss
 Array = jax.Array
 
 
-def objective(apply_fn: Callable[[Any, Any], Array], loss: Any
+def objective(apply_fn: Callable[[Any, Any], Array], loss: Any,
+              regularizer: Optional[Callable[[Any], Array]] = None
               ) -> Callable[[Any, Any], Array]:
-  r"""Returns ``loss_fn(params, batch) = (1/N) sum_n l(apply_fn(params, x_n), y_n)``.
+  r"""Returns ``loss_fn(params, batch) = (1/N) sum_n l(apply_fn(params, x_n), y_n) + r(params)``.
 
   This is the objective every curvature product in curvax refers to. ``batch``
   is an ``(inputs, targets)`` pair; ``loss`` a `curvax.losses.Loss` or a plain
-  callable returning per-example values.
+  callable returning per-example values; ``regularizer`` an optional function
+  ``r(params) -> scalar`` (e.g. `l2_regularizer`), added once, not per example.
   """
   loss = as_loss(loss)
 
   def loss_fn(params, batch):
     inputs, targets = _checks.check_batch(batch)
-    return jnp.mean(loss(apply_fn(params, inputs), targets))
+    value = jnp.mean(loss(apply_fn(params, inputs), targets))
+    if regularizer is not None:
+      value = value + regularizer(params)
+    return value
 
   return loss_fn
 
@@ -40,3 +45,29 @@ def per_example_losses(apply_fn: Callable[[Any, Any], Array], loss: Any
     return loss(apply_fn(params, inputs), targets)
 
   return fn
+
+
+def l2_regularizer(weight: float, predicate: Optional[Callable[[Any, Array], bool]] = None
+                   ) -> Callable[[Any], Array]:
+  r"""Returns ``r(params) = (weight / 2) * sum ||w||^2`` over the selected leaves.
+
+  This is DeepOBS's (TensorFlow's ``l2_regularizer``) convention; its Hessian is
+  ``weight * I`` on the selected leaves. ``predicate(path, leaf)`` selects the
+  leaves (``path`` a ``jax.tree_util`` key path); by default every leaf whose
+  last key is not named ``bias`` (Flax's convention) is penalised.
+  """
+  if predicate is None:
+    def predicate(path, leaf):
+      del leaf
+      last = path[-1] if path else None
+      name = getattr(last, "key", getattr(last, "name", None))
+      return name != "bias"
+
+  def regularizer(params):
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+      if predicate(path, leaf):
+        total = total + jnp.sum(jnp.square(leaf))
+    return 0.5 * weight * total
+
+  return regularizer
