@@ -1,0 +1,150 @@
+r"""Bayesian low-rank Hessian estimate from Hessian-vector products (one block).
+
+Pure numerics of de Roos & Hennig (2019), "Active Probabilistic Inference on
+Matrices for Pre-Conditioning in Stochastic Optimization" (AISTATS), as
+specified in ``specs/probabilistic_preconditioning.md`` (sections "Observations",
+"Posterior", "Rank-k estimate" and "Preconditioner"; the seed
+000_102983c1e1ef3813.txt, chapter 3, documents the PyTorch class
+``Preconditioner`` that implements it). Everything here acts on ONE block of
+``n`` parameters (one parameter tensor, flattened); the transform in
+``curvax.transforms.probabilistic_preconditioning`` applies it leaf by leaf.
+
+The spec's displayed equations carry no numbers; this module labels them, in the
+spec's order, and every docstring cites the labels:
+
+* (B1) ``B0 = (1/alpha) I`` (curvax's choice, the prior mean everywhere);
+* (B2) ``Delta = Y - B0 S`` (residuals of the observations under the prior);
+* (B3) ``X = Delta (w^2 S'S + lam^2 diag(S'S))^{-1}``, posterior mean
+  ``B = B0 + w^2 X S'`` — the prior ``vec(B) ~ N(vec(B0), W (x) W)``,
+  ``W = w I``, likelihood ``Y = B S + noise`` with covariance
+  ``lam I (x) diag(S'S)``;
+* (W1) ``B^{-1} g = alpha g - alpha^2 w^2 X (I + alpha w^2 S'X)^{-1} S' g``
+  (Woodbury; ``S'X``, not the seed code's ``X'S``);
+* (L1) ``[X S] = Z R`` (thin QR), ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``,
+  ``K = U_K diag(sigma) V_K'`` (SVD), rank-k factors ``U = Z U_K[:, :k]``,
+  ``sigma[:k]`` — exact, because B equals ``(1/alpha) I`` outside span[X, S]
+  and maps that span into itself;
+* (C1) seed form ``g~ = (I - UU')g + U diag(sigma^{-1/2}) U'g``;
+* (C2) inverse form ``g~ = (I - UU')g + U diag(1/(alpha sigma)) U'g``, so that
+  ``alpha g~ = [alpha (I - UU') + U diag(1/sigma) U'] g`` is the inverse of the
+  rank-k estimate applied to g.
+
+Layout: observations are stored as ROWS, ``S`` and ``Delta`` of shape ``(M, n)``
+(so the spec's ``S`` is ``S.T`` here). Rows not yet observed are zero; they are
+masked out, which lets fixed-shape buffers hold a growing set of observations
+under ``jit``. Observed directions have unit norm (the spec's "unit-norm columns
+consistently in the Gram matrices"), so ``diag(S'S) = I`` on observed rows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+FORMS = ("inverse", "seed")
+
+
+def observation_mask(directions: Array, num_observed: Optional[Array] = None) -> Array:
+  """Boolean ``(M,)`` mask of the usable rows of ``directions``.
+
+  A row is usable when it is among the first ``num_observed`` (all rows if
+  ``None``) and non-zero (a zero row is an empty observation, e.g. the block of
+  a parameter whose gradient vanished).
+  """
+  m = directions.shape[0]
+  mask = jnp.sum(jnp.square(directions), axis=1) > 0
+  if num_observed is not None:
+    mask = mask & (jnp.arange(m) < num_observed)
+  return mask
+
+
+def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: Array,
+                           num_observed: Optional[Array] = None) -> Array:
+  r"""Returns ``C = (w^2 S'S + lam^2 diag(S'S))^{-1}`` of (B3), masked, ``(M, M)``.
+
+  With ``X = Delta' C`` (rows layout) the posterior mean is (B3)
+  ``B = (1/alpha) I + w^2 Delta' C S``. Unobserved or empty rows get an
+  identity block (their residual rows are zero, so they contribute nothing).
+  """
+  mask = observation_mask(directions, num_observed)
+  s = directions * mask[:, None]
+  gram = s @ s.T
+  diag = jnp.diagonal(gram)
+  mat = (jnp.square(prior_scale) * gram
+         + jnp.diag(jnp.square(noise_scale) * diag + (1.0 - mask.astype(gram.dtype))))
+  return jnp.linalg.inv(mat)
+
+
+def posterior_matvec(v: Array, directions: Array, residuals: Array, coefficients: Array,
+                     alpha: Array, prior_scale: Array) -> Array:
+  r"""``B v = v / alpha + w^2 X S' v`` with ``X = Delta' C`` — the posterior mean (B3)."""
+  return v / alpha + jnp.square(prior_scale) * (residuals.T @ (coefficients @ (directions @ v)))
+
+
+def posterior_inverse_matvec(g: Array, directions: Array, residuals: Array,
+                             coefficients: Array, alpha: Array, prior_scale: Array) -> Array:
+  r"""``B^{-1} g`` by Woodbury (W1), matrix-free: O(n M) work, no n x n matrix.
+
+  ``d = alpha g - alpha^2 w^2 X (I + alpha w^2 S'X)^{-1} S' g``, ``X = Delta' C``.
+  This is the active direction of the posterior observations (spec,
+  "Observations": ``d = B^{-1} g``, then ``y = H d``).
+  """
+  w2 = jnp.square(prior_scale)
+  m = directions.shape[0]
+  sx = (directions @ residuals.T) @ coefficients        # S'X, (M, M)
+  sg = directions @ g                                    # S'g, (M,)
+  z = jnp.linalg.solve(jnp.eye(m, dtype=sx.dtype) + alpha * w2 * sx, sg)
+  return alpha * g - jnp.square(alpha) * w2 * (residuals.T @ (coefficients @ z))
+
+
+def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
+                     alpha: Array, prior_scale: Array, rank: int) -> Tuple[Array, Array]:
+  r"""Top-``rank`` left singular vectors and values of the posterior mean (L1).
+
+  QR-factors ``[X S]`` (``n x 2M``) into ``Z`` and takes the SVD of the small
+  ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``; returns ``U`` as ROWS,
+  shape ``(k, n)``, and ``sigma`` of shape ``(k,)``, ``k = min(rank, n, 2M)``.
+  No iterative eigensolver and no ``n x n`` matrix.
+  """
+  n = directions.shape[1]
+  x = residuals.T @ coefficients                         # (n, M)
+  basis, _ = jnp.linalg.qr(jnp.concatenate([x, directions.T], axis=1), mode="reduced")
+  p = basis.shape[1]
+  zx = basis.T @ x                                       # (p, M)
+  zs = basis.T @ directions.T                            # (p, M)
+  k_mat = jnp.eye(p, dtype=zx.dtype) / alpha + jnp.square(prior_scale) * (zx @ zs.T)
+  u_k, sigma, _ = jnp.linalg.svd(k_mat)
+  k = min(rank, n, p)
+  return (basis @ u_k[:, :k]).T, sigma[:k]
+
+
+def preconditioner_scales(sigma: Array, alpha: Array, form: str = "inverse") -> Array:
+  r"""Per-direction factors ``c`` of ``g~ = (I - UU')g + U diag(c) U'g``.
+
+  ``form="inverse"`` (C2): ``c = 1 / (alpha sigma)``; ``form="seed"`` (C1):
+  ``c = sigma^{-1/2}`` (the seed code's ``1/D`` with ``D = sqrt(svds values)``).
+  Non-positive or non-finite ``sigma`` (a degenerate estimate) give ``c = 1``:
+  that direction is left unpreconditioned.
+  """
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {FORMS}; got {form!r}.")
+  ok = jnp.isfinite(sigma) & (sigma > 0)
+  safe = jnp.where(ok, sigma, 1.0)
+  if form == "inverse":
+    c = 1.0 / (alpha * safe)
+  else:
+    c = jax.lax.rsqrt(safe)
+  return jnp.where(ok & jnp.isfinite(c), c, 1.0)
+
+
+def low_rank_precondition(g: Array, vectors: Array, scales: Array) -> Array:
+  r"""``g~ = (I - UU')g + U diag(c) U'g = g + U ((c - 1) * U'g)`` (C1/C2).
+
+  ``vectors``: ``U`` as rows ``(k, n)`` with orthonormal rows; ``scales``: ``c``.
+  O(n k) work.
+  """
+  return g + vectors.T @ ((scales - 1.0) * (vectors @ g))
