@@ -1,0 +1,89 @@
+"""Tests for Armijo line search and CG backtracking over stored iterates."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from curvax import solvers
+
+
+def _expected_armijo(f, f0, slope, c=0.01, beta=0.8, max_red=20):
+  alpha = 1.0
+  for n in range(max_red + 1):
+    if f(alpha) <= f0 + c * alpha * slope:
+      return alpha, n
+    if n < max_red:
+      alpha *= beta
+  return 0.0, max_red
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 10.0, 1e6])
+def test_armijo_on_1d_quadratic(scale):
+  # f(alpha) = (scale * alpha - 1)^2 along the direction; f(0) = 1, f'(0) = -2 scale.
+  f = lambda a: (scale * a - 1.0) ** 2  # noqa: E731
+  res = jax.jit(lambda: solvers.armijo(f, 1.0, -2.0 * scale))()
+  alpha, n = _expected_armijo(f, 1.0, -2.0 * scale)
+  # Closed form: accepted iff (s a - 1)^2 <= 1 - 0.02 s a  <=>  s a <= 1.98.
+  assert scale * float(res.step_size) <= 1.98 or float(res.step_size) == 0.0
+  np.testing.assert_allclose(res.step_size, alpha, rtol=1e-12)
+  assert int(res.num_reductions) == n
+  assert bool(res.accepted) == (alpha > 0)
+  if alpha > 0:
+    np.testing.assert_allclose(res.loss, f(alpha), rtol=1e-12)
+  else:
+    np.testing.assert_allclose(res.loss, 1.0)
+
+
+def test_armijo_closed_form_reductions():
+  # s = 3: need 3 * 0.8^n <= 1.98  ->  n = ceil(log(0.66) / log(0.8)) = 2.
+  res = solvers.armijo(lambda a: (3.0 * a - 1.0) ** 2, 1.0, -6.0)
+  assert int(res.num_reductions) == math.ceil(math.log(1.98 / 3) / math.log(0.8)) == 2
+  np.testing.assert_allclose(res.step_size, 0.64)
+
+
+def test_armijo_no_acceptable_step_and_nonfinite():
+  res = solvers.armijo(lambda a: 1.0 + a, 1.0, -1.0)  # ascent: never accepted
+  assert float(res.step_size) == 0.0 and not bool(res.accepted)
+  assert int(res.num_reductions) == 20
+  res = solvers.armijo(lambda a: jnp.where(a > 0.5, jnp.nan, (a - 1.0) ** 2), 1.0, -2.0)
+  np.testing.assert_allclose(res.step_size, 0.8 ** 4)  # first alpha <= 0.5 that is finite
+
+
+def test_armijo_uses_initial_value():
+  # f(1) = 0 would be accepted; a (pretend) known f(1) = 5 must be used instead,
+  # so the search reduces once to alpha = 0.8.
+  f = lambda a: (a - 1.0) ** 2  # noqa: E731
+  assert float(solvers.armijo(f, 1.0, -2.0).step_size) == 1.0
+  res = solvers.armijo(f, 1.0, -2.0, initial_value=5.0)
+  np.testing.assert_allclose(res.step_size, 0.8)
+  assert int(res.num_reductions) == 1
+
+
+def test_cg_backtracking_picks_first_non_improving():
+  losses = jnp.array([5.0, 3.0, 2.0, 2.5, 4.0, 9.0])  # stored iterates' losses
+  iterates = {"v": jnp.arange(6.0)[:, None] * jnp.ones((6, 2))}
+  fn = lambda x: losses[x["v"][0].astype(int)]  # noqa: E731
+  res = jax.jit(solvers.cg_backtracking, static_argnums=0)(fn, iterates, 6)
+  # From slot 5 (9.0) back to 4 (4.0), 3 (2.5), 2 (2.0); slot 1 (3.0) is worse.
+  assert int(res.index) == 2 and float(res.loss) == 2.0
+  np.testing.assert_allclose(res.iterate["v"], [2.0, 2.0])
+  assert float(res.last_loss) == 9.0
+  # Only num_iterates valid: from slot 3 (2.5) back to 2 (2.0), not 1.
+  res = solvers.cg_backtracking(fn, iterates, 4)
+  assert int(res.index) == 2
+  # Last iterate best: keep it.
+  res = solvers.cg_backtracking(fn, iterates, 3, last_loss=jnp.asarray(2.0))
+  assert int(res.index) == 2 and int(res.num_evaluations) == 1
+  # Single iterate.
+  res = solvers.cg_backtracking(fn, iterates, 1)
+  assert int(res.index) == 0 and float(res.loss) == 5.0
+
+
+def test_cg_backtracking_steps_back_from_nan():
+  losses = jnp.array([3.0, 1.0, jnp.nan])
+  fn = lambda x: losses[x.astype(int)]  # noqa: E731
+  res = solvers.cg_backtracking(fn, jnp.arange(3.0), 3)
+  assert int(res.index) == 1 and float(res.loss) == 1.0
