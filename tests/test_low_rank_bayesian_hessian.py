@@ -1,0 +1,108 @@
+"""Tests of curvax.solvers.bayesian_hessian against dense numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from curvax.solvers import bayesian_hessian as bh
+
+
+def _setup(n=9, m_buf=4, m=3, seed=0, lam=0.3):
+  rng = np.random.default_rng(seed)
+  s = np.zeros((m_buf, n))
+  d = np.zeros((m_buf, n))
+  raw = rng.normal(size=(m, n))
+  s[:m] = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+  d[:m] = rng.normal(size=(m, n))
+  # Stale garbage beyond m must be ignored only if rows are zero; keep zero here.
+  return s, d, 0.7, 1.3, lam, m
+
+
+def _dense_b(s, d, alpha, w, lam, m):
+  """Dense posterior mean (B1-B3) from the observed rows, independently."""
+  n = s.shape[1]
+  S = s[:m].T                                          # n x m (spec layout)
+  Delta = d[:m].T
+  G = w ** 2 * S.T @ S + lam ** 2 * np.diag(np.diag(S.T @ S))
+  X = Delta @ np.linalg.inv(G)
+  return np.eye(n) / alpha + w ** 2 * X @ S.T
+
+
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_inverse_matvec_matches_dense_inverse(m):
+  s, d, alpha, w, lam, _ = _setup(m=m)
+  c = bh.posterior_coefficients(s, w, lam, m)
+  b = _dense_b(s, d, alpha, w, lam, m)
+  g = np.random.default_rng(1).normal(size=s.shape[1])
+  np.testing.assert_allclose(bh.posterior_matvec(g, s, d, c, alpha, w), b @ g, rtol=1e-10)
+  np.testing.assert_allclose(bh.posterior_inverse_matvec(g, s, d, c, alpha, w),
+                             np.linalg.solve(b, g), rtol=1e-9, atol=1e-12)
+
+
+def test_noise_free_posterior_interpolates_observations():
+  s, d, alpha, w, _, m = _setup(lam=0.0)
+  c = bh.posterior_coefficients(s, w, 0.0, m)
+  b = _dense_b(s, d, alpha, w, 0.0, m)
+  y = d[:m] + s[:m] / alpha                            # (B2): Y = Delta + B0 S
+  for j in range(m):
+    np.testing.assert_allclose(bh.posterior_matvec(s[j], s, d, c, alpha, w), y[j],
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b @ s[j], y[j], rtol=1e-9, atol=1e-12)
+
+
+def test_masking_ignores_rows_beyond_num_observed():
+  s, d, alpha, w, lam, _ = _setup(m=4, m_buf=4)
+  g = np.random.default_rng(2).normal(size=s.shape[1])
+  s2, d2 = s.copy(), d.copy()
+  s2[3] = 0.0
+  d2[3] = 0.0
+  c = bh.posterior_coefficients(s, w, lam, 3)
+  c2 = bh.posterior_coefficients(s2, w, lam, 3)
+  np.testing.assert_allclose(c, c2)
+  # Residual rows beyond m must be zero for the masked formula; zero them.
+  d[3] = 0.0
+  np.testing.assert_allclose(bh.posterior_inverse_matvec(g, s, d, c, alpha, w),
+                             bh.posterior_inverse_matvec(g, s2, d2, c2, alpha, w))
+
+
+@pytest.mark.parametrize("n,rank", [(9, 2), (9, 3), (3, 2)])
+def test_low_rank_factors_are_top_singular_pairs(n, rank):
+  s, d, alpha, w, lam, m = _setup(n=n, m=3)
+  c = bh.posterior_coefficients(s, w, lam, m)
+  u, sigma = bh.low_rank_factors(s, d, c, alpha, w, rank)
+  b = _dense_b(s, d, alpha, w, lam, m)
+  uu, ss, _ = np.linalg.svd(b)
+  k = min(rank, n)
+  assert u.shape == (k, n) and sigma.shape == (k,)
+  np.testing.assert_allclose(sigma, ss[:k], rtol=1e-9)
+  np.testing.assert_allclose(u @ u.T, np.eye(k), atol=1e-10)
+  np.testing.assert_allclose(u.T @ u, uu[:, :k] @ uu[:, :k].T, atol=1e-8)
+
+
+@pytest.mark.parametrize("form", ["inverse", "seed"])
+def test_preconditioner_closed_form(form):
+  s, d, alpha, w, lam, m = _setup()
+  c = bh.posterior_coefficients(s, w, lam, m)
+  u, sigma = bh.low_rank_factors(s, d, c, alpha, w, 2)
+  g = np.random.default_rng(3).normal(size=s.shape[1])
+  got = bh.low_rank_precondition(g, u, bh.preconditioner_scales(sigma, alpha, form))
+  b = _dense_b(s, d, alpha, w, lam, m)
+  uu, ss, _ = np.linalg.svd(b)
+  U, sg = uu[:, :2], ss[:2]
+  scale = 1.0 / (alpha * sg) if form == "inverse" else sg ** -0.5
+  want = g - U @ (U.T @ g) + U @ (scale * (U.T @ g))
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+  if form == "inverse":
+    # alpha * g~ = [alpha (I - UU') + U diag(1/sigma) U'] g: the inverse of the rank-k
+    # estimate alpha^{-1} (I - UU') + U diag(sigma) U' applied to g.
+    est = (np.eye(len(g)) - U @ U.T) / alpha + U @ np.diag(sg) @ U.T
+    np.testing.assert_allclose(alpha * got, np.linalg.solve(est, g), rtol=1e-8)
+
+
+def test_preconditioner_scales_degenerate_and_bad_form():
+  c = bh.preconditioner_scales(np.array([2.0, 0.0, np.nan]), 0.5, "inverse")
+  np.testing.assert_allclose(c, [1.0, 1.0, 1.0])
+  np.testing.assert_allclose(bh.preconditioner_scales(np.array([4.0]), 0.5, "seed"), [0.5])
+  with pytest.raises(ValueError, match="form"):
+    bh.preconditioner_scales(np.array([1.0]), 1.0, "bogus")
