@@ -1,0 +1,382 @@
+"""Curvature-based step sizes on top of any optax optimizer (seed 004)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+from curvax import _checks
+from curvax.curvature.quadratic_step_size import (quadratic_step_size,
+                                                   step_size_from_parts,
+                                                   step_size_is_defined)
+from curvax.losses import as_loss, objective
+
+Array = jax.Array
+
+_NAME = "curvature_step_size"
+
+
+class CurvatureStepSizeState(NamedTuple):
+  """State of `curvature_step_size`: everything a researcher logs.
+
+  Quantities measured with curvature are those of the latest step that
+  computed curvature (``computed`` says whether it was this one); NaN before
+  the first such step. "Absolute" is relative times the inner learning rate
+  ``eta_t`` (the ``learning_rate`` argument).
+
+  Attributes:
+    count: number of updates so far.
+    inner_state: the inner optimizer's state.
+    alpha: relative ``alpha* = -d'g / d'Gd`` (the factor on ``eta_t``); NaN if
+      undefined (``d'Gd <= 0`` or not finite).
+    alpha_absolute: ``alpha * eta_t``, the learning rate the method proposes.
+    numerator: ``d'g`` on the evaluation batch (``eval_batch`` if debiasing).
+    denominator: ``d'Gd`` on the evaluation batch.
+    eval_loss: the objective at ``params`` on the evaluation batch (free).
+    biased_numerator: ``d'u`` with ``u`` the incoming ``updates`` (the gradient on
+      ``batch``): free.
+    biased_denominator: ``d'Gd`` on ``batch`` (``diagnostics=True`` when
+      debiasing: one more JVP; the evaluation one otherwise).
+    hybrid: ``-numerator / biased_denominator`` (seed 004 Eq. 3.5, signed like
+      ``alpha``); NaN unless computed.
+    cos_batch: ``cos(d, -u)``: cosine between the step and the negative gradient
+      on ``batch`` (1 for plain SGD).
+    cos_eval: the same on the evaluation batch (``diagnostics=True`` when
+      debiasing: one more gradient; equals ``cos_batch`` otherwise).
+    direction_norm: ``||d||`` of the inner optimizer's proposal.
+    learning_rate: the absolute learning rate applied this step (the step is
+      ``(learning_rate / eta_t) * d``).
+    held_learning_rate: the learning rate carried to the next step: the
+      fallback of ``every_step`` mode, the current median of ``interval`` mode.
+    scale: the factor applied to ``d`` this step (``learning_rate / eta_t``).
+    computed: whether this step computed curvature.
+    estimates: interval mode: absolute ``alpha*`` of the current estimation
+      window (NaN where not usable); shape ``(num_estimates,)`` (``(1,)`` in
+      ``every_step`` mode).
+    num_computed, num_negative, num_undefined: counts over all curvature steps
+      of computed, negative and undefined ``alpha*``.
+    num_nonfinite: updates zeroed because the inner proposal was not finite.
+  """
+  count: Array
+  inner_state: Any
+  alpha: Array
+  alpha_absolute: Array
+  numerator: Array
+  denominator: Array
+  eval_loss: Array
+  biased_numerator: Array
+  biased_denominator: Array
+  hybrid: Array
+  cos_batch: Array
+  cos_eval: Array
+  direction_norm: Array
+  learning_rate: Array
+  held_learning_rate: Array
+  scale: Array
+  computed: Array
+  estimates: Array
+  num_computed: Array
+  num_negative: Array
+  num_undefined: Array
+  num_nonfinite: Array
+
+  @property
+  def negative_fraction(self) -> Array:
+    """Fraction of negative ``alpha*`` among all computed so far."""
+    return self.num_negative / jnp.maximum(self.num_computed, 1)
+
+
+class _Measurement(NamedTuple):
+  numerator: Array
+  denominator: Array
+  eval_loss: Array
+  biased_numerator: Array
+  biased_denominator: Array
+  cos_batch: Array
+  cos_eval: Array
+  direction_norm: Array
+
+
+def _masked_median(values: Array) -> Tuple[Array, Array]:
+  """Median of the non-NaN entries (mean of the two middle ones for an even
+  count) and their number; NaN if there are none."""
+  present = ~jnp.isnan(values)
+  k = jnp.sum(present)
+  ordered = jnp.sort(jnp.where(present, values, jnp.inf))
+  lo = ordered[jnp.maximum((k - 1) // 2, 0)]
+  hi = ordered[jnp.minimum(k // 2, values.shape[0] - 1)]
+  return jnp.where(k > 0, 0.5 * (lo + hi), jnp.nan), k
+
+
+def _float_dtype(params):
+  leaves = [l for l in jax.tree_util.tree_leaves(params)
+            if jnp.issubdtype(jnp.result_type(l), jnp.floating)]
+  return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+
+
+def curvature_step_size(
+    inner: optax.GradientTransformation,
+    apply_fn: Callable[[Any, Any], Array],
+    loss: Any,
+    *,
+    learning_rate: Union[float, optax.Schedule] = 1.0,
+    debias: bool = True,
+    mode: str = "every_step",
+    warmup_steps: int = 0,
+    interval: int = 1000,
+    num_estimates: int = 10,
+    positive_only: bool = True,
+    clip: Optional[Tuple[float, float]] = None,
+    regularizer: Optional[Callable[[Any], Array]] = None,
+    diagnostics: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales any optax optimizer's step to the minimiser of the quadratic model.
+
+  The inner optimizer proposes ``d`` from the gradient it is given
+  (``updates``; ``d`` includes its learning rate ``eta_t``). With ``g`` and
+  ``G`` the gradient and GGN of the objective at ``params`` (before the step),
+  the minimiser of the quadratic model along ``d`` is
+
+  .. math:: \alpha^* = -\frac{d^\top g}{d^\top G d}
+     \quad\text{(Dangel et al., seed 004 Eqs. 3.2-3.3),}
+
+  the *relative* step (a factor on ``eta_t``); ``alpha* eta_t`` is the
+  *absolute* step, the learning rate the method proposes. Debiasing (seed 004
+  Eq. 3.4, after Tatzel et al. 2024): ``d`` comes from ``batch`` (through
+  ``updates``) and slope and curvature are measured on a second batch
+  ``eval_batch``; ``debias=False`` measures them on ``batch``.
+
+  ``alpha*`` costs one forward-mode pass (a JVP of the model along ``d``) on the
+  evaluation batch, no backward pass and no GGN matvec: see
+  `curvax.curvature.quadratic_step_size`.
+
+  Modes:
+
+  * ``"every_step"``: after ``warmup_steps`` steps of the unchanged inner
+    optimizer, every step computes ``alpha*`` and applies ``alpha* d``
+    (absolute learning rate ``alpha* eta_t``, clipped to ``clip``).
+  * ``"interval"``, the stabilised schedule of seed 004 Sec. 4.5 (Fig. 4.8):
+    ``warmup_steps`` steps of the unchanged inner optimizer (following its own
+    schedule); then, at the start of every window of ``interval`` steps,
+    ``alpha*`` is computed on ``num_estimates`` consecutive steps while the
+    learning rate stays at its held value; after the last of them the held
+    learning rate becomes the median (mean of the two middle values for an
+    even count) of the usable absolute estimates, clipped to ``clip``, and is
+    applied until the next window's median. Usable: defined and positive with
+    ``positive_only=True`` (curvax's default); with ``positive_only=False`` the
+    median of all defined estimates, applied only if positive (the seed's
+    literal rule). No usable estimate, or a non-positive median: the learning
+    rate is unchanged. Steps outside the windows compute no curvature
+    (``lax.cond``).
+
+  Safeguards and fallback: an undefined ``alpha*`` (``d'Gd <= 0`` or not
+  finite) or a negative one is never applied. The step then uses the held
+  learning rate: the last applied one (in ``every_step`` mode; at the first
+  step that is ``eta_0``, i.e. the inner step unchanged) or the current median
+  (``interval`` mode). ``clip=(lo, hi)`` bounds the absolute learning rate that
+  is applied. A non-finite inner proposal is never applied: the update is zeroed,
+  the inner state is kept, and ``num_nonfinite`` counts it (wrap the whole
+  optimizer in ``optax.apply_if_finite`` to also skip non-finite gradients).
+
+  Conversions between relative and absolute steps use ``learning_rate``, which
+  must be the learning rate (float or schedule) contained in the inner
+  optimizer's output, e.g. ``curvature_step_size(optax.nadamw(sched), ...,
+  learning_rate=sched)``. The default 1.0 suits an inner transformation without
+  a learning rate (e.g. ``optax.scale_by_adam()`` followed by ``optax.scale(-1)``)
+  and makes absolute equal relative. The step applied is ``(lr / eta_t) d``: with
+  ``eta_t = 0`` the update is zero.
+
+  Regulariser: the objective is ``batch mean of loss + r(params)``; the
+  ``updates`` the user passes already contain ``grad r`` (curvax's contract),
+  and ``r``'s slope and curvature along ``d`` are added to the numerator and
+  denominator. Decoupled weight decay (``optax.adamw``/``nadamw``) is part of
+  ``d``, not of ``g``.
+
+  Args:
+    inner: any optax transformation proposing the update ``d`` (it receives
+      ``updates``, ``params`` and all keyword arguments).
+    apply_fn: ``apply_fn(params, inputs) -> outputs``.
+    loss: a `curvax.losses.Loss` or a plain per-example callable.
+    learning_rate: the learning rate (float or schedule of the step count)
+      inside ``d``; see above.
+    debias: measure slope and curvature on ``eval_batch`` (True) or ``batch``.
+    mode: ``"every_step"`` or ``"interval"``.
+    warmup_steps: steps run with the inner optimizer unchanged, no curvature.
+    interval: interval mode: window length ``I`` (>= ``num_estimates``).
+    num_estimates: interval mode: consecutive estimates ``N`` per window.
+    positive_only: interval mode: median over the positive estimates only.
+    clip: optional ``(lo, hi)``, ``0 <= lo <= hi``, bounds of the applied
+      absolute learning rate.
+    regularizer: optional ``r(params) -> scalar`` of the objective.
+    diagnostics: when debiasing, also measure ``d'Gd`` on ``batch`` (one more
+      JVP: ``biased_denominator``, ``hybrid``) and the gradient on ``eval_batch``
+      (one more backward pass: ``cos_eval``). Off by default: they cost time.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
+    params, *, batch, eval_batch=None, **extra_args)`` (unknown keywords are
+    forwarded to ``inner`` and otherwise ignored).
+  """
+  if mode not in ("every_step", "interval"):
+    raise ValueError(f"{_NAME}: mode must be 'every_step' or 'interval'; got {mode!r}.")
+  if int(warmup_steps) < 0:
+    raise ValueError(f"{_NAME}: warmup_steps must be >= 0; got {warmup_steps}.")
+  if mode == "interval":
+    if int(num_estimates) < 1 or int(interval) < int(num_estimates):
+      raise ValueError(
+          f"{_NAME}: interval mode needs 1 <= num_estimates <= interval; got "
+          f"num_estimates={num_estimates}, interval={interval}.")
+  if clip is not None:
+    lo, hi = clip
+    if not 0 <= lo <= hi:
+      raise ValueError(f"{_NAME}: clip must be (lo, hi) with 0 <= lo <= hi; got {clip}.")
+  loss = as_loss(loss)
+  inner = optax.with_extra_args_support(inner)
+  lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+  num_slots = int(num_estimates) if mode == "interval" else 1
+  warmup_steps = int(warmup_steps)
+
+  def init_fn(params):
+    dtype = _float_dtype(params)
+    nan = jnp.full((), jnp.nan, dtype)
+    zero = jnp.zeros((), jnp.int32)
+    eta0 = jnp.asarray(lr_fn(jnp.zeros((), jnp.int32)), dtype)
+    return CurvatureStepSizeState(
+        count=zero, inner_state=inner.init(params), alpha=nan, alpha_absolute=nan,
+        numerator=nan, denominator=nan, eval_loss=nan, biased_numerator=nan,
+        biased_denominator=nan, hybrid=nan, cos_batch=nan, cos_eval=nan,
+        direction_norm=nan, learning_rate=eta0, held_learning_rate=eta0,
+        scale=jnp.ones((), dtype), computed=jnp.zeros((), bool),
+        estimates=jnp.full((num_slots,), jnp.nan, dtype), num_computed=zero,
+        num_negative=zero, num_undefined=zero, num_nonfinite=zero)
+
+  def clip_lr(lr):
+    return lr if clip is None else jnp.clip(lr, clip[0], clip[1])
+
+  def update_fn(updates, state, params=None, *, batch=None, eval_batch=None, **extra_args):
+    if params is None:
+      raise TypeError(f"{_NAME}.update needs `params` (slope and curvature are "
+                      "measured at the current parameters).")
+    _checks.require_kwarg(batch, "batch", _NAME)
+    _checks.check_batch(batch, "batch")
+    if debias:
+      if eval_batch is None:
+        raise TypeError(
+            f"{_NAME}(debias=True).update needs the keyword argument `eval_batch`: a "
+            "second batch (inputs, targets) on which slope and curvature are measured; "
+            "pass eval_batch=... or build the transform with debias=False.")
+      _checks.check_batch(eval_batch, "eval_batch")
+    curv_batch = eval_batch if debias else batch
+    dtype = state.alpha.dtype
+
+    d, inner_state = inner.update(updates, state.inner_state, params, batch=batch,
+                                  eval_batch=eval_batch, **extra_args)
+    finite = jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(d)]))
+
+    t = state.count
+    eta = jnp.asarray(lr_fn(t), dtype)
+    in_warmup = t < warmup_steps
+    s = t - warmup_steps
+    if mode == "interval":
+      position = s % interval
+      compute = jnp.logical_not(in_warmup) & (position < num_estimates)
+    else:
+      position = jnp.zeros((), jnp.int32)
+      compute = jnp.logical_not(in_warmup)
+
+    def measure(_):
+      m = quadratic_step_size(apply_fn, loss, params, d, curv_batch, regularizer=regularizer)
+      d_norm = otu.tree_norm(d)
+      biased_num = otu.tree_vdot(d, updates)
+      cos_batch = -biased_num / (d_norm * otu.tree_norm(updates))
+      if debias and diagnostics:
+        biased_den = quadratic_step_size(apply_fn, loss, params, d, batch,
+                                         regularizer=regularizer).denominator
+        g_eval = jax.grad(objective(apply_fn, loss, regularizer))(params, eval_batch)
+        cos_eval = -otu.tree_vdot(d, g_eval) / (d_norm * otu.tree_norm(g_eval))
+      elif debias:
+        biased_den = jnp.full((), jnp.nan, dtype)
+        cos_eval = jnp.full((), jnp.nan, dtype)
+      else:
+        biased_den, cos_eval = m.denominator, cos_batch
+      return jax.tree.map(lambda x: jnp.asarray(x, dtype), _Measurement(
+          m.numerator, m.denominator, m.loss, biased_num, biased_den, cos_batch,
+          cos_eval, d_norm))
+
+    def skip(_):
+      return _Measurement(*([jnp.full((), jnp.nan, dtype)] * len(_Measurement._fields)))
+
+    if mode == "every_step" and warmup_steps == 0:
+      meas = measure(None)  # every step computes: no cond needed
+    else:
+      meas = jax.lax.cond(compute, measure, skip, None)
+
+    defined = step_size_is_defined(meas.numerator, meas.denominator)
+    alpha = step_size_from_parts(meas.numerator, meas.denominator)
+    alpha_abs = alpha * eta
+    usable = compute & defined & (alpha > 0) & jnp.isfinite(alpha_abs)
+    held = state.held_learning_rate
+
+    if mode == "every_step":
+      lr = jnp.where(in_warmup, eta, jnp.where(usable, clip_lr(alpha_abs), held))
+      new_held = lr
+      estimates = jnp.where(compute, jnp.where(usable, alpha_abs, jnp.nan)[None],
+                            state.estimates)
+    else:
+      lr = jnp.where(in_warmup, eta, held)
+      accept = usable if positive_only else (compute & defined & jnp.isfinite(alpha_abs))
+      estimates = jnp.where(compute & (position == 0),
+                            jnp.full_like(state.estimates, jnp.nan), state.estimates)
+      slot = jnp.clip(position, 0, num_slots - 1)
+      estimates = jnp.where(compute, estimates.at[slot].set(
+          jnp.where(accept, alpha_abs, jnp.nan)), estimates)
+      median, k = _masked_median(estimates)
+      window_done = compute & (position == num_estimates - 1)
+      new_held = jnp.where(in_warmup, eta,
+                           jnp.where(window_done & (k > 0) & (median > 0),
+                                     clip_lr(median), held))
+    scale = jnp.where(eta != 0, lr / jnp.where(eta != 0, eta, 1), 0).astype(dtype)
+
+    new_updates = jax.tree.map(
+        lambda x: jnp.where(finite, scale.astype(x.dtype) * x, jnp.zeros_like(x)), d)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                               inner_state, state.inner_state)
+
+    def keep(new, old):
+      return jnp.where(compute, new, old)
+
+    hybrid = step_size_from_parts(meas.numerator, meas.biased_denominator)
+    one = jnp.ones((), jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    new_state = CurvatureStepSizeState(
+        count=optax.safe_int32_increment(t),
+        inner_state=inner_state,
+        alpha=keep(alpha, state.alpha),
+        alpha_absolute=keep(alpha_abs, state.alpha_absolute),
+        numerator=keep(meas.numerator, state.numerator),
+        denominator=keep(meas.denominator, state.denominator),
+        eval_loss=keep(meas.eval_loss, state.eval_loss),
+        biased_numerator=keep(meas.biased_numerator, state.biased_numerator),
+        biased_denominator=keep(meas.biased_denominator, state.biased_denominator),
+        hybrid=keep(hybrid, state.hybrid),
+        cos_batch=keep(meas.cos_batch, state.cos_batch),
+        cos_eval=keep(meas.cos_eval, state.cos_eval),
+        direction_norm=keep(meas.direction_norm, state.direction_norm),
+        learning_rate=lr.astype(dtype),
+        held_learning_rate=new_held.astype(dtype),
+        scale=scale,
+        computed=jnp.asarray(compute),
+        estimates=estimates.astype(dtype),
+        num_computed=state.num_computed + jnp.where(compute, one, zero),
+        num_negative=state.num_negative + jnp.where(compute & defined & (alpha < 0), one, zero),
+        num_undefined=state.num_undefined + jnp.where(compute & ~defined, one, zero),
+        num_nonfinite=state.num_nonfinite + jnp.where(finite, zero, one),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

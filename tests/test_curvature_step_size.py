@@ -1,0 +1,305 @@
+"""curvature_step_size: exact steps on quadratics, the interval schedule, composition."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvax
+from curvax.losses import MeanSquaredError
+from curvax.transforms.curvature_step_size import curvature_step_size
+
+MSE = curvax.losses.mean_squared_error
+
+
+def linear_apply(p, x):
+  return x @ p["w"] + p["b"]
+
+
+def _quadratic_problem(seed=0, n=9):
+  """Linear model + MSE: the objective is quadratic and its GGN is its Hessian."""
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  params = {"w": jax.random.normal(k[0], (4, 2)), "b": 0.1 * jax.random.normal(k[1], (2,))}
+  batch = (jax.random.normal(k[2], (n, 4)), jax.random.normal(k[3], (n, 2)))
+  return params, batch
+
+
+INNERS = {
+    "sgd": lambda: optax.sgd(0.05),
+    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "adam": lambda: optax.adam(0.05),
+}
+
+
+@pytest.mark.parametrize("name", list(INNERS))
+def test_step_lands_on_minimiser_along_direction(name):
+  params, batch = _quadratic_problem(0)
+  _, eval_batch = _quadratic_problem(1)
+  loss_fn = curvax.losses.objective(linear_apply, MSE)
+  tx = curvature_step_size(INNERS[name](), linear_apply, MSE, debias=True)
+  inner = INNERS[name]()
+  state, inner_state = tx.init(params), inner.init(params)
+
+  @jax.jit
+  def step(params, state, inner_state):
+    g = jax.grad(loss_fn)(params, batch)
+    d, inner_state = inner.update(g, inner_state, params)
+    updates, state = tx.update(g, state, params, batch=batch, eval_batch=eval_batch)
+    return updates, state, d, inner_state
+
+  for _ in range(3):  # several steps, so momentum/Adam states matter
+    updates, state, d, inner_state = step(params, state, inner_state)
+    # The step is alpha* d with d the inner optimizer's own proposal ...
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda v: state.alpha * v, d), rtol=1e-12)
+    # ... and lands on the minimiser of the eval-batch objective along d.
+    new = optax.apply_updates(params, updates)
+    along = lambda a: loss_fn(jax.tree.map(lambda p, v: p + a * v, new, d), eval_batch)
+    np.testing.assert_allclose(jax.grad(along)(0.0), 0.0, atol=1e-12)
+    assert jax.grad(jax.grad(along))(0.0) > 0
+    assert bool(state.computed) and state.alpha > 0
+    # default learning_rate=1.0: absolute == relative
+    np.testing.assert_allclose(state.learning_rate, state.alpha, rtol=1e-12)
+    params = new
+
+
+def test_biased_equals_debiased_on_same_batch_and_absolute_uses_learning_rate():
+  params, batch = _quadratic_problem(0)
+  g = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, batch)
+  biased = curvature_step_size(optax.adam(0.1), linear_apply, MSE, debias=False,
+                               learning_rate=0.1, diagnostics=True)
+  debiased = curvature_step_size(optax.adam(0.1), linear_apply, MSE, debias=True,
+                                 learning_rate=0.1, diagnostics=True)
+  u1, s1 = biased.update(g, biased.init(params), params, batch=batch)
+  u2, s2 = debiased.update(g, debiased.init(params), params, batch=batch, eval_batch=batch)
+  chex.assert_trees_all_close(u1, u2, rtol=1e-12)
+  for field in ("alpha", "numerator", "denominator", "hybrid", "biased_denominator",
+                "cos_eval", "cos_batch", "eval_loss"):
+    np.testing.assert_allclose(getattr(s1, field), getattr(s2, field), rtol=1e-12)
+  np.testing.assert_allclose(s1.hybrid, s1.alpha, rtol=1e-12)
+  np.testing.assert_allclose(s1.alpha_absolute, 0.1 * s1.alpha, rtol=1e-12)
+  np.testing.assert_allclose(s1.learning_rate, s1.alpha_absolute, rtol=1e-12)
+  np.testing.assert_allclose(s1.scale, s1.alpha, rtol=1e-12)
+  # With the raw gradient as `updates`, the free numerator equals the JVP one.
+  np.testing.assert_allclose(s1.biased_numerator, s1.numerator, rtol=1e-10)
+
+
+def test_debias_diagnostics_on_two_batches():
+  params, batch = _quadratic_problem(0)
+  _, eval_batch = _quadratic_problem(1)
+  g = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, batch)
+  tx = curvature_step_size(optax.sgd(0.1), linear_apply, MSE, learning_rate=0.1,
+                           diagnostics=True)
+  _, s = tx.update(g, tx.init(params), params, batch=batch, eval_batch=eval_batch)
+  d = jax.tree.map(lambda v: -0.1 * v, g)
+  on_eval = curvax.curvature.quadratic_step_size(linear_apply, MSE, params, d, eval_batch)
+  on_batch = curvax.curvature.quadratic_step_size(linear_apply, MSE, params, d, batch)
+  np.testing.assert_allclose(s.alpha, on_eval.alpha, rtol=1e-12)
+  np.testing.assert_allclose(s.hybrid, -on_eval.numerator / on_batch.denominator, rtol=1e-12)
+  np.testing.assert_allclose(s.cos_batch, 1.0, rtol=1e-12)  # SGD: d is -g
+  g_eval = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, eval_batch)
+  cos = -optax.tree_utils.tree_vdot(d, g_eval) / (
+      optax.tree_utils.tree_norm(d) * optax.tree_utils.tree_norm(g_eval))
+  np.testing.assert_allclose(s.cos_eval, cos, rtol=1e-12)
+  np.testing.assert_allclose(s.direction_norm, optax.tree_utils.tree_norm(d), rtol=1e-12)
+
+
+def test_regularizer_enters_slope_and_curvature():
+  params, batch = _quadratic_problem(0)
+  reg = curvax.losses.l2_regularizer(0.5, lambda path, leaf: path[-1].key == "w")
+  loss_fn = curvax.losses.objective(linear_apply, MSE, reg)
+  g = jax.grad(loss_fn)(params, batch)
+  tx = curvature_step_size(optax.sgd(0.1), linear_apply, MSE, debias=False, regularizer=reg)
+  u, s = tx.update(g, tx.init(params), params, batch=batch)
+  new = optax.apply_updates(params, u)
+  along = lambda a: loss_fn(jax.tree.map(lambda p, v: p + a * v, new, u), batch)
+  np.testing.assert_allclose(jax.grad(along)(0.0), 0.0, atol=1e-12)
+  np.testing.assert_allclose(s.eval_loss, loss_fn(params, batch), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# The interval schedule, step by step, on a problem whose alpha* we dictate.
+#
+# One weight w = 0, model f = x w, MSE, inner sgd(eta) fed the pseudo-gradient
+# u = 1, so d = -eta. On eval_batch (x=1, y=c): g = -c, G = 1, hence
+# alpha*_abs = -c: each step's estimate is chosen through c. x=0 makes d'Gd = 0
+# (undefined). The update applied is -lr, the learning rate itself.
+
+_calls = []
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingMSE(MeanSquaredError):
+  """MSE whose Hessian product records each *executed* call (not each trace)."""
+
+  def hvp(self, outputs, targets, tangents):
+    jax.debug.callback(lambda: _calls.append(1))
+    return super().hvp(outputs, targets, tangents)
+
+
+def scalar_apply(p, x):
+  return x @ p["w"]
+
+
+UNDEF = None
+
+
+def _run_schedule(targets, **kwargs):
+  """Runs the transform on dictated estimates; returns per-step records."""
+  eta = 0.5
+  tx = curvature_step_size(optax.sgd(eta), scalar_apply, CountingMSE(), learning_rate=eta,
+                           mode="interval", warmup_steps=2, interval=5, num_estimates=4,
+                           **kwargs)
+  params = {"w": jnp.zeros((1, 1))}
+  u = {"w": jnp.ones((1, 1))}
+  batch = (jnp.ones((1, 1)), jnp.zeros((1, 1)))
+  traces = []
+
+  @jax.jit
+  def step(state, eval_batch):
+    traces.append(1)
+    return tx.update(u, state, params, batch=batch, eval_batch=eval_batch)
+
+  state = tx.init(params)
+  records = []
+  _calls.clear()
+  for a in targets:
+    x = 0.0 if a is UNDEF else 1.0
+    c = 0.0 if a is UNDEF else -a
+    upd, state = step(state, (jnp.full((1, 1), x), jnp.full((1, 1), c)))
+    records.append((float(-upd["w"][0, 0]), bool(state.computed), float(state.alpha_absolute)))
+  jax.effects_barrier()
+  assert len(traces) == 1  # jits once
+  return records, state, len(_calls)
+
+
+# warm-up: 2 steps; windows of 5 steps start at t = 2, 7, 12; 4 estimates each.
+_W = 9.0  # estimates offered outside windows: must never be computed or applied
+_TARGETS = [_W, _W,                        # t0, t1 warm-up
+            0.2, -0.1, 0.4, 0.3, _W,       # window 1: positives 0.2 0.4 0.3 -> 0.3
+            0.1, 0.9, 0.3, 0.5, _W,        # window 2: even count -> (0.3+0.5)/2 = 0.4
+            -0.2, UNDEF, -0.6, -0.1, _W,   # window 3: none usable -> keep 0.4
+            0.7]                           # t17: new window starts
+_EXPECTED_LR = [0.5, 0.5,
+                0.5, 0.5, 0.5, 0.5, 0.3,
+                0.3, 0.3, 0.3, 0.3, 0.4,
+                0.4, 0.4, 0.4, 0.4, 0.4,
+                0.4]
+_EXPECTED_COMPUTED = [False, False] + ([True] * 4 + [False]) * 3 + [True]
+
+
+def test_interval_schedule_step_by_step():
+  records, state, calls = _run_schedule(_TARGETS)
+  np.testing.assert_allclose([r[0] for r in records], _EXPECTED_LR, rtol=1e-12)
+  assert [r[1] for r in records] == _EXPECTED_COMPUTED
+  # estimates recorded on computing steps are the dictated ones
+  for a, (_, computed, alpha_abs) in zip(_TARGETS, records):
+    if computed and a is not UNDEF:
+      np.testing.assert_allclose(alpha_abs, a, rtol=1e-12)
+  # Steps without curvature computed no curvature: Hessian products executed
+  # only on the 13 window steps (lax.cond), none in warm-up or outside windows.
+  assert calls == sum(_EXPECTED_COMPUTED) == 13
+  assert int(state.num_computed) == 13
+  assert int(state.num_negative) == 4 and int(state.num_undefined) == 1
+  np.testing.assert_allclose(state.negative_fraction, 4 / 13)
+  assert int(state.count) == len(_TARGETS)
+
+
+def test_interval_seed_rule_and_clip():
+  targets = [_W, _W, -0.2, 0.1, -0.6, 0.3, _W, 0.1, 0.9, 0.3, 0.5, _W]
+  # positive_only=False: median of all = (-0.2 + 0.1)/2 < 0 -> not applied.
+  records, _, _ = _run_schedule(targets, positive_only=False)
+  np.testing.assert_allclose([r[0] for r in records][6:], [0.5] * 5 + [0.4])
+  # positive_only=True: median of 0.1, 0.3 = 0.2; clip caps window 2's 0.4 at 0.35.
+  records, _, _ = _run_schedule(targets, clip=(0.0, 0.35))
+  np.testing.assert_allclose([r[0] for r in records][6:], [0.2] * 5 + [0.35])
+
+
+def test_every_step_fallbacks_and_warmup():
+  """Undefined or negative alpha* is never applied: the held learning rate is."""
+  eta = 0.5
+  tx = curvature_step_size(optax.sgd(eta), scalar_apply, CountingMSE(), learning_rate=eta,
+                           warmup_steps=1, clip=(0.0, 2.0))
+  params, u = {"w": jnp.zeros((1, 1))}, {"w": jnp.ones((1, 1))}
+  batch = (jnp.ones((1, 1)), jnp.zeros((1, 1)))
+  step = jax.jit(lambda s, eb: tx.update(u, s, params, batch=batch, eval_batch=eb))
+  state = tx.init(params)
+  lrs = []
+  _calls.clear()
+  for a in [_W, UNDEF, 0.3, -0.4, UNDEF, 5.0, 0.7]:
+    x, c = (0.0, 0.0) if a is UNDEF else (1.0, -a)
+    upd, state = step(state, (jnp.full((1, 1), x), jnp.full((1, 1), c)))
+    lrs.append(float(-upd["w"][0, 0]))
+  jax.effects_barrier()
+  np.testing.assert_allclose(lrs, [0.5, 0.5, 0.3, 0.3, 0.3, 2.0, 0.7], rtol=1e-12)
+  assert len(_calls) == 6  # warm-up step computed nothing
+
+
+def test_nonfinite_proposal_is_zeroed_and_inner_state_kept():
+  params, batch = _quadratic_problem(0)
+  tx = curvature_step_size(optax.adam(0.1), linear_apply, MSE, debias=False)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  upd, new_state = tx.update(bad, state, params, batch=batch)
+  assert all(bool(jnp.all(l == 0)) for l in jax.tree_util.tree_leaves(upd))
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+  assert int(new_state.num_nonfinite) == 1 and int(new_state.num_undefined) == 1
+
+
+# ---------------------------------------------------------------------------
+# Composition and errors.
+
+def test_chain_jit_unknown_kwargs_and_inject_hyperparams():
+  params, batch = _quadratic_problem(0)
+  _, eval_batch = _quadratic_problem(1)
+  g = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, batch)
+  plain = curvature_step_size(optax.sgd(0.1), linear_apply, MSE)
+  u_ref, _ = plain.update(g, plain.init(params), params, batch=batch, eval_batch=eval_batch)
+
+  # inject_hyperparams on the inner optimizer, inside optax.chain, under jit,
+  # with a keyword nobody knows.
+  inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  tx = optax.chain(optax.identity(), curvature_step_size(inner, linear_apply, MSE))
+  state = tx.init(params)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(g, state, batch, eval_batch):
+    return tx.update(g, state, params, batch=batch, eval_batch=eval_batch, value=1.0, foo=2)
+
+  u, state = step(g, state, batch, eval_batch)
+  u, state = step(g, state, batch, eval_batch)
+  chex.assert_trees_all_close(u, u_ref, rtol=1e-12)
+
+  # inject_hyperparams on the transform itself: callables must be static.
+  make = optax.inject_hyperparams(curvature_step_size, static_args=("inner", "apply_fn", "loss"))
+  tx2 = make(optax.sgd(0.1), linear_apply, MSE, learning_rate=0.1)
+  s2 = tx2.init(params)
+  u2, s2 = tx2.update(g, s2, params, batch=batch, eval_batch=eval_batch)
+  chex.assert_trees_all_close(u2, u_ref, rtol=1e-12)
+  assert float(s2.hyperparams["learning_rate"]) == pytest.approx(0.1)
+
+
+def test_clear_errors():
+  params, batch = _quadratic_problem(0)
+  g = jax.tree.map(jnp.ones_like, params)
+  tx = curvature_step_size(optax.sgd(0.1), linear_apply, MSE)
+  state = tx.init(params)
+  with pytest.raises(TypeError, match="`batch`"):
+    tx.update(g, state, params, eval_batch=batch)
+  with pytest.raises(TypeError, match="eval_batch.*debias=False"):
+    tx.update(g, state, params, batch=batch)
+  with pytest.raises(TypeError, match="params"):
+    tx.update(g, state, batch=batch, eval_batch=batch)
+  with pytest.raises(TypeError, match="eval_batch"):
+    tx.update(g, state, params, batch=batch, eval_batch=(batch[0],))
+  with pytest.raises(ValueError, match="mode"):
+    curvature_step_size(optax.sgd(0.1), linear_apply, MSE, mode="sometimes")
+  with pytest.raises(ValueError, match="num_estimates"):
+    curvature_step_size(optax.sgd(0.1), linear_apply, MSE, mode="interval", interval=3,
+                        num_estimates=5)
+  with pytest.raises(ValueError, match="clip"):
+    curvature_step_size(optax.sgd(0.1), linear_apply, MSE, clip=(1.0, 0.5))
