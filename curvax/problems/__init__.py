@@ -1,0 +1,18 @@
+"""DeepOBS-style benchmark problems, a runner, results and plots.
+
+Import it explicitly (``import curvax.problems``); ``import curvax`` does not
+load it. See `get` for the problems, `run` for the runner, and
+``python -m curvax.problems --help`` for the command line.
+"""
+
+from curvax.problems.data import DataNotFoundError, download
+from curvax.problems.problem import EVAL_SPLITS, Problem
+from curvax.problems.problems import PARAM_COUNTS, get, kernel_l2, names
+
+__all__ = ["DataNotFoundError", "EVAL_SPLITS", "PARAM_COUNTS", "Problem", "download", "get",
+           "kernel_l2", "names"]
+
+from curvax.problems import optimizers  # noqa: E402
+from curvax.problems.runner import loggable_state, run  # noqa: E402
+
+__all__ += ["loggable_state", "optimizers", "run"]

@@ -1,0 +1,86 @@
+"""Command line: ``python -m curvax.problems {run,plot,list} ...``.
+
+Examples::
+
+  python -m curvax.problems run fmnist_mlp --optimizer sgd --epochs 1 --out results/
+  python -m curvax.problems run quadratic_deep --optimizer adam --seeds 0 1 2 --out results/
+  python -m curvax.problems run fmnist_2c2d --optimizer momentum --hp learning_rate=0.01 \\
+      --max-steps 100 --train-size 5000 --eval-size 2000 --out results/
+  python -m curvax.problems plot results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+
+def _value(text):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m curvax.problems", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  r = sub.add_parser("run", help="train an optimizer on a problem, write results JSON")
+  r.add_argument("problem")
+  r.add_argument("--optimizer", default="sgd", help="registered optimizer name")
+  r.add_argument("--hp", nargs="*", default=[], metavar="KEY=VALUE",
+                 help="optimizer hyperparameters, e.g. learning_rate=0.01")
+  r.add_argument("--lr", type=float, default=None, help="shorthand for --hp learning_rate=")
+  r.add_argument("--epochs", type=int, default=None)
+  r.add_argument("--seeds", type=int, nargs="+", default=[0])
+  r.add_argument("--batch-size", type=int, default=None)
+  r.add_argument("--eval-batch-size", type=int, default=None)
+  r.add_argument("--log-every", type=int, default=10)
+  r.add_argument("--out", default="results")
+  r.add_argument("--data-dir", default=None)
+  r.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
+  r.add_argument("--train-size", type=int, default=None, help="use a training subset")
+  r.add_argument("--eval-size", type=int, default=None, help="evaluate on a subset")
+  r.add_argument("--quiet", action="store_true")
+  p = sub.add_parser("plot", help="plot learning curves of the results under a folder")
+  p.add_argument("folder")
+  p.add_argument("--out", default=None, help="folder (or .png with one problem)")
+  sub.add_parser("list", help="list problems and optimizers")
+  args = parser.parse_args(argv)
+
+  if args.command == "list":
+    from curvax.problems import names, optimizers  # pylint: disable=import-outside-toplevel
+    print("problems:  ", " ".join(names()))
+    print("optimizers:", " ".join(optimizers.names()))
+    return 0
+  if args.command == "plot":
+    from curvax.problems.plot import plot  # pylint: disable=import-outside-toplevel
+    for path in plot(args.folder, args.out):
+      print(f"wrote {path}")
+    return 0
+  from curvax.problems import get, run  # pylint: disable=import-outside-toplevel
+  hp = {}
+  for item in args.hp:
+    if "=" not in item:
+      parser.error(f"--hp expects KEY=VALUE, got {item!r}")
+    k, v = item.split("=", 1)
+    hp[k] = _value(v)
+  if args.lr is not None:
+    hp["learning_rate"] = args.lr
+  status = 0
+  for seed in args.seeds:
+    problem = get(args.problem, batch_size=args.batch_size, seed=seed, data_dir=args.data_dir)
+    result = run(problem, args.optimizer, epochs=args.epochs, seed=seed,
+                 log_every=args.log_every, eval_batch_size=args.eval_batch_size,
+                 out=args.out, hyperparams=hp, max_steps=args.max_steps,
+                 train_size=args.train_size, eval_size=args.eval_size,
+                 verbose=not args.quiet)
+    if result["status"] == "diverged":
+      status = 1
+  return status
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,115 @@
+"""DeepOBS-style learning curves from the runner's JSON results (matplotlib, Agg).
+
+For each test problem found under a results folder, one PNG: rows test loss,
+train(-eval) loss and, for classification problems, test and train accuracy
+(DeepOBS's performance plot, seed 001 Fig. 5.2); the left column against epochs,
+the right one against training wall time. One colour per optimizer setting; the
+line is the mean over seeds, the band the 25-75% quantiles across seeds (runs
+that stopped early contribute to the points they reached).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROWS = (("test_losses", "test loss"), ("train_losses", "train loss"),
+        ("test_accuracies", "test accuracy"), ("train_accuracies", "train accuracy"))
+
+
+def load_results(folder: str) -> Dict[str, Dict[str, List[dict]]]:
+  """``{problem: {setting label: [run, ...]}}`` for every results JSON under ``folder``."""
+  runs = collections.defaultdict(lambda: collections.defaultdict(list))
+  for path in sorted(glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)):
+    try:
+      with open(path) as f:
+        r = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if not isinstance(r, dict) or "testproblem" not in r or "test_losses" not in r:
+      continue
+    hp = r.get("optimizer_hyperparams") or {}
+    label = r.get("optimizer_name", "?")
+    if hp:
+      label += " (" + ", ".join(f"{k}={v}" for k, v in sorted(hp.items())) + ")"
+    runs[r["testproblem"]][label].append(r)
+  return runs
+
+
+def _stack(curves: List[List[Optional[float]]]) -> np.ndarray:
+  length = max(len(c) for c in curves)
+  out = np.full((len(curves), length), np.nan)
+  for i, c in enumerate(curves):
+    out[i, :len(c)] = [np.nan if v is None else v for v in c]
+  return out
+
+
+def plot(folder: str, out: Optional[str] = None) -> List[str]:
+  """Draws one PNG per problem found under ``folder``; returns the written paths.
+
+  ``out`` is a folder for the PNGs (default: ``folder``) or, with one problem, a
+  ``.png`` file name.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  runs = load_results(folder)
+  if not runs:
+    raise FileNotFoundError(f"no curvax/DeepOBS results JSON files under {folder}.")
+  written = []
+  for problem, settings in sorted(runs.items()):
+    rows = [(k, t) for k, t in ROWS
+            if any(k in r for rs in settings.values() for r in rs)]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.6 * len(rows)), squeeze=False)
+    for ci, (label, rs) in enumerate(sorted(settings.items())):
+      color = f"C{ci % 10}"
+      for ri, (key, title) in enumerate(rows):
+        curves = [r[key] for r in rs if key in r and r[key]]
+        if not curves:
+          continue
+        y = _stack(curves)
+        epochs = _stack([r.get("eval_epochs") or list(range(len(r[key]))) for r in rs
+                         if key in r and r[key]])
+        times = _stack([r.get("wall_times") or [np.nan] * len(r[key]) for r in rs
+                        if key in r and r[key]])
+        with np.errstate(all="ignore"), _quiet():
+          mean = np.nanmean(y, axis=0)
+          lo, hi = np.nanpercentile(y, 25, axis=0), np.nanpercentile(y, 75, axis=0)
+          xe, xt = np.nanmean(epochs, axis=0), np.nanmean(times, axis=0)
+        for col, x in enumerate((xe, xt)):
+          ax = axes[ri, col]
+          ax.plot(x, mean, color=color, label=f"{label} [{len(curves)} seed(s)]")
+          if len(curves) > 1:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.25, linewidth=0)
+          ax.set_ylabel(title)
+          ax.set_xlabel("epochs" if col == 0 else "training wall time [s]")
+          ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(problem)
+    fig.tight_layout()
+    if out is not None and out.endswith(".png"):
+      path = out
+    else:
+      os.makedirs(out or folder, exist_ok=True)
+      path = os.path.join(out or folder, f"{problem}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+class _quiet:
+  def __enter__(self):
+    import warnings  # pylint: disable=import-outside-toplevel
+    self._w = warnings.catch_warnings()
+    self._w.__enter__()
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+  def __exit__(self, *a):
+    return self._w.__exit__(*a)

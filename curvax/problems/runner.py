@@ -1,0 +1,288 @@
+"""Trains an optax optimizer on a problem and records DeepOBS-style results.
+
+Protocol (DeepOBS, seed 001 §5.2-5.3 and its runners): train/valid/test metrics
+are evaluated before the first epoch and after every epoch (so each list has
+``epochs + 1`` entries); the mini-batch training loss is logged every
+``log_every`` steps; a non-finite training loss stops the run, recorded as
+``status='diverged'`` with the reason (DeepOBS's PyTorch runner instead pads the
+remaining epochs with the initial values). Reported losses include the L2 term.
+
+Every step is one jitted function: it slices the mini-batch out of the
+device-resident training set with the epoch's permutation (drawn on device),
+augments it, computes the training-mode loss and gradient, and calls
+``optimizer.update(grads, state, params, batch=..., eval_batch=...)``.
+``eval_batch`` is a second batch of the training set disjoint from ``batch``: the
+``eval_batch_size`` examples that follow a random offset after the batch in the
+epoch's permutation. Plain optax optimizers get these keywords through
+``optax.with_extra_args_support``. Batch-norm statistics are threaded outside
+the optimizer: it only sees the trainable ``{'params': ...}``.
+
+Scalar fields of NamedTuples in the optimizer state (damping, alpha, rho, CG
+iterations, ...) are recorded at every log step under ``optimizer_state``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from curvax.problems import optimizers as opt_lib
+from curvax.problems import problems as problems_lib
+from curvax.problems.problem import Problem
+
+
+def loggable_state(state: Any) -> Dict[str, jax.Array]:
+  """Scalar fields of NamedTuples in an optimizer state, by dotted path.
+
+  E.g. ``{'0.damping': ..., '1.count': ...}`` for a chain; arrays with more than
+  one element are skipped.
+  """
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if not path or not isinstance(path[-1], jax.tree_util.GetAttrKey):
+      continue
+    if jnp.ndim(leaf) != 0 or not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
+      continue
+    parts = []
+    for p in path:
+      if isinstance(p, jax.tree_util.GetAttrKey):
+        parts.append(p.name)
+      elif isinstance(p, jax.tree_util.SequenceKey):
+        parts.append(str(p.idx))
+      elif isinstance(p, jax.tree_util.DictKey):
+        parts.append(str(p.key))
+    out[".".join(parts)] = leaf
+  return out
+
+
+def _setting_folder(num_epochs, batch_size, weight_decay, hyperparams):
+  parts = [f"num_epochs__{num_epochs}", f"batch_size__{batch_size}"]
+  if weight_decay:
+    parts.append(f"weight_decay__{weight_decay}")
+  for k in sorted(hyperparams):
+    parts.append(f"{k}__{hyperparams[k]}")
+  return "__".join(parts)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic, np.ndarray)) or isinstance(x, jax.Array):
+    x = np.asarray(x).tolist()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+  if isinstance(x, (int, float, str, bool)) or x is None:
+    return x
+  return str(x)
+
+
+def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformation, str], *,
+        epochs: Optional[int] = None, seed: int = 0, log_every: int = 10,
+        eval_batch_size: Optional[int] = None, out: Optional[str] = None,
+        hyperparams: Optional[dict] = None, optimizer_name: Optional[str] = None,
+        max_steps: Optional[int] = None, train_size: Optional[int] = None,
+        eval_size: Optional[int] = None, line_search_args: bool = False,
+        verbose: bool = True) -> Dict[str, Any]:
+  """Trains ``optimizer`` on ``problem`` and returns (and optionally writes) the results.
+
+  Args:
+    problem: a `Problem` or a problem name for `curvax.problems.get`.
+    optimizer: any optax transformation, or a registered name
+      (`curvax.problems.optimizers.names()`), built with ``hyperparams``.
+    epochs: number of epochs (default: the problem's DeepOBS budget).
+    seed: seeds initialisation, shuffling, augmentation, dropout.
+    log_every: mini-batch loss / optimizer-state logging interval, in steps.
+    eval_batch_size: size of ``eval_batch`` (default: the batch size).
+    out: a folder; the results JSON goes to DeepOBS's layout
+      ``out/<problem>/<optimizer>/<setting>/random_seed__<seed>__<time>.json``.
+    hyperparams: recorded in the JSON (and used to build a named optimizer).
+    optimizer_name: recorded name (default: the registered name, else 'custom').
+    max_steps: stop after this many steps (smoke runs); a final evaluation follows.
+    train_size: train on the first ``train_size`` training examples only.
+    eval_size: evaluate on the first ``eval_size`` examples of each split only.
+    line_search_args: also pass ``value``, ``grad`` and ``value_fn`` (optax's
+      line-search keywords; ``value_fn`` is the eval-mode objective on ``batch``).
+    verbose: print progress.
+
+  Returns:
+    The results dictionary written to JSON (with ``'path'`` when ``out`` is set).
+  """
+  if isinstance(problem, str):
+    problem = problems_lib.get(problem)
+  hyperparams = dict(hyperparams or {})
+  if isinstance(optimizer, str):
+    optimizer_name = optimizer_name or optimizer
+    optimizer, hyperparams = opt_lib.build(optimizer, problem, **hyperparams)
+  optimizer_name = optimizer_name or "custom"
+  tx = optax.with_extra_args_support(optimizer)
+  epochs = problem.num_epochs if epochs is None else epochs
+
+  key = jax.random.PRNGKey(seed)
+  k_init, k_perm, k_step = jax.random.split(key, 3)
+  variables = problem.init(k_init)
+  params, model_state = problem.split_variables(variables)
+  opt_state = tx.init(params)
+
+  x_all, y_all = problem.data("train")
+  if train_size is not None:
+    x_all, y_all = x_all[:train_size], y_all[:train_size]
+  n = int(y_all.shape[0])
+  b = problem.batch_size
+  e = eval_batch_size or b
+  if b + e > n:
+    raise ValueError(f"training set of {n} examples is too small for a batch of {b} "
+                     f"and a disjoint eval_batch of {e}.")
+  steps_per_epoch = n // b
+
+  def step(carry, x, y, perm, i, global_step):
+    params, model_state, opt_state = carry
+    k_aug, k_drop, k_off, k_eaug = jax.random.split(jax.random.fold_in(k_step, global_step), 4)
+    idx = jax.lax.dynamic_slice(perm, (i * b,), (b,))
+    batch = problem.preprocess(jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), k_aug, True)
+    offset = jax.random.randint(k_off, (), 0, n - b - e + 1)
+    eidx = jnp.take(perm, (i * b + b + offset + jnp.arange(e)) % n)
+    eval_batch = problem.preprocess(jnp.take(x, eidx, axis=0), jnp.take(y, eidx, axis=0),
+                                    k_eaug, True)
+    (loss, new_state), grads = jax.value_and_grad(problem.train_loss, has_aux=True)(
+        params, model_state, batch, k_drop)
+    extra = {}
+    if line_search_args:
+      extra = dict(value=loss, grad=grads,
+                   value_fn=lambda p: problem.loss_fn(p, batch))
+    updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
+                                   eval_batch=eval_batch, **extra)
+    params = optax.apply_updates(params, updates)
+    model_state = {**model_state, **new_state}
+    return (params, model_state, opt_state), loss
+
+  donate = (0,) if jax.default_backend() != "cpu" else ()
+  step_jit = jax.jit(step, donate_argnums=donate)
+  perm_jit = jax.jit(lambda k: jax.random.permutation(k, n))
+
+  record: Dict[str, Any] = {
+      "testproblem": problem.name, "batch_size": b, "num_epochs": epochs,
+      "random_seed": seed, "weight_decay": problem.weight_decay,
+      "optimizer_name": optimizer_name, "optimizer_hyperparams": hyperparams,
+      "train_losses": [], "valid_losses": [], "test_losses": [],
+      "train_accuracies": [], "valid_accuracies": [], "test_accuracies": [],
+      "minibatch_train_losses": [], "minibatch_steps": [], "optimizer_state": {},
+      "eval_steps": [], "eval_epochs": [], "wall_times": [],
+      "eval_batch_size": e, "train_size": n, "steps_per_epoch": steps_per_epoch,
+      "status": "running", "stop_reason": None,
+  }
+
+  def evaluate(step_count, train_time):
+    m = problem.evaluate(params, model_state=model_state, max_examples=eval_size)
+    record["train_losses"].append(m["train_eval_loss"])
+    record["valid_losses"].append(m["valid_loss"])
+    record["test_losses"].append(m["test_loss"])
+    if problem.has_accuracy:
+      record["train_accuracies"].append(m["train_eval_accuracy"])
+      record["valid_accuracies"].append(m["valid_accuracy"])
+      record["test_accuracies"].append(m["test_accuracy"])
+    record["eval_steps"].append(step_count)
+    record["eval_epochs"].append(step_count / steps_per_epoch)
+    record["wall_times"].append(train_time)
+    return m
+
+  def say(msg, end="\n"):
+    if verbose:
+      print(msg, end=end, file=sys.stdout, flush=True)
+
+  t_compile = time.perf_counter()
+  carry = (params, model_state, opt_state)
+  perm0 = perm_jit(jax.random.fold_in(k_perm, 1))
+  step_jit = step_jit.lower(carry, x_all, y_all, perm0, 0, 0).compile()
+  record["compile_time"] = time.perf_counter() - t_compile
+
+  m = evaluate(0, 0.0)
+  say(f"[{problem.name} / {optimizer_name} / seed {seed}] epoch 0: "
+      + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+  pending = []   # (step, loss array, state scalars) not yet read back
+  train_time, global_step = 0.0, 0
+  tty = verbose and sys.stdout.isatty()
+
+  def flush(upto_all: bool):
+    """Reads back logged values (all, or all but the newest) and checks divergence."""
+    keep = 0 if upto_all else 1
+    while len(pending) > keep:
+      s, loss, scalars = pending.pop(0)
+      value = float(loss)
+      record["minibatch_train_losses"].append(value)
+      record["minibatch_steps"].append(s)
+      for k, v in scalars.items():
+        record["optimizer_state"].setdefault(k, []).append(np.asarray(v).item())
+      if not math.isfinite(value):
+        return f"non-finite mini-batch training loss ({value}) at step {s}"
+    return None
+
+  reason = None
+  for epoch in range(1, epochs + 1):
+    t0 = time.perf_counter()
+    perm = perm_jit(jax.random.fold_in(k_perm, epoch))
+    for i in range(steps_per_epoch):
+      carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step)
+      global_step += 1
+      if global_step % log_every == 0 or global_step == 1:
+        # The previous logged loss is long computed: reading it does not stall.
+        pending.append((global_step, loss, loggable_state(carry[2])))
+        reason = flush(upto_all=False)
+        if tty:
+          say(f"\repoch {epoch}/{epochs} step {i + 1}/{steps_per_epoch} "
+              f"loss {record['minibatch_train_losses'][-1]:.4g}" if
+              record["minibatch_train_losses"] else "", end="")
+      if reason or (max_steps is not None and global_step >= max_steps):
+        break
+    jax.block_until_ready(carry)
+    train_time += time.perf_counter() - t0
+    if reason is None:
+      reason = flush(upto_all=True)
+    if reason is None and not math.isfinite(float(loss)):
+      reason = f"non-finite mini-batch training loss at step {global_step}"
+    if tty:
+      say("")
+    if reason is not None:
+      record["status"], record["stop_reason"] = "diverged", reason
+      say(f"stopped: {reason}")
+      break
+    params, model_state, _ = carry
+    m = evaluate(global_step, train_time)
+    if not math.isfinite(m["train_eval_loss"]):
+      record["status"] = "diverged"
+      record["stop_reason"] = f"non-finite train_eval loss after epoch {epoch}"
+      say(f"stopped: {record['stop_reason']}")
+      break
+    say(f"epoch {epoch} (train time {train_time:.1f}s): " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    if max_steps is not None and global_step >= max_steps:
+      record["status"], record["stop_reason"] = "stopped", f"max_steps={max_steps} reached"
+      break
+  if record["status"] == "running":
+    record["status"] = "completed"
+  record["steps"] = global_step
+  record["train_time"] = train_time
+  if not problem.has_accuracy:
+    for k in ("train_accuracies", "valid_accuracies", "test_accuracies"):
+      del record[k]
+  record = _jsonable(record)
+  if out is not None:
+    folder = os.path.join(out, problem.name, optimizer_name,
+                          _setting_folder(epochs, b, problem.weight_decay, hyperparams))
+    os.makedirs(folder, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d-%H-%M-%S")
+    path = os.path.join(folder, f"random_seed__{seed}__{stamp}.json")
+    with open(path, "w") as f:
+      json.dump(record, f, indent=1)
+    record["path"] = path
+    say(f"wrote {path}")
+  return record
