@@ -1,0 +1,379 @@
+r"""An optax wrapper that computes Cockpit's instruments while training.
+
+``monitor(inner, apply_fn, loss, instruments="economy", every=1)`` behaves like
+``inner`` (its updates are returned unchanged) and, on tracked steps, computes
+the chosen instruments at ``theta_t`` on ``batch`` and stores them in its state
+(Dangel, thesis, Ch. 7 and App. C; spec diagnostics.md). Untracked steps take the
+``lax.cond`` branch that copies the previous values: they cost nothing beyond
+``inner``'s own update (plus one JVP on the step right after a tracked one when
+Alpha is requested, which needs the loss and slope at the step's end point).
+
+Per-example gradients are computed once per tracked step (through
+`curvax.curvature.per_example_statistics`, which takes the BackPACK-style fast
+path for Flax Dense/Conv models) and shared by every instrument that needs them.
+
+Conventions:
+
+* ``updates`` passed to ``update`` is the mini-batch gradient ``g`` (as for any
+  optax optimizer); GradNorm is its norm. The other instruments use the data
+  term ``(1/B) sum_i l_i`` only: a regularizer is not part of them.
+* The step ``s = theta_{t+1} - theta_t`` is the update the monitor returns, so
+  the monitor should be the last transformation of the chain (wrap the whole
+  optimizer), and the caller must apply it (``optax.apply_updates``).
+* Alpha of step ``t`` needs observations at ``theta_{t+1}`` on the next batch, so
+  it appears one update later, in ``state.alpha`` with ``state.alpha_step = t``.
+
+Logging contract (for `curvax.problems` or any training loop): after each
+update, ``curvax.diagnostics.record(opt_state)`` finds the monitor's state
+anywhere inside ``opt_state`` (``optax.chain``, ``inject_hyperparams``) and
+returns a JSON-ready dict of what was computed at this update (``{}`` on other
+steps); the list of those dicts is what `curvax.diagnostics.dashboard` plots.
+The raw values live in the state's fields ``diagnostics`` (a dict of arrays),
+``tracked``, ``tracked_step``, ``alpha``, ``alpha_step``, ``alpha_fresh``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+from curvax import _checks
+from curvax.diagnostics import step_quality as alpha_lib
+from curvax.diagnostics import curvature as curv_lib
+from curvax.diagnostics import gradient_tests
+from curvax.diagnostics import histograms
+from curvax.diagnostics import noise
+from curvax.diagnostics import norms
+from curvax.diagnostics import schedules
+from curvax.losses import as_loss
+
+Array = jax.Array
+
+ECONOMY = ("loss", "distance", "update_size", "grad_norm", "alpha", "norm_test",
+           "inner_test", "ortho_test", "grad_hist_1d")
+BUSINESS = ECONOMY + ("tic_diag", "hess_trace")
+FULL = BUSINESS + ("hess_max_ev", "grad_hist_2d")
+PRESETS = {"economy": ECONOMY, "business": BUSINESS, "full": FULL}
+
+_PER_EXAMPLE = {"norm_test", "inner_test", "ortho_test", "grad_hist_1d", "grad_hist_2d",
+                "tic_diag", "tic_trace", "mean_gsnr", "cabs", "early_stopping",
+                "layer_grad_hist_1d"}
+_DIAG = {"tic_diag", "tic_trace", "hess_trace"}
+INSTRUMENTS = frozenset(set(FULL) | _PER_EXAMPLE | _DIAG)
+
+
+class MonitorState(NamedTuple):
+  """State of `monitor`.
+
+  Attributes:
+    inner_state: the wrapped optimizer's state.
+    count: number of updates so far (the step index ``t`` of the next update).
+    tracked: whether the last update computed the instruments.
+    tracked_step: the step of the values in ``diagnostics`` (-1 before any).
+    diagnostics: dict name -> array: scalars, per-layer trees (``*_layers``),
+      histograms; the values of the last tracked step.
+    alpha: Alpha of step ``alpha_step`` (NaN before any).
+    alpha_step: the step ``alpha`` refers to (-1 before any).
+    alpha_fresh: whether the last update completed an Alpha.
+    init_params: ``theta_0`` for Distance (``()`` if not tracked).
+    last_update: the previous update ``s`` for Alpha (``()`` if not tracked).
+    alpha_start: ``(f_0, var f_0, mean s'g_i, var s'g_i, ||s||)`` at the start point.
+    key: PRNG key (power iteration, Monte-Carlo curvature).
+  """
+  inner_state: Any
+  count: Array
+  tracked: Array
+  tracked_step: Array
+  diagnostics: Dict[str, Any]
+  alpha: Array
+  alpha_step: Array
+  alpha_fresh: Array
+  init_params: Any
+  last_update: Any
+  alpha_start: Array
+  key: Array
+
+
+def _resolve_instruments(instruments) -> tuple:
+  if isinstance(instruments, str):
+    if instruments not in PRESETS:
+      raise ValueError(f"unknown preset {instruments!r}; use one of {sorted(PRESETS)} "
+                       "or a sequence of instrument names.")
+    return PRESETS[instruments]
+  names = tuple(dict.fromkeys(instruments))
+  unknown = [n for n in names if n not in INSTRUMENTS]
+  if unknown:
+    raise ValueError(f"unknown instruments {unknown}; available: {sorted(INSTRUMENTS)}.")
+  return names
+
+
+def _resolve_schedule(schedule, every):
+  if callable(schedule):
+    return schedule
+  if schedule in (None, "linear"):
+    return schedules.linear_schedule(every)
+  if schedule in ("log", "logarithmic"):
+    return schedules.log_schedule()
+  raise ValueError(f"`schedule` must be 'linear', 'log' or a callable step -> bool; "
+                   f"got {schedule!r}.")
+
+
+def _per_example(apply_fn, loss, params, batch, chunk_size):
+  """(losses (B,), per-example gradients (leading B), mean g, second moment)."""
+  from curvax import curvature  # pylint: disable=g-import-not-at-top
+  stats_fn = getattr(curvature, "per_example_statistics", None)
+  if stats_fn is not None:
+    s = stats_fn(apply_fn, loss, params, batch, return_gradients=True,
+                 chunk_size=chunk_size)
+    return s.losses, s.gradients, s.mean_gradient, s.second_moment
+  # Fallback while curvax.curvature has no per-example statistics: plain vmap.
+  inputs, targets = batch
+
+  def one(x, y):
+    return jax.value_and_grad(
+        lambda p: loss(apply_fn(p, x[None]), y[None])[0])(params)
+
+  losses, grads = jax.vmap(one)(inputs, targets)
+  mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, 0), grads)
+  second = jax.tree_util.tree_map(lambda g: jnp.mean(jnp.square(g), 0), grads)
+  return losses, grads, mean, second
+
+
+def _diag_curvature(method, apply_fn, loss, params, batch, key, chunk_size):
+  """Diagonal curvature for HessTrace / TIC, from `curvax.curvature`."""
+  from curvax import curvature  # pylint: disable=g-import-not-at-top
+  if method == "diag_ggn_mc":
+    return curvature.diag_ggn_mc(apply_fn, loss, params, batch, key, chunk_size=chunk_size)
+  return curvature.diag_ggn(apply_fn, loss, params, batch, chunk_size=chunk_size)
+
+
+def _top_eigenvalue(matvec, params, key, iterations):
+  """λ_max by Lanczos (`curvax.curvature.top_eigenvalues`), else power iteration."""
+  from curvax import curvature  # pylint: disable=g-import-not-at-top
+  top = getattr(curvature, "top_eigenvalues", None)
+  if top is not None:
+    return top(matvec, params, key, k=1, num_iterations=iterations)[0]
+  return curv_lib.top_eigenvalue(matvec, params, key, max_iter=iterations)
+
+
+def _losses_and_slopes(apply_fn, loss, params, batch, direction):
+  """Per-example losses and slopes ``d' g_i`` from one JVP of the per-example loss."""
+  inputs, targets = batch
+  return jax.jvp(lambda p: loss(apply_fn(p, inputs), targets), (params,), (direction,))
+
+
+def monitor(inner: optax.GradientTransformation,
+            apply_fn: Callable[[Any, Any], Array],
+            loss: Any,
+            instruments: Union[str, Sequence[str]] = "economy",
+            every: int = 1,
+            schedule: Union[None, str, Callable[[Array], Array]] = None,
+            *,
+            curvature: str = "diag_ggn",
+            learning_rate: Optional[float] = None,
+            chunk_size: Optional[int] = None,
+            hist_bins: int = 100,
+            hist_range: tuple = (-2.0, 2.0),
+            eigen_iterations: int = 20,
+            seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner``; computes Cockpit instruments on tracked steps.
+
+  Args:
+    inner: the optimizer being monitored; its updates pass through unchanged.
+    apply_fn: ``apply_fn(params, inputs) -> outputs``.
+    loss: a `curvax.losses.Loss` or per-example callable.
+    instruments: a preset (``"economy"``, ``"business"``, ``"full"``, Cockpit's
+      configurations) or a sequence of names from `INSTRUMENTS`: ``loss,
+      grad_norm, update_size, distance, alpha, norm_test, inner_test, ortho_test,
+      grad_hist_1d, layer_grad_hist_1d, grad_hist_2d, mean_gsnr, cabs,
+      early_stopping, tic_diag, tic_trace, hess_trace, hess_max_ev``.
+    every: tracking interval of the linear schedule.
+    schedule: ``"linear"`` (default; every ``every`` steps), ``"log"`` (Cockpit's
+      logarithmic schedule, `log_schedule()` defaults) or a callable
+      ``step -> bool`` (e.g. `linear_schedule` / `log_schedule`).
+    curvature: diagonal curvature standing in for ``diag(H_B)`` in HessTrace and
+      TIC: ``"diag_ggn"`` (exact diagonal GGN, ~C extra backward passes) or
+      ``"diag_ggn_mc"`` (one Monte-Carlo sample, cheapest). Cockpit's default,
+      the exact Hessian diagonal, has no matrix-free counterpart here.
+    learning_rate: SGD learning rate, required by ``cabs``.
+    chunk_size: examples per vmap chunk for per-example gradients (None: all).
+    hist_bins, hist_range: GradHist1d layout (Cockpit: 100 bins on (-2, 2)).
+    eigen_iterations: Hessian-vector products for HessMaxEV: Lanczos iterations
+      (`curvax.curvature.top_eigenvalues`; Cockpit uses up to 100 power
+      iterations, Lanczos needs far fewer for the top eigenvalue).
+    seed: PRNG seed for the power iteration / Monte-Carlo curvature.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
+    params, *, batch, **extra_args)`` needs ``params`` and ``batch`` and forwards
+    ``extra_args`` to ``inner``.
+  """
+  names = _resolve_instruments(instruments)
+  track = _resolve_schedule(schedule, every)
+  loss = as_loss(loss)
+  if "cabs" in names and learning_rate is None:
+    raise ValueError("instrument 'cabs' needs `learning_rate` (SGD's step size).")
+  if curvature not in ("diag_ggn", "diag_ggn_mc"):
+    raise ValueError(f"`curvature` must be 'diag_ggn' or 'diag_ggn_mc'; got {curvature!r}.")
+  inner = optax.with_extra_args_support(inner)
+  want = set(names)
+  need_pe = bool(want & _PER_EXAMPLE)
+  need_diag = bool(want & _DIAG)
+  need_alpha = "alpha" in want
+
+  def empty_diagnostics(params):
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    z = jnp.zeros((), dtype)
+    layers = jax.tree_util.tree_map(lambda _: z, params)
+    out = {}
+    for n in names:
+      if n == "alpha":
+        continue
+      if n == "grad_hist_1d":
+        out[n] = jnp.zeros((hist_bins,), jnp.int32)
+      elif n == "layer_grad_hist_1d":
+        out[n] = jax.tree_util.tree_map(lambda _: jnp.zeros((hist_bins,), jnp.int32), params)
+      elif n == "grad_hist_2d":
+        out[n] = jnp.zeros((40, 50), jnp.int32)
+      else:
+        out[n] = z
+      if n in ("grad_norm", "update_size", "distance", "hess_trace"):
+        out[n + "_layers"] = layers
+    return out
+
+  def init_fn(params):
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    return MonitorState(
+        inner_state=inner.init(params),
+        count=jnp.zeros((), jnp.int32),
+        tracked=jnp.zeros((), bool),
+        tracked_step=jnp.full((), -1, jnp.int32),
+        diagnostics=empty_diagnostics(params),
+        alpha=jnp.full((), jnp.nan, dtype),
+        alpha_step=jnp.full((), -1, jnp.int32),
+        alpha_fresh=jnp.zeros((), bool),
+        init_params=otu.tree_cast(params, None) if "distance" in want else (),
+        last_update=otu.tree_zeros_like(params) if need_alpha else (),
+        alpha_start=jnp.zeros((5,), dtype),
+        key=jax.random.PRNGKey(seed))
+
+  def compute(grads, new_updates, params, batch, state, key):
+    """All requested instruments at ``theta_t`` on ``batch``."""
+    out = {}
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    cast = lambda x: jnp.asarray(x, dtype)
+    pe_losses = None
+    if need_pe:
+      pe_losses, pe_grads, mean_g, second = _per_example(apply_fn, loss, params, batch,
+                                                         chunk_size)
+      sq_norms, dots = gradient_tests.gram_statistics(pe_grads)
+    elif "loss" in want or need_alpha:
+      inputs, targets = batch
+      pe_losses = loss(apply_fn(params, inputs), targets)
+    start = state.alpha_start
+    if need_alpha:
+      if need_pe:  # s'g_i from the per-example gradients already at hand
+        p0 = sum(jnp.tensordot(g, s, axes=s.ndim) for g, s in zip(
+            jax.tree_util.tree_leaves(pe_grads), jax.tree_util.tree_leaves(new_updates)))
+      else:
+        _, p0 = _losses_and_slopes(apply_fn, loss, params, batch, new_updates)
+      start = jnp.stack([jnp.mean(pe_losses), alpha_lib.sample_variance(pe_losses),
+                         jnp.mean(p0), alpha_lib.sample_variance(p0),
+                         otu.tree_norm(new_updates)]).astype(dtype)
+    diag = None
+    if need_diag:
+      diag = _diag_curvature(curvature, apply_fn, loss, params, batch, key, chunk_size)
+    for n in names:
+      if n == "loss":
+        out[n] = cast(jnp.mean(pe_losses))
+      elif n in ("grad_norm", "update_size", "distance"):
+        tree = {"grad_norm": grads, "update_size": new_updates}.get(n)
+        if n == "distance":
+          tree = otu.tree_sub(params, state.init_params)
+        layers = norms.layer_norms(tree)
+        out[n + "_layers"] = jax.tree_util.tree_map(cast, layers)
+        out[n] = cast(norms.global_norm_from_layers(layers))
+      elif n == "norm_test":
+        out[n] = cast(gradient_tests.norm_test(sq_norms, dots))
+      elif n == "inner_test":
+        out[n] = cast(gradient_tests.inner_test(sq_norms, dots))
+      elif n == "ortho_test":
+        out[n] = cast(gradient_tests.ortho_test(sq_norms, dots))
+      elif n == "grad_hist_1d":
+        out[n] = histograms.gradient_histogram(pe_grads, hist_bins, hist_range)
+      elif n == "layer_grad_hist_1d":
+        out[n] = histograms.layer_gradient_histograms(pe_grads, hist_bins, hist_range)
+      elif n == "grad_hist_2d":
+        out[n] = histograms.gradient_parameter_histogram(pe_grads, params)
+      elif n == "mean_gsnr":
+        out[n] = cast(noise.mean_gsnr(mean_g, second))
+      elif n == "cabs":
+        out[n] = cast(noise.cabs(mean_g, second, jnp.mean(pe_losses), learning_rate))
+      elif n == "early_stopping":
+        out[n] = cast(noise.early_stopping(mean_g, second, pe_losses.shape[0]))
+      elif n == "tic_diag":
+        out[n] = cast(curv_lib.tic_diag(second, diag))
+      elif n == "tic_trace":
+        out[n] = cast(curv_lib.tic_trace(second, curv_lib.hessian_trace(diag)))
+      elif n == "hess_trace":
+        out[n + "_layers"] = jax.tree_util.tree_map(cast, curv_lib.layer_traces(diag))
+        out[n] = cast(curv_lib.hessian_trace(diag))
+      elif n == "hess_max_ev":
+        from curvax.curvature import hessian_matvec  # pylint: disable=g-import-not-at-top
+        from curvax.losses import objective  # pylint: disable=g-import-not-at-top
+        mv = hessian_matvec(objective(apply_fn, loss), params, batch)
+        out[n] = cast(_top_eigenvalue(mv, params, jax.random.fold_in(key, 1),
+                                      eigen_iterations))
+    return out, start
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    if params is None:
+      raise TypeError("monitor.update needs `params` (the current parameters).")
+    _checks.require_kwarg(batch, "batch", "monitor")
+    batch = _checks.check_batch(batch)
+    new_updates, inner_state = inner.update(updates, state.inner_state, params,
+                                            batch=batch, **extra_args)
+    count = state.count
+    key, sub = jax.random.split(state.key)
+    is_tracked = jnp.asarray(track(count), bool)
+
+    diagnostics, start = jax.lax.cond(
+        is_tracked,
+        lambda: compute(updates, new_updates, params, batch, state, sub),
+        lambda: (state.diagnostics, state.alpha_start))
+
+    alpha, alpha_step, alpha_fresh = state.alpha, state.alpha_step, jnp.zeros((), bool)
+    last_update = state.last_update
+    if need_alpha:
+      finish = (count > 0) & jnp.asarray(track(count - 1), bool)
+
+      def end_point():
+        losses1, p1 = _losses_and_slopes(apply_fn, loss, params, batch, state.last_update)
+        f0, vf0, m0, vp0, tau = (state.alpha_start[i] for i in range(5))
+        safe = jnp.where(tau > 0, tau, 1.0)
+        value = alpha_lib.alpha_from_fit(
+            f0, jnp.mean(losses1), m0 / safe, jnp.mean(p1) / safe, vf0,
+            alpha_lib.sample_variance(losses1), vp0 / safe ** 2,
+            alpha_lib.sample_variance(p1) / safe ** 2, tau)
+        return value.astype(state.alpha.dtype)
+
+      alpha = jax.lax.cond(finish, end_point, lambda: state.alpha)
+      alpha_step = jnp.where(finish, count - 1, state.alpha_step)
+      alpha_fresh = finish
+      last_update = jax.lax.cond(
+          is_tracked, lambda: otu.tree_cast_like(new_updates, state.last_update),
+          lambda: state.last_update)
+
+    new_state = MonitorState(
+        inner_state=inner_state, count=count + 1, tracked=is_tracked,
+        tracked_step=jnp.where(is_tracked, count, state.tracked_step),
+        diagnostics=diagnostics, alpha=alpha, alpha_step=alpha_step,
+        alpha_fresh=alpha_fresh, init_params=state.init_params,
+        last_update=last_update, alpha_start=start, key=key)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

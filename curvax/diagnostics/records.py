@@ -1,0 +1,73 @@
+"""Reading a monitor's values out of an optimizer state, as JSON-ready records."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import jax
+import numpy as np
+
+from curvax.diagnostics.monitor import MonitorState
+
+
+def find_state(opt_state: Any) -> Optional[MonitorState]:
+  """The first `MonitorState` inside ``opt_state`` (chain, inject_hyperparams...)."""
+  for leaf in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, MonitorState)):
+    if isinstance(leaf, MonitorState):
+      return leaf
+  return None
+
+
+def _json(value: Any) -> Any:
+  if isinstance(value, (dict, list, tuple)) or not hasattr(value, "shape"):
+    leaves = jax.tree_util.tree_leaves_with_path(value)
+    return {jax.tree_util.keystr(p): _json(v) for p, v in leaves}
+  arr = np.asarray(value)
+  return arr.item() if arr.ndim == 0 else arr.tolist()
+
+
+def record(opt_state: Any) -> Dict[str, Any]:
+  """What the last update computed, as plain Python (floats, lists, dicts).
+
+  Keys: ``step`` and every instrument (``*_layers`` are dicts keyed by the
+  parameter path) when the last update was a tracked step; ``alpha`` and
+  ``alpha_step`` when it completed an Alpha. ``{}`` when it computed nothing.
+  A training loop (e.g. the curvax.problems runner) appends the non-empty
+  records to a list and writes that list to its JSON.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no monitor state.
+  """
+  state = find_state(opt_state)
+  if state is None:
+    raise ValueError("opt_state holds no curvax.diagnostics.monitor state.")
+  out: Dict[str, Any] = {}
+  if bool(state.tracked):
+    out["step"] = int(state.tracked_step)
+    for name, value in state.diagnostics.items():
+      out[name] = _json(value)
+  if bool(state.alpha_fresh):
+    out["alpha"] = float(state.alpha)
+    out["alpha_step"] = int(state.alpha_step)
+  return out
+
+
+def merge(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Folds Alpha (reported one update late) back onto the record of its step."""
+  by_step: Dict[int, Dict[str, Any]] = {}
+  order = []
+  for rec in records:
+    if "step" in rec:
+      step = rec["step"]
+      if step not in by_step:
+        by_step[step] = {}
+        order.append(step)
+      by_step[step].update({k: v for k, v in rec.items() if k not in ("alpha", "alpha_step")})
+    if "alpha" in rec:
+      step = rec["alpha_step"]
+      if step not in by_step:
+        by_step[step] = {"step": step}
+        order.append(step)
+      by_step[step]["alpha"] = rec["alpha"]
+  return [by_step[s] for s in sorted(order)]

@@ -1,0 +1,50 @@
+r"""Track schedules: which steps a monitor computes its instruments on.
+
+Cockpit's ``linear(interval, offset)`` and ``logarithmic(start, end, steps=300,
+base=10, init=True)`` (spec diagnostics.md §3.1). A schedule maps the (traced)
+step counter to a boolean scalar, so the monitor can branch with ``lax.cond``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Schedule = Callable[[Array], Array]
+
+
+def linear_schedule(interval: int, offset: int = 0) -> Schedule:
+  """Tracks steps ``offset, offset + interval, offset + 2 interval, ...``."""
+  if not isinstance(interval, int) or interval < 1:
+    raise ValueError(f"`interval` must be a positive int; got {interval!r}.")
+  if not isinstance(offset, int) or offset < 0:
+    raise ValueError(f"`offset` must be a non-negative int; got {offset!r}.")
+
+  def schedule(step):
+    return (step >= offset) & ((step - offset) % interval == 0)
+
+  return schedule
+
+
+def log_steps(start: float, end: float, steps: int = 300, base: float = 10.0,
+              init: bool = True) -> np.ndarray:
+  """The sorted unique integer steps ``int(base ** linspace(start, end, steps))`` (+0)."""
+  tracked = np.unique(np.logspace(start, end, steps, base=base).astype(np.int64))
+  if init:
+    tracked = np.unique(np.concatenate([[0], tracked]))
+  return tracked
+
+
+def log_schedule(start: float = 0.0, end: float = 4.0, steps: int = 300,
+                 base: float = 10.0, init: bool = True) -> Schedule:
+  """Tracks log-spaced steps (Cockpit's ``logarithmic``), e.g. 0, 1, 2, ..., 10^end."""
+  tracked = jnp.asarray(log_steps(start, end, steps, base, init).astype(np.int32))
+
+  def schedule(step):
+    return jnp.any(tracked == step)
+
+  return schedule

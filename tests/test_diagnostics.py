@@ -1,0 +1,342 @@
+"""Tests of curvax.diagnostics: instruments against numpy on explicit per-example
+gradients / Hessians, known limits, Alpha on quadratics, the monitor wrapper."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvax
+from curvax import diagnostics as dg
+from tests import reference as ref
+
+RTOL = 1e-8
+
+
+def _pe_grads(apply_fn, loss, params, batch):
+  """(B, P) per-example gradients: the Jacobian of the per-example losses
+  w.r.t. the flat parameters (one jacrev; same as ref.explicit_per_example_grads)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  x, y = batch
+  return np.asarray(jax.jacrev(lambda w: loss(apply_fn(unravel(w), x), y))(flat))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(model="mlp", loss_name="softmax_cross_entropy", n=6, seed=0):
+  apply_fn, loss, params, batch = ref.problem(model, loss_name, n=n, seed=seed)
+  g_flat = _pe_grads(apply_fn, loss, params, batch)
+  x, y = batch
+
+  def one(xi, yi):
+    return jax.grad(lambda p: loss(apply_fn(p, xi[None]), yi[None])[0])(params)
+
+  pe_tree = jax.vmap(one)(x, y)
+  return apply_fn, loss, params, batch, g_flat, pe_tree
+
+
+def _np_tests(g):
+  b = g.shape[0]
+  gm = g.mean(0)
+  gsq = gm @ gm
+  sq = (g ** 2).sum(1)
+  dots = g @ gm
+  norm = np.sqrt((sq.sum() - b * gsq) / (b * (b - 1) * gsq))
+  inner = np.sqrt(((dots ** 2).sum() - b * gsq ** 2) / (b * (b - 1) * gsq ** 2))
+  ortho = np.sqrt((sq.sum() - (dots ** 2).sum() / gsq) / (b * (b - 1) * gsq))
+  return norm, inner, ortho
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_gradient_tests_and_noise_match_numpy(model):
+  _, _, _, _, g, pe = _setup(model)
+  b, d = g.shape
+  sq, dots = jax.jit(dg.gram_statistics)(pe)
+  np.testing.assert_allclose(sq, (g ** 2).sum(1), rtol=RTOL)
+  np.testing.assert_allclose(dots, g @ g.mean(0), rtol=RTOL)
+  want = _np_tests(g)
+  got = [dg.norm_test(sq, dots), dg.inner_test(sq, dots), dg.ortho_test(sq, dots)]
+  np.testing.assert_allclose(got, want, rtol=1e-7)
+
+  mean = jax.tree_util.tree_map(lambda t: t.mean(0), pe)
+  second = jax.tree_util.tree_map(lambda t: (t ** 2).mean(0), pe)
+  gm, m = g.mean(0), (g ** 2).mean(0)
+  np.testing.assert_allclose(dg.mean_gsnr(mean, second),
+                             np.mean(gm ** 2 / (m - gm ** 2 + 1e-5)), rtol=1e-7)
+  var_sum = ((g - gm) ** 2).sum() / b
+  np.testing.assert_allclose(dg.cabs(mean, second, 0.7, 0.1), 0.1 * var_sum / 0.7, rtol=1e-7)
+  sigma2 = ((g - gm) ** 2).sum(0) / (b - 1) + 1e-5
+  np.testing.assert_allclose(dg.early_stopping(mean, second, b),
+                             1 - b / d * np.sum(gm ** 2 / sigma2), rtol=1e-7)
+
+
+def test_gradient_tests_known_limits():
+  """Identical per-example gradients: no noise, every test value is exactly 0;
+  B orthogonal gradients of equal norm: ortho test from the closed form."""
+  row = np.array([0.3, -1.2, 0.5, 2.0])
+  g = np.tile(row, (5, 1))
+  sq, dots = dg.gram_statistics(jnp.asarray(g))
+  assert float(dg.norm_test(sq, dots)) == 0.0
+  assert float(dg.inner_test(sq, dots)) == 0.0
+  # sum ||g_i||^2 - sum (g_i'g)^2/||g||^2 cancels only to round-off
+  assert float(dg.ortho_test(sq, dots)) < 1e-6
+  # identical examples: zero variance everywhere -> EB criterion very negative (keep going)
+  second = jnp.asarray(row ** 2)
+  assert float(dg.early_stopping(jnp.asarray(row), second, 5)) < -1e4
+  assert float(dg.cabs(jnp.asarray(row), second, 1.0, 0.1)) == pytest.approx(0.0, abs=1e-12)
+  # e_1, ..., e_B: g = 1/B * ones, g_i'g = 1/B, ||g||^2 = 1/B
+  b = 4
+  g = np.eye(b)
+  sq, dots = dg.gram_statistics(jnp.asarray(g))
+  np.testing.assert_allclose(dg.inner_test(sq, dots), 0.0, atol=1e-12)  # equal projections
+  np.testing.assert_allclose(dg.norm_test(sq, dots), np.sqrt((b - 1) / (b - 1)), rtol=1e-12)
+  np.testing.assert_allclose(dg.ortho_test(sq, dots), np.sqrt((b - 1) / (b - 1)), rtol=1e-12)
+
+
+def test_norms_histograms_match_numpy():
+  _, _, params, _, g, pe = _setup("cnn")
+  init = jax.tree_util.tree_map(lambda p: 0.5 * p, params)
+  layers = dg.layer_norms(params)
+  for k in params:
+    np.testing.assert_allclose(layers[k], np.linalg.norm(np.asarray(params[k]).ravel()))
+  np.testing.assert_allclose(dg.global_norm_from_layers(layers),
+                             np.linalg.norm(ref.flat(params)), rtol=RTOL)
+  np.testing.assert_allclose(dg.distance(params, init), 0.5 * np.linalg.norm(ref.flat(params)),
+                             rtol=RTOL)
+  # scale so that some entries fall outside (-2, 2) and get clamped into edge bins
+  big = jax.tree_util.tree_map(lambda t: 30.0 * t, pe)
+  counts = jax.jit(dg.gradient_histogram)(big)
+  want, _ = np.histogram(np.clip(30.0 * g.ravel(), -2, 2 - 1e-12), bins=100, range=(-2, 2))
+  assert counts.sum() == g.size and (counts[0] > 0 or counts[-1] > 0)
+  np.testing.assert_array_equal(counts, want)
+  # 2-D: (g_ij, theta_j) pairs
+  theta = np.broadcast_to(ref.flat(params), g.shape)
+  h2 = dg.gradient_parameter_histogram(big, params)
+  want2, _, _ = np.histogram2d(np.clip(30.0 * g.ravel(), -1, 1 - 1e-12),
+                               np.clip(theta.ravel(), -2, 2 - 1e-12), bins=(40, 50),
+                               range=((-1, 1), (-2, 2)))
+  np.testing.assert_array_equal(h2, want2)
+
+
+def test_curvature_instruments_match_explicit_hessian():
+  apply_fn, loss, params, batch, g, pe = _setup("mlp")
+  h = np.asarray(ref.explicit_hessian(apply_fn, loss, params, batch))
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  diag = unravel(jnp.asarray(np.diag(h)))
+  second = jax.tree_util.tree_map(lambda t: (t ** 2).mean(0), pe)
+  m = (g ** 2).mean(0)
+  np.testing.assert_allclose(dg.hessian_trace(diag), np.trace(h), rtol=RTOL)
+  np.testing.assert_allclose(dg.tic_trace(second, dg.hessian_trace(diag)),
+                             m.sum() / (np.trace(h) + 1e-7), rtol=RTOL)
+  np.testing.assert_allclose(dg.tic_diag(second, diag), np.sum(m / (np.diag(h) + 1e-7)),
+                             rtol=RTOL)
+  mv = curvax.curvature.hessian_matvec(curvax.losses.objective(apply_fn, loss), params, batch)
+  lam = jax.jit(lambda k: dg.top_eigenvalue(mv, params, k, max_iter=500, rtol=1e-10,
+                                            atol=0.0))(jax.random.PRNGKey(1))
+  ev = np.linalg.eigvalsh(h)
+  np.testing.assert_allclose(lam, ev[np.argmax(np.abs(ev))], rtol=1e-5)
+
+
+def _np_alpha(f, df, var, tau1):
+  phi = np.array([[1, 0, 0], [1, tau1, tau1 ** 2], [0, 1, 0], [0, 1, 2 * tau1]], float)
+  var = np.where(np.asarray(var) == 0, 1e-10, var)
+  w = np.linalg.solve(phi.T @ (phi / var[:, None]), phi.T @ (np.r_[f, df] / var))
+  if w[2] <= 0:
+    return -1.0
+  return tau1 / (-w[1] / (2 * w[2])) - 1
+
+
+def test_alpha_fit_matches_weighted_least_squares():
+  rng = np.random.default_rng(0)
+  fit = jax.jit(dg.alpha_from_fit)
+  for _ in range(5):
+    f0, f1, df0, df1 = rng.normal(size=4)
+    df0 = -abs(df0)
+    var = rng.uniform(0.1, 2.0, size=4)
+    tau1 = rng.uniform(0.1, 2.0)
+    got = fit(f0, f1, df0, df1, *var, tau1)
+    np.testing.assert_allclose(got, _np_alpha([f0, f1], [df0, df1], var, tau1), rtol=1e-8)
+  # concave fit -> -1; zero step -> -1
+  assert float(fit(0.0, -1.0, -1.0, -5.0, 1.0, 1.0, 1.0, 1.0, 1.0)) == -1.0
+  assert float(fit(0.0, 0.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 0.0)) == -1.0
+
+
+@pytest.mark.parametrize("tau1,want", [(0.5, -0.5), (1.0, 0.0), (2.0, 1.0)])
+def test_alpha_exact_on_noise_free_quadratic(tau1, want):
+  """f(tau) = (tau - 1)^2 observed exactly (zero variances): alpha = tau1 - 1."""
+  f = lambda t: (t - 1.0) ** 2
+  df = lambda t: 2 * (t - 1.0)
+  got = dg.alpha_from_fit(f(0.0), f(tau1), df(0.0), df(tau1), 0.0, 0.0, 0.0, 0.0, tau1)
+  np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+def _linear_mse_problem(n=8, seed=0):
+  """Linear model + MSE: the loss is an exact quadratic in the parameters."""
+  key = jax.random.PRNGKey(seed)
+  kx, ky, kw = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (n, 3))
+  y = jax.random.normal(ky, (n, 2))
+  params = {"w": jax.random.normal(kw, (3, 2)), "b": jnp.zeros(2)}
+  apply_fn = lambda p, xx: xx @ p["w"] + p["b"]
+  return apply_fn, curvax.losses.mean_squared_error, params, (x, y)
+
+
+def test_monitor_alpha_exact_on_quadratic_and_economy_values():
+  """SGD on a quadratic objective, the same batch at both ends: the four
+  observations are exact samples of the 1-D quadratic, so the fit is exact and
+  alpha = tau1 / tau* - 1 with tau* = -u'g / u'Hu."""
+  apply_fn, loss, params, batch = _linear_mse_problem()
+  lr = 0.3
+  tx = dg.monitor(optax.sgd(lr), apply_fn, loss, "economy")
+  state = tx.init(params)
+  step = jax.jit(lambda u, s, p, b: tx.update(u, s, p, batch=b))
+  obj = curvax.losses.objective(apply_fn, loss)
+  grads = jax.grad(obj)(params, batch)
+  upd, state = step(grads, state, params, batch)
+  rec0 = dg.record(state)
+  params1 = optax.apply_updates(params, upd)
+  upd1, state = step(jax.grad(obj)(params1, batch), state, params1, batch)
+  rec1 = dg.record(state)
+
+  g = ref.flat(grads)
+  h = np.asarray(ref.explicit_hessian(apply_fn, loss, params, batch))
+  s = -lr * np.asarray(g)
+  u = s / np.linalg.norm(s)
+  tau_star = -(u @ g) / (u @ h @ u)
+  assert rec1["alpha_step"] == 0
+  np.testing.assert_allclose(rec1["alpha"], np.linalg.norm(s) / tau_star - 1, rtol=1e-7)
+
+  # economy values at step 0 against numpy
+  gpe = np.asarray(_pe_grads(apply_fn, loss, params, batch))
+  assert rec0["step"] == 0 and "alpha" not in rec0
+  np.testing.assert_allclose([rec0["norm_test"], rec0["inner_test"], rec0["ortho_test"]],
+                             _np_tests(gpe), rtol=1e-7)
+  np.testing.assert_allclose(rec0["grad_norm"], np.linalg.norm(g), rtol=RTOL)
+  np.testing.assert_allclose(rec0["grad_norm_layers"]["['w']"],
+                             np.linalg.norm(np.asarray(grads["w"])), rtol=RTOL)
+  np.testing.assert_allclose(rec0["update_size"], lr * np.linalg.norm(g), rtol=RTOL)
+  assert rec0["distance"] == 0.0
+  np.testing.assert_allclose(rec1["distance"], lr * np.linalg.norm(g), rtol=RTOL)
+  np.testing.assert_allclose(rec0["loss"], obj(params, batch), rtol=RTOL)
+  assert sum(rec0["grad_hist_1d"]) == gpe.size
+  json.dumps([rec0, rec1])
+
+
+def test_monitor_alpha_on_two_batches_matches_numpy():
+  """Different batches at the two ends (noisy observations), MLP."""
+  apply_fn, loss, params, b0 = ref.problem("mlp", n=6, seed=0)
+  _, _, _, b1 = ref.problem("mlp", n=6, seed=1)
+  tx = dg.monitor(optax.sgd(0.5), apply_fn, loss, ["alpha"])
+  state = tx.init(params)
+  obj = curvax.losses.objective(apply_fn, loss)
+  upd, state = tx.update(jax.grad(obj)(params, b0), state, params, batch=b0)
+  p1 = optax.apply_updates(params, upd)
+  _, state = tx.update(jax.grad(obj)(p1, b1), state, p1, batch=b1)
+  s = ref.flat(upd)
+  tau = np.linalg.norm(s)
+  obs = []
+  for p, b in ((params, b0), (p1, b1)):
+    losses = np.asarray(loss(apply_fn(p, b[0]), b[1]))
+    proj = np.asarray(_pe_grads(apply_fn, loss, p, b)) @ s / tau
+    obs.append((losses.mean(), proj.mean(), losses.var(ddof=1), proj.var(ddof=1)))
+  want = _np_alpha([obs[0][0], obs[1][0]], [obs[0][1], obs[1][1]],
+                   [obs[0][2], obs[1][2], obs[0][3], obs[1][3]], tau)
+  np.testing.assert_allclose(state.alpha, want, rtol=1e-7)
+  assert bool(state.alpha_fresh) and int(state.alpha_step) == 0
+
+
+def test_monitor_untracked_steps_compute_nothing_and_jit_once():
+  apply_fn, loss, params, batch = ref.problem("mlp", n=6)
+  runs = []
+  traces = []
+
+  def counted_apply(p, x):
+    jax.debug.callback(lambda: runs.append(1))
+    return apply_fn(p, x)
+
+  tx = dg.monitor(optax.sgd(0.1), counted_apply, loss, ["loss", "norm_test", "grad_hist_1d"],
+                  every=3)
+
+  @jax.jit
+  def step(p, s):
+    traces.append(1)
+    g = jax.grad(curvax.losses.objective(apply_fn, loss))(p, batch)
+    u, s = tx.update(g, s, p, batch=batch)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  per_step, tracked = [], []
+  for _ in range(7):
+    before = len(runs)
+    params, state = step(params, state)
+    jax.block_until_ready(state)
+    per_step.append(len(runs) - before)
+    tracked.append(bool(state.tracked))
+  assert len(traces) == 1
+  assert tracked == [True, False, False, True, False, False, True]
+  assert all(c > 0 for c, t in zip(per_step, tracked) if t)
+  assert all(c == 0 for c, t in zip(per_step, tracked) if not t)
+  assert dg.record(state)["step"] == 6
+
+
+def test_monitor_in_chain_business_and_full_presets(tmp_path):
+  apply_fn, loss, params, batch = ref.problem("mlp", n=6)
+  obj = curvax.losses.objective(apply_fn, loss)
+  tx = optax.chain(optax.clip_by_global_norm(10.0),
+                   dg.monitor(optax.sgd(0.1), apply_fn, loss, "full", every=2,
+                              curvature="diag_ggn", eigen_iterations=30))
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch, unused_kwarg=1))
+  records = []
+  p = params
+  for _ in range(4):
+    u, state = step(jax.grad(obj)(p, batch), state, p)
+    rec = dg.record(state)
+    if rec:
+      records.append(rec)
+    if len(records) == 1 and "hess_max_ev" in rec:
+      h = np.asarray(ref.explicit_hessian(apply_fn, loss, p, batch))
+      ggn = np.asarray(ref.explicit_ggn(apply_fn, loss, p, batch))
+      gpe = np.asarray(_pe_grads(apply_fn, loss, p, batch))
+      m = (gpe ** 2).mean(0)
+      np.testing.assert_allclose(rec["hess_max_ev"], np.linalg.eigvalsh(h)[-1], rtol=1e-6)
+      np.testing.assert_allclose(rec["hess_trace"], np.trace(ggn), rtol=1e-7)
+      np.testing.assert_allclose(rec["tic_diag"], np.sum(m / (np.diag(ggn) + 1e-7)),
+                                 rtol=1e-7)
+      assert np.asarray(rec["grad_hist_2d"]).sum() == gpe.size
+    p = optax.apply_updates(p, u)
+  assert [r.get("step") for r in records] == [0, None, 2, None]
+  assert records[1]["alpha_step"] == 0 and records[3]["alpha_step"] == 2
+  merged = dg.merge(records)
+  assert [r["step"] for r in merged] == [0, 2] and all("alpha" in r for r in merged)
+  out = dg.dashboard(records, str(tmp_path / "cockpit.png"))
+  with open(out, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedules_and_errors():
+  lin = dg.linear_schedule(4, offset=1)
+  assert [bool(lin(jnp.asarray(t))) for t in range(10)] == [
+      t >= 1 and (t - 1) % 4 == 0 for t in range(10)]
+  steps = dg.log_steps(0, 3, steps=20)
+  assert steps[0] == 0 and steps[1] == 1 and steps[-1] == 1000 and np.all(np.diff(steps) > 0)
+  sched = dg.log_schedule(0, 3, steps=20)
+  assert bool(sched(jnp.asarray(1000))) and not bool(sched(jnp.asarray(999)))
+  apply_fn, loss, params, batch = ref.problem("mlp", n=4)
+  with pytest.raises(ValueError, match="unknown preset"):
+    dg.monitor(optax.sgd(0.1), apply_fn, loss, "first_class")
+  with pytest.raises(ValueError, match="unknown instruments"):
+    dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss", "vibes"])
+  with pytest.raises(ValueError, match="learning_rate"):
+    dg.monitor(optax.sgd(0.1), apply_fn, loss, ["cabs"])
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"])
+  with pytest.raises(TypeError, match="batch"):
+    tx.update(params, tx.init(params), params)
+  with pytest.raises(ValueError, match="no curvax.diagnostics"):
+    dg.record(optax.sgd(0.1).init(params))
