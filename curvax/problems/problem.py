@@ -156,11 +156,11 @@ class Problem:
       inputs, targets = self.preprocess(xb, yb, rng, False)
       outputs = self.apply_fn(variables, inputs)
       losses = self.loss(outputs, targets)
-      total_loss = carry[0] + jnp.sum(jnp.where(mb, losses, 0.0))
+      total_loss = carry[0] + jnp.sum(jnp.where(mb, losses, 0.0)).astype(carry[0].dtype)
       total_acc = carry[1]
       if self.has_accuracy:
         correct = jnp.argmax(outputs, axis=-1) == targets
-        total_acc = total_acc + jnp.sum(jnp.where(mb, correct, False))
+        total_acc = total_acc + jnp.sum(jnp.where(mb, correct, False)).astype(carry[1].dtype)
       return (total_loss, total_acc), None
 
     zero = jnp.zeros((), jnp.float32)

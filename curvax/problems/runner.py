@@ -43,12 +43,13 @@ from curvax.problems.problem import Problem
 def loggable_state(state: Any) -> Dict[str, jax.Array]:
   """Scalar fields of NamedTuples in an optimizer state, by dotted path.
 
-  E.g. ``{'0.damping': ..., '1.count': ...}`` for a chain; arrays with more than
-  one element are skipped.
+  Scalar leaves anywhere below a NamedTuple field, e.g. ``{'0.damping': ...,
+  '1.count': ..., 'hyperparams.learning_rate': ...}``; arrays with more than one
+  element are skipped.
   """
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    if not path or not isinstance(path[-1], jax.tree_util.GetAttrKey):
+    if not any(isinstance(p, jax.tree_util.GetAttrKey) for p in path):
       continue
     if jnp.ndim(leaf) != 0 or not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
       continue

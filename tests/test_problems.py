@@ -1,0 +1,170 @@
+"""curvax.problems: architectures, parameter counts, synthetic problems' known minima."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvax.problems as problems
+from curvax.problems import synthetic
+
+IMAGE = {"mnist": (28, 28, 1), "fmnist": (28, 28, 1), "cifar10": (32, 32, 3),
+         "cifar100": (32, 32, 3), "svhn": (32, 32, 3)}
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_every_problem_is_registered_and_counted():
+  assert sorted(problems.PARAM_COUNTS) == problems.names()
+  for name in ("quadratic_deep", "two_d_beale", "fmnist_2c2d", "cifar100_allcnnc",
+               "svhn_wrn164"):
+    assert name in problems.names()
+  with pytest.raises(KeyError, match="unknown problem 'nope'.*fmnist_mlp"):
+    problems.get("nope")
+
+
+@pytest.mark.parametrize("name", [n for n in problems.PARAM_COUNTS
+                                  if not n.startswith(("two_d", "quadratic"))])
+def test_model_shapes_and_parameter_counts_match_deepobs(name, tmp_path, monkeypatch):
+  # No data anywhere: init and apply must not read any.
+  monkeypatch.setenv("CURVAX_DATA", str(tmp_path))
+  monkeypatch.setattr(problems.data, "SYSTEM_ROOT", str(tmp_path))
+  p = problems.get(name, data_dir=str(tmp_path))
+  variables = jax.eval_shape(p.init, jax.random.PRNGKey(0))
+  assert _count(variables["params"]) == problems.PARAM_COUNTS[name]
+  inputs = jax.ShapeDtypeStruct((3,) + IMAGE[name.split("_")[0]], jnp.float32)
+  outputs = jax.eval_shape(lambda v, x: p.apply_fn(v, x), variables, inputs)
+  if name.endswith("vae"):
+    assert outputs.shape == (3, 784 + 16) and not p.has_accuracy
+  else:
+    classes = 100 if name.startswith("cifar100") else 10
+    assert outputs.shape == (3, classes) and p.has_accuracy
+  assert p.has_bn == name.endswith("wrn164")
+  assert ("batch_stats" in variables) == p.has_bn
+  if name.endswith(("3c3d", "allcnnc", "wrn164")):
+    assert p.weight_decay == (0.002 if name.endswith("3c3d") else 5e-4)
+  else:
+    assert p.regularizer is None
+
+
+def test_deepobs_defaults():
+  assert (problems.get("fmnist_2c2d").batch_size, problems.get("fmnist_2c2d").num_epochs) == (128, 100)
+  assert (problems.get("mnist_vae").batch_size, problems.get("mnist_vae").num_epochs) == (64, 50)
+  assert (problems.get("cifar100_allcnnc").batch_size,
+          problems.get("cifar100_allcnnc").num_epochs) == (256, 350)
+  assert problems.get("svhn_wrn164").num_epochs == 160
+  assert problems.get("fmnist_mlp", batch_size=32).batch_size == 32
+
+
+def test_initialisations_follow_deepobs():
+  logreg = problems.get("fmnist_logreg").init(jax.random.PRNGKey(0))["params"]
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(logreg))
+  # The MLP's and 2c2d's initialisers on narrow copies (same code, cheaper).
+  x = jnp.zeros((1, 28, 28, 1))
+  mlp = jax.jit(problems.models.MLP(widths=(400,)).init)(jax.random.PRNGKey(0), x)["params"]
+  w = np.asarray(mlp["Dense_0"]["kernel"])
+  # truncated N(0, 0.03^2) at two std has std 0.03 * 0.8796.
+  assert abs(w.std() - 0.03 * 0.8796) < 1e-3 and np.abs(w).max() <= 2 * 0.03 + 1e-6
+  assert np.all(np.asarray(mlp["Dense_0"]["bias"]) == 0)
+
+
+def test_l2_only_on_kernels():
+  p = problems.get("cifar10_3c3d")
+  shapes = jax.eval_shape(p.init, jax.random.PRNGKey(0))
+  ones = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+  params, _ = p.split_variables(ones)
+  kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if path[-1].key == "kernel"]
+  assert len(kernels) == 6
+  expected = 0.5 * 0.002 * sum(k.size for k in kernels)
+  np.testing.assert_allclose(float(p.regularizer(params)), expected, rtol=1e-5)
+  assert expected < 0.5 * 0.002 * problems.PARAM_COUNTS["cifar10_3c3d"]  # biases skipped
+
+
+# ------------------------------------------------------------------ quadratic_deep
+
+@pytest.fixture(scope="module")
+def quadratic():
+  return problems.get("quadratic_deep")
+
+
+def test_quadratic_hessian_matches_deepobs(quadratic):
+  q = quadratic.hessian
+  lam = np.linalg.eigvalsh(q)
+  np.testing.assert_allclose(q, q.T, atol=1e-12)
+  np.testing.assert_allclose([np.trace(q), lam.min(), lam.max()], [477.61, 0.00552, 53.13],
+                             rtol=2e-3)
+  # A fresh instance gets the same Q (DeepOBS PR #44 pitfall).
+  np.testing.assert_array_equal(problems.get("quadratic_deep").hessian, q)
+  # The curvax form (linear model + MSE) has Hessian = GGN = Q.
+  variables = quadratic.init(None)
+  x = quadratic.data("train")[0][:5]
+  batch = (x, jnp.zeros_like(x))
+  h = jax.hessian(lambda t: quadratic.loss_fn({"params": {"theta": t}}, batch))(
+      variables["params"]["theta"])
+  np.testing.assert_allclose(np.asarray(h), q, rtol=1e-4, atol=1e-4)
+
+
+def test_quadratic_reference_losses_and_minimum(quadratic):
+  m0 = quadratic.evaluate(quadratic.init(None))
+  np.testing.assert_allclose([m0["train_eval_loss"], m0["test_loss"]], [353.71, 353.93],
+                             atol=0.01)
+  xbar = jnp.mean(quadratic.data("train")[0].astype(jnp.float64), axis=0)
+  at_mean = {"params": {"theta": xbar.astype(jnp.float32)}}
+  m = quadratic.evaluate(at_mean)
+  np.testing.assert_allclose([m["train_eval_loss"], m["test_loss"]], [84.77, 87.13], atol=0.01)
+  # The training loss is minimised at the data mean: gradient there is zero.
+  train = quadratic.data("train")
+  g = jax.grad(quadratic.loss_fn)(at_mean, train)["params"]["theta"]
+  assert float(jnp.max(jnp.abs(g))) < 1e-3
+  assert quadratic.evaluate({"params": {"theta": jnp.zeros(100)}})["test_loss"] == (
+      pytest.approx(86.99, abs=0.01))
+
+
+# ------------------------------------------------------------------ 2-D problems
+
+@pytest.mark.parametrize("name", sorted(synthetic.TWO_D))
+def test_two_d_known_minima_and_noise_model(name):
+  f, start, argmin, fmin = synthetic.TWO_D[name]
+  p = problems.get(name)
+  v0 = p.init(None)
+  assert (float(v0["params"]["u"]), float(v0["params"]["v"])) == pytest.approx(start)
+  uv = jnp.asarray(argmin, jnp.float64)
+  assert float(f(uv[0], uv[1])) == pytest.approx(fmin, abs=1e-6)
+  g = jax.grad(lambda z: f(z[0], z[1]))(uv)
+  assert float(jnp.max(jnp.abs(g))) < 1e-4
+  # Test set is all zeros: test loss is f itself; training noise is additive & linear.
+  at_min = {"params": {"u": uv[0], "v": uv[1]}}
+  assert p.evaluate(at_min, splits=("test",))["test_loss"] == pytest.approx(fmin, abs=1e-4)
+  x, _ = p.data("train")
+  assert x.shape == (10000, 2)
+  np.testing.assert_allclose(np.asarray(x).std(0), 1.0, atol=0.03)
+  per_example = p.apply_fn(at_min, x[:4])[:, 0]
+  np.testing.assert_allclose(per_example, fmin + uv[0] * x[:4, 0] + uv[1] * x[:4, 1],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(synthetic.two_d_data(42)[0][:3], x[:3])
+
+
+def test_branin_has_three_minimisers():
+  for u, v in ((-math.pi, 12.275), (math.pi, 2.275), (9.42478, 2.475)):
+    assert float(synthetic.branin(jnp.float64(u), jnp.float64(v))) == pytest.approx(
+        0.397887, abs=1e-5)
+
+
+def test_batches_are_seeded_and_drop_remainder(quadratic):
+  p = problems.get("quadratic_deep", batch_size=300)
+  a = [b[0] for b in p.batches("train", jax.random.PRNGKey(1))]
+  b = [b[0] for b in p.batches("train", jax.random.PRNGKey(1))]
+  c = [b[0] for b in p.batches("train", jax.random.PRNGKey(2))]
+  assert len(a) == 3 and all(x.shape == (300, 100) for x in a)
+  np.testing.assert_array_equal(a[0], b[0])
+  assert not np.array_equal(a[0], c[0])
+  rows = np.concatenate(a)
+  assert len({r.tobytes() for r in rows}) == 900   # a permutation: no repeats
+  test = [b[0] for b in p.batches("test")]
+  assert [t.shape[0] for t in test] == [300, 300, 300, 100]
+  np.testing.assert_array_equal(np.concatenate(test), p.data("test")[0])
