@@ -1,0 +1,224 @@
+"""curvax.problems data loaders on small files written in the real formats, and errors."""
+
+import gzip
+import os
+import pickle
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import io as sio
+
+import curvax.problems as problems
+from curvax.problems import data
+
+
+def write_idx(path, array):
+  codes = {np.uint8: 0x08, np.int32: 0x0C}
+  header = bytes([0, 0, codes[array.dtype.type], array.ndim])
+  header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(payload)
+
+
+def write_mnist_like(folder, n_train=60, n_test=20, gz=True, seed=0):
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.RandomState(seed)
+  arrays = {}
+  for prefix, n in (("train", n_train), ("t10k", n_test)):
+    x = rng.randint(0, 256, (n, 28, 28)).astype(np.uint8)
+    y = rng.randint(0, 10, n).astype(np.uint8)
+    ext = ".gz" if gz else ""
+    write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}"), x)
+    write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}"), y)
+    arrays[prefix] = (x, y)
+  return arrays
+
+
+@pytest.fixture
+def no_system_data(tmp_path, monkeypatch):
+  """Hide $CURVAX_DATA and the system location."""
+  monkeypatch.delenv("CURVAX_DATA", raising=False)
+  monkeypatch.setattr(data, "SYSTEM_ROOT", str(tmp_path / "system"))
+  return tmp_path
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_roundtrip(tmp_path, gz):
+  x = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  path = str(tmp_path / ("a.idx" + (".gz" if gz else "")))
+  write_idx(path, x)
+  np.testing.assert_array_equal(data.read_idx(path), x)
+  y = np.array([-3, 7, 1 << 20], np.int32)
+  write_idx(str(tmp_path / "b.idx"), y)
+  np.testing.assert_array_equal(data.read_idx(str(tmp_path / "b.idx")), y)
+  (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+  with pytest.raises(ValueError, match="not an IDX file"):
+    data.read_idx(str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_problem_reads_idx_files_from_data_dir(no_system_data, gz):
+  folder = no_system_data / "mine"
+  arrays = write_mnist_like(str(folder / "mnist"), gz=gz)
+  p = problems.get("mnist_logreg", batch_size=8, data_dir=str(folder))
+  x, y = p.data("train")
+  xv, yv = p.data("valid")
+  xt, yt = p.data("test")
+  # valid holds out the last examples (a fifth of this small copy), train keeps the rest.
+  assert (x.shape, xv.shape, xt.shape) == ((48, 28, 28, 1), (12, 28, 28, 1), (20, 28, 28, 1))
+  np.testing.assert_array_equal(np.asarray(x)[..., 0], arrays["train"][0][:48])
+  np.testing.assert_array_equal(np.asarray(yv), arrays["train"][1][48:])
+  np.testing.assert_array_equal(np.asarray(yt), arrays["t10k"][1])
+  np.testing.assert_array_equal(p.data("train_eval")[1], arrays["train"][1][:12])
+  inputs, targets = next(p.batches("train", jax.random.PRNGKey(0)))
+  assert inputs.shape == (8, 28, 28, 1) and inputs.dtype == jnp.float32
+  assert 0.0 <= float(inputs.min()) and float(inputs.max()) <= 1.0
+  assert targets.dtype == jnp.int32
+  m = p.evaluate(p.init(jax.random.PRNGKey(0)))
+  assert m["test_loss"] == pytest.approx(np.log(10), rel=1e-5)   # logreg inits at zero
+  assert set(m) == {f"{s}_{k}" for s in ("train_eval", "valid", "test")
+                    for k in ("loss", "accuracy")}
+
+
+def test_search_order_data_dir_then_env_then_system(no_system_data, monkeypatch):
+  env, system, mine = (no_system_data / d for d in ("env", "system", "mine"))
+  write_mnist_like(str(system / "fashion-mnist"), seed=1)
+  assert data.find("fashion-mnist") == str(system / "fashion-mnist")
+  write_mnist_like(str(env / "fashion-mnist"), seed=2)
+  monkeypatch.setenv("CURVAX_DATA", str(env))
+  assert data.find("fashion-mnist") == str(env / "fashion-mnist")
+  write_mnist_like(str(mine), seed=3)   # data_dir itself also counts
+  assert data.find("fashion-mnist", str(mine)) == str(mine)
+
+
+def test_missing_data_names_every_place_searched(no_system_data, monkeypatch):
+  monkeypatch.setenv("CURVAX_DATA", str(no_system_data / "env"))
+  p = problems.get("cifar100_allcnnc", data_dir=str(no_system_data / "mine"))
+  jax.eval_shape(p.init, jax.random.PRNGKey(0))  # fine without data
+  with pytest.raises(problems.DataNotFoundError) as info:
+    p.data("train")
+  msg = str(info.value)
+  for place in (no_system_data / "mine" / "cifar-100", no_system_data / "mine",
+                no_system_data / "env" / "cifar-100", no_system_data / "system" / "cifar-100"):
+    assert str(place) in msg
+  assert "cifar-100-python.tar.gz" in msg and "download('cifar-100')" in msg
+  assert isinstance(info.value, FileNotFoundError)
+
+
+def _cifar_pickles(rng, n, num_classes):
+  x = rng.randint(0, 256, (n, 3072)).astype(np.uint8)
+  y = rng.randint(0, num_classes, n)
+  key = b"labels" if num_classes == 10 else b"fine_labels"
+  return {b"data": x, key: list(y)}, x.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), y
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar", "binary"])
+def test_cifar10_formats(no_system_data, layout):
+  rng = np.random.RandomState(0)
+  root = no_system_data / "mine" / "cifar-10"
+  os.makedirs(root)
+  batches = {f"data_batch_{i}": _cifar_pickles(rng, 10, 10) for i in range(1, 6)}
+  batches["test_batch"] = _cifar_pickles(rng, 7, 10)
+  if layout == "binary":
+    os.makedirs(root / "cifar-10-batches-bin")
+    for name, (_, x, y) in batches.items():
+      rec = np.concatenate([np.asarray(y, np.uint8)[:, None],
+                            x.transpose(0, 3, 1, 2).reshape(len(y), -1)], axis=1)
+      (root / "cifar-10-batches-bin" / f"{name}.bin").write_bytes(rec.tobytes())
+  else:
+    os.makedirs(root / "cifar-10-batches-py")
+    for name, (d, _, _) in batches.items():
+      with open(root / "cifar-10-batches-py" / name, "wb") as f:
+        pickle.dump(d, f)
+    if layout == "tar":
+      with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+      for f in os.listdir(root / "cifar-10-batches-py"):
+        os.remove(root / "cifar-10-batches-py" / f)
+      os.rmdir(root / "cifar-10-batches-py")
+  out = data.load("cifar-10", str(no_system_data / "mine"))
+  x_train = np.concatenate([batches[f"data_batch_{i}"][1] for i in range(1, 6)])
+  np.testing.assert_array_equal(out["train"][0], x_train)
+  np.testing.assert_array_equal(out["test"][1], batches["test_batch"][2])
+  assert out["train"][0].shape == (50, 32, 32, 3)
+
+
+def test_cifar100_problem_fine_labels_and_preprocessing(no_system_data):
+  rng = np.random.RandomState(1)
+  root = no_system_data / "mine" / "cifar-100" / "cifar-100-python"
+  os.makedirs(root)
+  train, test = _cifar_pickles(rng, 40, 100), _cifar_pickles(rng, 6, 100)
+  for name, (d, _, _) in (("train", train), ("test", test)):
+    d[b"coarse_labels"] = [0] * len(d[b"fine_labels"])
+    with open(root / name, "wb") as f:
+      pickle.dump(d, f)
+  p = problems.get("cifar100_3c3d", batch_size=4, data_dir=str(no_system_data / "mine"))
+  np.testing.assert_array_equal(p.data("test")[1], test[2])
+  for split in ("train", "test"):
+    inputs, _ = next(p.batches(split, jax.random.PRNGKey(0)))
+    # per-image standardisation (augmented or not)
+    np.testing.assert_allclose(np.asarray(inputs).mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(inputs).std(axis=(1, 2, 3)), 1.0, atol=1e-3)
+  raw = np.asarray(p.data("test")[0][:4], np.float32) / 255
+  inputs, _ = next(p.batches("test"))
+  expected = (raw - raw.mean(axis=(1, 2, 3), keepdims=True)) / raw.std(axis=(1, 2, 3), keepdims=True)
+  np.testing.assert_allclose(inputs, expected, atol=1e-4)   # eval: no augmentation
+
+
+def test_svhn_mat_files(no_system_data):
+  rng = np.random.RandomState(2)
+  root = no_system_data / "mine" / "svhn"
+  os.makedirs(root)
+  expected = {}
+  for split, n in (("train", 15), ("test", 5)):
+    x = rng.randint(0, 256, (32, 32, 3, n)).astype(np.uint8)
+    y = rng.randint(1, 11, (n, 1)).astype(np.uint8)   # 10 means digit 0
+    sio.savemat(str(root / f"{split}_32x32.mat"), {"X": x, "y": y})
+    expected[split] = (x.transpose(3, 0, 1, 2), np.where(y[:, 0] == 10, 0, y[:, 0]))
+  out = data.load("svhn", str(no_system_data / "mine"))
+  for split in ("train", "test"):
+    np.testing.assert_array_equal(out[split][0], expected[split][0])
+    np.testing.assert_array_equal(out[split][1], expected[split][1])
+  assert 0 in out["train"][1] or 0 in out["test"][1] or 10 not in expected["train"][1]
+  assert out["train"][1].max() <= 9
+
+
+def test_download_verifies_checksums(no_system_data, monkeypatch):
+  """download() with a fake urlopen: good files are kept, a bad checksum raises."""
+  payload = b"hello"
+  import hashlib
+  good = hashlib.md5(payload).hexdigest()
+  monkeypatch.setitem(data.DATASETS, "toy", dict(
+      files=(("a.bin",),), urls=[("http://example.invalid/a.bin", good)], hint=""))
+
+  class Response:
+    def __init__(self, body):
+      self.body = [body, b""]
+    def read(self, n):
+      return self.body.pop(0)
+    def __enter__(self):
+      return self
+    def __exit__(self, *a):
+      return False
+
+  monkeypatch.setattr(data.urllib.request, "urlopen", lambda url: Response(payload))
+  folder = data.download("toy", str(no_system_data / "dl"))
+  assert (no_system_data / "dl" / "toy" / "a.bin").read_bytes() == payload
+  assert data.find("toy", str(no_system_data / "dl")) == folder
+  monkeypatch.setattr(data.urllib.request, "urlopen", lambda url: Response(b"tampered"))
+  os.remove(os.path.join(folder, "a.bin"))
+  with pytest.raises(IOError, match="checksum mismatch"):
+    data.download("toy", str(no_system_data / "dl"))
+  assert not os.path.exists(os.path.join(folder, "a.bin"))
+
+
+def test_real_fashion_mnist_files():
+  # Debian's dataset-fashion-mnist (installed by .ci/run) at /usr/share/datasets.
+  out = data.load("fashion-mnist")
+  assert out["train"][0].shape == (60000, 28, 28, 1) and out["test"][0].shape == (10000, 28, 28, 1)
+  assert np.bincount(out["test"][1]).tolist() == [1000] * 10
