@@ -123,3 +123,10 @@ def explicit_per_example_grads(apply_fn, loss, params, batch):
 
 def flat(tree):
   return ravel_pytree(tree)[0]
+
+
+def explicit_per_example_grads_jacrev(apply_fn, loss, params, batch):
+  """(N, P) per-example gradients as the Jacobian of the loss vector (jitted, no vmap(grad))."""
+  f_flat, unravel = ravel_pytree(params)
+  x, y = batch
+  return jax.jit(jax.jacrev(lambda w: loss(apply_fn(unravel(w), x), y)))(f_flat)

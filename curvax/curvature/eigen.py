@@ -1,0 +1,203 @@
+r"""Eigen-structure: top GGN eigenpairs through the Gram matrix (ViViT), Lanczos.
+
+ViViT (Dangel, Tatzel & Hennig 2022; thesis §7.2, Eqs. 7.3-7.5, spec §2.4).
+With ``V = (1/sqrt N) [J_n' s_{n,k}]_{n,k}`` (``D x NK``, exact or Monte-Carlo
+loss-Hessian square roots) the GGN is ``G = V V'``. Its nonzero eigenvalues are
+those of the ``NK x NK`` Gram matrix ``G~ = V'V`` (matrix determinant lemma,
+App. D.1.1), and for an eigenpair ``(lam_k, e~_k)`` of ``G~`` with ``lam_k > 0``,
+``e_k = V e~_k / sqrt(lam_k)`` is a unit eigenvector of ``G`` (Eq. 7.5).
+Per-example curvatures along ``e_k`` come for free:
+``e_k' G_n e_k = N lam_k ||[e~_k]_n||^2`` (``[.]_n``: example ``n``'s ``K`` entries).
+
+Lanczos (Lanczos 1950; Golub & Van Loan §10.1) on any symmetric matvec, with
+full re-orthogonalisation against a fixed ``(m+1) x D`` buffer inside a
+``lax.fori_loop``: ``m`` products, ``O(m^2 D)`` extra work; meant for ``m`` in
+the tens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from curvax import _checks
+from curvax.curvature import _chunking, diagonals
+from curvax.losses import as_loss
+
+Array = jax.Array
+
+
+class GGNEigenpairs(NamedTuple):
+  """Top GGN eigenpairs from the Gram matrix.
+
+  Attributes:
+    eigenvalues: ``(k,)``, descending; entries that fail the threshold are 0.
+    eigenvectors: pytree shaped like params with leading axis ``k``: unit,
+      mutually orthogonal eigenvectors; zero where not ``valid``.
+    valid: ``(k,)`` bool, ``eigenvalue > threshold`` (shapes are static under
+      ``jit``, so near-zero eigenvalues are masked rather than dropped).
+    gram_eigenvectors: ``(N*K, k)`` eigenvectors ``e~_k`` of ``G~``.
+    per_example_curvatures: ``(N, k)``, ``e_k' G_n e_k`` (unscaled per example;
+      their mean over ``n`` is the eigenvalue).
+  """
+  eigenvalues: Array
+  eigenvectors: Any
+  valid: Array
+  gram_eigenvectors: Array
+  per_example_curvatures: Array
+
+
+def ggn_factor(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
+               batch: Any, *, key: Optional[Array] = None,
+               num_samples: Optional[int] = None,
+               chunk_size: Optional[int] = diagonals.DEFAULT_CHUNK_SIZE) -> Any:
+  """The GGN factor ``V`` with ``G = V V'``: a params-shaped pytree with leading axes ``(N, K)``.
+
+  Column ``(n, k)`` is ``J_n' s_{n,k} / sqrt(N)``: exact square roots by default
+  (``K`` = output dimension), Monte-Carlo ones with ``key`` (``K = num_samples``).
+  Memory: ``N K`` copies of the parameters.
+  """
+  loss = as_loss(loss)
+  inputs, targets = _checks.check_batch(batch)
+  factors = diagonals.output_factors(apply_fn, loss, params, inputs, targets, key,
+                                     num_samples)
+  n = factors.shape[0]
+
+  def chunk_fn(xs):
+    x, s = xs
+    cols = jax.vmap(lambda xi, si: diagonals.factor_columns(apply_fn, params, xi, si))(x, s)
+    return cols, ()
+
+  cols, _ = _chunking.map_reduce(chunk_fn, (inputs, factors), chunk_size)
+  return jax.tree_util.tree_map(lambda c: c / jnp.sqrt(jnp.asarray(n, c.dtype)), cols)
+
+
+def ggn_eigenpairs(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
+                   batch: Any, num_eigenpairs: int, *, key: Optional[Array] = None,
+                   num_samples: Optional[int] = None,
+                   threshold: Optional[float] = None,
+                   chunk_size: Optional[int] = diagonals.DEFAULT_CHUNK_SIZE
+                   ) -> GGNEigenpairs:
+  """Top ``num_eigenpairs`` eigenpairs of the GGN via the ViViT Gram matrix.
+
+  Args:
+    apply_fn, loss, params, batch: the model/loss pair and data.
+    num_eigenpairs: ``k`` (static), at most ``N * K``.
+    key, num_samples: Monte-Carlo factor with ``num_samples`` columns per
+      example instead of the exact one.
+    threshold: eigenvalues ``<= threshold`` are masked (ViViT filters small
+      ones because ``1/sqrt(lam)`` amplifies round-off; the thesis uses 1e-4).
+      Default: ``max(N K, D) * eps * lam_max``.
+    chunk_size: examples per ``vmap`` chunk when building ``V``.
+
+  Cost: building ``V`` (``N K`` VJPs), ``O((NK)^2 D)`` for the Gram matrix,
+  ``O((NK)^3)`` for its eigendecomposition.
+  """
+  v = ggn_factor(apply_fn, loss, params, batch, key=key, num_samples=num_samples,
+                 chunk_size=chunk_size)
+  leaves = jax.tree_util.tree_leaves(v)
+  n, kk = leaves[0].shape[:2]
+  cols = n * kk
+  if not isinstance(num_eigenpairs, int) or not 1 <= num_eigenpairs <= cols:
+    raise ValueError(
+        f"`num_eigenpairs` must be an int in [1, N*K] = [1, {cols}]; got {num_eigenpairs!r}.")
+  flat = [leaf.reshape(cols, -1) for leaf in leaves]
+  gram = sum(f @ f.T for f in flat)
+  lam, vec = jnp.linalg.eigh(gram)
+  lam, vec = lam[::-1][:num_eigenpairs], vec[:, ::-1][:, :num_eigenpairs]
+  dim = sum(f.shape[1] for f in flat)
+  if threshold is None:
+    threshold = max(cols, dim) * jnp.finfo(lam.dtype).eps * jnp.maximum(jnp.max(lam), 0.0)
+  valid = lam > threshold
+  scale = jnp.where(valid, 1.0 / jnp.sqrt(jnp.where(valid, lam, 1.0)), 0.0)
+  coeffs = vec * scale  # (NK, k)
+  eigenvectors = jax.tree_util.tree_map(
+      lambda leaf: jnp.einsum("ck,c...->k...", coeffs, leaf.reshape((cols,) + leaf.shape[2:])), v)
+  lam = jnp.where(valid, lam, 0.0)
+  blocks = jnp.sum(jnp.square(vec.reshape(n, kk, -1)), axis=1)  # (N, k)
+  per_example = n * lam * blocks
+  return GGNEigenpairs(lam, eigenvectors, valid, vec, per_example)
+
+
+class LanczosResult(NamedTuple):
+  """Lanczos output.
+
+  Attributes:
+    ritz_values: ``(m,)`` eigenvalues of the tridiagonal matrix, descending.
+    ritz_vectors: pytree with leading axis ``m``, the matching Ritz vectors.
+    alphas: ``(m,)`` diagonal of the tridiagonal matrix.
+    betas: ``(m,)`` off-diagonal (``betas[:m-1]``) and the last residual norm.
+  """
+  ritz_values: Array
+  ritz_vectors: Any
+  alphas: Array
+  betas: Array
+
+
+def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int) -> LanczosResult:
+  """``num_iterations`` steps of Lanczos with full re-orthogonalisation.
+
+  Args:
+    matvec: a symmetric linear map on pytrees shaped like ``v0``.
+    v0: starting vector (nonzero pytree).
+    num_iterations: ``m`` (static); clipped to the dimension.
+
+  If the Krylov space becomes invariant early (``beta ~ 0``), the remaining
+  basis vectors are zero and the extra Ritz values are 0 (spurious); the
+  extreme Ritz values are unaffected.
+  """
+  flat0, unravel = ravel_pytree(v0)
+  dim = flat0.shape[0]
+  if not isinstance(num_iterations, int) or num_iterations < 1:
+    raise ValueError(f"`num_iterations` must be a positive int; got {num_iterations!r}.")
+  m = min(num_iterations, dim)
+  dtype = flat0.dtype
+  tiny = jnp.finfo(dtype).eps
+
+  def mv(x):
+    out = matvec(unravel(x))
+    _checks.check_tree_like(out, v0, "matvec(v)", "v0")
+    return ravel_pytree(out)[0]
+
+  q = jnp.zeros((m + 1, dim), dtype).at[0].set(flat0 / jnp.linalg.norm(flat0))
+  alphas = jnp.zeros((m,), dtype)
+  betas = jnp.zeros((m,), dtype)
+
+  def body(i, carry):
+    q, alphas, betas = carry
+    w = mv(q[i])
+    w_norm = jnp.linalg.norm(w)
+    alpha = jnp.dot(w, q[i])
+    # Full re-orthogonalisation (twice is enough, Giraud et al. 2005); the
+    # rows of q beyond i are zero, so all previous vectors are removed.
+    w = w - q.T @ (q @ w)
+    w = w - q.T @ (q @ w)
+    beta = jnp.linalg.norm(w)
+    ok = beta > 100 * tiny * w_norm
+    q = q.at[i + 1].set(jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0))
+    return q, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(ok, beta, 0.0))
+
+  q, alphas, betas = jax.lax.fori_loop(0, m, body, (q, alphas, betas))
+  t = jnp.diag(alphas) + jnp.diag(betas[:m - 1], 1) + jnp.diag(betas[:m - 1], -1)
+  theta, y = jnp.linalg.eigh(t)
+  theta, y = theta[::-1], y[:, ::-1]
+  vectors = (q[:m].T @ y).T
+  return LanczosResult(theta, jax.vmap(unravel)(vectors), alphas, betas)
+
+
+def top_eigenvalues(matvec: Callable[[Any], Any], params: Any, key: Array,
+                    k: int = 1, num_iterations: int = 20) -> Array:
+  """Largest ``k`` eigenvalues (descending) of a symmetric matvec by Lanczos.
+
+  Starts from a Gaussian vector shaped like ``params`` drawn with ``key``.
+  """
+  flat, unravel = ravel_pytree(params)
+  v0 = unravel(jax.random.normal(key, flat.shape, flat.dtype))
+  result = lanczos(matvec, v0, num_iterations)
+  if k > result.ritz_values.shape[0]:
+    raise ValueError(f"k={k} exceeds the number of Lanczos iterations "
+                     f"({result.ritz_values.shape[0]}).")
+  return result.ritz_values[:k]

@@ -1,0 +1,210 @@
+r"""Flax model wrappers and BackPACK's per-layer fast path for per-example statistics.
+
+`LinenApply` and `NNXApply` are the ``apply_fn`` objects built by
+`curvax.flax_utils`: plain callables ``apply_fn(params, inputs)`` that also
+remember the model, so that per-example statistics can (i) refuse models with
+batch norm and (ii) use per-layer contractions instead of ``vmap(grad)``.
+
+Fast path (Dangel, thesis, App. B.1.1; spec §1.2). ``flax.linen.intercept_methods``
+captures, for every ``nn.Dense`` and ``nn.Conv`` call, the layer input ``A`` and
+adds a zero perturbation to its output; differentiating the *summed* loss with
+respect to the perturbations gives the unscaled per-example output gradients
+``B`` in the same backward pass as the mean gradient. Then, per layer:
+
+* Dense on ``(N, in)`` inputs: kernel gradient of example n is ``a_n b_n'``,
+  so ``||g_n||^2 = ||a_n||^2 ||b_n||^2`` and the second moment is
+  ``(A^2)'(B^2)/N``; bias: ``b_n``. No per-example gradient is formed.
+* Conv (and Dense on inputs with extra axes): weight sharing sums over
+  positions, so the per-example layer gradient is formed for that layer only
+  (a ``vmap`` of the layer's own VJP), reduced, and discarded: memory
+  ``N x layer`` instead of ``N x params``.
+
+The fast path applies only when every parameter belongs to exactly one
+Dense/Conv call; otherwise (shared layers, custom ``self.param``s, other layer
+types) `layer_statistics` returns None and callers fall back to ``vmap``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+BATCH_NORM_MESSAGE = (
+    "per-example quantities are ill-defined for a model with batch norm "
+    "(collection 'batch_stats' present): batch statistics couple the examples "
+    "of a batch. Remove batch norm, or put it in inference mode and close over "
+    "its statistics in your own apply_fn.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinenApply:
+  """``apply_fn(params, inputs)`` for a Flax Linen module.
+
+  Calls ``module.apply({'params': params, **collections}, inputs, **kwargs)``;
+  the non-``params`` collections are closed over (constants for curvature).
+  """
+  module: Any
+  collections: Mapping[str, Any]
+  kwargs: Mapping[str, Any]
+
+  def __call__(self, params, inputs):
+    return self.module.apply({"params": params, **self.collections}, inputs,
+                             **self.kwargs)
+
+  @property
+  def per_example_unsupported(self) -> Optional[str]:
+    return BATCH_NORM_MESSAGE if "batch_stats" in self.collections else None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NNXApply:
+  """``apply_fn(params, inputs)`` for a Flax NNX module split into graph and state.
+
+  Calls ``nnx.merge(graphdef, params, rest)(inputs)``; ``rest`` (non-``Param``
+  state) is closed over.
+  """
+  graphdef: Any
+  rest: Any
+  has_batch_stats: bool = False
+
+  def __call__(self, params, inputs):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    return nnx.merge(self.graphdef, params, self.rest)(inputs)
+
+  @property
+  def per_example_unsupported(self) -> Optional[str]:
+    return BATCH_NORM_MESSAGE if self.has_batch_stats else None
+
+
+def _layer_types():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return (nn.Dense, nn.Conv)
+
+
+def _forward(apply: LinenApply, params, inputs, perturbations):
+  """Runs the model recording (path, layer, input, output shape) per layer call."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  records = []
+  layer_types = _layer_types()
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or type(module) not in layer_types:
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    key = "/".join(module.path)
+    records.append((key, tuple(module.path), module, args[0], y.shape, y.dtype))
+    if perturbations is not None:
+      y = y + perturbations[key]
+    return y
+
+  with nn.intercept_methods(interceptor):
+    outputs = apply(params, inputs)
+  return outputs, records
+
+
+def _key_tuple(path) -> Tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _plan(apply, params, inputs, strict):
+  """Discovers the layers by abstract evaluation; None if the fast path does not apply."""
+  found = []
+
+  def probe(p, x):
+    _, records = _forward(apply, p, x, None)
+    found.extend((key, path, module.clone(parent=None), shape, dtype)
+                 for key, path, module, _, shape, dtype in records)
+    return 0.0
+
+  jax.eval_shape(probe, params, inputs)
+
+  def fail(why):
+    if strict:
+      raise ValueError(f"per-example fast path not applicable: {why}")
+    return None
+
+  keys = [f[0] for f in found]
+  if len(set(keys)) != len(keys):
+    return fail("a Dense/Conv layer is called more than once (shared weights).")
+  param_paths = [_key_tuple(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  covered = {}
+  for key, path, module, shape, dtype in found:
+    for name in ("kernel", "bias"):
+      covered[path + (name,)] = (key, name)
+  missing = [p for p in param_paths if p not in covered]
+  if missing:
+    return fail(f"parameters {['/'.join(m) for m in missing]} do not belong to "
+                "an nn.Dense or nn.Conv layer.")
+  return found, param_paths, covered
+
+
+def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
+                     strict=False):
+  """Fast-path (losses, mean, second moment, squared norms, grads) or None."""
+  if not isinstance(apply_fn, LinenApply):
+    if strict:
+      raise ValueError(
+          "per-example fast path not applicable: apply_fn is not a Flax Linen "
+          "wrapper from curvax.flax_utils.from_linen.")
+    return None
+  plan = _plan(apply_fn, params, inputs, strict)
+  if plan is None:
+    return None
+  layers, param_paths, covered = plan
+  perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
+
+  def total(p, perts):
+    outputs, records = _forward(apply_fn, p, inputs, perts)
+    values = loss(outputs, targets)
+    return jnp.sum(values), (values, {r[0]: r[3] for r in records})
+
+  (_, (values, acts)), (g_sum, out_grads) = jax.value_and_grad(
+      total, argnums=(0, 1), has_aux=True)(params, perturbations)
+  n = values.shape[0]
+  flat_params = {_key_tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+  second: Dict[Tuple[str, ...], Array] = {}
+  grads: Dict[Tuple[str, ...], Array] = {}
+  sq_norms = jnp.zeros((n,), values.dtype)
+  for key, path, module, _, _ in layers:
+    a, b = acts[key], out_grads[key]
+    names = [nm for nm in ("kernel", "bias") if path + (nm,) in flat_params]
+    if a.ndim == 2 and b.ndim == 2 and type(module).__name__ == "Dense":
+      a2, b2 = jnp.square(a), jnp.square(b)
+      b2_rows = jnp.sum(b2, axis=1)
+      sq_norms = sq_norms + jnp.sum(a2, axis=1) * b2_rows
+      second[path + ("kernel",)] = a2.T @ b2 / n
+      if return_gradients:
+        grads[path + ("kernel",)] = jnp.einsum("ni,no->nio", a, b)
+      if "bias" in names:
+        sq_norms = sq_norms + b2_rows
+        second[path + ("bias",)] = jnp.mean(b2, axis=0)
+        if return_gradients:
+          grads[path + ("bias",)] = b
+      continue
+    layer_params = {nm: flat_params[path + (nm,)] for nm in names}
+
+    def one(x_n, b_n, module=module, layer_params=layer_params):
+      _, vjp = jax.vjp(lambda lp: module.apply({"params": lp}, x_n[None]), layer_params)
+      return vjp(b_n[None])[0]
+
+    per = jax.vmap(one)(a, b)
+    for nm in names:
+      g = per[nm]
+      sq_norms = sq_norms + jnp.sum(jnp.square(g).reshape(n, -1), axis=1)
+      second[path + (nm,)] = jnp.mean(jnp.square(g), axis=0)
+      if return_gradients:
+        grads[path + (nm,)] = g
+
+  treedef = jax.tree_util.tree_structure(params)
+  second_tree = jax.tree_util.tree_unflatten(treedef, [second[p] for p in param_paths])
+  mean = jax.tree_util.tree_map(lambda g: g / n, g_sum)
+  grads_tree = (jax.tree_util.tree_unflatten(treedef, [grads[p] for p in param_paths])
+                if return_gradients else None)
+  return values, mean, second_tree, sq_norms, grads_tree

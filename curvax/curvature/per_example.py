@@ -1,0 +1,237 @@
+r"""Per-example gradients and their batch statistics, per-example directional
+slopes and curvatures.
+
+Conventions (Dangel, thesis, §5.2, Table 5.1, Eqs. B.2-B.4, 3.29-3.31). With
+``g_n = grad_theta l(f(theta, x_n), y_n)`` the gradient of example ``n``'s loss
+(**unscaled**: not divided by the batch size) and ``N`` the batch size:
+
+* mean gradient ``g = (1/N) sum_n g_n`` (the gradient of the batch-mean loss);
+* second moment ``(1/N) sum_n g_n^2`` (elementwise), as in the thesis's
+  Table 5.1. BackPACK's ``SumGradSquared`` under mean reduction is
+  ``sum_n (g_n/N)^2``, i.e. curvax's value divided by ``N``;
+* variance ``(1/N) sum_n g_n^2 - g^2`` (Eq. B.4 / 3.31, the biased, 1/N
+  estimator; BackPACK's ``Variance`` is curvax's divided by ``N^2``);
+* per-example gradient norms ``||g_n||`` (BackPACK's ``BatchL2Grad`` is
+  ``||g_n / N||^2``).
+
+Two implementations:
+
+* generic: ``vmap(grad)`` over examples, chunked with ``lax.scan`` so that at most
+  ``chunk_size x params`` floats are live; works for any ``apply_fn``;
+* fast (BackPACK's contractions, App. B.1.1): for Flax Linen models wrapped by
+  `curvax.flax_utils.from_linen`, every ``nn.Dense``/``nn.Conv`` layer's inputs
+  ``A`` and per-example output gradients ``B`` come from one forward/backward
+  pass; for Dense layers squared norms are ``rowsum(A^2) * rowsum(B^2)`` and the
+  second moment ``(A^2)'(B^2)/N`` without forming per-example gradients; Conv
+  layers (and Dense layers on inputs with extra axes) form per-example gradients
+  one layer at a time. See `curvax.curvature.flax_layers`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax.tree_utils as otu
+
+from curvax import _checks
+from curvax.curvature import _chunking
+from curvax.losses import as_loss
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 32
+
+
+class DirectionalStatistics(NamedTuple):
+  r"""Per-example slopes and curvatures along a direction ``d``.
+
+  Attributes:
+    slopes: ``(N,)``, ``d' g_n``.
+    curvatures: ``(N,)``, ``d' G_n d`` with ``G_n = J_n' H_n J_n``.
+    slope_mean: ``d' g``, the batch mean of ``slopes``.
+    slope_variance: ``(1/N) sum_n (d'g_n - d'g)^2``.
+    curvature_mean: ``d' G d``, the batch mean of ``curvatures``.
+    curvature_variance: ``(1/N) sum_n (d'G_n d - d'G d)^2``.
+  """
+  slopes: Array
+  curvatures: Array
+  slope_mean: Array
+  slope_variance: Array
+  curvature_mean: Array
+  curvature_variance: Array
+
+
+class PerExampleStatistics(NamedTuple):
+  """Per-example quantities of one batch (see the module docstring).
+
+  Attributes:
+    losses: ``(N,)`` per-example losses.
+    mean_gradient: ``(1/N) sum_n g_n``, shaped like params.
+    second_moment: ``(1/N) sum_n g_n^2``, shaped like params (unscaled ``g_n``).
+    variance: ``second_moment - mean_gradient^2``, shaped like params.
+    gradient_norms: ``(N,)``, ``||g_n||``.
+    gradients: per-example gradients (leading axis ``N``) if requested, else None.
+    directional: `DirectionalStatistics` if a direction was given, else None.
+  """
+  losses: Array
+  mean_gradient: Any
+  second_moment: Any
+  variance: Any
+  gradient_norms: Array
+  gradients: Optional[Any] = None
+  directional: Optional[DirectionalStatistics] = None
+
+
+def check_per_example_supported(apply_fn: Any) -> None:
+  """Raises ValueError if ``apply_fn`` declares per-example quantities ill-defined.
+
+  `curvax.flax_utils` wrappers set ``per_example_unsupported`` to a message when
+  the model carries batch statistics (batch norm couples the examples).
+  """
+  message = getattr(apply_fn, "per_example_unsupported", None)
+  if message:
+    raise ValueError(message)
+
+
+def _example_loss_and_grad(apply_fn, loss):
+  def one(params, x, y):
+    def f(p):
+      return loss(apply_fn(p, _chunking.expand(x)), _chunking.expand(y))[0]
+    return jax.value_and_grad(f)(params)
+  return one
+
+
+def per_example_gradients(apply_fn: Callable[[Any, Any], Array], loss: Any,
+                          params: Any, batch: Any, *,
+                          chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE) -> Any:
+  """Per-example gradients ``g_n`` (unscaled), a pytree with leading axis ``N``.
+
+  ``vmap(grad)`` applied ``chunk_size`` examples at a time (``lax.map``);
+  the result itself is ``N x params``, so use the reductions below when only
+  statistics are needed.
+  """
+  check_per_example_supported(apply_fn)
+  loss = as_loss(loss)
+  inputs, targets = _checks.check_batch(batch)
+  _chunking.check_chunk_size(chunk_size)
+  one = _example_loss_and_grad(apply_fn, loss)
+  _, grads = jax.lax.map(lambda xy: one(params, *xy), (inputs, targets),
+                         batch_size=chunk_size)
+  return grads
+
+
+def _vmap_statistics(apply_fn, loss, params, inputs, targets, chunk_size,
+                     return_gradients):
+  one = _example_loss_and_grad(apply_fn, loss)
+
+  def chunk_fn(xy):
+    values, grads = jax.vmap(one, in_axes=(None, 0, 0))(params, *xy)
+    sq_norms = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
+                   for g in jax.tree_util.tree_leaves(grads))
+    sums = (jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), grads),
+            jax.tree_util.tree_map(lambda g: jnp.sum(jnp.square(g), 0), grads))
+    per = (values, sq_norms, grads if return_gradients else None)
+    return per, sums
+
+  (values, sq_norms, grads), (g_sum, g2_sum) = _chunking.map_reduce(
+      chunk_fn, (inputs, targets), chunk_size)
+  n = values.shape[0]
+  return values, otu.tree_scale(1.0 / n, g_sum), otu.tree_scale(1.0 / n, g2_sum), sq_norms, grads
+
+
+def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
+                           params: Any, batch: Any, *,
+                           direction: Optional[Any] = None,
+                           return_gradients: bool = False,
+                           chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+                           method: str = "auto") -> PerExampleStatistics:
+  """Losses, mean gradient, second moment, variance, norms (and more) in one pass.
+
+  Args:
+    apply_fn: ``apply_fn(params, inputs) -> outputs``; a
+      `curvax.flax_utils.from_linen` wrapper enables the fast path.
+    loss: a `curvax.losses.Loss` or plain per-example callable.
+    params: parameters (pytree).
+    batch: ``(inputs, targets)``.
+    direction: optional pytree shaped like ``params``; adds
+      `DirectionalStatistics` along it (one extra JVP, see
+      `directional_statistics`).
+    return_gradients: also return the ``N``-leading per-example gradients.
+    chunk_size: examples per ``vmap`` chunk on the generic path (None: all).
+    method: ``"auto"`` (fast path when ``apply_fn`` supports it and every
+      parameter belongs to a Dense/Conv layer, else vmap), ``"vmap"``, or
+      ``"layers"`` (fast path or a ValueError saying why not).
+
+  Raises:
+    ValueError: batch norm (``batch_stats``) in a Flax model, an unknown
+      ``method``, a direction not shaped like ``params``, or ``method="layers"``
+      on an unsupported model.
+  """
+  check_per_example_supported(apply_fn)
+  if method not in ("auto", "vmap", "layers"):
+    raise ValueError(f"`method` must be 'auto', 'vmap' or 'layers'; got {method!r}.")
+  loss = as_loss(loss)
+  inputs, targets = _checks.check_batch(batch)
+  if direction is not None:
+    _checks.check_tree_like(direction, params, "direction")
+  result = None
+  if method != "vmap":
+    from curvax.curvature import flax_layers  # pylint: disable=g-import-not-at-top
+    result = flax_layers.layer_statistics(apply_fn, loss, params, inputs, targets,
+                                          return_gradients,
+                                          strict=(method == "layers"))
+  if result is None:
+    result = _vmap_statistics(apply_fn, loss, params, inputs, targets, chunk_size,
+                              return_gradients)
+  values, mean, second, sq_norms, grads = result
+  variance = jax.tree_util.tree_map(lambda s, m: s - jnp.square(m), second, mean)
+  directional = None
+  if direction is not None:
+    directional = directional_statistics(apply_fn, loss, params, batch, direction)
+  return PerExampleStatistics(values, mean, second, variance,
+                              jnp.sqrt(jnp.maximum(sq_norms, 0.0)), grads, directional)
+
+
+def mean_gradient(apply_fn, loss, params, batch, **kwargs) -> Any:
+  """``(1/N) sum_n g_n``: the gradient of the batch-mean loss."""
+  return per_example_statistics(apply_fn, loss, params, batch, **kwargs).mean_gradient
+
+
+def gradient_second_moment(apply_fn, loss, params, batch, **kwargs) -> Any:
+  """``(1/N) sum_n g_n^2`` of the unscaled per-example gradients (BackPACK: ``/N``)."""
+  return per_example_statistics(apply_fn, loss, params, batch, **kwargs).second_moment
+
+
+def gradient_variance(apply_fn, loss, params, batch, **kwargs) -> Any:
+  """``(1/N) sum_n g_n^2 - g^2``, elementwise (thesis Eq. B.4)."""
+  return per_example_statistics(apply_fn, loss, params, batch, **kwargs).variance
+
+
+def per_example_gradient_norms(apply_fn, loss, params, batch, **kwargs) -> Array:
+  """``(N,)`` Euclidean norms ``||g_n||`` of the unscaled per-example gradients."""
+  return per_example_statistics(apply_fn, loss, params, batch, **kwargs).gradient_norms
+
+
+def directional_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
+                           params: Any, batch: Any, direction: Any
+                           ) -> DirectionalStatistics:
+  r"""Per-example slopes ``d'g_n`` and curvatures ``d'G_n d`` along ``direction``.
+
+  With ``u_n = J_n d`` from one JVP of the model (a forward pass carrying a
+  tangent), ``d' g_n = u_n' grad_f l_n`` and ``d' G_n d = u_n' H_n u_n``
+  (thesis §7.2.2, Eqs. 7.7-7.8 along an arbitrary direction): no per-example
+  gradients and no backward pass. Means and (1/N) variances over the batch.
+  """
+  check_per_example_supported(apply_fn)
+  loss = as_loss(loss)
+  inputs, targets = _checks.check_batch(batch)
+  _checks.check_tree_like(direction, params, "direction")
+  outputs, u = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (direction,))
+  loss.check_targets(outputs, targets)
+  n = outputs.shape[0]
+  slopes = jnp.sum((u * loss.grad(outputs, targets)).reshape(n, -1), axis=1)
+  curvatures = jnp.sum((u * loss.hvp(outputs, targets, u)).reshape(n, -1), axis=1)
+  return DirectionalStatistics(slopes, curvatures, jnp.mean(slopes), jnp.var(slopes),
+                               jnp.mean(curvatures), jnp.var(curvatures))

@@ -1,0 +1,77 @@
+"""Glue between Flax models and curvax's ``(apply_fn, params)`` convention.
+
+Every curvax curvature function takes a pure ``apply_fn(params, inputs)`` and a
+``params`` pytree. These helpers build both from a Flax model:
+
+* Linen: `from_linen(module, variables)`; the ``params`` collection is
+  differentiated, the other collections are closed over as constants.
+* NNX: `from_nnx(model)`; ``nnx.split`` into graph definition, ``nnx.Param``
+  state and the rest; ``apply_fn`` merges them back (``nnx.merge``).
+  `nnx_update(model, params)` writes parameters back into the model.
+
+The returned ``apply_fn`` is an ordinary callable (jit it, close over it, pass
+it to `curvax.curvature.ggn_matvec`). It also lets per-example statistics
+refuse batch norm (a ``batch_stats`` collection / ``nnx.BatchStat`` state) with
+a clear error, and lets Linen models use the per-layer fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Tuple
+
+from curvax.curvature.flax_layers import LinenApply, NNXApply
+
+__all__ = ["LinenApply", "NNXApply", "from_linen", "from_nnx", "nnx_update"]
+
+
+def from_linen(module: Any, variables: Mapping[str, Any],
+               apply_kwargs: Optional[Mapping[str, Any]] = None
+               ) -> Tuple[LinenApply, Any]:
+  """Returns ``(apply_fn, params)`` for a Linen ``module`` and its ``variables``.
+
+  Args:
+    module: a ``flax.linen.Module``.
+    variables: the dict returned by ``module.init``; must hold ``'params'``.
+    apply_kwargs: extra keyword arguments for ``module.apply`` (e.g.
+      ``{'train': False}``), fixed for every call.
+
+  Raises:
+    TypeError: if ``module`` is not a Linen module.
+    ValueError: if ``variables`` has no ``'params'`` collection.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  if not isinstance(module, nn.Module):
+    raise TypeError(f"from_linen expects a flax.linen.Module; got {type(module).__name__}.")
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError(
+        "from_linen: `variables` must be the dict from module.init with a "
+        "'params' collection; got "
+        + (f"collections {sorted(variables)}." if isinstance(variables, Mapping)
+           else f"{type(variables).__name__}."))
+  collections = {k: v for k, v in variables.items() if k != "params"}
+  return LinenApply(module, collections, dict(apply_kwargs or {})), variables["params"]
+
+
+def from_nnx(model: Any) -> Tuple[NNXApply, Any]:
+  """Returns ``(apply_fn, params)`` for an NNX module, ``params`` its ``nnx.Param`` state.
+
+  ``apply_fn(params, inputs) = nnx.merge(graphdef, params, rest)(inputs)``: pure,
+  so it can be jitted, vmapped and differentiated. The model object itself is
+  not modified; use `nnx_update` to write new parameters back.
+
+  Raises:
+    TypeError: if ``model`` is not an ``nnx.Module``.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"from_nnx expects a flax.nnx.Module; got {type(model).__name__}.")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  import jax  # pylint: disable=g-import-not-at-top
+  has_batch_stats = bool(jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat)))
+  return NNXApply(graphdef, rest, has_batch_stats), params
+
+
+def nnx_update(model: Any, params: Any) -> None:
+  """Writes ``params`` (as returned by `from_nnx`, possibly updated) into ``model``."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  nnx.update(model, params)

@@ -1,0 +1,81 @@
+"""Exact and Monte-Carlo GGN diagonals, Hutchinson diagonal and trace estimates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvax
+from curvax.curvature import diagonals
+from reference import LOSSES, explicit_ggn, flat, problem
+
+CONFIGS = [(m, l) for m in ("mlp", "cnn") for l in LOSSES]
+
+
+@pytest.mark.parametrize("model,loss_name", CONFIGS)
+def test_diag_ggn_exact_and_monte_carlo(model, loss_name):
+  apply_fn, loss, params, batch = problem(model, loss_name, n=5)
+  g = jax.jit(explicit_ggn, static_argnums=(0, 1))(apply_fn, loss, params, batch)
+  num_repeats, num_samples = 16, 32
+
+  @jax.jit
+  def run(params, batch, keys):
+    # chunk 2 on 5 examples: scanned chunks plus a remainder.
+    exact = diagonals.diag_ggn(apply_fn, loss, params, batch, chunk_size=2)
+    mc = jax.vmap(lambda k: diagonals.diag_ggn_mc(
+        apply_fn, loss, params, batch, k, num_samples, chunk_size=None))(keys)
+    return exact, mc
+
+  keys = jax.random.split(jax.random.PRNGKey(0), num_repeats)
+  exact, mc = run(params, batch, keys)
+  np.testing.assert_allclose(flat(exact), np.diag(g), rtol=1e-9, atol=1e-12)
+  # MC: independent repeats give the standard error of their mean; the mean of
+  # num_repeats * num_samples draws must lie within 5 standard errors.
+  mc = jax.vmap(lambda t: ravel_pytree(t)[0])(mc)  # (R, P)
+  mean = mc.mean(0)
+  stderr = mc.std(0, ddof=1) / np.sqrt(num_repeats)
+  assert np.all(np.abs(mean - np.diag(g)) <= 5 * stderr + 1e-10), (
+      np.max(np.abs(mean - np.diag(g)) / (stderr + 1e-12)))
+  # ... and the error shrinks like 1/sqrt(samples): a single repeat is worse on average.
+  assert np.mean(np.abs(mean - np.diag(g))) < np.mean(np.abs(mc[0] - np.diag(g)))
+
+
+def test_mc_factor_needs_a_key_and_valid_sample_count():
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  with pytest.raises(ValueError, match="num_samples"):
+    diagonals.diag_ggn_mc(apply_fn, loss, params, batch, jax.random.PRNGKey(0), 0)
+  with pytest.raises(ValueError, match="targets"):
+    diagonals.diag_ggn(apply_fn, loss, params, (batch[0], batch[1][:, None]))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_hutchinson_diagonal_and_trace_within_their_standard_error(model):
+  apply_fn, loss, params, batch = problem(model, "softmax_cross_entropy")
+  g = np.asarray(jax.jit(explicit_ggn, static_argnums=(0, 1))(apply_fn, loss, params, batch))
+  m = 400
+
+  @jax.jit
+  def run(params, batch, key):
+    mv = curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)
+    return (diagonals.hutchinson_diagonal(mv, params, key, m, batch_size=100),
+            diagonals.hutchinson_trace(mv, params, key, m, batch_size=100))
+
+  diag, trace = run(params, batch, jax.random.PRNGKey(3))
+  # Rademacher probes: Var[z_i (Gz)_i] = sum_{j != i} G_ij^2,
+  # Var[z'Gz] = 2 (||G||_F^2 - sum_i G_ii^2).
+  off = g - np.diag(np.diag(g))
+  sd_diag = np.sqrt(np.sum(off ** 2, axis=1) / m)
+  sd_trace = np.sqrt(2 * np.sum(off ** 2) / m)
+  assert np.all(np.abs(flat(diag) - np.diag(g)) <= 5 * sd_diag + 1e-12)
+  assert abs(trace - np.trace(g)) <= 5 * sd_trace
+  # Exact for a diagonal matrix (zero variance): guards against a wrong scale.
+  d = jax.random.uniform(jax.random.PRNGKey(1), (7,))
+  np.testing.assert_allclose(diagonals.hutchinson_diagonal(lambda v: d * v, d, jax.random.PRNGKey(2), 3), d)
+  np.testing.assert_allclose(diagonals.hutchinson_trace(lambda v: d * v, d, jax.random.PRNGKey(2), 3), d.sum())
+
+
+def test_hutchinson_rejects_a_matvec_of_the_wrong_shape():
+  x = jnp.ones(3)
+  with pytest.raises(ValueError, match="matvec"):
+    diagonals.hutchinson_trace(lambda v: jnp.ones(4), x, jax.random.PRNGKey(0), 2)

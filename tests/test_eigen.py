@@ -1,0 +1,96 @@
+"""ViViT GGN eigenpairs and Lanczos against jnp.linalg.eigh of explicit matrices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvax
+from curvax.curvature import eigen
+from reference import (LOSSES, explicit_ggn, explicit_hessian, explicit_jacobians,
+                       explicit_output_hessians, flat, problem)
+
+CONFIGS = [(m, l) for m in ("mlp", "cnn") for l in LOSSES]
+K = 4
+
+
+def _rows(tree):
+  return np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(tree))
+
+
+@pytest.mark.parametrize("model,loss_name", CONFIGS)
+def test_vivit_eigenpairs_match_eigh_of_explicit_ggn(model, loss_name):
+  apply_fn, loss, params, batch = problem(model, loss_name, n=5)
+  g = np.asarray(jax.jit(explicit_ggn, static_argnums=(0, 1))(apply_fn, loss, params, batch))
+  res = jax.jit(lambda p, b: eigen.ggn_eigenpairs(apply_fn, loss, p, b, K, chunk_size=2))(params, batch)
+  lam_ref = np.linalg.eigh(g)[0][::-1][:K]
+  assert np.all(res.valid)
+  np.testing.assert_allclose(res.eigenvalues, lam_ref, rtol=1e-8, atol=1e-12)
+  e = _rows(res.eigenvectors)  # (K, P)
+  np.testing.assert_allclose(e @ g.T, res.eigenvalues[:, None] * e, atol=1e-9 * lam_ref[0])
+  np.testing.assert_allclose(e @ e.T, np.eye(K), atol=1e-8)
+  # Per-example curvatures e' G_n e from the Gram eigenvectors (spec §2.4).
+  x, y = batch
+  jac = np.asarray(explicit_jacobians(apply_fn, params, x))
+  hess = np.asarray(explicit_output_hessians(loss, apply_fn(params, x), y))
+  u = np.einsum("ncp,kp->nkc", jac, e)
+  per = np.einsum("nkc,ncd,nkd->nk", u, hess, u)
+  np.testing.assert_allclose(res.per_example_curvatures, per, rtol=1e-7, atol=1e-10)
+  np.testing.assert_allclose(res.per_example_curvatures.mean(0), res.eigenvalues, rtol=1e-9)
+
+
+def test_vivit_monte_carlo_factor_and_masking():
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy", n=3)
+  key = jax.random.PRNGKey(7)
+  v = eigen.ggn_factor(apply_fn, loss, params, batch, key=key, num_samples=2)
+  vm = _rows(jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), v))  # (NM, P)
+  g_mc = vm.T @ vm
+  res = eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 6, key=key, num_samples=2)
+  np.testing.assert_allclose(res.eigenvalues, np.linalg.eigh(g_mc)[0][::-1][:6], rtol=1e-8, atol=1e-12)
+  e = _rows(res.eigenvectors)
+  np.testing.assert_allclose(e @ g_mc, res.eigenvalues[:, None] * e, atol=1e-9)
+  # Exact factor for softmax has N*C = 9 columns but rank <= N*(C-1) = 6:
+  # the 3 null directions of the Gram matrix are masked, their vectors zero.
+  full = eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 9)
+  assert int(full.valid.sum()) == 6
+  assert np.all(_rows(full.eigenvectors)[~np.asarray(full.valid)] == 0)
+  with pytest.raises(ValueError, match="num_eigenpairs"):
+    eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 10)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_lanczos_matches_eigh(model):
+  apply_fn, loss, params, batch = problem(model, "softmax_cross_entropy")
+  loss_fn = curvax.losses.objective(apply_fn, loss)
+  h = np.asarray(jax.jit(explicit_hessian, static_argnums=(0, 1))(apply_fn, loss, params, batch))
+  p = h.shape[0]
+  v0 = jax.tree_util.tree_map(jnp.ones_like, params)
+
+  @jax.jit
+  def run(params, batch, key):
+    mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
+    full = eigen.lanczos(mv, v0, p + 5)  # clipped to p: the whole spectrum
+    top = eigen.top_eigenvalues(mv, params, key, k=2, num_iterations=25)
+    return full, top
+
+  full, top = run(params, batch, jax.random.PRNGKey(0))
+  lam = np.linalg.eigh(h)[0][::-1]
+  assert full.ritz_values.shape == (p,)
+  np.testing.assert_allclose(full.ritz_values, lam, atol=1e-8 * abs(lam).max())
+  vec = _rows(full.ritz_vectors)
+  top_vecs = vec[:2]
+  np.testing.assert_allclose(top_vecs @ h, full.ritz_values[:2, None] * top_vecs, atol=1e-7)
+  np.testing.assert_allclose(top, lam[:2], rtol=1e-6)
+
+
+def test_lanczos_invariant_subspace_and_errors():
+  d = jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
+  # Start in a 2-dimensional invariant subspace: breakdown after two steps.
+  res = eigen.lanczos(lambda v: d * v, jnp.array([1.0, 1.0, 0, 0, 0]), 4)
+  np.testing.assert_allclose(res.ritz_values[:2], [3.0, 2.0], rtol=1e-12)
+  assert np.all(np.isfinite(res.ritz_values))
+  with pytest.raises(ValueError, match="num_iterations"):
+    eigen.lanczos(lambda v: v, d, 0)
+  with pytest.raises(ValueError, match="matvec"):
+    eigen.lanczos(lambda v: v[:2], d, 2)

@@ -1,0 +1,208 @@
+"""Per-example gradients, their statistics and directional slopes/curvatures
+against explicit per-example gradients (one example at a time) and Jacobians."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvax
+from curvax import flax_utils
+from curvax.curvature import per_example as pe
+from reference import (LOSSES, explicit_jacobians, explicit_output_hessians,
+                       explicit_per_example_grads, explicit_per_example_grads_jacrev, flat, make_targets, problem)
+
+CONFIGS = [(m, l) for m in ("mlp", "cnn") for l in LOSSES]
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+
+def _random_like(params, seed):
+  flat_p, unravel = ravel_pytree(params)
+  return unravel(jax.random.normal(jax.random.PRNGKey(seed), flat_p.shape))
+
+
+def _flat_rows(tree):
+  return jax.vmap(lambda t: ravel_pytree(t)[0])(tree)
+
+
+@pytest.mark.parametrize("model,loss_name", CONFIGS)
+def test_statistics_match_explicit_per_example_gradients(model, loss_name):
+  apply_fn, loss, params, batch = problem(model, loss_name, n=7)
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)  # (N, P)
+  d = _random_like(params, 5)
+  # MLP: chunk 3 on 7 examples, two scanned chunks and a remainder of one;
+  # CNN: one vmap (conv inside scan compiles slowly on XLA:CPU).
+  chunk_size = 3 if model == "mlp" else None
+
+  @jax.jit
+  def stats(params, batch, d):
+    return pe.per_example_statistics(apply_fn, loss, params, batch, direction=d,
+                                     return_gradients=True, chunk_size=chunk_size)
+
+  s = stats(params, batch, d)
+  np.testing.assert_allclose(flat(s.mean_gradient), g.mean(0), **TOL)
+  np.testing.assert_allclose(flat(s.second_moment), np.mean(g ** 2, 0), **TOL)
+  np.testing.assert_allclose(flat(s.variance), np.var(g, 0), **TOL)
+  np.testing.assert_allclose(s.gradient_norms, np.linalg.norm(g, axis=1), **TOL)
+  np.testing.assert_allclose(_flat_rows(s.gradients), g, **TOL)
+  np.testing.assert_allclose(s.losses, loss(apply_fn(params, batch[0]), batch[1]), **TOL)
+  # The mean gradient is the gradient of the batch-mean objective.
+  full = jax.grad(curvax.losses.objective(apply_fn, loss))(params, batch)
+  np.testing.assert_allclose(flat(s.mean_gradient), flat(full), **TOL)
+
+  # Directional slopes d'g_n and curvatures d'G_n d.
+  x, y = batch
+  jac = jax.jit(explicit_jacobians, static_argnums=0)(apply_fn, params, x)  # (N, C, P)
+  hess = explicit_output_hessians(loss, apply_fn(params, x), y)  # (N, C, C)
+  u = jac @ flat(d)
+  curv = np.einsum("nc,ncd,nd->n", u, hess, u)
+  slopes = g @ flat(d)
+  ds = s.directional
+  np.testing.assert_allclose(ds.slopes, slopes, **TOL)
+  np.testing.assert_allclose(ds.curvatures, curv, **TOL)
+  np.testing.assert_allclose(ds.slope_mean, slopes.mean(), **TOL)
+  np.testing.assert_allclose(ds.slope_variance, slopes.var(), **TOL)
+  np.testing.assert_allclose(ds.curvature_mean, curv.mean(), **TOL)
+  np.testing.assert_allclose(ds.curvature_variance, curv.var(), **TOL)
+  # d'G d from the GGN-vector product equals the mean curvature.
+  gd = curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(d)
+  np.testing.assert_allclose(ds.curvature_mean, flat(d) @ flat(gd), **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2, 7, 100])
+def test_per_example_gradients_any_chunk_size(chunk_size):
+  apply_fn, loss, params, batch = problem("mlp", "mean_squared_error", n=7)
+  g = explicit_per_example_grads(apply_fn, loss, params, batch)
+  got = pe.per_example_gradients(apply_fn, loss, params, batch, chunk_size=chunk_size)
+  np.testing.assert_allclose(_flat_rows(got), g, **TOL)
+  norms = pe.per_example_gradient_norms(apply_fn, loss, params, batch, chunk_size=chunk_size)
+  np.testing.assert_allclose(norms, np.linalg.norm(g, axis=1), **TOL)
+
+
+def test_named_functions_agree_with_statistics():
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(flat(pe.mean_gradient(apply_fn, loss, params, batch)), g.mean(0), **TOL)
+  np.testing.assert_allclose(flat(pe.gradient_second_moment(apply_fn, loss, params, batch)),
+                             np.mean(g ** 2, 0), **TOL)
+  np.testing.assert_allclose(flat(pe.gradient_variance(apply_fn, loss, params, batch)),
+                             np.var(g, 0), **TOL)
+  d = _random_like(params, 1)
+  ds = pe.directional_statistics(apply_fn, loss, params, batch, d)
+  np.testing.assert_allclose(ds.slopes, g @ flat(d), **TOL)
+
+
+# ---- fast path (Flax Linen, per-layer contractions) ----------------------------
+
+class _LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(5)(x))
+    x = nn.Dense(4, use_bias=False)(x)
+    return nn.Dense(3)(jnp.tanh(x))
+
+
+class _LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(2, (3, 3), padding="SAME")(x))
+    x = nn.Conv(2, (2, 2), strides=(2, 2), padding="VALID")(x)
+    x = jnp.tanh(nn.Dense(3)(x))          # Dense on (N, H, W, C): per-position
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(3)(x)
+
+
+class _CustomParam(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (3,))
+    return nn.Dense(3)(x) * scale
+
+
+def _linen_problem(module, loss_name, x_shape, n=6):
+  x = jax.random.normal(jax.random.PRNGKey(0), (n,) + x_shape)
+  variables = module.init(jax.random.PRNGKey(1), x)
+  variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables)
+  apply_fn, params = flax_utils.from_linen(module, variables)
+  y = make_targets(jax.random.PRNGKey(2), loss_name, apply_fn(params, x))
+  return apply_fn, LOSSES[loss_name], params, (x, y)
+
+
+@pytest.mark.parametrize("module,x_shape,loss_name",
+                         [(_LinenMLP(), (4,), l) for l in LOSSES]
+                         + [(_LinenCNN(), (6, 6, 1), "softmax_cross_entropy")])
+def test_fast_path_equals_vmap_path_and_explicit(module, x_shape, loss_name):
+  apply_fn, loss, params, batch = _linen_problem(module, loss_name, x_shape)
+
+  @jax.jit
+  def both(params, batch):
+    fast = pe.per_example_statistics(apply_fn, loss, params, batch, method="layers",
+                                     return_gradients=True)
+    slow = pe.per_example_statistics(apply_fn, loss, params, batch, method="vmap",
+                                     return_gradients=True, chunk_size=None)
+    return fast, slow
+
+  fast, slow = both(params, batch)
+  for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(slow)):
+    np.testing.assert_allclose(a, b, **TOL)
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(flat(fast.second_moment), np.mean(g ** 2, 0), **TOL)
+  np.testing.assert_allclose(fast.gradient_norms, np.linalg.norm(g, axis=1), **TOL)
+
+
+def test_fast_path_falls_back_for_parameters_outside_dense_and_conv():
+  apply_fn, loss, params, batch = _linen_problem(_CustomParam(), "mean_squared_error", (4,))
+  with pytest.raises(ValueError, match="scale"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
+  auto = pe.per_example_statistics(apply_fn, loss, params, batch)  # vmap fallback
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(flat(auto.second_moment), np.mean(g ** 2, 0), **TOL)
+
+
+def test_fast_path_needs_a_linen_wrapper():
+  apply_fn, loss, params, batch = problem("mlp", "mean_squared_error")
+  with pytest.raises(ValueError, match="from_linen"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
+
+
+# ---- errors ---------------------------------------------------------------------
+
+class _WithBatchNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))
+    return nn.Dense(3)(x)
+
+
+def test_batch_norm_is_refused():
+  x = jnp.ones((4, 3))
+  module = _WithBatchNorm()
+  apply_fn, params = flax_utils.from_linen(module, module.init(jax.random.PRNGKey(0), x))
+  batch = (x, jnp.zeros((4,), jnp.int32))
+  loss = curvax.losses.softmax_cross_entropy
+  # Curvature products are fine (statistics closed over) ...
+  curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(params)
+  # ... per-example quantities are not.
+  for fn in (pe.per_example_statistics, pe.per_example_gradients, pe.gradient_variance):
+    with pytest.raises(ValueError, match="batch norm"):
+      fn(apply_fn, loss, params, batch)
+  with pytest.raises(ValueError, match="batch norm"):
+    pe.directional_statistics(apply_fn, loss, params, batch, params)
+
+
+def test_bad_input_errors():
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  bad = dict(params)
+  del bad["b2"]
+  with pytest.raises(ValueError, match="direction"):
+    pe.directional_statistics(apply_fn, loss, params, batch, bad)
+  with pytest.raises(ValueError, match="direction"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, direction=bad)
+  with pytest.raises(TypeError, match="batch"):
+    pe.per_example_statistics(apply_fn, loss, params, batch[0])
+  with pytest.raises(ValueError, match="method"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, method="fast")
+  with pytest.raises(ValueError, match="chunk_size"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, chunk_size=0)
