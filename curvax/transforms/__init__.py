@@ -3,4 +3,10 @@
 from curvax.transforms.curvature_step_size import (  # noqa: E402
     CurvatureStepSizeState, curvature_step_size)
 
-__all__ = ["CurvatureStepSizeState", "curvature_step_size"]
+from curvax.transforms.probabilistic_preconditioning import (  # noqa: E402
+    ProbabilisticPreconditioningState, probabilistic_preconditioning)
+
+__all__ = [
+    "CurvatureStepSizeState", "curvature_step_size",
+    "ProbabilisticPreconditioningState", "probabilistic_preconditioning",
+]

@@ -1,0 +1,527 @@
+r"""Probabilistic preconditioning (de Roos & Hennig 2019) as an optax transformation.
+
+de Roos & Hennig (2019), "Active Probabilistic Inference on Matrices for
+Pre-Conditioning in Stochastic Optimization" (AISTATS); the algorithm, its
+defaults and its variants as documented in the seed 000_102983c1e1ef3813.txt
+(chapter 3: the PyTorch class ``Preconditioner``; chapter 4: PreconditionedSGD,
+AdaptiveSGD, OnlyAdaptiveSGD, the "tuned" variants) and specified in
+``specs/probabilistic_preconditioning.md``. Equation labels (P1-P3, O1-O2,
+B1-B3, W1, L1, C1-C2) are defined in this docstring and in
+`curvax.solvers.bayesian_hessian`, in the order the spec displays them.
+
+One estimation round (``P = prior_iterations``, ``M = num_observations``), the
+parameters stay fixed while it gathers data:
+
+=================  =======================================================  ========
+round step t       action                                                   params
+=================  =======================================================  ========
+0 .. P-1           prior statistics from v_i = g_i, u_i = H_i v_i            fixed
+P-1                fit alpha, w, lam (P1-P3); observation 1 (O1)            fixed
+P .. P+M-2         one active observation per step (O2), posterior (B3)     fixed
+P+M-1              rank-k estimate (L1); inner optimizer (re)starts         updated
+>= P+M             precondition g (C1/C2), inner optimizer step             updated
+=================  =======================================================  ========
+
+Per group of leaves (sums over ``i`` and over the group's leaves):
+
+* (P1) ``alpha = sum v'u / sum ||u||^2`` — the learning rate (inverse curvature);
+* (P2) ``w = sum v'u / sum ||v||^2`` — the prior scale (mean Rayleigh quotient);
+* (P3) ``lam = (sum ||v_i||^2 - ||sum v_i||^2 / P) / (P - 1)`` — the unbiased
+  gradient-noise estimate (``noise_estimate="unbiased"``, curvax's default), or
+  the seed code's ``|sum ||v_i||^2 - ||sum v_i||^2| / P``
+  (``noise_estimate="seed"``; it measures the squared mean gradient).
+
+Per leaf (own ``S``, ``Delta``, ``U``, ``sigma``; block-diagonal model, but each
+leaf's ``y`` is its block row of the whole network's ``H d``):
+
+* (O1) ``s_1 = -gbar / ||gbar||``, ``y_1 = -ubar / ||gbar||`` (prior means);
+* (O2) ``d = B^{-1} g`` (W1) on the step's batch, ``y = H d``,
+  ``s_m = d / ||d||``, ``y_m = y / ||d||``.
+
+The spec's equations are followed exactly; see `curvax.solvers.bayesian_hessian`
+for (B1-B3), (W1), (L1), (C1), (C2).
+
+Choices (the spec leaves them open):
+
+* ``form="inverse"`` (C2) is the default: the step is the inverse of the
+  rank-k estimate applied to the gradient, ``alpha (I - UU') + U diag(1/sigma)
+  U'``, which is what a preconditioner should be and is invariant to the scale
+  of the objective. ``form="seed"`` (C1) reproduces the seed's code and
+  experiments (``sigma^{-1/2}`` on the top directions, then learning rate alpha).
+* ``groups=None``: one group (the PyTorch class's default single parameter
+  group, the paper's global step size); ``groups="leaf"`` gives every leaf its
+  own alpha, w, lam; or pass labels (see ``groups``).
+* ``restart_every=None`` never restarts; the seed restarts every epoch — pass
+  the number of steps per epoch. Restart clears everything, including the inner
+  optimizer's state.
+* The objective ``loss_fn`` includes any regularizer (e.g.
+  ``curvax.losses.objective(apply_fn, loss, l2_regularizer(wd))``), so the
+  seed's ``weight_decay`` terms (``v + wd theta``, ``u + wd v``) come from the
+  gradient and Hessian of ``loss_fn`` itself.
+* Robustness: an estimation step whose gradient or Hessian-vector product is
+  non-finite is skipped (the observation is retaken on the next batch) and
+  counted in ``num_skipped``; a preconditioning step with a non-finite update
+  returns zeros, keeps the inner state and is counted too. A prior fit with
+  non-finite or zero ``alpha``/``w`` restarts the round and is counted in
+  ``num_failed_fits``. Negative average curvature ``sum v'u < 0`` (the seed
+  code would then step uphill with a negative learning rate) uses ``|sum v'u|``
+  in (P1)/(P2) and is counted in ``num_negative_curvature``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvax import _checks
+from curvax.curvature import hessian_matvec
+from curvax.solvers import bayesian_hessian as bh
+
+Array = jax.Array
+
+PRIOR = 0
+POSTERIOR = 1
+PRECONDITION = 2
+
+_NAME = "probabilistic_preconditioning"
+
+#: Arguments to list in ``optax.inject_hyperparams(..., static_args=...)``:
+#: ``loss_fn`` is callable (inject_hyperparams would take it for a schedule) and
+#: the integer sizes fix array shapes. ``learning_rate`` may be injected.
+STATIC_ARGS = ("loss_fn", "rank", "num_observations", "prior_iterations", "restart_every",
+               "groups")
+
+
+class ProbabilisticPreconditioningState(NamedTuple):
+  """State of `probabilistic_preconditioning`.
+
+  Attributes:
+    count: number of ``update`` calls.
+    round_step: position of the NEXT step in the current estimation round.
+    phase: phase the next step runs: 0 prior (`PRIOR`), 1 posterior
+      observations (`POSTERIOR`), 2 preconditioned inner step (`PRECONDITION`).
+    num_observations: posterior observations gathered in this round (m <= M).
+    num_restarts: completed estimation rounds restarted by ``restart_every``.
+    alpha: (G,) per-group inverse curvature (P1) from the last fit.
+    prior_scale: (G,) per-group ``w`` (P2).
+    noise_scale: (G,) per-group ``lam`` (P3).
+    learning_rate: (G,) learning rate the inner optimizer uses (alpha, or the
+      fixed ``learning_rate``).
+    eigenvalues: per leaf, the ``k`` top singular values ``sigma`` of the
+      rank-k Hessian estimate (L1) (its eigenvalue estimates).
+    eigenvectors: per leaf, ``U`` as rows ``(k, n)`` (L1).
+    directions: per leaf, ``S`` as rows ``(M, n)`` (unit-norm observed directions).
+    residuals: per leaf, ``Delta = Y - S / alpha`` as rows ``(M, n)`` (B2).
+    sum_vu, sum_uu, sum_vv: (G,) prior sums of v'u, ||u||^2, ||v||^2.
+    sum_directions: sum of the prior directions v_i (shaped like params).
+    sum_products: sum of the prior products u_i = H_i v_i (shaped like params).
+    inner_state: state of the inner optimizer.
+    num_skipped: steps skipped because of non-finite values.
+    num_failed_fits: prior fits rejected (non-finite or zero alpha, w); each
+      restarts the round.
+    num_negative_curvature: prior fits with a negative sum v'u in some group
+      (absolute values were used).
+  """
+  count: Array
+  round_step: Array
+  phase: Array
+  num_observations: Array
+  num_restarts: Array
+  alpha: Array
+  prior_scale: Array
+  noise_scale: Array
+  learning_rate: Array
+  eigenvalues: Tuple[Array, ...]
+  eigenvectors: Tuple[Array, ...]
+  directions: Tuple[Array, ...]
+  residuals: Tuple[Array, ...]
+  sum_vu: Array
+  sum_uu: Array
+  sum_vv: Array
+  sum_directions: Any
+  sum_products: Any
+  inner_state: Any
+  num_skipped: Array
+  num_failed_fits: Array
+  num_negative_curvature: Array
+
+
+def _static_int(value: Any, name: str, minimum: int) -> int:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{_NAME}: `{name}` must be a static Python int (it fixes array shapes); got a "
+        f"traced value. With optax.inject_hyperparams, list it in static_args, e.g. "
+        f"static_args={STATIC_ARGS}.")
+  if isinstance(value, bool):
+    raise TypeError(f"{_NAME}: `{name}` must be an int; got {value!r}.")
+  try:
+    as_int = int(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{_NAME}: `{name}` must be an int; got {value!r}.") from None
+  if as_int != value:
+    raise TypeError(f"{_NAME}: `{name}` must be an int; got {value!r}.")
+  if as_int < minimum:
+    raise ValueError(f"{_NAME}: `{name}` must be >= {minimum}; got {as_int}.")
+  return as_int
+
+
+def _group_ids(params: Any, groups: Any) -> Tuple[Tuple[int, ...], int]:
+  """Static group index of every leaf of ``params`` and the number of groups."""
+  with_path = jax.tree_util.tree_leaves_with_path(params)
+  num_leaves = len(with_path)
+  if groups is None:
+    return (0,) * num_leaves, 1
+  if isinstance(groups, str):
+    if groups != "leaf":
+      raise ValueError(f"{_NAME}: groups must be None, 'leaf', a callable or a pytree of "
+                       f"labels shaped like params; got the string {groups!r}.")
+    return tuple(range(num_leaves)), num_leaves
+  if callable(groups):
+    labels = [groups(path, leaf) for path, leaf in with_path]
+  else:
+    labels = jax.tree_util.tree_leaves(groups)
+    if (jax.tree_util.tree_structure(groups) != jax.tree_util.tree_structure(params)
+        or len(labels) != num_leaves):
+      raise ValueError(
+          f"{_NAME}: `groups` must be a pytree of hashable labels with the structure of "
+          f"params (one label per leaf); got {jax.tree_util.tree_structure(groups)} for "
+          f"params {jax.tree_util.tree_structure(params)}.")
+  index = {}
+  ids = []
+  for label in labels:
+    if isinstance(label, (jax.Array, jax.core.Tracer)):
+      label = label.item() if not isinstance(label, jax.core.Tracer) else None
+      if label is None:
+        raise TypeError(f"{_NAME}: group labels must be static (ints or strings).")
+    if not isinstance(label, Hashable):
+      raise TypeError(f"{_NAME}: group labels must be hashable; got {label!r}.")
+    ids.append(index.setdefault(label, len(index)))
+  return tuple(ids), len(index)
+
+
+def _group_sum(per_leaf: Sequence[Array], gids: Sequence[int], num_groups: int) -> Array:
+  return jnp.zeros((num_groups,), jnp.result_type(*per_leaf)).at[jnp.asarray(gids)].add(
+      jnp.stack(per_leaf))
+
+
+def _all_finite(leaves: Sequence[Array]) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def probabilistic_preconditioning(
+    loss_fn: Callable[[Any, Any], Array],
+    *,
+    inner: Optional[optax.GradientTransformation] = None,
+    rank: int = 2,
+    num_observations: int = 5,
+    prior_iterations: int = 10,
+    restart_every: Optional[int] = None,
+    learning_rate: Optional[Union[float, Array]] = None,
+    precondition: bool = True,
+    estimate_preconditioner: Optional[bool] = None,
+    form: str = "inverse",
+    noise_estimate: str = "unbiased",
+    groups: Any = None,
+    **unused_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""de Roos & Hennig's probabilistic preconditioner around an inner optimizer.
+
+  Estimates a Bayesian rank-``rank`` Hessian model from Hessian-vector products
+  of ``loss_fn`` (prior P1-P3, observations O1-O2, posterior B3), preconditions
+  every gradient with its inverse (C2, or the seed's C1), feeds the result to
+  ``inner`` and scales the inner direction by ``-learning_rate`` per group
+  (``alpha`` of P1 unless ``learning_rate`` is given). See the module docstring
+  for the round structure and the equations.
+
+  The seed's variants (chapter 4, Table 4.1):
+
+  * PreconditionedSGD: the defaults (``form="seed"`` to reproduce the seed exactly).
+  * AdaptiveSGD: ``precondition=False, estimate_preconditioner=True`` (builds the
+    preconditioner, does not apply it).
+  * OnlyAdaptiveSGD: ``precondition=False`` (the posterior phase is skipped too;
+    steps start right after the prior).
+  * Preconditioned Tuned SGD / Momentum: ``learning_rate=0.11288`` (fmnist_2c2d)
+    and ``inner=optax.trace(decay=0.9)`` for momentum.
+
+  Args:
+    loss_fn: batch-mean objective ``loss_fn(params, batch) -> scalar`` (with its
+      regularizer), e.g. ``curvax.losses.objective(apply_fn, loss)``; its
+      Hessian-vector products come from `curvax.curvature.hessian_matvec`.
+    inner: an optax transformation producing a descent DIRECTION without the
+      learning rate (``optax.identity()`` = SGD, the default;
+      ``optax.trace(decay=0.9)`` = heavy-ball momentum as torch.optim.SGD;
+      ``optax.scale_by_adam()`` ...). Its output is multiplied by
+      ``-learning_rate``.
+    rank: rank ``k`` of the estimate (>= 1, <= ``num_observations``).
+    num_observations: ``M``, observations of the posterior (>= 1), default 5.
+    prior_iterations: ``P``, steps of prior statistics (>= 2 with the unbiased
+      noise estimate, >= 1 with ``noise_estimate="seed"``), default 10.
+    restart_every: restart the estimation every this many steps (>= the
+      estimation length + 1); ``None`` (default) never restarts.
+    learning_rate: fixed learning rate (the seed's "tuned" variants), a float,
+      or ``None`` (default) to use ``alpha`` (P1), re-estimated each round.
+    precondition: apply the preconditioner (C1/C2) to the gradient.
+    estimate_preconditioner: gather posterior observations and build the
+      rank-k estimate; defaults to ``precondition``.
+    form: ``"inverse"`` (C2, default) or ``"seed"`` (C1).
+    noise_estimate: ``"unbiased"`` (P3, default) or ``"seed"``.
+    groups: ``None`` (one group), ``"leaf"`` (one group per leaf), a callable
+      ``(path, leaf) -> label`` or a pytree of labels shaped like params; each
+      group gets its own ``alpha``, ``w``, ``lam`` and learning rate.
+    **unused_kwargs: ignored.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
+    params, *, batch, **extra_args)`` needs ``params`` and ``batch`` (the batch
+    the gradient ``updates`` was computed on). Unknown keywords are ignored
+    (``optax.chain`` forwards them all) except that they are passed on to the
+    inner transformation.
+
+  With ``optax.inject_hyperparams`` list `STATIC_ARGS` (``loss_fn`` and the
+  integer sizes) in ``static_args``; ``learning_rate`` can then be injected.
+  """
+  del unused_kwargs
+  if not callable(loss_fn):
+    raise TypeError(f"{_NAME}: loss_fn must be a callable loss_fn(params, batch); got "
+                    f"{type(loss_fn).__name__}.")
+  if inner is None:
+    inner = optax.identity()
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"{_NAME}: inner must be an optax.GradientTransformation; got "
+                    f"{type(inner).__name__}.")
+  inner = optax.with_extra_args_support(inner)
+  if form not in bh.FORMS:
+    raise ValueError(f"{_NAME}: form must be one of {bh.FORMS}; got {form!r}.")
+  if noise_estimate not in ("unbiased", "seed"):
+    raise ValueError(f"{_NAME}: noise_estimate must be 'unbiased' or 'seed'; got "
+                     f"{noise_estimate!r}.")
+  estimate = precondition if estimate_preconditioner is None else bool(estimate_preconditioner)
+  if precondition and not estimate:
+    raise ValueError(f"{_NAME}: precondition=True needs estimate_preconditioner=True.")
+  rank = _static_int(rank, "rank", 1)
+  num_obs = _static_int(num_observations, "num_observations", 1)
+  num_prior = _static_int(prior_iterations, "prior_iterations",
+                          2 if noise_estimate == "unbiased" else 1)
+  if rank > num_obs:
+    raise ValueError(f"{_NAME}: rank ({rank}) must not exceed num_observations ({num_obs}): "
+                     "the estimate's deviation from the prior has rank <= num_observations.")
+  apply_start = num_prior + num_obs - 1 if estimate else num_prior
+  if restart_every is not None:
+    restart_every = _static_int(restart_every, "restart_every", apply_start + 1)
+  if learning_rate is not None and not isinstance(learning_rate, jax.core.Tracer):
+    if not jnp.all(jnp.asarray(learning_rate) > 0):
+      raise ValueError(f"{_NAME}: learning_rate must be positive or None; got {learning_rate!r}.")
+  m_buf = num_obs if estimate else 0
+
+  def _layout(params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not leaves:
+      raise ValueError(f"{_NAME}: params hold no arrays.")
+    gids, num_groups = _group_ids(params, groups)
+    dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in leaves])
+    return leaves, treedef, gids, num_groups, dtype
+
+  def _rank_of(size):
+    return min(rank, size, 2 * num_obs) if estimate else 0
+
+  def init_fn(params):
+    leaves, _, _, num_groups, dtype = _layout(params)
+    zeros_g = jnp.zeros((num_groups,), dtype)
+    lr0 = zeros_g if learning_rate is None else zeros_g + jnp.asarray(learning_rate, dtype)
+    izero = jnp.zeros([], jnp.int32)
+    return ProbabilisticPreconditioningState(
+        count=izero, round_step=izero, phase=izero, num_observations=izero,
+        num_restarts=izero, alpha=zeros_g, prior_scale=zeros_g, noise_scale=zeros_g,
+        learning_rate=lr0,
+        eigenvalues=tuple(jnp.ones((_rank_of(x.size),), x.dtype) for x in leaves),
+        eigenvectors=tuple(jnp.zeros((_rank_of(x.size), x.size), x.dtype) for x in leaves),
+        directions=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
+        residuals=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
+        sum_vu=zeros_g, sum_uu=zeros_g, sum_vv=zeros_g,
+        sum_directions=optax.tree_utils.tree_zeros_like(params),
+        sum_products=optax.tree_utils.tree_zeros_like(params),
+        inner_state=inner.init(params),
+        num_skipped=izero, num_failed_fits=izero, num_negative_curvature=izero)
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    _checks.require_kwarg(batch, "batch", _NAME)
+    _checks.check_batch(batch)
+    if params is None:
+      raise TypeError(f"{_NAME}.update needs `params` (Hessian-vector products are taken "
+                      "at params): call update(grads, state, params, batch=...).")
+    _checks.check_tree_like(updates, params, "updates")
+    leaves_p, treedef, gids, num_groups, dtype = _layout(params)
+    del leaves_p
+    g_leaves = treedef.flatten_up_to(updates)
+    g_flat = [jnp.ravel(x) for x in g_leaves]
+    shapes = [x.shape for x in g_leaves]
+    hvp = hessian_matvec(loss_fn, params, batch)
+    zero_updates = optax.tree_utils.tree_zeros_like(updates)
+    one = jnp.ones([], jnp.int32)
+
+    def unflat(flat_leaves):
+      return treedef.unflatten([f.reshape(s) for f, s in zip(flat_leaves, shapes)])
+
+    def leaf_scalar(per_group, i):
+      return per_group[gids[i]]
+
+    # ---------------------------------------------------------------- prior
+    def prior_step(state):
+      r = state.round_step
+      u_tree = hvp(updates)
+      u_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(u_tree)]
+      finite = _all_finite(g_flat + u_flat)
+
+      def accept(state):
+        first = r == 0
+        keep = lambda x: jnp.where(first, jnp.zeros_like(x), x)
+        vu = _group_sum([jnp.vdot(v, u) for v, u in zip(g_flat, u_flat)], gids, num_groups)
+        uu = _group_sum([jnp.vdot(u, u) for u in u_flat], gids, num_groups)
+        vv = _group_sum([jnp.vdot(v, v) for v in g_flat], gids, num_groups)
+        state = state._replace(
+            sum_vu=keep(state.sum_vu) + vu, sum_uu=keep(state.sum_uu) + uu,
+            sum_vv=keep(state.sum_vv) + vv,
+            sum_directions=jax.tree.map(lambda s, v: keep(s) + v, state.sum_directions,
+                                        updates),
+            sum_products=jax.tree.map(lambda s, u: keep(s) + u, state.sum_products, u_tree),
+            round_step=r + 1)
+        return jax.lax.cond(r == num_prior - 1, fit, lambda s: s, state)
+
+      def skip(state):
+        return state._replace(num_skipped=state.num_skipped + 1)
+
+      return zero_updates, jax.lax.cond(finite, accept, skip, state)
+
+    def fit(state):
+      # (P1), (P2), (P3).
+      # Negative average curvature (a saddle region of a non-convex loss): use
+      # |sum v'u|, the curvature's magnitude, and count it (num_negative_curvature).
+      negative = jnp.any(state.sum_vu < 0)
+      alpha = jnp.abs(state.sum_vu) / state.sum_uu
+      w = jnp.abs(state.sum_vu) / state.sum_vv
+      sum_v = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_directions)]
+      sum_u = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_products)]
+      norm_sum = _group_sum([jnp.vdot(s, s) for s in sum_v], gids, num_groups)
+      if noise_estimate == "unbiased":
+        lam = jnp.maximum((state.sum_vv - norm_sum / num_prior) / (num_prior - 1), 0.0)
+      else:
+        lam = jnp.abs(state.sum_vv - norm_sum) / num_prior
+      valid = jnp.all(jnp.isfinite(alpha) & jnp.isfinite(w) & jnp.isfinite(lam)
+                      & (alpha > 0) & (w > 0))
+      lr = alpha if learning_rate is None else jnp.zeros_like(alpha) + learning_rate
+      new = state._replace(alpha=alpha, prior_scale=w, noise_scale=lam, learning_rate=lr,
+                           num_negative_curvature=state.num_negative_curvature
+                           + negative.astype(jnp.int32))
+      if estimate:
+        # (O1): first observation from the prior means, with (B2) Delta = Y - S / alpha.
+        dirs, res = [], []
+        for i, (sv, su, buf) in enumerate(zip(sum_v, sum_u, state.directions)):
+          nrm = jnp.linalg.norm(sv / num_prior)
+          inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
+          s1 = -(sv / num_prior) * inv
+          y1 = -(su / num_prior) * inv
+          dirs.append(jnp.zeros_like(buf).at[0].set(s1))
+          res.append(jnp.zeros_like(buf).at[0].set(y1 - s1 / leaf_scalar(alpha, i)))
+        new = new._replace(directions=tuple(dirs), residuals=tuple(res), num_observations=one)
+      failed = state._replace(round_step=jnp.zeros_like(state.round_step),
+                              num_observations=jnp.zeros_like(state.num_observations),
+                              num_failed_fits=state.num_failed_fits + 1)
+      return jax.lax.cond(valid, lambda: new, lambda: failed)
+
+    # ------------------------------------------------------------ posterior
+    def posterior_step(state):
+      m = state.num_observations
+      coeffs = [bh.posterior_coefficients(s, leaf_scalar(state.prior_scale, i),
+                                          leaf_scalar(state.noise_scale, i), m)
+                for i, s in enumerate(state.directions)]
+      # (O2): active direction d = B^{-1} g (W1), leaf by leaf.
+      d_flat = [bh.posterior_inverse_matvec(g, s, res, c, leaf_scalar(state.alpha, i),
+                                            leaf_scalar(state.prior_scale, i))
+                for i, (g, s, res, c) in enumerate(
+                    zip(g_flat, state.directions, state.residuals, coeffs))]
+      y_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(hvp(unflat(d_flat)))]
+      finite = _all_finite(d_flat + y_flat)
+
+      def accept(state):
+        dirs, res = [], []
+        for i, (d, y, s_buf, r_buf) in enumerate(
+            zip(d_flat, y_flat, state.directions, state.residuals)):
+          nrm = jnp.linalg.norm(d)
+          inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
+          s_new = d * inv
+          dirs.append(s_buf.at[m].set(s_new))
+          res.append(r_buf.at[m].set(y * inv - s_new / leaf_scalar(state.alpha, i)))
+        return state._replace(directions=tuple(dirs), residuals=tuple(res),
+                              num_observations=m + 1, round_step=state.round_step + 1)
+
+      def skip(state):
+        return state._replace(num_skipped=state.num_skipped + 1)
+
+      return zero_updates, jax.lax.cond(finite, accept, skip, state)
+
+    # -------------------------------------------------------- precondition
+    def build(state):
+      # (L1) per leaf.
+      vecs, vals = [], []
+      for i, (s, res) in enumerate(zip(state.directions, state.residuals)):
+        a = leaf_scalar(state.alpha, i)
+        w = leaf_scalar(state.prior_scale, i)
+        c = bh.posterior_coefficients(s, w, leaf_scalar(state.noise_scale, i),
+                                      state.num_observations)
+        u, sigma = bh.low_rank_factors(s, res, c, a, w, rank)
+        ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(sigma))
+        vecs.append(jnp.where(ok, u, 0.0))
+        vals.append(jnp.where(ok, sigma, 1.0))
+      return tuple(vecs), tuple(vals)
+
+    def precondition_step(state):
+      r = state.round_step
+      starting = r == apply_start
+      if estimate:
+        vecs, vals = jax.lax.cond(starting, build,
+                                  lambda s: (s.eigenvectors, s.eigenvalues), state)
+      else:
+        vecs, vals = state.eigenvectors, state.eigenvalues
+      inner_state = jax.lax.cond(starting, lambda: inner.init(params),
+                                 lambda: state.inner_state)
+      if precondition:
+        g_tilde = [bh.low_rank_precondition(
+            g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
+            for i, (g, u, sigma) in enumerate(zip(g_flat, vecs, vals))]
+        g_tilde = unflat(g_tilde)
+      else:
+        g_tilde = updates
+      direction, new_inner = inner.update(g_tilde, inner_state, params, batch=batch,
+                                          **extra_args)
+      d_leaves = treedef.flatten_up_to(direction)
+      lr = (state.learning_rate if learning_rate is None
+            else jnp.zeros_like(state.learning_rate) + learning_rate)   # live if injected
+      step = treedef.unflatten([-leaf_scalar(lr, i).astype(d.dtype) * d
+                                for i, d in enumerate(d_leaves)])
+      finite = _all_finite(jax.tree_util.tree_leaves(step))
+      step = optax.tree_utils.tree_where(finite, step, zero_updates)
+      new_inner = optax.tree_utils.tree_where(finite, new_inner, inner_state)
+      return step, state._replace(
+          eigenvectors=vecs, eigenvalues=vals, inner_state=new_inner, round_step=r + 1,
+          learning_rate=lr,
+          num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
+
+    branches = [prior_step, posterior_step if estimate else prior_step, precondition_step]
+    new_updates, new_state = jax.lax.switch(state.phase, branches, state)
+
+    r = new_state.round_step
+    if restart_every is not None:
+      restart = r >= restart_every
+      r = jnp.where(restart, 0, r)
+      new_state = new_state._replace(
+          num_restarts=new_state.num_restarts + restart.astype(jnp.int32),
+          num_observations=jnp.where(restart, 0, new_state.num_observations))
+    phase = jnp.where(r < num_prior, PRIOR, jnp.where(r < apply_start, POSTERIOR, PRECONDITION))
+    new_state = new_state._replace(round_step=r, phase=phase.astype(jnp.int32),
+                                   count=optax.safe_increment(state.count))
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,391 @@
+"""Tests of curvax.transforms.probabilistic_preconditioning.
+
+Noise-free quadratics with known Hessians give closed forms for every stage:
+the prior fit (P1-P2), the interpolation property of the posterior (B3), the
+rank-k preconditioner (L1, C1/C2); the state machine is checked step by step.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvax
+from curvax.solvers import bayesian_hessian as bh
+from curvax.transforms.probabilistic_preconditioning import (
+    POSTERIOR, PRECONDITION, PRIOR, STATIC_ARGS, probabilistic_preconditioning)
+
+pp_module = importlib.import_module("curvax.transforms.probabilistic_preconditioning")
+BATCH = (jnp.ones((2, 1)), jnp.zeros((2, 1)))
+NAN_BATCH = (jnp.nan * jnp.ones((2, 1)), jnp.zeros((2, 1)))   # not weakly typed
+ZERO_BATCH = (jnp.zeros((2, 1)), jnp.zeros((2, 1)))   # zero loss: no curvature at all
+NEG_BATCH = (-jnp.ones((2, 1)), jnp.zeros((2, 1)))    # flips the curvature's sign
+
+
+def _spd(n, eigenvalues, seed=0):
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+  return q @ np.diag(eigenvalues) @ q.T, q
+
+
+def _quadratic(blocks, bs):
+  """Block-diagonal quadratic, one block per leaf; scaled by mean(inputs) (NaN batch -> NaN)."""
+  blocks = {k: jnp.asarray(v) for k, v in blocks.items()}
+  bs = {k: jnp.asarray(v) for k, v in bs.items()}
+
+  def loss_fn(params, batch):
+    scale = jnp.mean(batch[0])
+    total = 0.0
+    for k in blocks:
+      x = jnp.ravel(params[k])
+      total = total + 0.5 * x @ blocks[k] @ x - bs[k] @ x
+    return scale * total
+
+  return loss_fn
+
+
+_STEPS = {}
+_TRACES = {}
+
+
+def _step_for(tx, loss_fn):
+  """One jitted step per transformation (cached: tests share compilations)."""
+  key = (id(tx), id(loss_fn))
+  if key not in _STEPS:
+    def step(p, s, b):
+      _TRACES[key] = _TRACES.get(key, 0) + 1
+      return tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b)
+    _STEPS[key] = (jax.jit(step), tx)                  # keep tx alive: its id is the key
+  return _STEPS[key][0]
+
+
+def _run(tx, loss_fn, params, num_steps, batches=None):
+  """Runs num_steps jitted steps; returns params, states and updates per step."""
+  state = tx.init(params)
+  step = _step_for(tx, loss_fn)
+  states, updates = [], []
+  for t in range(num_steps):
+    b = BATCH if batches is None else batches[t]
+    u, state = step(params, state, b)
+    params = optax.apply_updates(params, u)
+    states.append(state)
+    updates.append(u)
+  return params, states, updates
+
+
+# A single-leaf ill-conditioned quadratic and a two-leaf block-diagonal one.
+N = 8
+A1, _ = _spd(N, np.logspace(0, 2, N))
+B1 = np.random.default_rng(1).normal(size=N)
+SINGLE = _quadratic({"x": A1}, {"x": B1})
+A_W, _ = _spd(6, np.linspace(1.0, 20.0, 6), seed=2)
+A_B, _ = _spd(3, [0.5, 2.0, 3.0], seed=3)
+TWO = _quadratic({"w": A_W, "b": A_B}, {"w": np.ones(6), "b": -np.ones(3)})
+TWO_PARAMS = {"w": jnp.zeros((2, 3)), "b": 0.3 * jnp.ones(3)}
+SHARED = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2)
+
+
+def _dense_posterior(state, leaf):
+  """Dense posterior mean (B1-B3) rebuilt in numpy from the stored S, Delta."""
+  s = np.asarray(state.directions[leaf])
+  d = np.asarray(state.residuals[leaf])
+  gid = 0 if state.alpha.shape[0] == 1 else leaf
+  alpha, w, lam = (float(state.alpha[gid]), float(state.prior_scale[gid]),
+                   float(state.noise_scale[gid]))
+  S, Delta = s.T, d.T
+  gram = w ** 2 * S.T @ S + lam ** 2 * np.diag(np.diag(S.T @ S))
+  return np.eye(S.shape[0]) / alpha + w ** 2 * Delta @ np.linalg.inv(gram) @ S.T, alpha
+
+
+def test_phase_transitions_step_by_step():
+  p_it, m_obs, restart = 3, 3, 8
+  tx = probabilistic_preconditioning(SINGLE, prior_iterations=p_it, num_observations=m_obs,
+                                     restart_every=restart, inner=optax.trace(decay=0.9))
+  params = {"x": jnp.ones(N)}
+  _, states, updates = _run(tx, SINGLE, params, 2 * restart + 1)
+  # Phase of the NEXT step after each step t; the round restarts after `restart` steps.
+  expect_phase = [PRIOR, PRIOR, POSTERIOR, POSTERIOR, PRECONDITION, PRECONDITION,
+                  PRECONDITION, PRIOR]
+  expect_obs = [0, 0, 1, 2, 3, 3, 3, 0]
+  for t, (st, u) in enumerate(zip(states, updates)):
+    r = t % restart
+    assert int(st.count) == t + 1
+    assert int(st.phase) == expect_phase[r], t
+    assert int(st.round_step) == (r + 1) % restart, t
+    assert int(st.num_restarts) == (t + 1) // restart, t
+    assert int(st.num_observations) == expect_obs[r], t
+    moved = float(jnp.max(jnp.abs(u["x"]))) > 0
+    assert moved == (r >= p_it + m_obs - 1), t     # params fixed while estimating
+  # alpha is fitted at step P-1 of each round and equals the closed form (P1) there.
+  g = np.asarray(jax.grad(SINGLE)(params, BATCH)["x"])
+  np.testing.assert_allclose(states[p_it - 1].alpha, [g @ A1 @ g / np.sum((A1 @ g) ** 2)],
+                             rtol=1e-10)
+  np.testing.assert_allclose(states[p_it - 1].prior_scale, [g @ A1 @ g / (g @ g)], rtol=1e-10)
+  np.testing.assert_allclose(states[p_it - 1].noise_scale, [0.0], atol=1e-8)
+  np.testing.assert_allclose(states[p_it - 1].learning_rate, states[p_it - 1].alpha)
+  # The inner optimizer restarts with the round: the first step of each round's
+  # preconditioning phase has a fresh momentum buffer (update = -lr * g~).
+  first = p_it + m_obs - 1
+  for t in (first, first + restart):
+    trace = states[t].inner_state.trace["x"]
+    np.testing.assert_allclose(updates[t]["x"], -states[t].learning_rate[0] * trace, rtol=1e-12)
+    assert not np.allclose(trace, states[t - 1].inner_state.trace["x"])
+
+
+
+def test_noise_free_posterior_reproduces_hessian_on_observed_subspace():
+  groups = "leaf"
+  m_obs = 3
+  tx = probabilistic_preconditioning(TWO, prior_iterations=2, num_observations=m_obs,
+                                     groups=groups)
+  _, states, _ = _run(tx, TWO, TWO_PARAMS, 2 + m_obs - 1)
+  st = states[-1]
+  assert int(st.num_observations) == m_obs and int(st.phase) == PRECONDITION
+  for leaf, h in enumerate([A_B, A_W]):                # leaves in tree order: b, w
+    b_mat, _ = _dense_posterior(st, leaf)
+    s = np.asarray(st.directions[leaf])
+    np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1.0, rtol=1e-12)
+    # B s_j = H s_j for every observed direction (block-diagonal H: exact).
+    np.testing.assert_allclose(s @ b_mat.T, s @ h.T, rtol=1e-7, atol=1e-7)
+  # Per-group alpha (P1): each leaf's own closed form with groups="leaf".
+  g = jax.grad(TWO)(TWO_PARAMS, BATCH)
+  gs = [np.ravel(g["b"]), np.ravel(g["w"])]
+  if groups == "leaf":
+    want = [x @ h @ x / np.sum((h @ x) ** 2) for x, h in zip(gs, [A_B, A_W])]
+  else:
+    want = [sum(x @ h @ x for x, h in zip(gs, [A_B, A_W]))
+            / sum(np.sum((h @ x) ** 2) for x, h in zip(gs, [A_B, A_W]))]
+  np.testing.assert_allclose(st.alpha, want, rtol=1e-10)
+
+
+def test_rank_k_preconditioned_step_matches_closed_form():
+  form = "inverse"                  # form="seed" (C1): solver tests and the MLP test
+  p_it, m_obs, rank = 2, 3, 2
+  tx = probabilistic_preconditioning(SINGLE, prior_iterations=p_it, num_observations=m_obs,
+                                     rank=rank, form=form)
+  params = {"x": jnp.ones(N)}
+  _, states, updates = _run(tx, SINGLE, params, p_it + m_obs)
+  t = p_it + m_obs - 1                                 # first preconditioned step
+  b_mat, alpha = _dense_posterior(states[t], 0)
+  uu, ss, _ = np.linalg.svd(b_mat)
+  u, sigma = uu[:, :rank], ss[:rank]
+  np.testing.assert_allclose(states[t].eigenvalues[0], sigma, rtol=1e-8)
+  g = np.asarray(jax.grad(SINGLE)(params, BATCH)["x"])
+  scale = 1.0 / (alpha * sigma) if form == "inverse" else sigma ** -0.5
+  g_tilde = g - u @ (u.T @ g) + u @ (scale * (u.T @ g))          # (C2) / (C1)
+  np.testing.assert_allclose(updates[t]["x"], -alpha * g_tilde, rtol=1e-8, atol=1e-12)
+  # The estimate's top singular values approach the top eigenvalues of A1 (100, 51.8).
+  np.testing.assert_allclose(sigma[0], 100.0, rtol=0.05)
+
+
+def test_preconditioned_sgd_converges_faster_than_constructed_lr_alone():
+  n = 12
+  eig = np.concatenate([[17.0, 14.0], np.linspace(5.0, 10.0, n - 2)])
+  a, q = _spd(n, eig)
+  c = np.ones(n)
+  c[:2] = 0.5
+  b = q @ c
+  loss_fn = _quadratic({"x": a}, {"x": b})
+  f_min = float(loss_fn({"x": jnp.asarray(np.linalg.solve(a, b))}, BATCH))
+  gaps = {}
+  for pre in (True, False):
+    tx = probabilistic_preconditioning(loss_fn, prior_iterations=3, num_observations=3,
+                                       precondition=pre, estimate_preconditioner=True)
+    state = tx.init({"x": jnp.zeros(n)})
+
+    def body(carry, _, tx=tx):
+      p, s = carry
+      u, s = tx.update(jax.grad(loss_fn)(p, BATCH), s, p, batch=BATCH)
+      p = optax.apply_updates(p, u)
+      return (p, s), loss_fn(p, BATCH) - f_min
+
+    (_, state), gap = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), None, length=30))(
+        {"x": jnp.zeros(n)}, state)
+    gaps[pre] = np.asarray(gap)
+    # Same round structure and the same constructed learning rate alpha in both.
+    assert float(state.learning_rate[0]) == pytest.approx(float(state.alpha[0]))
+  assert gaps[True][-1] < 1e-10
+  assert gaps[False][-1] > 1e-4
+  first_below = lambda g: int(np.argmax(g < 1e-6)) if np.any(g < 1e-6) else len(g)
+  assert first_below(gaps[True]) < first_below(gaps[False])
+
+
+def test_fixed_learning_rate_momentum_and_only_adaptive():
+  """Tuned momentum without estimation (OnlyAdaptive round structure): the
+  posterior phase is skipped, the inner optimizer steps with the fixed lr."""
+  lr = 0.01
+  tx = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=4,
+                                     learning_rate=lr, inner=optax.trace(decay=0.9),
+                                     precondition=False)
+  params = {"x": jnp.ones(N)}
+  _, states, updates = _run(tx, SINGLE, params, 4)
+  assert [int(st.phase) for st in states] == [PRIOR, PRECONDITION, PRECONDITION, PRECONDITION]
+  assert states[0].directions[0].shape == (0, N)      # no posterior buffers
+  np.testing.assert_allclose(states[-1].learning_rate, [lr])
+  assert float(states[-1].alpha[0]) != lr
+  assert float(jnp.max(jnp.abs(updates[1]["x"]))) == 0.0
+  g2 = np.asarray(jax.grad(SINGLE)(params, BATCH)["x"])
+  np.testing.assert_allclose(updates[2]["x"], -lr * g2, rtol=1e-12)
+  p3 = optax.apply_updates(params, updates[2])
+  g3 = np.asarray(jax.grad(SINGLE)(p3, BATCH)["x"])
+  np.testing.assert_allclose(updates[3]["x"], -lr * (g3 + 0.9 * g2), rtol=1e-12)
+
+
+def test_update_jits_once_across_phases_and_skips():
+  """One trace for prior, posterior, preconditioning, skipped and failed steps."""
+  params = {"x": jnp.ones(N)}
+  step = _step_for(SHARED, SINGLE)
+  key = (id(SHARED), id(SINGLE))
+  _TRACES.pop(key, None)
+  state = SHARED.init(params)
+  seen = set()
+  for b in [BATCH, BATCH, BATCH, BATCH, NAN_BATCH, NEG_BATCH, ZERO_BATCH]:
+    u, state = step(params, state, b)
+    seen.add(int(state.phase))
+    params = optax.apply_updates(params, u)
+  assert seen == {PRIOR, POSTERIOR, PRECONDITION}
+  assert _TRACES.get(key, 0) <= 1                     # compiled once (0 if cached earlier)
+
+
+def test_chain_and_unknown_kwargs_and_inject_hyperparams():
+  params = {"x": jnp.ones(N)}
+  g = jax.grad(SINGLE)(params, BATCH)
+  chained = optax.chain(optax.clip(1e6), probabilistic_preconditioning(
+      SINGLE, prior_iterations=2, num_observations=2, learning_rate=0.05, unknown_option=1))
+  injected = optax.inject_hyperparams(probabilistic_preconditioning,
+                                      static_args=STATIC_ARGS)(
+      SINGLE, prior_iterations=2, num_observations=2, learning_rate=0.05)
+  outs = []
+  for tx in (chained, injected):
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, tx=tx: tx.update(g, s, p, batch=BATCH, eval_batch=BATCH,
+                                                   value_fn=None, foo=3))
+    for _ in range(4):
+      u, state = step(params, state)
+    outs.append((u, state, step))
+  # Both equal the closed form -lr * g~ with the state's own rank-2 factors (C2).
+  st = outs[1][1].inner_state
+  u_vec, sigma = np.asarray(st.eigenvectors[0]), np.asarray(st.eigenvalues[0])
+  gv = np.asarray(g["x"])
+  scale = 1.0 / (float(st.alpha[0]) * sigma)
+  want = -0.05 * (gv + u_vec.T @ ((scale - 1.0) * (u_vec @ gv)))
+  np.testing.assert_allclose(outs[0][0]["x"], want, rtol=1e-10)
+  np.testing.assert_allclose(outs[1][0]["x"], want, rtol=1e-10)
+  # The injected learning rate is a live hyperparameter (same compiled step).
+  _, state, step = outs[1]
+  state.hyperparams["learning_rate"] = jnp.asarray(0.1)
+  u, _ = step(params, state)
+  np.testing.assert_allclose(u["x"], 2.0 * want, rtol=1e-10)
+  with pytest.raises(TypeError, match="static_args"):
+    tx = optax.inject_hyperparams(probabilistic_preconditioning, static_args="loss_fn")(
+        SINGLE, prior_iterations=2, num_observations=2)
+    jax.jit(lambda s: tx.update(g, s, params, batch=BATCH))(tx.init(params))
+
+
+def test_non_finite_observations_are_skipped_and_recorded():
+  params = {"x": jnp.ones(N)}
+  batches = [BATCH, NAN_BATCH, BATCH, NAN_BATCH, BATCH, BATCH, NAN_BATCH, BATCH]
+  params_out, states, updates = _run(SHARED, SINGLE, params, len(batches), batches)
+  assert [int(s.num_skipped) for s in states] == [0, 1, 1, 2, 2, 2, 3, 3]
+  # Estimation steps are retaken; a skipped preconditioning step still counts.
+  assert [int(s.round_step) for s in states] == [1, 1, 2, 2, 3, 4, 5, 6]
+  for u in updates:
+    assert np.all(np.isfinite(u["x"]))
+  assert np.all(np.isfinite(params_out["x"]))
+  assert np.all(np.asarray(updates[6]["x"]) == 0.0)
+  # The skipped observations left the estimate as if they never happened.
+  _, clean, _ = _run(SHARED, SINGLE, params, 3)
+  np.testing.assert_allclose(states[4].directions[0], clean[2].directions[0], rtol=1e-12)
+  np.testing.assert_allclose(states[4].alpha, clean[2].alpha, rtol=1e-12)
+
+
+def test_failed_fit_restarts_round_and_negative_curvature_uses_magnitude():
+  batches = [ZERO_BATCH] * 4 + [NEG_BATCH, NEG_BATCH]
+  _, states, updates = _run(SHARED, SINGLE, {"x": jnp.ones(N)}, len(batches), batches)
+  assert [int(s.num_failed_fits) for s in states] == [0, 1, 1, 2, 2, 2]
+  assert [int(s.phase) for s in states] == [PRIOR] * 5 + [POSTERIOR]
+  assert all(float(jnp.max(jnp.abs(u["x"]))) == 0.0 for u in updates)
+  assert int(states[-1].num_negative_curvature) == 1
+  g = -np.asarray(jax.grad(SINGLE)({"x": jnp.ones(N)}, BATCH)["x"])     # H = -A1
+  np.testing.assert_allclose(states[-1].alpha, [g @ A1 @ g / np.sum((A1 @ g) ** 2)],
+                             rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_groups_labels_callable_seed_form_on_mlp():
+  from reference import problem  # noqa: PLC0415 (shared tiny nets)
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  loss_fn = curvax.losses.objective(apply_fn, loss)
+  labels = {"w1": "layer1", "b1": "layer1", "w2": "layer2", "b2": "layer2"}
+  by_callable = lambda path, leaf: "layer" + path[-1].key[-1]
+  for groups in (labels, by_callable):
+    ids, num = pp_module._group_ids(params, groups)
+    assert num == 2 and ids == (0, 1, 0, 1)           # leaves sorted: b1 b2 w1 w2
+  tx = probabilistic_preconditioning(loss_fn, prior_iterations=2, num_observations=2,
+                                     groups=labels, form="seed")
+  start = float(loss_fn(params, batch))
+  params_out, states, updates = _run(tx, loss_fn, params, 8, [batch] * 8)
+  st = states[-1]
+  assert st.alpha.shape == (2,) and np.all(np.asarray(st.alpha) > 0)
+  assert all(v.shape == (2,) for v in st.eigenvalues)
+  assert int(st.num_skipped) == 0
+  assert float(loss_fn(params_out, batch)) < start
+  # First preconditioned step: the seed form (C1) with the state's own factors.
+  t = 3
+  grads = jax.grad(loss_fn)(params, batch)
+  for i, name in enumerate(["b1", "b2", "w1", "w2"]):
+    u_vec = np.asarray(states[t].eigenvectors[i])
+    sigma = np.asarray(states[t].eigenvalues[i])
+    gv = np.ravel(np.asarray(grads[name]))
+    want = -float(st.learning_rate[i % 2]) * (gv + u_vec.T @ ((sigma ** -0.5 - 1.0)
+                                                               * (u_vec @ gv)))
+    np.testing.assert_allclose(np.ravel(updates[t][name]), want, rtol=1e-9, atol=1e-14)
+
+
+def test_bad_arguments():
+  mk = lambda **kw: probabilistic_preconditioning(SINGLE, **kw)
+  with pytest.raises(ValueError, match="rank"):
+    mk(rank=0)
+  with pytest.raises(ValueError, match="must not exceed num_observations"):
+    mk(rank=4, num_observations=3)
+  with pytest.raises(ValueError, match="num_observations"):
+    mk(num_observations=0)
+  with pytest.raises(ValueError, match="prior_iterations"):
+    mk(prior_iterations=1)
+  mk(prior_iterations=1, noise_estimate="seed")        # fine with the seed's estimator
+  with pytest.raises(ValueError, match="restart_every"):
+    mk(prior_iterations=3, num_observations=3, restart_every=5)
+  with pytest.raises(TypeError, match="rank"):
+    mk(rank=2.5)
+  with pytest.raises(ValueError, match="form"):
+    mk(form="sqrt")
+  with pytest.raises(ValueError, match="noise_estimate"):
+    mk(noise_estimate="x")
+  with pytest.raises(ValueError, match="learning_rate"):
+    mk(learning_rate=-1.0)
+  with pytest.raises(ValueError, match="estimate_preconditioner"):
+    mk(precondition=True, estimate_preconditioner=False)
+  with pytest.raises(TypeError, match="inner"):
+    mk(inner=optax.sgd)
+  with pytest.raises(TypeError, match="loss_fn"):
+    probabilistic_preconditioning(None)
+  tx = mk(prior_iterations=2, num_observations=2)
+  params = {"x": jnp.ones(N)}
+  state = tx.init(params)
+  with pytest.raises(TypeError, match="batch"):
+    tx.update(params, state, params)
+  with pytest.raises(TypeError, match="batch"):
+    tx.update(params, state, params, batch=jnp.ones(3))
+  with pytest.raises(TypeError, match="params"):
+    tx.update(params, state, batch=BATCH)
+  with pytest.raises(ValueError, match="updates"):
+    tx.update({"x": jnp.ones(N + 1)}, state, params, batch=BATCH)
+  with pytest.raises(ValueError, match="groups"):
+    probabilistic_preconditioning(SINGLE, groups="layer").init(params)
+  with pytest.raises(ValueError, match="groups"):
+    probabilistic_preconditioning(SINGLE, groups={"y": 0}).init(params)
