@@ -1,0 +1,112 @@
+"""(apply_fn, params) from Flax Linen and NNX models; curvature through them."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import curvax
+from curvax import flax_utils
+from reference import explicit_ggn, explicit_per_example_grads_jacrev, flat
+
+F64 = jnp.float64
+
+
+class _LinenWithConstants(nn.Module):
+  """An MLP whose input shift lives in a non-params collection (closed over)."""
+
+  @nn.compact
+  def __call__(self, x, scale=1.0):
+    shift = self.variable("constants", "shift", lambda: jnp.full((4,), 0.5, F64))
+    x = jnp.tanh(nn.Dense(5, param_dtype=F64)(x - shift.value))
+    return scale * nn.Dense(3, param_dtype=F64)(x)
+
+
+class _NNXMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 5, param_dtype=F64, rngs=rngs)
+    self.l2 = nnx.Linear(5, 3, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+
+class _NNXWithBatchNorm(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 3, rngs=rngs)
+    self.bn = nnx.BatchNorm(3, use_running_average=True, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.l1(x))
+
+
+def _data():
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 4), F64)
+  y = jax.random.randint(jax.random.PRNGKey(1), (6,), 0, 3)
+  return x, y
+
+
+def _from(kind):
+  x, _ = _data()
+  if kind == "linen":
+    module = _LinenWithConstants()
+    variables = module.init(jax.random.PRNGKey(2), x)
+    return flax_utils.from_linen(module, variables, apply_kwargs={"scale": 2.0})
+  return flax_utils.from_nnx(_NNXMLP(nnx.Rngs(2)))
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_curvature_through_flax_models(kind):
+  apply_fn, params = _from(kind)
+  batch = _data()
+  loss = curvax.losses.softmax_cross_entropy
+  g = jax.jit(explicit_ggn, static_argnums=(0, 1))(apply_fn, loss, params, batch)
+  grads = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  v = jax.tree_util.tree_map(lambda a: jnp.cos(jnp.arange(a.size, dtype=F64)).reshape(a.shape),
+                             params)
+
+  @jax.jit
+  def run(params, batch, v):
+    gv = curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(v)
+    stats = curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)
+    return gv, stats
+
+  gv, stats = run(params, batch, v)
+  np.testing.assert_allclose(flat(gv), g @ flat(v), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(flat(stats.second_moment), np.mean(grads ** 2, 0), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(stats.gradient_norms, np.linalg.norm(grads, axis=1), rtol=1e-9)
+  # The wrapper is the model: same outputs as calling it directly.
+  x = batch[0]
+  if kind == "linen":
+    assert np.abs(apply_fn(params, x) - apply_fn(params, x + 0.5)).max() > 0  # shift is used
+    np.testing.assert_allclose(
+        apply_fn(params, x),
+        _LinenWithConstants().apply({"params": params, **apply_fn.collections}, x, scale=2.0))
+
+
+def test_nnx_update_writes_parameters_back():
+  model = _NNXMLP(nnx.Rngs(0))
+  apply_fn, params = flax_utils.from_nnx(model)
+  x, _ = _data()
+  new = jax.tree_util.tree_map(lambda a: 2 * a, params)
+  out = apply_fn(new, x)
+  assert np.abs(out - model(x)).max() > 1e-6
+  flax_utils.nnx_update(model, new)
+  np.testing.assert_allclose(model(x), out)
+
+
+def test_errors():
+  with pytest.raises(TypeError, match="linen"):
+    flax_utils.from_linen(_NNXMLP(nnx.Rngs(0)), {})
+  with pytest.raises(ValueError, match="params"):
+    flax_utils.from_linen(_LinenWithConstants(), {"constants": {}})
+  with pytest.raises(TypeError, match="nnx"):
+    flax_utils.from_nnx(_LinenWithConstants())
+  apply_fn, params = flax_utils.from_nnx(_NNXWithBatchNorm(nnx.Rngs(0)))
+  batch = (jnp.ones((3, 4)), jnp.zeros((3,), jnp.int32))
+  loss = curvax.losses.softmax_cross_entropy
+  curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(params)  # fine
+  with pytest.raises(ValueError, match="batch norm"):
+    curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)
