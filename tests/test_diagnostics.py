@@ -25,7 +25,7 @@ def _pe_grads(apply_fn, loss, params, batch):
   w.r.t. the flat parameters (one jacrev; same as ref.explicit_per_example_grads)."""
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   x, y = batch
-  return np.asarray(jax.jacrev(lambda w: loss(apply_fn(unravel(w), x), y))(flat))
+  return np.asarray(jax.jit(jax.jacrev(lambda w: loss(apply_fn(unravel(w), x), y)))(flat))
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +37,7 @@ def _setup(model="mlp", loss_name="softmax_cross_entropy", n=6, seed=0):
   def one(xi, yi):
     return jax.grad(lambda p: loss(apply_fn(p, xi[None]), yi[None])[0])(params)
 
-  pe_tree = jax.vmap(one)(x, y)
+  pe_tree = jax.jit(jax.vmap(one))(x, y)
   return apply_fn, loss, params, batch, g_flat, pe_tree
 
 
@@ -117,7 +117,7 @@ def test_norms_histograms_match_numpy():
   np.testing.assert_array_equal(counts, want)
   # 2-D: (g_ij, theta_j) pairs
   theta = np.broadcast_to(ref.flat(params), g.shape)
-  h2 = dg.gradient_parameter_histogram(big, params)
+  h2 = jax.jit(dg.gradient_parameter_histogram)(big, params)
   want2, _, _ = np.histogram2d(np.clip(30.0 * g.ravel(), -1, 1 - 1e-12),
                                np.clip(theta.ravel(), -2, 2 - 1e-12), bins=(40, 50),
                                range=((-1, 1), (-2, 2)))

@@ -1,0 +1,141 @@
+"""Per-step cost of curvax.diagnostics presets on a 3c3d-shaped CNN.
+
+DeepOBS's CIFAR-10 3c3d (895,210 parameters; conv 64@5x5 valid, conv 96@3x3 valid,
+conv 128@3x3 same, each ReLU + 3x3/2 max-pool, then dense 512, 256, 10) on random
+data of CIFAR-10 shapes, batch 128, SGD. For each preset (economy / business /
+full) the script times, with jit and after compilation, three kinds of steps:
+
+* a tracked step (all instruments at theta_t);
+* the step right after a tracked one (Alpha's end point: one JVP);
+* an untracked step (the ``lax.cond`` branch that copies the state);
+
+and reports, as ratios to a plain jitted SGD step (gradient + update):
+
+* every step tracked: tracked step (steady state: it includes Alpha's end point);
+* every 64th step: ``(tracked + after + 62 * untracked) / 64``, amortised.
+
+Cockpit's published figures (thesis Fig. C.8 / 7.6b, GPU, CIFAR-10 3c3d):
+every step 1.5x / 2.0x / 21x, every 64th step 1.0x / 1.0x / 1.3x.
+
+Timings are medians over ``--repeats`` runs of each step kind (the same input
+state each time). On a shared 2-core CPU they are noisy; use a GPU if possible.
+
+  python benchmarks/diagnostics.py [--batch 128] [--repeats 3] [--presets economy,business,full]
+      [--every 64] [--chunk-size N] [--curvature diag_ggn_mc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import curvax
+from curvax import diagnostics as dg
+
+COCKPIT = {"economy": (1.5, 1.0), "business": (2.0, 1.0), "full": (21.0, 1.3)}
+
+
+def _conv(x, k, b, padding):
+  y = jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + b
+
+
+def _pool(x):
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+
+
+def apply_3c3d(params, x):
+  h = _pool(jax.nn.relu(_conv(x, params["c1"]["k"], params["c1"]["b"], "VALID")))
+  h = _pool(jax.nn.relu(_conv(h, params["c2"]["k"], params["c2"]["b"], "VALID")))
+  h = _pool(jax.nn.relu(_conv(h, params["c3"]["k"], params["c3"]["b"], "SAME")))
+  h = h.reshape(h.shape[0], -1)
+  h = jax.nn.relu(h @ params["d1"]["w"] + params["d1"]["b"])
+  h = jax.nn.relu(h @ params["d2"]["w"] + params["d2"]["b"])
+  return h @ params["d3"]["w"] + params["d3"]["b"]
+
+
+def init_3c3d(key):
+  shapes = {"c1": (5, 5, 3, 64), "c2": (3, 3, 64, 96), "c3": (3, 3, 96, 128),
+            "d1": (3 * 3 * 128, 512), "d2": (512, 256), "d3": (256, 10)}
+  params = {}
+  for (name, shape), k in zip(shapes.items(), jax.random.split(key, len(shapes))):
+    fan_in = int(np.prod(shape[:-1]))
+    w = jax.random.normal(k, shape) * np.sqrt(2.0 / fan_in)
+    params[name] = {"k" if name.startswith("c") else "w": w, "b": jnp.zeros(shape[-1])}
+  return params
+
+
+def _time(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--every", type=int, default=64)
+  ap.add_argument("--presets", default="economy,business,full")
+  ap.add_argument("--chunk-size", type=int, default=None)
+  ap.add_argument("--curvature", default="diag_ggn", choices=["diag_ggn", "diag_ggn_mc"])
+  args = ap.parse_args()
+
+  key = jax.random.PRNGKey(0)
+  kp, kx, ky = jax.random.split(key, 3)
+  params = init_3c3d(kp)
+  n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+  batch = (jax.random.normal(kx, (args.batch, 32, 32, 3)),
+           jax.random.randint(ky, (args.batch,), 0, 10))
+  loss = curvax.losses.softmax_cross_entropy
+  obj = curvax.losses.objective(apply_3c3d, loss)
+  print(f"3c3d: {n_params:,} parameters, batch {args.batch}, device {jax.devices()[0]}")
+
+  sgd = optax.sgd(1e-3)
+
+  @jax.jit
+  def plain_step(p, s, b):
+    g = jax.grad(obj)(p, b)
+    u, s = sgd.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  t_plain = _time(plain_step, params, sgd.init(params), batch, repeats=args.repeats)
+  print(f"plain SGD step: {t_plain * 1e3:.1f} ms\n")
+  print(f"{'preset':10s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
+        f"{'every step':>10s} {'(Cockpit)':>9s}   {'every ' + str(args.every):>9s} {'(Cockpit)':>9s}")
+  for preset in args.presets.split(","):
+    tx = dg.monitor(sgd, apply_3c3d, loss, preset, every=args.every,
+                    curvature=args.curvature, chunk_size=args.chunk_size)
+
+    @jax.jit
+    def step(p, s, b, tx=tx):
+      g = jax.grad(obj)(p, b)
+      u, s = tx.update(g, s, p, batch=b)
+      return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    at = lambda c, state=state: state._replace(count=jnp.asarray(c, jnp.int32))
+    t_track = _time(step, params, at(0), batch, repeats=args.repeats)
+    t_after = _time(step, params, at(1), batch, repeats=args.repeats)
+    t_idle = _time(step, params, at(2), batch, repeats=args.repeats)
+    every1 = (t_track + (t_after - t_idle)) / t_plain  # tracked step incl. Alpha's end point
+    k = args.every
+    every_k = (t_track + t_after + (k - 2) * t_idle) / (k * t_plain)
+    c1, ck = COCKPIT.get(preset, (float("nan"), float("nan")))
+    print(f"{preset:10s} {t_track / t_plain:8.2f}x {t_after / t_plain:8.2f}x "
+          f"{t_idle / t_plain:9.2f}x   {every1:9.2f}x {c1:8.1f}x   {every_k:8.2f}x {ck:8.1f}x",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
