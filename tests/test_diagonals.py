@@ -79,3 +79,23 @@ def test_hutchinson_rejects_a_matvec_of_the_wrong_shape():
   x = jnp.ones(3)
   with pytest.raises(ValueError, match="matvec"):
     diagonals.hutchinson_trace(lambda v: jnp.ones(4), x, jax.random.PRNGKey(0), 2)
+
+
+def test_fast_path_diag_ggn_equals_vmap_path_and_explicit():
+  from test_per_example import _LinenCNN, _LinenMLP, _linen_problem  # pylint: disable=g-import-not-at-top
+  for module, x_shape, loss_name in [(_LinenMLP(), (4,), "sigmoid_binary_cross_entropy"),
+                                     (_LinenCNN(), (6, 6, 1), "softmax_cross_entropy")]:
+    apply_fn, loss, params, batch = _linen_problem(module, loss_name, x_shape, n=4)
+    key = jax.random.PRNGKey(4)
+
+    @jax.jit
+    def run(params, batch):
+      return [f(apply_fn, loss, params, batch, *extra, method=m, chunk_size=None)
+              for f, extra in ((diagonals.diag_ggn, ()), (diagonals.diag_ggn_mc, (key, 3)))
+              for m in ("layers", "vmap")]
+
+    exact_fast, exact_vmap, mc_fast, mc_vmap = run(params, batch)
+    g = jax.jit(explicit_ggn, static_argnums=(0, 1))(apply_fn, loss, params, batch)
+    np.testing.assert_allclose(flat(exact_fast), np.diag(g), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flat(exact_fast), flat(exact_vmap), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flat(mc_fast), flat(mc_vmap), rtol=1e-9, atol=1e-12)

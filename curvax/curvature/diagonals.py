@@ -61,7 +61,16 @@ def output_factors(apply_fn, loss, params, inputs, targets, key=None,
   return loss.sqrt_hessian_sampled(key, outputs, targets, num_samples)
 
 
-def _diag_from_factors(apply_fn, params, inputs, factors, chunk_size):
+def _diag_from_factors(apply_fn, params, inputs, factors, chunk_size, method="auto"):
+  if method not in ("auto", "vmap", "layers"):
+    raise ValueError(f"`method` must be 'auto', 'vmap' or 'layers'; got {method!r}.")
+  if method != "vmap":
+    from curvax.curvature import flax_layers  # pylint: disable=g-import-not-at-top
+    fast = flax_layers.layer_diag_ggn(apply_fn, params, inputs, factors,
+                                      strict=(method == "layers"))
+    if fast is not None:
+      return fast
+
   def chunk_fn(xs):
     x, s = xs
     cols = jax.vmap(lambda xi, si: factor_columns(apply_fn, params, xi, si))(x, s)
@@ -72,32 +81,40 @@ def _diag_from_factors(apply_fn, params, inputs, factors, chunk_size):
 
 
 def diag_ggn(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
-             batch: Any, *, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE) -> Any:
+             batch: Any, *, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+             method: str = "auto") -> Any:
   """Exact diagonal of the GGN of the batch-mean loss, shaped like ``params``.
 
   Uses the exact loss-Hessian square root (``loss.sqrt_hessian``): ``K`` VJPs
   per example (``K`` = its number of columns, the output dimension).
+
+  ``method``: ``"auto"`` uses the per-layer fast path for Flax Linen models
+  whose parameters all sit in Dense/Conv layers (see
+  `curvax.curvature.flax_layers.layer_diag_ggn`: ``K`` backward passes through
+  the batch, no ``N K`` parameter-sized columns), else the chunked ``vmap``
+  over examples; ``"vmap"`` / ``"layers"`` force one.
   """
   loss = as_loss(loss)
   inputs, targets = _checks.check_batch(batch)
   factors = output_factors(apply_fn, loss, params, inputs, targets)
-  return _diag_from_factors(apply_fn, params, inputs, factors, chunk_size)
+  return _diag_from_factors(apply_fn, params, inputs, factors, chunk_size, method)
 
 
 def diag_ggn_mc(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
                 batch: Any, key: Array, num_samples: int = 1, *,
-                chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE) -> Any:
+                chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+                method: str = "auto") -> Any:
   """Monte-Carlo diagonal GGN (BackPACK's DiagGGNMC, thesis Eqs. B.13-B.15).
 
   Unbiased: uses ``loss.sqrt_hessian_sampled(key, ..., num_samples)`` (for
   softmax cross-entropy, gradients at labels drawn from the model), so
   ``num_samples`` VJPs per example; the standard error falls as
-  ``1/sqrt(num_samples * N)``.
+  ``1/sqrt(num_samples * N)``. ``method`` as in `diag_ggn`.
   """
   loss = as_loss(loss)
   inputs, targets = _checks.check_batch(batch)
   factors = output_factors(apply_fn, loss, params, inputs, targets, key, num_samples)
-  return _diag_from_factors(apply_fn, params, inputs, factors, chunk_size)
+  return _diag_from_factors(apply_fn, params, inputs, factors, chunk_size, method)
 
 
 def rademacher_like(key: Array, tree: Any, num_samples: int) -> Any:

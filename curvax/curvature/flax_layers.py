@@ -208,3 +208,55 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
   grads_tree = (jax.tree_util.tree_unflatten(treedef, [grads[p] for p in param_paths])
                 if return_gradients else None)
   return values, mean, second_tree, sq_norms, grads_tree
+
+
+def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
+  r"""Fast-path ``diag G = (1/N) sum_{n,k} (J_n' s_{n,k})^2`` or None.
+
+  The ``K`` factor columns ``S[..., k]`` are back-propagated through the batch
+  (``vmap`` over ``k`` of one VJP w.r.t. the layer-output perturbations), giving
+  per layer ``B_k`` (``N x out``). Dense on ``(N, in)`` inputs:
+  ``diag = (A^2)' (sum_k B_k^2) / N`` (kernel), ``sum_{n,k} B_k^2 / N`` (bias),
+  without forming the ``N K`` factor columns (thesis App. B.1.2, Eq. B.12);
+  other layers form the columns of that layer only.
+  """
+  if not isinstance(apply_fn, LinenApply):
+    if strict:
+      raise ValueError("diag GGN fast path not applicable: apply_fn is not a Flax "
+                       "Linen wrapper from curvax.flax_utils.from_linen.")
+    return None
+  plan = _plan(apply_fn, params, inputs, strict)
+  if plan is None:
+    return None
+  layers, param_paths, _ = plan
+  perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
+
+  def forward(perts):
+    outputs, records = _forward(apply_fn, params, inputs, perts)
+    return outputs, {r[0]: r[3] for r in records}
+
+  _, vjp, acts = jax.vjp(forward, perturbations, has_aux=True)
+  out_grads = jax.vmap(lambda s: vjp(s)[0], in_axes=-1)(factors)  # leading K
+  n = factors.shape[0]
+  flat_params = {_key_tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  diag: Dict[Tuple[str, ...], Array] = {}
+  for key, path, module, _, _ in layers:
+    a, b = acts[key], out_grads[key]  # b: (K, N, ...)
+    names = [nm for nm in ("kernel", "bias") if path + (nm,) in flat_params]
+    if a.ndim == 2 and b.ndim == 3 and type(module).__name__ == "Dense":
+      b2 = jnp.sum(jnp.square(b), axis=0)  # (N, out)
+      diag[path + ("kernel",)] = jnp.square(a).T @ b2 / n
+      if "bias" in names:
+        diag[path + ("bias",)] = jnp.sum(b2, axis=0) / n
+      continue
+    layer_params = {nm: flat_params[path + (nm,)] for nm in names}
+
+    def one(x_n, b_nk, module=module, layer_params=layer_params):
+      _, lvjp = jax.vjp(lambda lp: module.apply({"params": lp}, x_n[None]), layer_params)
+      return jax.vmap(lambda c: lvjp(c[None])[0])(b_nk)
+
+    cols = jax.vmap(one)(a, jnp.moveaxis(b, 0, 1))  # (N, K, ...)
+    for nm in names:
+      diag[path + (nm,)] = jnp.sum(jnp.square(cols[nm]), axis=(0, 1)) / n
+  treedef = jax.tree_util.tree_structure(params)
+  return jax.tree_util.tree_unflatten(treedef, [diag[p] for p in param_paths])

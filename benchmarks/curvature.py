@@ -1,0 +1,129 @@
+"""Cost of curvature products and per-example statistics relative to a gradient.
+
+DeepOBS ``mnist_mlp`` shapes (784-1000-500-100-10, ReLU, softmax cross-entropy,
+batch 128, random data, float32), Flax Linen. Every figure is a ratio to one
+jitted ``jax.value_and_grad`` step measured in the same run: each function is
+jitted, warmed up, then timed in interleaved rounds (median over rounds).
+
+* GGN-vp / HVP "in CG": per-product cost of a jitted loop that linearises once
+  and applies the matvec ``k`` times: ``(t(2k) - t(k)) / k``.
+* GGN-vp / HVP "one-shot": linearisation plus one product.
+
+Run: ``python benchmarks/curvature.py [--repeats 15] [--k 10]``.
+Targets (issue 2): GGN-vp in CG <= 1.3x a gradient, HVP <= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import curvax
+from curvax import flax_utils
+
+C = curvax.curvature
+
+
+class MnistMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for width in (1000, 500, 100):
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(10)(x)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--k", type=int, default=10, help="products per CG-like loop")
+  parser.add_argument("--batch", type=int, default=128)
+  args = parser.parse_args()
+
+  module = MnistMLP()
+  kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (args.batch, 784), jnp.float32)
+  y = jax.random.randint(ky, (args.batch,), 0, 10)
+  apply_fn, params = flax_utils.from_linen(module, module.init(kp, x))
+  batch = (x, y)
+  loss = curvax.losses.softmax_cross_entropy
+  loss_fn = curvax.losses.objective(apply_fn, loss)
+  v = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) * 1e-2, params)
+  num_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
+
+  def loop(make_matvec, k):
+    @jax.jit
+    def run(params, batch, v):
+      mv = make_matvec(params, batch)
+      def body(_, u):
+        w = mv(u)
+        return jax.tree_util.tree_map(lambda a, b: 0.5 * a + 1e-3 * b, u, w)
+      return jax.lax.fori_loop(0, k, body, v)
+    return run
+
+  ggn = lambda p, b: C.ggn_matvec(apply_fn, loss, p, b)
+  hvp = lambda p, b: C.hessian_matvec(loss_fn, p, b)
+  k = args.k
+  fns = {
+      "value_and_grad": jax.jit(jax.value_and_grad(loss_fn)),
+      "ggn_loop_k": loop(ggn, k),
+      "ggn_loop_2k": loop(ggn, 2 * k),
+      "hvp_loop_k": loop(hvp, k),
+      "hvp_loop_2k": loop(hvp, 2 * k),
+      "ggn_one_shot": jax.jit(lambda p, b, v: ggn(p, b)(v)),
+      "hvp_one_shot": jax.jit(lambda p, b, v: jax.jvp(lambda q: jax.grad(loss_fn)(q, b), (p,), (v,))[1]),
+      "per_example_grads_vmap": jax.jit(lambda p, b: C.per_example_gradients(
+          apply_fn, loss, p, b, chunk_size=None)),
+      "stats_vmap_chunk32": jax.jit(lambda p, b: C.per_example_statistics(
+          apply_fn, loss, p, b, method="vmap", chunk_size=32)),
+      "stats_fast_path": jax.jit(lambda p, b: C.per_example_statistics(
+          apply_fn, loss, p, b, method="layers")),
+      "diag_ggn_exact": jax.jit(lambda p, b: C.diag_ggn(apply_fn, loss, p, b)),
+      "diag_ggn_mc_1": jax.jit(lambda p, b: C.diag_ggn_mc(
+          apply_fn, loss, p, b, jax.random.PRNGKey(1), 1)),
+  }
+  takes_v = {"ggn_loop_k", "ggn_loop_2k", "hvp_loop_k", "hvp_loop_2k", "ggn_one_shot",
+             "hvp_one_shot"}
+
+  def call(name):
+    f = fns[name]
+    return f(params, batch, v) if name in takes_v else f(params, batch)
+
+  for name in fns:  # compile + warm up
+    jax.block_until_ready(call(name))
+    jax.block_until_ready(call(name))
+  times = {name: [] for name in fns}
+  for _ in range(args.repeats):
+    for name in fns:
+      t0 = time.perf_counter()
+      jax.block_until_ready(call(name))
+      times[name].append(time.perf_counter() - t0)
+  med = {name: statistics.median(ts) for name, ts in times.items()}
+  base = med["value_and_grad"]
+  rows = [
+      ("value_and_grad (reference)", base, "", ""),
+      ("GGN-vp in CG (per product)", (med["ggn_loop_2k"] - med["ggn_loop_k"]) / k, "<= 1.3", 1.3),
+      ("HVP in CG (per product)", (med["hvp_loop_2k"] - med["hvp_loop_k"]) / k, "", ""),
+      ("GGN-vp one-shot (linearise + 1)", med["ggn_one_shot"], "", ""),
+      ("HVP one-shot (fwd-over-rev)", med["hvp_one_shot"], "<= 2", 2.0),
+      ("per-example grads, vmap", med["per_example_grads_vmap"], "", ""),
+      ("2nd moment+var+norms, vmap chunk 32", med["stats_vmap_chunk32"], "", ""),
+      ("2nd moment+var+norms, fast path", med["stats_fast_path"], "", ""),
+      ("diag GGN exact (C=10 VJPs/example)", med["diag_ggn_exact"], "", ""),
+      ("diag GGN MC (1 sample)", med["diag_ggn_mc_1"], "", ""),
+  ]
+  print(f"mnist_mlp shapes: {num_params:,} params, batch {args.batch}, float32, "
+        f"device {jax.devices()[0].platform}, median of {args.repeats} interleaved rounds")
+  print(f"{'quantity':40s} {'ms':>9s} {'x grad':>8s} {'target':>8s} {'met':>5s}")
+  for name, t, target, bound in rows:
+    ratio = t / base
+    met = "" if not bound else ("yes" if ratio <= bound else "no")
+    print(f"{name:40s} {1e3 * t:9.3f} {ratio:8.2f} {target:>8s} {met:>5s}")
+
+
+if __name__ == "__main__":
+  main()
