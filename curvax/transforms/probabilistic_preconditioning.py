@@ -329,22 +329,23 @@ def probabilistic_preconditioning(
 
   def init_fn(params):
     leaves, _, _, num_groups, dtype = _layout(params)
-    zeros_g = jnp.zeros((num_groups,), dtype)
-    lr0 = zeros_g if learning_rate is None else zeros_g + jnp.asarray(learning_rate, dtype)
-    izero = jnp.zeros([], jnp.int32)
+    # Every field gets its own buffer, so that the state can be donated to jit.
+    zeros_g = lambda: jnp.zeros((num_groups,), dtype)
+    lr0 = zeros_g() if learning_rate is None else zeros_g() + jnp.asarray(learning_rate, dtype)
+    izero = lambda: jnp.zeros([], jnp.int32)
     return ProbabilisticPreconditioningState(
-        count=izero, round_step=izero, phase=izero, num_observations=izero,
-        num_restarts=izero, alpha=zeros_g, prior_scale=zeros_g, noise_scale=zeros_g,
+        count=izero(), round_step=izero(), phase=izero(), num_observations=izero(),
+        num_restarts=izero(), alpha=zeros_g(), prior_scale=zeros_g(), noise_scale=zeros_g(),
         learning_rate=lr0,
         eigenvalues=tuple(jnp.ones((_rank_of(x.size),), x.dtype) for x in leaves),
         eigenvectors=tuple(jnp.zeros((_rank_of(x.size), x.size), x.dtype) for x in leaves),
         directions=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
         residuals=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
-        sum_vu=zeros_g, sum_uu=zeros_g, sum_vv=zeros_g,
+        sum_vu=zeros_g(), sum_uu=zeros_g(), sum_vv=zeros_g(),
         sum_directions=optax.tree_utils.tree_zeros_like(params),
         sum_products=optax.tree_utils.tree_zeros_like(params),
         inner_state=inner.init(params),
-        num_skipped=izero, num_failed_fits=izero, num_negative_curvature=izero)
+        num_skipped=izero(), num_failed_fits=izero(), num_negative_curvature=izero())
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     _checks.require_kwarg(batch, "batch", _NAME)
