@@ -1,0 +1,168 @@
+"""curvax.problems runner, CLI, plots and the optimizer registry."""
+
+import glob
+import json
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvax.problems as problems
+from curvax.problems import __main__ as cli
+from curvax.problems import models, optimizers
+from curvax.problems.problems import _flax_problem, _mnist_pre
+
+
+def test_end_to_end_fmnist_mlp_sgd_json_and_plot(tmp_path):
+  """Real Fashion-MNIST (a subset), a fraction of an epoch of SGD, via the CLI."""
+  out = str(tmp_path / "results")
+  common = ["--epochs", "1", "--out", out, "--max-steps", "30", "--train-size", "6400",
+            "--eval-size", "1000", "--quiet"]
+  assert cli.main(["run", "fmnist_mlp", "--optimizer", "sgd", "--lr", "0.2",
+                   "--seeds", "0", "1"] + common) == 0
+  files = sorted(glob.glob(os.path.join(out, "**", "*.json"), recursive=True))
+  assert len(files) == 2
+  assert os.path.relpath(files[0], out).startswith(
+      "fmnist_mlp/sgd/num_epochs__1__batch_size__128__learning_rate__0.2/random_seed__0__")
+  with open(files[0]) as f:
+    r = json.load(f)
+  assert r["testproblem"] == "fmnist_mlp" and r["status"] == "stopped" and r["steps"] == 30
+  for key in ("train_losses", "valid_losses", "test_losses", "train_accuracies",
+              "test_accuracies", "wall_times", "eval_epochs"):
+    assert len(r[key]) == 2, key
+  assert r["train_losses"][1] < r["train_losses"][0] - 0.05
+  assert r["test_losses"][1] < r["test_losses"][0] - 0.05
+  assert r["test_accuracies"][1] > r["test_accuracies"][0] + 0.1
+  assert r["minibatch_train_losses"][-1] < r["minibatch_train_losses"][0]
+  assert r["minibatch_steps"][:3] == [1, 10, 20]
+  assert r["optimizer_state"] == {} or all(len(v) == 3 for v in r["optimizer_state"].values())
+  assert cli.main(["plot", out]) == 0
+  png = os.path.join(out, "fmnist_mlp.png")
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_run_and_plot_quadratic_several_optimizers(tmp_path, capsys):
+  out = str(tmp_path / "res")
+  for opt in ("sgd", "adam"):
+    assert cli.main(["run", "quadratic_deep", "--optimizer", opt, "--epochs", "2",
+                     "--seeds", "0", "1", "--out", out]) == 0
+  text = capsys.readouterr().out
+  assert "epoch 2" in text and "wrote" in text
+  runs = problems.plot.load_results(out)
+  assert set(runs["quadratic_deep"]) == {"sgd (learning_rate=0.0158)",
+                                         "adam (b1=0.9, b2=0.999, eps=1e-08, learning_rate=0.0398)"}
+  with open(glob.glob(os.path.join(out, "**", "*.json"), recursive=True)[0]) as f:
+    r = json.load(f)
+  assert "test_accuracies" not in r   # no accuracy on the quadratic (DeepOBS drops the key)
+  assert r["test_losses"][-1] < 0.5 * r["test_losses"][0]
+  png = str(tmp_path / "q.png")
+  assert cli.main(["plot", out, "--out", png]) == 0 and os.path.getsize(png) > 10_000
+  assert cli.main(["list"]) == 0 and "hessian_free" in capsys.readouterr().out
+
+
+def test_divergence_stops_cleanly_and_is_recorded(tmp_path):
+  r = problems.run("two_d_rosenbrock", "sgd", hyperparams={"learning_rate": 1.0}, epochs=3,
+                   log_every=2, out=str(tmp_path), verbose=False)
+  assert r["status"] == "diverged" and "non-finite" in r["stop_reason"]
+  assert r["steps"] < 78 and len(r["test_losses"]) == 1
+  with open(r["path"]) as f:
+    assert json.load(f)["status"] == "diverged"
+
+
+class _Probe(NamedTuple):
+  overlap: jax.Array
+  batch_rows: jax.Array
+  damping: jax.Array
+  vector: jax.Array   # not a scalar: not logged
+
+
+def probe_transform():
+  """Checks it gets disjoint batch / eval_batch; exposes scalar fields to log."""
+
+  def init(params):
+    del params
+    return _Probe(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.ones(()),
+                  jnp.zeros(3))
+
+  def update(updates, state, params=None, *, batch=None, eval_batch=None, **extra):
+    del params, extra
+    x, e = batch[0], eval_batch[0]
+    same = jnp.all(x[:, None, :] == e[None, :, :], axis=-1)
+    return (jax.tree_util.tree_map(lambda g: -0.01 * g, updates),
+            _Probe(state.overlap + jnp.sum(same), jnp.asarray(x.shape[0] + 1000 * e.shape[0]),
+                   0.5 * state.damping, state.vector))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_runner_passes_disjoint_batch_and_eval_batch_and_logs_state():
+  r = problems.run("quadratic_deep", probe_transform(), epochs=2, eval_batch_size=50,
+                   log_every=3, verbose=False, optimizer_name="probe")
+  s = r["optimizer_state"]
+  assert set(s) == {"overlap", "batch_rows", "damping"}
+  assert r["minibatch_steps"] == [1, 3, 6, 9, 12]
+  assert s["overlap"] == [0] * 5
+  assert s["batch_rows"] == [128 + 1000 * 50] * 5
+  np.testing.assert_allclose(s["damping"], [0.5 ** k for k in r["minibatch_steps"]])
+  assert r["status"] == "completed" and r["steps"] == 14
+
+
+def test_loggable_state_of_optax_states():
+  tx = optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                   optax.scale_by_adam())
+  state = tx.init({"w": jnp.ones(3)})
+  names = set(problems.loggable_state(state))
+  assert {"0.hyperparams.learning_rate", "0.count", "1.count"} <= names
+  assert not any(n.startswith("1.mu") for n in names)
+
+
+def _tiny_bn_problem():
+  """A small WRN (same BN threading code as svhn_wrn164) on random images."""
+  p = _flax_problem("tiny_wrn", models.WideResNet(10, depth=10, width=1), (32, 32, 3),
+                    problems.problems.softmax_cross_entropy, batch_size=8, num_epochs=1,
+                    dataset="svhn", data_dir=None, preprocess=_mnist_pre, weight_decay=5e-4)
+  rng = np.random.RandomState(0)
+  split = lambda n: (rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+                     rng.randint(0, 10, n).astype(np.int32))
+  p.load_data = lambda: {"train": split(40), "train_eval": split(8), "valid": split(8),
+                         "test": split(8)}
+  return p
+
+
+def test_batch_norm_state_is_threaded_outside_the_optimizer():
+  p = _tiny_bn_problem()
+  assert p.has_bn
+  variables = p.init(jax.random.PRNGKey(0))
+  params, state = p.split_variables(variables)
+  assert set(params) == {"params"} and set(state) == {"batch_stats"}
+  x = jnp.asarray(np.random.RandomState(1).rand(4, 32, 32, 3), jnp.float32)
+  # params alone: normalise with the batch's statistics, like training mode.
+  np.testing.assert_allclose(p.apply_fn(params, x), p.apply_fn(variables, x, train=True),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(p.apply_fn(variables, x), p.apply_fn(params, x), atol=1e-3)
+  r = problems.run(p, "momentum", epochs=1, max_steps=3, verbose=False)
+  assert r["status"] == "stopped"
+  new_stats = r["model_state"]["batch_stats"]
+  old, new = (jax.tree_util.tree_leaves(t) for t in (state["batch_stats"], new_stats))
+  assert any(not np.allclose(a, b) for a, b in zip(old, new))   # running stats moved
+  # The optimizer saw only the trainable parameters.
+  assert set(r["params"]) == {"params"}
+
+
+def test_registry_baselines_use_deepobs_tuned_learning_rates():
+  p = problems.get("fmnist_2c2d")
+  for name, lr in (("sgd", 1.58e-1), ("momentum", 2.51e-3), ("adam", 2.51e-4)):
+    tx, hp = optimizers.build(name, p)
+    assert hp["learning_rate"] == lr
+    assert isinstance(tx, optax.GradientTransformation)
+  assert optimizers.build("momentum", p)[1]["momentum"] == 0.99
+  assert optimizers.build("sgd", p, learning_rate=0.3)[1] == {"learning_rate": 0.3}
+  assert optimizers.build("nadamw", problems.get("fmnist_mlp"))[1]["learning_rate"] == 1e-3
+  assert optimizers.build("sgd", problems.get("fmnist_mlp"))[1]["learning_rate"] == 1e-2
+  with pytest.raises(KeyError, match="registered: adam"):
+    optimizers.build("lbfgs2", p)
