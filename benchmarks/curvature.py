@@ -8,6 +8,8 @@ jitted, warmed up, then timed in interleaved rounds (median over rounds).
 * GGN-vp / HVP "in CG": per-product cost of a jitted loop that linearises once
   and applies the matvec ``k`` times: ``(t(2k) - t(k)) / k``.
 * GGN-vp / HVP "one-shot": linearisation plus one product.
+* per-example statistics and diagonal GGN: the generic ``vmap`` path and the
+  per-layer fast path (Linen Dense layers, BackPACK's contractions).
 
 Run: ``python benchmarks/curvature.py [--repeats 15] [--k 10]``.
 Targets (issue 2): GGN-vp in CG <= 1.3x a gradient, HVP <= 2x.
@@ -39,9 +41,11 @@ class MnistMLP(nn.Module):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--k", type=int, default=10, help="products per CG-like loop")
   parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--slow", action="store_true",
+                      help="also time the vmap-over-examples diagonal GGN (~1000x a gradient on CPU)")
   args = parser.parse_args()
 
   module = MnistMLP()
@@ -82,10 +86,12 @@ def main():
           apply_fn, loss, p, b, method="vmap", chunk_size=32)),
       "stats_fast_path": jax.jit(lambda p, b: C.per_example_statistics(
           apply_fn, loss, p, b, method="layers")),
-      "diag_ggn_exact": jax.jit(lambda p, b: C.diag_ggn(apply_fn, loss, p, b)),
+      "diag_ggn_exact": jax.jit(lambda p, b: C.diag_ggn(apply_fn, loss, p, b, method="layers")),
       "diag_ggn_mc_1": jax.jit(lambda p, b: C.diag_ggn_mc(
-          apply_fn, loss, p, b, jax.random.PRNGKey(1), 1)),
+          apply_fn, loss, p, b, jax.random.PRNGKey(1), 1, method="layers")),
   }
+  if args.slow:
+    fns["diag_ggn_exact_vmap"] = jax.jit(lambda p, b: C.diag_ggn(apply_fn, loss, p, b, method="vmap"))
   takes_v = {"ggn_loop_k", "ggn_loop_2k", "hvp_loop_k", "hvp_loop_2k", "ggn_one_shot",
              "hvp_one_shot"}
 
@@ -113,9 +119,11 @@ def main():
       ("per-example grads, vmap", med["per_example_grads_vmap"], "", ""),
       ("2nd moment+var+norms, vmap chunk 32", med["stats_vmap_chunk32"], "", ""),
       ("2nd moment+var+norms, fast path", med["stats_fast_path"], "", ""),
-      ("diag GGN exact (C=10 VJPs/example)", med["diag_ggn_exact"], "", ""),
-      ("diag GGN MC (1 sample)", med["diag_ggn_mc_1"], "", ""),
+      ("diag GGN exact, fast path (C=10)", med["diag_ggn_exact"], "", ""),
+      ("diag GGN MC 1 sample, fast path", med["diag_ggn_mc_1"], "", ""),
   ]
+  if args.slow:
+    rows.append(("diag GGN exact, vmap over examples", med["diag_ggn_exact_vmap"], "", ""))
   print(f"mnist_mlp shapes: {num_params:,} params, batch {args.batch}, float32, "
         f"device {jax.devices()[0].platform}, median of {args.repeats} interleaved rounds")
   print(f"{'quantity':40s} {'ms':>9s} {'x grad':>8s} {'target':>8s} {'met':>5s}")

@@ -36,12 +36,19 @@ def test_statistics_match_explicit_per_example_gradients(model, loss_name):
   # CNN: one vmap (conv inside scan compiles slowly on XLA:CPU).
   chunk_size = 3 if model == "mlp" else None
 
-  @jax.jit
-  def stats(params, batch, d):
-    return pe.per_example_statistics(apply_fn, loss, params, batch, direction=d,
-                                     return_gradients=True, chunk_size=chunk_size)
+  x, y = batch
 
-  s = stats(params, batch, d)
+  @jax.jit
+  def run(params, batch, d):
+    s = pe.per_example_statistics(apply_fn, loss, params, batch, direction=d,
+                                  return_gradients=True, chunk_size=chunk_size)
+    full = jax.grad(curvax.losses.objective(apply_fn, loss))(params, batch)
+    gd = curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(d)
+    jac = explicit_jacobians(apply_fn, params, batch[0])  # (N, C, P)
+    hess = explicit_output_hessians(loss, apply_fn(params, batch[0]), batch[1])
+    return s, full, gd, jac, hess
+
+  s, full, gd, jac, hess = run(params, batch, d)
   np.testing.assert_allclose(flat(s.mean_gradient), g.mean(0), **TOL)
   np.testing.assert_allclose(flat(s.second_moment), np.mean(g ** 2, 0), **TOL)
   np.testing.assert_allclose(flat(s.variance), np.var(g, 0), **TOL)
@@ -49,13 +56,9 @@ def test_statistics_match_explicit_per_example_gradients(model, loss_name):
   np.testing.assert_allclose(_flat_rows(s.gradients), g, **TOL)
   np.testing.assert_allclose(s.losses, loss(apply_fn(params, batch[0]), batch[1]), **TOL)
   # The mean gradient is the gradient of the batch-mean objective.
-  full = jax.grad(curvax.losses.objective(apply_fn, loss))(params, batch)
   np.testing.assert_allclose(flat(s.mean_gradient), flat(full), **TOL)
 
   # Directional slopes d'g_n and curvatures d'G_n d.
-  x, y = batch
-  jac = jax.jit(explicit_jacobians, static_argnums=0)(apply_fn, params, x)  # (N, C, P)
-  hess = explicit_output_hessians(loss, apply_fn(params, x), y)  # (N, C, C)
   u = jac @ flat(d)
   curv = np.einsum("nc,ncd,nd->n", u, hess, u)
   slopes = g @ flat(d)
@@ -67,30 +70,39 @@ def test_statistics_match_explicit_per_example_gradients(model, loss_name):
   np.testing.assert_allclose(ds.curvature_mean, curv.mean(), **TOL)
   np.testing.assert_allclose(ds.curvature_variance, curv.var(), **TOL)
   # d'G d from the GGN-vector product equals the mean curvature.
-  gd = curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(d)
   np.testing.assert_allclose(ds.curvature_mean, flat(d) @ flat(gd), **TOL)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2, 7, 100])
-def test_per_example_gradients_any_chunk_size(chunk_size):
+def test_per_example_gradients_any_chunk_size():
   apply_fn, loss, params, batch = problem("mlp", "mean_squared_error", n=7)
-  g = explicit_per_example_grads(apply_fn, loss, params, batch)
-  got = pe.per_example_gradients(apply_fn, loss, params, batch, chunk_size=chunk_size)
-  np.testing.assert_allclose(_flat_rows(got), g, **TOL)
-  norms = pe.per_example_gradient_norms(apply_fn, loss, params, batch, chunk_size=chunk_size)
-  np.testing.assert_allclose(norms, np.linalg.norm(g, axis=1), **TOL)
+  g = explicit_per_example_grads(apply_fn, loss, params, batch)  # the loop reference
+
+  @jax.jit
+  def run(params, batch):
+    return [pe.per_example_gradients(apply_fn, loss, params, batch, chunk_size=c)
+            for c in (None, 3, 100)]
+
+  for got in run(params, batch):
+    np.testing.assert_allclose(_flat_rows(got), g, **TOL)
 
 
 def test_named_functions_agree_with_statistics():
   apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
   g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
-  np.testing.assert_allclose(flat(pe.mean_gradient(apply_fn, loss, params, batch)), g.mean(0), **TOL)
-  np.testing.assert_allclose(flat(pe.gradient_second_moment(apply_fn, loss, params, batch)),
-                             np.mean(g ** 2, 0), **TOL)
-  np.testing.assert_allclose(flat(pe.gradient_variance(apply_fn, loss, params, batch)),
-                             np.var(g, 0), **TOL)
   d = _random_like(params, 1)
-  ds = pe.directional_statistics(apply_fn, loss, params, batch, d)
+
+  @jax.jit
+  def run(params, batch, d):
+    args = (apply_fn, loss, params, batch)
+    return (pe.mean_gradient(*args), pe.gradient_second_moment(*args),
+            pe.gradient_variance(*args), pe.per_example_gradient_norms(*args),
+            pe.directional_statistics(*args, d))
+
+  mean, second, var, norms, ds = run(params, batch, d)
+  np.testing.assert_allclose(flat(mean), g.mean(0), **TOL)
+  np.testing.assert_allclose(flat(second), np.mean(g ** 2, 0), **TOL)
+  np.testing.assert_allclose(flat(var), np.var(g, 0), **TOL)
+  np.testing.assert_allclose(norms, np.linalg.norm(g, axis=1), **TOL)
   np.testing.assert_allclose(ds.slopes, g @ flat(d), **TOL)
 
 
