@@ -218,3 +218,27 @@ def test_bad_input_errors():
     pe.per_example_statistics(apply_fn, loss, params, batch, method="fast")
   with pytest.raises(ValueError, match="chunk_size"):
     pe.per_example_statistics(apply_fn, loss, params, batch, chunk_size=0)
+
+
+def test_auto_uses_the_fast_path_and_jits_once(monkeypatch):
+  import chex  # pylint: disable=g-import-not-at-top
+  from curvax.curvature import flax_layers  # pylint: disable=g-import-not-at-top
+  apply_fn, loss, params, batch = _linen_problem(_LinenMLP(), "softmax_cross_entropy", (4,))
+  used = []
+  original = flax_layers.layer_statistics
+
+  def spy(*args, **kwargs):
+    result = original(*args, **kwargs)
+    used.append(result is not None)
+    return result
+
+  monkeypatch.setattr(flax_layers, "layer_statistics", spy)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, batch):
+    return pe.per_example_statistics(apply_fn, loss, params, batch).variance
+
+  step(params, batch)
+  step(jax.tree_util.tree_map(lambda a: a + 1.0, params), batch)
+  assert used == [True]
