@@ -70,7 +70,8 @@ class PerExampleStatistics(NamedTuple):
     losses: ``(N,)`` per-example losses.
     mean_gradient: ``(1/N) sum_n g_n``, shaped like params.
     second_moment: ``(1/N) sum_n g_n^2``, shaped like params (unscaled ``g_n``).
-    variance: ``second_moment - mean_gradient^2``, shaped like params.
+    variance: ``second_moment - mean_gradient^2`` (clamped at 0 against
+      round-off), shaped like params.
     gradient_norms: ``(N,)``, ``||g_n||``.
     gradients: per-example gradients (leading axis ``N``) if requested, else None.
     directional: `DirectionalStatistics` if a direction was given, else None.
@@ -186,7 +187,9 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
     result = _vmap_statistics(apply_fn, loss, params, inputs, targets, chunk_size,
                               return_gradients)
   values, mean, second, sq_norms, grads = result
-  variance = jax.tree_util.tree_map(lambda s, m: s - jnp.square(m), second, mean)
+  # Clamped at 0: round-off can make s - m^2 slightly negative.
+  variance = jax.tree_util.tree_map(lambda s, m: jnp.maximum(s - jnp.square(m), 0.0),
+                                    second, mean)
   directional = None
   if direction is not None:
     directional = directional_statistics(apply_fn, loss, params, batch, direction)
