@@ -238,15 +238,20 @@ def test_every_step_fallbacks_and_warmup():
   assert len(_calls) == 6  # warm-up step computed nothing
 
 
-def test_nonfinite_proposal_is_zeroed_and_inner_state_kept():
+def test_nonfinite_proposal_is_zeroed_and_counted():
   params, batch = _quadratic_problem(0)
   tx = curvature_step_size(optax.adam(0.1), linear_apply, MSE, debias=False)
   state = tx.init(params)
   bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
   upd, new_state = tx.update(bad, state, params, batch=batch)
   assert all(bool(jnp.all(l == 0)) for l in jax.tree_util.tree_leaves(upd))
-  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
   assert int(new_state.num_nonfinite) == 1 and int(new_state.num_undefined) == 1
+  # optax.apply_if_finite around it skips the step and keeps the inner state.
+  safe = optax.apply_if_finite(tx, max_consecutive_errors=3)
+  s0 = safe.init(params)
+  upd, s1 = safe.update(bad, s0, params, batch=batch)
+  assert all(bool(jnp.all(l == 0)) for l in jax.tree_util.tree_leaves(upd))
+  chex.assert_trees_all_equal(s1.inner_state, s0.inner_state)
 
 
 # ---------------------------------------------------------------------------

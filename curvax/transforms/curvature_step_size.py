@@ -178,9 +178,10 @@ def curvature_step_size(
   learning rate: the last applied one (in ``every_step`` mode; at the first
   step that is ``eta_0``, i.e. the inner step unchanged) or the current median
   (``interval`` mode). ``clip=(lo, hi)`` bounds the absolute learning rate that
-  is applied. A non-finite inner proposal is never applied: the update is zeroed,
-  the inner state is kept, and ``num_nonfinite`` counts it (wrap the whole
-  optimizer in ``optax.apply_if_finite`` to also skip non-finite gradients).
+  is applied. A non-finite inner proposal is never applied: the update is zeroed
+  and ``num_nonfinite`` counts it. The inner state still advances (selecting
+  the old one would cost a pass over the optimizer state every step): wrap the
+  whole optimizer in ``optax.apply_if_finite`` to skip such steps entirely.
 
   Conversions between relative and absolute steps use ``learning_rate``, which
   must be the learning rate (float or schedule) contained in the inner
@@ -344,8 +345,6 @@ def curvature_step_size(
 
     new_updates = jax.tree.map(
         lambda x: jnp.where(finite, scale.astype(x.dtype) * x, jnp.zeros_like(x)), d)
-    inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                               inner_state, state.inner_state)
 
     def keep(new, old):
       return jnp.where(compute, new, old)
