@@ -166,3 +166,19 @@ def test_registry_baselines_use_deepobs_tuned_learning_rates():
   assert optimizers.build("sgd", problems.get("fmnist_mlp"))[1]["learning_rate"] == 1e-2
   with pytest.raises(KeyError, match="registered: adam"):
     optimizers.build("lbfgs2", p)
+
+
+@pytest.mark.parametrize("name,logged", [
+    ("hessian_free", {"damping", "rho", "cg_iterations"}),
+    ("curvature_step_size", {"alpha"}),
+    ("probabilistic_preconditioning", {"num_observations"}),
+])
+def test_registry_builds_curvax_transforms_and_the_runner_trains_them(name, logged):
+  """Built lazily from the problem's apply_fn/loss/regularizer (or loss_fn); update
+  gets batch= and eval_batch=; their state's scalar fields are logged."""
+  r = problems.run("quadratic_deep", name, epochs=2, verbose=False)
+  assert r["status"] == "completed"
+  assert logged <= set(r["optimizer_state"])
+  assert all(np.isfinite(v) for v in r["test_losses"])
+  if name != "probabilistic_preconditioning":   # it spends its first steps estimating
+    assert r["test_losses"][-1] < 0.35 * r["test_losses"][0]
