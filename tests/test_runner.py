@@ -182,3 +182,41 @@ def test_registry_builds_curvax_transforms_and_the_runner_trains_them(name, logg
   assert all(np.isfinite(v) for v in r["test_losses"])
   if name != "probabilistic_preconditioning":   # it spends its first steps estimating
     assert r["test_losses"][-1] < 0.35 * r["test_losses"][0]
+
+
+def test_resume_time_budget_eval_every_and_callback():
+  """A run resumed from another's parameters starts where that one ended; the
+  time budget stops training and evaluates; eval_every adds evaluations and the
+  callback sees each one with the parameters then."""
+  first = problems.run("quadratic_deep", "sgd", epochs=1, verbose=False)
+  seen = []
+  resumed = problems.run(
+      "quadratic_deep", "sgd", epochs=1, eval_every=3, verbose=False,
+      init_params=first["params"],
+      callback=lambda step, params, model_state, opt_state, record: seen.append(
+          (step, float(record["train_losses"][-1]), jax.tree.map(np.asarray, params))))
+  assert resumed["train_losses"][0] == pytest.approx(first["train_losses"][-1], rel=1e-6)
+  steps = resumed["steps_per_epoch"]
+  expected = sorted(set(range(3, steps, 3)) | {steps})
+  assert resumed["eval_steps"] == [0] + expected
+  assert [s for s, _, _ in seen] == expected
+  assert [l for _, l, _ in seen] == resumed["train_losses"][1:]
+  jax.tree.map(np.testing.assert_array_equal, seen[-1][2],
+               jax.tree.map(np.asarray, resumed["params"]))
+  with pytest.raises(ValueError, match="init_params"):
+    problems.run("quadratic_deep", "sgd", epochs=1, verbose=False,
+                 init_params={"w": jnp.zeros(3)})
+  timed = problems.run("quadratic_deep", "sgd", epochs=50, time_budget=0.0, verbose=False)
+  assert timed["status"] == "stopped" and "time_budget" in timed["stop_reason"]
+  assert timed["steps"] == 1 and len(timed["train_losses"]) == 2
+
+
+def test_runner_records_monitor_diagnostics():
+  from curvax import diagnostics  # pylint: disable=import-outside-toplevel
+  p = problems.get("quadratic_deep")
+  tx = diagnostics.monitor(optax.sgd(0.01), p.apply_fn, p.loss, "economy", every=4)
+  r = problems.run(p, tx, epochs=3, max_steps=9, verbose=False)
+  assert r["steps"] == 9
+  assert [d["step"] for d in r["diagnostics"]] == [0, 4, 8]   # updates 0, ..., 8
+  assert all(np.isfinite(d["loss"]) and d["grad_norm"] > 0 for d in r["diagnostics"])
+  assert all("alpha" in d for d in r["diagnostics"][:2])   # known one update later

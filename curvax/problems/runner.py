@@ -28,13 +28,14 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from curvax import _checks
 from curvax.problems import optimizers as opt_lib
 from curvax.problems import problems as problems_lib
 from curvax.problems.problem import Problem
@@ -63,6 +64,19 @@ def loggable_state(state: Any) -> Dict[str, jax.Array]:
         parts.append(str(p.key))
     out[".".join(parts)] = leaf
   return out
+
+
+def _monitored(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds a `curvax.diagnostics.monitor` state."""
+  if "curvax.diagnostics" not in sys.modules:
+    return False   # nobody built a monitor
+  from curvax.diagnostics import records  # pylint: disable=import-outside-toplevel
+  return records.find_state(opt_state) is not None
+
+
+def _diagnostics_record(opt_state: Any) -> Dict[str, Any]:
+  from curvax.diagnostics import records  # pylint: disable=import-outside-toplevel
+  return records.record(opt_state)
 
 
 def _setting_folder(num_epochs, batch_size, weight_decay, hyperparams):
@@ -94,6 +108,9 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         hyperparams: Optional[dict] = None, optimizer_name: Optional[str] = None,
         max_steps: Optional[int] = None, train_size: Optional[int] = None,
         eval_size: Optional[int] = None, line_search_args: bool = False,
+        init_params: Optional[Any] = None, init_model_state: Optional[Any] = None,
+        time_budget: Optional[float] = None, eval_every: Optional[int] = None,
+        callback: Optional[Callable[..., None]] = None,
         verbose: bool = True) -> Dict[str, Any]:
   """Trains ``optimizer`` on ``problem`` and returns (and optionally writes) the results.
 
@@ -114,11 +131,25 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     eval_size: evaluate on the first ``eval_size`` examples of each split only.
     line_search_args: also pass ``value``, ``grad`` and ``value_fn`` (optax's
       line-search keywords; ``value_fn`` is the eval-mode objective on ``batch``).
+    init_params: start from these parameters instead of ``problem.init`` (e.g.
+      ``previous_result['params']`` to resume from a checkpoint); the optimizer
+      state starts fresh.
+    init_model_state: the matching non-trainable state (batch-norm statistics);
+      default: the freshly initialised one.
+    time_budget: stop once this many seconds of training time (compilation and
+      evaluation excluded) have passed, then evaluate (``status='stopped'``).
+      Each step is then waited for, so the check is exact to one step.
+    eval_every: also evaluate every ``eval_every`` steps, not only at the end of
+      each epoch (``eval_steps``/``eval_epochs`` say where).
+    callback: called after every evaluation as ``callback(step, params,
+      model_state, opt_state, record)`` (e.g. to keep checkpoints).
     verbose: print progress.
 
   Returns:
     The results dictionary written to JSON (with ``'path'`` when ``out`` is set),
-    plus the final ``'params'`` and ``'model_state'`` (not written).
+    plus the final ``'params'`` and ``'model_state'`` (not written). If the
+    optimizer state holds a `curvax.diagnostics.monitor`, its records (one per
+    tracked step, `curvax.diagnostics.merge`d) are under ``'diagnostics'``.
   """
   if isinstance(problem, str):
     problem = problems_lib.get(problem)
@@ -134,7 +165,15 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   k_init, k_perm, k_step = jax.random.split(key, 3)
   variables = problem.init(k_init)
   params, model_state = problem.split_variables(variables)
+  if init_params is not None:
+    _checks.check_tree_like(init_params, params, "init_params", f"{problem.name}'s parameters")
+    params = jax.tree.map(jnp.asarray, init_params)
+  if init_model_state is not None:
+    model_state = init_model_state
+  if eval_every is not None and eval_every < 1:
+    raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}.")
   opt_state = tx.init(params)
+  monitored = _monitored(opt_state)
 
   x_all, y_all = problem.data("train")
   if train_size is not None:
@@ -231,49 +270,82 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         return f"non-finite mini-batch training loss ({value}) at step {s}"
     return None
 
-  reason = None
+  stop = None           # (status, reason) once training ends early
+  last_eval = 0
+  diagnostics = []
+
+  def end_stretch(t_start):
+    """Ends a timed stretch: waits, books its time, evaluates unless diverged."""
+    nonlocal train_time, params, model_state, last_eval
+    jax.block_until_ready(carry)
+    train_time += time.perf_counter() - t_start
+    reason = flush(upto_all=True)
+    if reason is None and not math.isfinite(float(loss)):
+      reason = f"non-finite mini-batch training loss at step {global_step}"
+    if reason is not None or global_step == last_eval:
+      return reason
+    params, model_state, opt_state = carry
+    m = evaluate(global_step, train_time)
+    last_eval = global_step
+    if not math.isfinite(m["train_eval_loss"]):
+      return f"non-finite train_eval loss at step {global_step}"
+    say(f"step {global_step}, epoch {global_step / steps_per_epoch:.3g} "
+        f"(train time {train_time:.1f}s): " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    if callback is not None:
+      callback(global_step, params, model_state, opt_state, record)
+    return None
+
+  loss = jnp.zeros(())
   for epoch in range(1, epochs + 1):
-    t0 = time.perf_counter()
     perm = perm_jit(jax.random.fold_in(k_perm, epoch))
+    t_start = time.perf_counter()
     for i in range(steps_per_epoch):
       carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step)
       global_step += 1
+      if monitored:
+        diagnostics.append(_diagnostics_record(carry[2]))
       if global_step % log_every == 0 or global_step == 1:
         # The previous logged loss is long computed: reading it does not stall.
         pending.append((global_step, loss, loggable_state(carry[2])))
         reason = flush(upto_all=False)
+        if reason is not None:
+          stop = ("diverged", reason)
+          break
         if tty:
           say(f"\repoch {epoch}/{epochs} step {i + 1}/{steps_per_epoch} "
               f"loss {record['minibatch_train_losses'][-1]:.4g}" if
               record["minibatch_train_losses"] else "", end="")
-      if reason or (max_steps is not None and global_step >= max_steps):
+      if max_steps is not None and global_step >= max_steps:
+        stop = ("stopped", f"max_steps={max_steps} reached")
         break
-    jax.block_until_ready(carry)
-    train_time += time.perf_counter() - t0
-    if reason is None:
-      reason = flush(upto_all=True)
-    if reason is None and not math.isfinite(float(loss)):
-      reason = f"non-finite mini-batch training loss at step {global_step}"
+      if time_budget is not None:
+        jax.block_until_ready(loss)
+        if train_time + time.perf_counter() - t_start >= time_budget:
+          stop = ("stopped", f"time_budget={time_budget}s reached")
+          break
+      if eval_every is not None and global_step % eval_every == 0 and i + 1 < steps_per_epoch:
+        if tty:
+          say("")
+        reason = end_stretch(t_start)
+        if reason is not None:
+          stop = ("diverged", reason)
+          break
+        t_start = time.perf_counter()
     if tty:
       say("")
+    reason = end_stretch(t_start)
     if reason is not None:
-      record["status"], record["stop_reason"] = "diverged", reason
-      say(f"stopped: {reason}")
-      break
-    params, model_state, _ = carry
-    m = evaluate(global_step, train_time)
-    if not math.isfinite(m["train_eval_loss"]):
-      record["status"] = "diverged"
-      record["stop_reason"] = f"non-finite train_eval loss after epoch {epoch}"
-      say(f"stopped: {record['stop_reason']}")
-      break
-    say(f"epoch {epoch} (train time {train_time:.1f}s): " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
-    if max_steps is not None and global_step >= max_steps:
-      record["status"], record["stop_reason"] = "stopped", f"max_steps={max_steps} reached"
+      stop = ("diverged", reason)
+    if stop is not None:
+      record["status"], record["stop_reason"] = stop
+      say(f"stopped: {stop[1]}")
       break
   if record["status"] == "running":
     record["status"] = "completed"
   record["steps"] = global_step
+  if monitored:
+    from curvax import diagnostics as diagnostics_lib  # pylint: disable=import-outside-toplevel
+    record["diagnostics"] = diagnostics_lib.merge([d for d in diagnostics if d])
   record["train_time"] = train_time
   if not problem.has_accuracy:
     for k in ("train_accuracies", "valid_accuracies", "test_accuracies"):
