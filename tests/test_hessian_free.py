@@ -165,6 +165,39 @@ def test_value_fn_replaces_eval_batch():
   np.testing.assert_allclose(s1.rho, s2.rho, rtol=1e-10)
 
 
+def test_chain_with_optax_backtracking_linesearch():
+  """hessian_free(use_linesearch=False) proposes; optax's line search scales.
+
+  optax calls value_fn with the keywords it names (and rejects the others), so
+  value_fn names batch and eval_batch; hessian_free itself uses eval_batch.
+  The result is hessian_free's step times optax's accepted step size, which
+  satisfies optax's sufficient-decrease condition on value_fn.
+  """
+  params, batch, eval_batch = _teacher_batches(n=16)
+  g = jax.grad(_LOSS_FN)(params, batch)
+  hf = hessian_free(ref.mlp_apply, mse, use_linesearch=False)
+  tx = optax.chain(hf, optax.scale_by_backtracking_linesearch(
+      max_backtracking_steps=15, slope_rtol=1e-4))
+
+  def value_fn(p, batch, eval_batch):
+    del batch
+    return _LOSS_FN(p, eval_batch)
+
+  value = value_fn(params, batch, eval_batch)   # the line search's f(x_0)
+  u, state = jax.jit(lambda g, s, p, v: tx.update(
+      g, s, p, value=v, grad=g, value_fn=value_fn, batch=batch, eval_batch=eval_batch))(
+          g, tx.init(params), params, value)
+  p_hf, _ = jax.jit(lambda g, s, p: hf.update(g, s, p, batch=batch, eval_batch=eval_batch))(
+      g, hf.init(params), params)
+  lr = state[1].learning_rate
+  assert 0 < float(lr) <= 1
+  chex.assert_trees_all_close(u, jax.tree.map(lambda a: lr * a, p_hf), rtol=1e-8)
+  new_value = value_fn(optax.apply_updates(params, u), batch, eval_batch)
+  slope = optax.tree_utils.tree_vdot(u, g) / lr
+  np.testing.assert_allclose(state[1].value, new_value, rtol=1e-12)
+  assert float(new_value) <= float(value) + 1e-4 * float(lr * slope)
+
+
 def test_clear_errors():
   params, batch, eval_batch = _teacher_batches(n=8)
   tx = _TX

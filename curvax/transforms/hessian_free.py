@@ -116,8 +116,10 @@ def hessian_free(
 
   ``L_eval`` is the objective on ``eval_batch`` (a second batch, disjoint from
   ``batch``: seed 002, App. A.2 shows that assessing steps on ``batch`` itself
-  over-estimates progress), or ``value_fn(params)`` when given (optax's
-  convention for line searches).
+  over-estimates progress); without ``eval_batch``, ``value_fn(params)``
+  (optax's name for the objective of a line search). When both are given (a
+  chain with an optax line search, which calls ``value_fn`` with the keywords
+  it names), ``eval_batch`` is used here.
 
   If any of the loss, the gradient, a curvature product or the proposed step
   is non-finite, the update is zero, the damping is multiplied by 3/2 (clamped),
@@ -220,7 +222,7 @@ def hessian_free(
     batch = _checks.require_kwarg(batch, "batch", _NAME)
     batch = _checks.check_batch(batch, "batch")
     _checks.check_tree_like(updates, params, "updates", "params")
-    if value_fn is None:
+    if eval_batch is not None or value_fn is None:
       eval_batch = _checks.require_kwarg(eval_batch, "eval_batch", _NAME)
       eval_batch = _checks.check_batch(eval_batch, "eval_batch")
 
