@@ -1,0 +1,123 @@
+"""Cost of a hessian_free step relative to its CG products.
+
+mnist_mlp-shaped MLP (784-1000-500-100-10, ReLU), float32, random data: batch
+1024 for gradient and curvature, 1024 for evaluation. Prints
+
+* t_ggn: one GGN-vector product with the linearisation reused (what each CG
+  iteration costs), from the slope of a loop of N products;
+* per step: (time of one full ``update`` / CG iterations it took) / t_ggn
+  (target <= 1.5: the step's overhead beyond its CG products is small);
+* steps/second of the full training step (gradient + update + apply).
+
+Medians over repeated steps (the state evolves, so CG iteration counts vary;
+the ratio is taken per step). Usage: python benchmarks/hessian_free.py [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import curvax
+
+SIZES = (784, 1000, 500, 100, 10)
+
+
+def mlp_init(key):
+  params = []
+  for k, (a, b) in zip(jax.random.split(key, len(SIZES) - 1), zip(SIZES[:-1], SIZES[1:])):
+    params.append({"w": jax.random.normal(k, (a, b), jnp.float32) * np.sqrt(2.0 / a),
+                   "b": jnp.zeros((b,), jnp.float32)})
+  return params
+
+
+def mlp_apply(params, x):
+  for layer in params[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"])
+  return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def _time(fn, *args, repeats=5):
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--batch", type=int, default=1024)
+  parser.add_argument("--cg-max-iter", type=int, default=250)
+  args = parser.parse_args()
+
+  key = jax.random.PRNGKey(0)
+  kp, kx, ky, kx2, ky2 = jax.random.split(key, 5)
+  params = mlp_init(kp)
+  n = args.batch
+  batch = (jax.random.normal(kx, (n, 784), jnp.float32), jax.random.randint(ky, (n,), 0, 10))
+  eval_batch = (jax.random.normal(kx2, (n, 784), jnp.float32),
+                jax.random.randint(ky2, (n,), 0, 10))
+  loss = curvax.losses.softmax_cross_entropy
+  loss_fn = curvax.losses.objective(mlp_apply, loss)
+  print(f"device: {jax.devices()[0].device_kind}; params: "
+        f"{sum(x.size for x in jax.tree_util.tree_leaves(params))}; batch {n} + {n}")
+
+  # One GGN-vector product, linearisation reused: slope over N products.
+  def products(params, v, num):
+    mv = curvax.curvature.ggn_matvec(mlp_apply, loss, params, batch)
+    return jax.lax.fori_loop(0, num, lambda i, u: jax.tree.map(
+        lambda a, b: 0.5 * a + 1e-3 * b, mv(u), u), v)
+  prod = jax.jit(products, static_argnums=2)
+  v = jax.tree.map(jnp.ones_like, params)
+  few, many = 2, 22
+  t_few = _time(prod, params, v, few)
+  t_many = _time(prod, params, v, many)
+  t_ggn = (t_many - t_few) / (many - few)
+  t_grad = _time(jax.jit(jax.grad(loss_fn)), params, batch)
+  print(f"t_ggn = {t_ggn * 1e3:.3f} ms  (gradient: {t_grad * 1e3:.3f} ms, "
+        f"ratio {t_ggn / t_grad:.2f})")
+
+  tx = curvax.transforms.hessian_free(mlp_apply, loss, cg_max_iter=args.cg_max_iter)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch, eval_batch=eval_batch))
+
+  @jax.jit
+  def train_step(params, state):
+    g = jax.grad(loss_fn)(params, batch)
+    u, state = tx.update(g, state, params, batch=batch, eval_batch=eval_batch)
+    return optax.apply_updates(params, u), state
+
+  state = tx.init(params)
+  g = jax.jit(jax.grad(loss_fn))(params, batch)
+  jax.block_until_ready(update(g, state, params))  # compile
+  jax.block_until_ready(train_step(params, state))  # compile
+  ratios, step_times = [], []
+  for k in range(args.steps):
+    g = jax.jit(jax.grad(loss_fn))(params, batch)
+    t = time.perf_counter()
+    u, new_state = jax.block_until_ready(update(g, state, params))
+    t_update = time.perf_counter() - t
+    t = time.perf_counter()
+    params, state = jax.block_until_ready(train_step(params, state))
+    step_times.append(time.perf_counter() - t)
+    iters = max(int(new_state.cg_iterations), 1)
+    ratio = (t_update / iters) / t_ggn
+    ratios.append(ratio)
+    print(f"step {k}: cg_iterations {int(new_state.cg_iterations):3d}  update "
+          f"{t_update * 1e3:8.1f} ms  per-iteration/t_ggn {ratio:5.2f}  damping "
+          f"{float(new_state.damping):.3g}  alpha {float(new_state.alpha):.3g}  "
+          f"eval loss {float(new_state.loss_before):.4f} -> {float(new_state.loss_after):.4f}")
+  print(f"median (update time / CG iterations) / t_ggn = {np.median(ratios):.2f} (target <= 1.5)")
+  print(f"steps/second (gradient + update + apply) = {1.0 / np.median(step_times):.2f}")
+
+
+if __name__ == "__main__":
+  main()
