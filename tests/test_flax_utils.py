@@ -1,9 +1,11 @@
 """(apply_fn, params) from Flax Linen and NNX models; curvature through them."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -110,3 +112,25 @@ def test_errors():
   curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(params)  # fine
   with pytest.raises(ValueError, match="batch norm"):
     curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)
+
+
+def test_nnx_optimizer_forwards_batch_and_eval_batch_to_curvax_transforms():
+  """nnx.Optimizer.update(model, grads, **kwargs) passes batch=/eval_batch= on
+  to tx.update: the NNX model moves exactly as the functional update says."""
+  model = _NNXMLP(nnx.Rngs(0))
+  apply_fn, params = curvax.flax_utils.from_nnx(model)
+  loss = curvax.losses.softmax_cross_entropy
+  loss_fn = curvax.losses.objective(apply_fn, loss)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 4), F64)
+  y = jnp.arange(16) % 3
+  batch, eval_batch = (x[:8], y[:8]), (x[8:], y[8:])
+  tx = curvax.transforms.hessian_free(apply_fn, loss)
+  grads = jax.grad(loss_fn)(params, batch)
+  updates, _ = tx.update(grads, tx.init(params), params, batch=batch, eval_batch=eval_batch)
+  expected = optax.apply_updates(params, updates)
+
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  nnx_grads = nnx.grad(lambda m: jnp.mean(loss(m(batch[0]), batch[1])))(model)
+  optimizer.update(model, nnx_grads, batch=batch, eval_batch=eval_batch)
+  _, moved = curvax.flax_utils.from_nnx(model)
+  chex.assert_trees_all_close(moved, expected, rtol=1e-10)
