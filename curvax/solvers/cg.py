@@ -215,7 +215,9 @@ def cg(matvec: Callable[[Any], Any],
     beta = rz_new / jnp.where(s["rz"] != 0, s["rz"], 1.0)
     p_new = otu.tree_add_scale(z_new, beta, p)
     i_new = i + 1
-    phi_new = -0.5 * otu.tree_vdot(x_new, otu.tree_add(b, r_new)).real
+    # phi(x + alpha p) = phi(x) - alpha p'r + alpha^2 p'Ap / 2, with p'r = r'z in
+    # (preconditioned) CG: no pass over the vectors.
+    phi_new = s["phis"][i] - alpha * s["rz"] + 0.5 * alpha ** 2 * pap
 
     # Martens (2010, sec. 4.4) relative progress over a window of k iterations.
     k = jnp.maximum(martens_min_window,
@@ -235,12 +237,13 @@ def cg(matvec: Callable[[Any], Any],
     store = ok & is_grid[jnp.minimum(i_new, max_iter)]
     # Grid iterates go to the next free slot; otherwise to the scratch slot.
     slot_w = jnp.where(store, s["slot"], capacity - 1)
-    keep = lambda new, old: otu.tree_where(ok, new, old)  # noqa: E731
-    x_keep = keep(x_new, x)
+    # A failed iteration ends the loop (its status is terminal), so only x,
+    # which is returned, must fall back to x_i; r, z and p are never read again.
+    x_keep = otu.tree_where(ok, x_new, x)
     phi_keep = jnp.where(ok, phi_new, s["phis"][i])
     out = dict(
         i=jnp.where(ok, i_new, i),
-        x=x_keep, r=keep(r_new, r), z=keep(z_new, s["z"]), p=keep(p_new, p),
+        x=x_keep, r=r_new, z=z_new, p=p_new,
         rz=jnp.where(ok, rz_new, s["rz"]), rr=jnp.where(ok, rr_new, s["rr"]),
         status=status.astype(jnp.int32),
         phis=s["phis"].at[i_new].set(jnp.where(ok, phi_new, jnp.nan)),
