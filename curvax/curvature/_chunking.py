@@ -3,6 +3,14 @@
 Per-example computations through ``vmap`` hold a ``chunk x params`` buffer;
 scanning over fixed-size chunks bounds that memory independently of the batch
 size, at the price of a sequential loop over ``N / chunk`` chunks.
+
+Chunks are strided, not contiguous: with ``N = q m`` (``m`` the chunk size),
+chunk ``j`` holds examples ``j, j + q, j + 2q, ...`` (`split_chunks`). Per-example
+outputs are put back in the original order (`merge_chunks`) and sums do not
+depend on the order, so results are those of contiguous chunks; but when the
+batch axis is sharded over ``D`` devices (contiguous blocks, ``D`` dividing
+``m``), the chunk axis ``m`` inherits that sharding and every device scans over
+its own examples: data parallelism survives chunking, with no all-gather.
 """
 
 from __future__ import annotations
@@ -23,14 +31,26 @@ def check_chunk_size(chunk_size: Optional[int]) -> None:
     raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
 
 
+def split_chunks(a: jax.Array, chunk_size: int) -> jax.Array:
+  """``(q m, ...) -> (q, m, ...)``: chunk ``j`` is examples ``j, j + q, ...`` (strided)."""
+  q = a.shape[0] // chunk_size
+  return jnp.swapaxes(a.reshape((chunk_size, q) + a.shape[1:]), 0, 1)
+
+
+def merge_chunks(a: jax.Array) -> jax.Array:
+  """Inverse of `split_chunks`: ``(q, m, ...) -> (q m, ...)`` in the original order."""
+  return jnp.swapaxes(a, 0, 1).reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
 def map_reduce(fn: Callable[[Any], Tuple[Any, Any]], xs: Any,
                chunk_size: Optional[int]) -> Tuple[Any, Any]:
   """Applies ``fn(chunk) -> (per_example, sums)`` chunk by chunk.
 
   Returns the per-example outputs concatenated along the leading axis and the
   ``sums`` added over chunks. ``chunk_size=None`` (or at least the batch size)
-  processes everything at once; otherwise full chunks go through a
-  ``lax.scan`` and a last partial chunk is processed on its own.
+  processes everything at once; otherwise full (strided, see the module
+  docstring) chunks go through a ``lax.scan`` and the last ``N mod chunk``
+  examples are processed on their own.
   """
   check_chunk_size(chunk_size)
   n = leading_size(xs)
@@ -38,7 +58,7 @@ def map_reduce(fn: Callable[[Any], Tuple[Any, Any]], xs: Any,
     return fn(xs)
   q, r = divmod(n, chunk_size)
   main = jax.tree_util.tree_map(
-      lambda a: a[:q * chunk_size].reshape((q, chunk_size) + a.shape[1:]), xs)
+      lambda a: split_chunks(a[:q * chunk_size] if r else a, chunk_size), xs)
   first = jax.tree_util.tree_map(lambda a: a[0], main)
   _, sums_shape = jax.eval_shape(fn, first)
   init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
@@ -48,7 +68,7 @@ def map_reduce(fn: Callable[[Any], Tuple[Any, Any]], xs: Any,
     return otu.tree_add(carry, sums), per
 
   total, per = jax.lax.scan(body, init, main)
-  per = jax.tree_util.tree_map(lambda a: a.reshape((q * chunk_size,) + a.shape[2:]), per)
+  per = jax.tree_util.tree_map(merge_chunks, per)
   if r:
     tail = jax.tree_util.tree_map(lambda a: a[q * chunk_size:], xs)
     per_r, sums_r = fn(tail)

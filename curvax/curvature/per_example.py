@@ -109,17 +109,19 @@ def per_example_gradients(apply_fn: Callable[[Any, Any], Array], loss: Any,
                           chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE) -> Any:
   """Per-example gradients ``g_n`` (unscaled), a pytree with leading axis ``N``.
 
-  ``vmap(grad)`` applied ``chunk_size`` examples at a time (``lax.map``);
-  the result itself is ``N x params``, so use the reductions below when only
-  statistics are needed.
+  ``vmap(grad)`` applied ``chunk_size`` examples at a time (a ``lax.scan``
+  over strided chunks, which keeps a sharded batch axis data-parallel; see
+  ``curvax.curvature._chunking``); the result itself is ``N x params``, so use
+  the reductions below when only statistics are needed.
   """
   check_per_example_supported(apply_fn)
   loss = as_loss(loss)
   inputs, targets = _checks.check_batch(batch)
   _chunking.check_chunk_size(chunk_size)
   one = _example_loss_and_grad(apply_fn, loss)
-  _, grads = jax.lax.map(lambda xy: one(params, *xy), (inputs, targets),
-                         batch_size=chunk_size)
+  batched = jax.vmap(one, in_axes=(None, 0, 0))
+  grads, _ = _chunking.map_reduce(lambda xy: (batched(params, *xy)[1], ()),
+                                  (inputs, targets), chunk_size)
   return grads
 
 

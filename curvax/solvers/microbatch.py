@@ -24,7 +24,11 @@ def microbatch_mean(fn: Callable[[Any], Any], batch: Any,
 
   The chunks are visited by a ``lax.scan`` that accumulates the sum (the
   JAX counterpart of PyTorchHessianFree's ``acc_step``, seed 002 App. A.1), so
-  only one chunk's intermediate values are alive at a time. With
+  only one chunk's intermediate values are alive at a time. Chunks are
+  strided (chunk ``c`` holds examples ``c, c + M, c + 2M, ...``), which leaves
+  the mean unchanged and, for a batch sharded over devices (see
+  `curvax.sharding`; ``microbatch_size`` a multiple of the device count), lets
+  every device scan over its own examples instead of gathering the batch. With
   ``microbatch_size=None`` (or equal to the batch size) ``fn(batch)`` is
   returned directly.
 
@@ -45,8 +49,9 @@ def microbatch_mean(fn: Callable[[Any], Any], batch: Any,
         f"microbatch_size={microbatch_size} must be a positive divisor of the batch "
         f"size {n}.")
   m = int(microbatch_size)
-  chunks = jax.tree.map(lambda a: jnp.reshape(a, (n // m, m) + jnp.shape(a)[1:]),
-                        (inputs, targets))
+  chunks = jax.tree.map(
+      lambda a: jnp.swapaxes(jnp.reshape(a, (m, n // m) + jnp.shape(a)[1:]), 0, 1),
+      (inputs, targets))
   first = jax.tree.map(lambda a: a[0], chunks)
   acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
 
