@@ -261,3 +261,29 @@ def test_transform_steps_match_single_device(name):
     # CG's scalars are global: same iteration count, same damping, same line search.
     assert int(got_state.cg_iterations) == int(exp_state.cg_iterations) > 0
   _assert_data_parallel(hlo)
+
+
+# ---------------------------------------------------------------- runner
+
+
+def test_runner_with_a_mesh_matches_one_device(tmp_path):
+  import curvax.problems as problems  # pylint: disable=import-outside-toplevel
+  from curvax.problems import __main__ as cli  # pylint: disable=import-outside-toplevel
+
+  kwargs = dict(epochs=1, max_steps=3, log_every=1, verbose=False,
+                hyperparams={"cg_max_iter": 10})
+  single = problems.run("quadratic_deep", "hessian_free", **kwargs)
+  multi = problems.run("quadratic_deep", "hessian_free", mesh=MESH, **kwargs)
+  assert multi["status"] == single["status"] and len(multi["minibatch_train_losses"]) == 3
+  for key in ("minibatch_train_losses", "train_losses", "test_losses"):
+    np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, err_msg=key)
+  for key, values in single["optimizer_state"].items():
+    np.testing.assert_allclose(multi["optimizer_state"][key], values, rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+  _close(multi["params"], single["params"], rtol=1e-4, atol=1e-4)   # float32 problem
+  assert jax.tree.leaves(multi["params"])[0].sharding.is_fully_replicated
+
+  with pytest.raises(ValueError, match="eval_batch_size 50 is not divisible by the 4 devices"):
+    problems.run("quadratic_deep", "sgd", mesh=MESH, eval_batch_size=50, verbose=False)
+  assert cli.main(["run", "quadratic_deep", "--optimizer", "sgd", "--devices", "4",
+                   "--max-steps", "2", "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0

@@ -6,6 +6,7 @@ Examples::
   python -m curvax.problems run quadratic_deep --optimizer adam --seeds 0 1 2 --out results/
   python -m curvax.problems run fmnist_2c2d --optimizer momentum --hp learning_rate=0.01 \\
       --max-steps 100 --train-size 5000 --eval-size 2000 --out results/
+  python -m curvax.problems run fmnist_mlp --optimizer hessian_free --devices 4 --out results/
   python -m curvax.problems plot results/
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 
 
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
   r.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
   r.add_argument("--train-size", type=int, default=None, help="use a training subset")
   r.add_argument("--eval-size", type=int, default=None, help="evaluate on a subset")
+  r.add_argument("--devices", type=int, default=None,
+                 help="data-parallel over the first N devices (on CPU: N virtual devices)")
   r.add_argument("--quiet", action="store_true")
   p = sub.add_parser("plot", help="plot learning curves of the results under a folder")
   p.add_argument("folder")
@@ -60,7 +64,16 @@ def main(argv=None) -> int:
     for path in plot(args.folder, args.out):
       print(f"wrote {path}")
     return 0
+  if args.devices is not None and args.devices > 1:
+    # Virtual CPU devices; read when JAX's backend starts, which has not happened yet.
+    flag = "--xla_force_host_platform_device_count"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={args.devices}".strip()
   from curvax.problems import get, run  # pylint: disable=import-outside-toplevel
+  mesh = None
+  if args.devices is not None:
+    from curvax import sharding  # pylint: disable=import-outside-toplevel
+    mesh = sharding.data_mesh(args.devices)
   hp = {}
   for item in args.hp:
     if "=" not in item:
@@ -75,7 +88,7 @@ def main(argv=None) -> int:
     result = run(problem, args.optimizer, epochs=args.epochs, seed=seed,
                  log_every=args.log_every, eval_batch_size=args.eval_batch_size,
                  out=args.out, hyperparams=hp, max_steps=args.max_steps,
-                 train_size=args.train_size, eval_size=args.eval_size,
+                 train_size=args.train_size, eval_size=args.eval_size, mesh=mesh,
                  verbose=not args.quiet)
     if result["status"] == "diverged":
       status = 1

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from curvax import _checks
+from curvax import sharding
 from curvax.problems import optimizers as opt_lib
 from curvax.problems import problems as problems_lib
 from curvax.problems.problem import Problem
@@ -111,6 +112,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         init_params: Optional[Any] = None, init_model_state: Optional[Any] = None,
         time_budget: Optional[float] = None, eval_every: Optional[int] = None,
         callback: Optional[Callable[..., None]] = None,
+        mesh: Optional[jax.sharding.Mesh] = None,
         verbose: bool = True) -> Dict[str, Any]:
   """Trains ``optimizer`` on ``problem`` and returns (and optionally writes) the results.
 
@@ -143,6 +145,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       each epoch (``eval_steps``/``eval_epochs`` say where).
     callback: called after every evaluation as ``callback(step, params,
       model_state, opt_state, record)`` (e.g. to keep checkpoints).
+    mesh: run data-parallel on this `jax.sharding.Mesh` (e.g.
+      `curvax.sharding.data_mesh`): ``batch`` and ``eval_batch`` are split along
+      the mesh axis ``'data'`` (else its first axis), parameters, model and
+      optimizer state and the training set are replicated (each device slices
+      its examples of a batch locally: only indices move); batch means become
+      all-reduces inside the step. Batch sizes must be divisible by the number
+      of devices along that axis. See docs/multi_device.md.
     verbose: print progress.
 
   Returns:
@@ -185,16 +194,25 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     raise ValueError(f"training set of {n} examples is too small for a batch of {b} "
                      f"and a disjoint eval_batch of {e}.")
   steps_per_epoch = n // b
+  place = lambda tree: tree  # noqa: E731
+  if mesh is not None:
+    axis = "data" if "data" in mesh.axis_names else mesh.axis_names[0]
+    for name, size in (("batch size", b), ("eval_batch_size", e)):
+      if size % mesh.shape[axis]:
+        raise ValueError(f"{name} {size} is not divisible by the {mesh.shape[axis]} devices "
+                         f"of mesh axis {axis!r}.")
+    place = lambda tree: sharding.shard_batch(tree, mesh, axis)  # noqa: E731
 
   def step(carry, x, y, perm, i, global_step):
     params, model_state, opt_state = carry
     k_aug, k_drop, k_off, k_eaug = jax.random.split(jax.random.fold_in(k_step, global_step), 4)
     idx = jax.lax.dynamic_slice(perm, (i * b,), (b,))
-    batch = problem.preprocess(jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), k_aug, True)
+    batch = place(problem.preprocess(*place((jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))),
+                                     k_aug, True))
     offset = jax.random.randint(k_off, (), 0, n - b - e + 1)
     eidx = jnp.take(perm, (i * b + b + offset + jnp.arange(e)) % n)
-    eval_batch = problem.preprocess(jnp.take(x, eidx, axis=0), jnp.take(y, eidx, axis=0),
-                                    k_eaug, True)
+    eval_batch = place(problem.preprocess(
+        *place((jnp.take(x, eidx, axis=0), jnp.take(y, eidx, axis=0))), k_eaug, True))
     (loss, new_state), grads = jax.value_and_grad(problem.train_loss, has_aux=True)(
         params, model_state, batch, k_drop)
     extra = {}
@@ -243,6 +261,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
 
   t_compile = time.perf_counter()
   carry = (params, model_state, opt_state)
+  if mesh is not None:
+    carry, x_all, y_all = sharding.replicate((carry, x_all, y_all), mesh)
   perm0 = perm_jit(jax.random.fold_in(k_perm, 1))
   # Compile outside the timed loop (the jit cache keeps it; calling step_jit, not the
   # AOT executable, tolerates optimizer states whose dtypes settle after one step).
