@@ -315,6 +315,8 @@ def test_monitor_in_chain_business_and_full_presets(tmp_path):
   assert records[1]["alpha_step"] == 0 and records[3]["alpha_step"] == 2
   merged = dg.merge(records)
   assert [r["step"] for r in merged] == [0, 2] and all("alpha" in r for r in merged)
+  assert dg.merge(merged) == merged   # idempotent: the runner's records can be merged again
+  dg.dashboard(merged, str(tmp_path / "from_runner.png"))
   out = dg.dashboard(records, str(tmp_path / "cockpit.png"))
   with open(out, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

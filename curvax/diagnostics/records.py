@@ -65,7 +65,7 @@ def merge(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         order.append(step)
       by_step[step].update({k: v for k, v in rec.items() if k not in ("alpha", "alpha_step")})
     if "alpha" in rec:
-      step = rec["alpha_step"]
+      step = rec.get("alpha_step", rec.get("step"))   # merged records hold "step" only
       if step not in by_step:
         by_step[step] = {"step": step}
         order.append(step)
