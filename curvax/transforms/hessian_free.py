@@ -106,7 +106,13 @@ def hessian_free(
   3. ``rho = (L_eval(theta + p_final) - L_eval(theta)) / phi(p_final)`` with the
      damped model ``phi`` (PyTorchHessianFree's choice: final, not backtracked,
      iterate); ``lambda`` is updated by `curvax.solvers.levenberg_marquardt`
-     (``adapt_damping``), clamped to ``[min_damping, max_damping]``.
+     (``adapt_damping``), clamped to ``[min_damping, max_damping]``. When
+     gradient noise dominates (small batches late in training), the reduction
+     measured on the disjoint batch stays far below the model's prediction,
+     ``rho < 1/4`` nearly every step, and ``lambda`` grows until the steps
+     vanish (notebooks/01: batch 128 on Fashion-MNIST reached ``max_damping``
+     in 131 steps). Use larger batches (seed 002 uses thousands), a smaller
+     ``max_damping``, or ``adapt_damping=False`` there.
   4. ``p`` = `curvax.solvers.cg_backtracking` over the stored iterates on
      ``L_eval`` (``use_cg_backtracking``).
   5. ``alpha`` = `curvax.solvers.armijo` on ``L_eval(theta + alpha p)`` with
