@@ -389,3 +389,12 @@ def test_bad_arguments():
     probabilistic_preconditioning(SINGLE, groups="layer").init(params)
   with pytest.raises(ValueError, match="groups"):
     probabilistic_preconditioning(SINGLE, groups={"y": 0}).init(params)
+
+
+def test_static_args_reachable_from_the_exported_function():
+  """The exported function shadows its module; STATIC_ARGS travels with it."""
+  pp = curvax.transforms.probabilistic_preconditioning
+  assert pp.STATIC_ARGS == STATIC_ARGS and "loss_fn" in pp.STATIC_ARGS
+  tx = optax.inject_hyperparams(pp, static_args=pp.STATIC_ARGS)(
+      loss_fn=lambda p, b: jnp.sum(p ** 2), learning_rate=0.1)
+  assert float(tx.init(jnp.ones(2)).hyperparams["learning_rate"]) == pytest.approx(0.1)

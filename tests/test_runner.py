@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import curvax
 import curvax.problems as problems
 from curvax.problems import __main__ as cli
 from curvax.problems import models, optimizers
@@ -119,6 +120,10 @@ def test_loggable_state_of_optax_states():
   names = set(problems.loggable_state(state))
   assert {"0.hyperparams.learning_rate", "0.count", "1.count"} <= names
   assert not any(n.startswith("1.mu") for n in names)
+  # One-element arrays (per-group values with one group) are logged too.
+  pp = curvax.transforms.probabilistic_preconditioning(lambda p, b: jnp.sum(p["w"] ** 2))
+  logged = problems.loggable_state(pp.init({"w": jnp.ones(3)}))
+  assert {"alpha", "learning_rate", "prior_scale"} <= set(logged)
 
 
 def _tiny_bn_problem():

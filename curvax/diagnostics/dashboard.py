@@ -1,6 +1,6 @@
 """A Cockpit-like dashboard: a multi-panel PNG from a run's monitor records.
 
-matplotlib is imported lazily (Agg backend) so that importing curvax never pulls
+matplotlib is imported lazily (a bare Figure, drawn with Agg) so that importing curvax never pulls
 it in.
 """
 
@@ -34,9 +34,9 @@ def dashboard(records: Sequence[Dict[str, Any]], path: str, title: str = "curvax
     title: figure title.
     hist_range: value range of GradHist1d (as configured in the monitor).
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A bare Figure draws with Agg whatever pyplot's backend is: no global
+  # backend switch (which would silence plt.show() in a user's notebook).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   recs: List[Dict[str, Any]] = merge(list(records))
   panels = []
@@ -67,7 +67,8 @@ def dashboard(records: Sequence[Dict[str, Any]], path: str, title: str = "curvax
 
   cols = 3
   rows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax, (kind, label, data, log) in zip(axes.flat, panels):
     ax.set_title(label, fontsize=10)
     if kind == "line":
@@ -95,5 +96,4 @@ def dashboard(records: Sequence[Dict[str, Any]], path: str, title: str = "curvax
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
-  plt.close(fig)
   return path

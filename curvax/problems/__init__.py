@@ -12,7 +12,7 @@ from curvax.problems.problems import PARAM_COUNTS, get, kernel_l2, names
 __all__ = ["DataNotFoundError", "EVAL_SPLITS", "PARAM_COUNTS", "Problem", "download", "get",
            "kernel_l2", "names"]
 
-from curvax.problems import optimizers  # noqa: E402
+from curvax.problems import optimizers, plot  # noqa: E402
 from curvax.problems.runner import loggable_state, run  # noqa: E402
 
-__all__ += ["loggable_state", "optimizers", "run"]
+__all__ += ["loggable_state", "optimizers", "plot", "run"]

@@ -1,4 +1,4 @@
-"""DeepOBS-style learning curves from the runner's JSON results (matplotlib, Agg).
+"""DeepOBS-style learning curves from the runner's JSON results (matplotlib).
 
 For each test problem found under a results folder, one PNG: rows test loss,
 train(-eval) loss and, for classification problems, test and train accuracy
@@ -55,9 +55,9 @@ def plot(folder: str, out: Optional[str] = None) -> List[str]:
   ``out`` is a folder for the PNGs (default: ``folder``) or, with one problem, a
   ``.png`` file name.
   """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # A bare Figure draws with Agg whatever pyplot's backend is: no global
+  # backend switch (which would silence plt.show() in a user's notebook).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   runs = load_results(folder)
   if not runs:
@@ -66,7 +66,8 @@ def plot(folder: str, out: Optional[str] = None) -> List[str]:
   for problem, settings in sorted(runs.items()):
     rows = [(k, t) for k, t in ROWS
             if any(k in r for rs in settings.values() for r in rs)]
-    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.6 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(10, 2.6 * len(rows)))
+    axes = fig.subplots(len(rows), 2, squeeze=False)
     for ci, (label, rs) in enumerate(sorted(settings.items())):
       color = f"C{ci % 10}"
       for ri, (key, title) in enumerate(rows):
@@ -99,7 +100,6 @@ def plot(folder: str, out: Optional[str] = None) -> List[str]:
       os.makedirs(out or folder, exist_ok=True)
       path = os.path.join(out or folder, f"{problem}.png")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     written.append(path)
   return written
 

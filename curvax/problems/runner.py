@@ -45,15 +45,16 @@ from curvax.problems.problem import Problem
 def loggable_state(state: Any) -> Dict[str, jax.Array]:
   """Scalar fields of NamedTuples in an optimizer state, by dotted path.
 
-  Scalar leaves anywhere below a NamedTuple field, e.g. ``{'0.damping': ...,
-  '1.count': ..., 'hyperparams.learning_rate': ...}``; arrays with more than one
-  element are skipped.
+  Scalar (or one-element, e.g. a per-group value with one group) leaves anywhere
+  below a NamedTuple field, e.g. ``{'0.damping': ..., '1.count': ...,
+  'hyperparams.learning_rate': ...}``; arrays with more than one element are
+  skipped.
   """
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     if not any(isinstance(p, jax.tree_util.GetAttrKey) for p in path):
       continue
-    if jnp.ndim(leaf) != 0 or not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
+    if jnp.size(leaf) != 1 or not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
       continue
     parts = []
     for p in path:
