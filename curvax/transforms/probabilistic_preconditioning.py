@@ -359,7 +359,10 @@ def probabilistic_preconditioning(
     g_leaves = treedef.flatten_up_to(updates)
     g_flat = [jnp.ravel(x) for x in g_leaves]
     shapes = [x.shape for x in g_leaves]
-    hvp = hessian_matvec(loss_fn, params, batch)
+    # Built inside the branches that need it: jax.linearize runs the forward and
+    # backward pass at construction, which outside a cond would cost a second
+    # gradient evaluation on every step.
+    hvp = lambda v: hessian_matvec(loss_fn, params, batch)(v)
     zero_updates = optax.tree_utils.tree_zeros_like(updates)
     one = jnp.ones([], jnp.int32)
 
@@ -369,32 +372,45 @@ def probabilistic_preconditioning(
     def leaf_scalar(per_group, i):
       return per_group[gids[i]]
 
+    # Structure (cost): one flat sequence of two-way conds, one per phase (and
+    # one for the fit and one for the rank-k build), each passing through only
+    # the fields it may change. A single lax.switch over the whole state, or
+    # conds nested in pass-through branches, make XLA copy every buffer passing
+    # through (S, Delta, U, the prior sums: ~(2M + k + 2) x params) on every
+    # step; flat two-way conds over donated buffers update them in place, so a
+    # preconditioning step touches none of the estimation buffers.
+    phase = state.phase
+
     # ---------------------------------------------------------------- prior
-    def prior_step(state):
-      r = state.round_step
+    def prior_step(carry):
+      sum_vu, sum_uu, sum_vv, sum_dirs, sum_prods, r, skipped = carry
       u_tree = hvp(updates)
       u_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(u_tree)]
       finite = _all_finite(g_flat + u_flat)
+      first = r == 0
+      keep = lambda x: jnp.where(first, jnp.zeros_like(x), x)
+      pick = lambda new, old: jnp.where(finite, new, old)
+      vu = _group_sum([jnp.vdot(v, u) for v, u in zip(g_flat, u_flat)], gids, num_groups)
+      uu = _group_sum([jnp.vdot(u, u) for u in u_flat], gids, num_groups)
+      vv = _group_sum([jnp.vdot(v, v) for v in g_flat], gids, num_groups)
+      new = (pick(keep(sum_vu) + vu, sum_vu), pick(keep(sum_uu) + uu, sum_uu),
+             pick(keep(sum_vv) + vv, sum_vv),
+             jax.tree.map(lambda s, v: pick(keep(s) + v, s), sum_dirs, updates),
+             jax.tree.map(lambda s, u: pick(keep(s) + u, s), sum_prods, u_tree),
+             pick(r + 1, r), skipped + jnp.where(finite, 0, 1).astype(skipped.dtype))
+      return new, finite & (r == num_prior - 1)
 
-      def accept(state):
-        first = r == 0
-        keep = lambda x: jnp.where(first, jnp.zeros_like(x), x)
-        vu = _group_sum([jnp.vdot(v, u) for v, u in zip(g_flat, u_flat)], gids, num_groups)
-        uu = _group_sum([jnp.vdot(u, u) for u in u_flat], gids, num_groups)
-        vv = _group_sum([jnp.vdot(v, v) for v in g_flat], gids, num_groups)
-        state = state._replace(
-            sum_vu=keep(state.sum_vu) + vu, sum_uu=keep(state.sum_uu) + uu,
-            sum_vv=keep(state.sum_vv) + vv,
-            sum_directions=jax.tree.map(lambda s, v: keep(s) + v, state.sum_directions,
-                                        updates),
-            sum_products=jax.tree.map(lambda s, u: keep(s) + u, state.sum_products, u_tree),
-            round_step=r + 1)
-        return jax.lax.cond(r == num_prior - 1, fit, lambda s: s, state)
+    prior_fields = ("sum_vu", "sum_uu", "sum_vv", "sum_directions", "sum_products",
+                    "round_step", "num_skipped")
+    carry = tuple(getattr(state, f) for f in prior_fields)
+    carry, do_fit = jax.lax.cond(phase == PRIOR, prior_step,
+                                 lambda c: (c, jnp.zeros([], bool)), carry)
+    state = state._replace(**dict(zip(prior_fields, carry)))
 
-      def skip(state):
-        return state._replace(num_skipped=state.num_skipped + 1)
-
-      return zero_updates, jax.lax.cond(finite, accept, skip, state)
+    # ------------------------------------------------------------------ fit
+    fit_fields = ("alpha", "prior_scale", "noise_scale", "learning_rate",
+                  "num_negative_curvature", "directions", "residuals", "num_observations",
+                  "round_step", "num_failed_fits")
 
     def fit(state):
       # (P1), (P2), (P3).
@@ -430,9 +446,17 @@ def probabilistic_preconditioning(
       failed = state._replace(round_step=jnp.zeros_like(state.round_step),
                               num_observations=jnp.zeros_like(state.num_observations),
                               num_failed_fits=state.num_failed_fits + 1)
-      return jax.lax.cond(valid, lambda: new, lambda: failed)
+      # Selected with where, not a nested cond (rare step; see "Structure").
+      return tuple(jax.tree.map(lambda a, b: jnp.where(valid, a, b), getattr(new, f),
+                                getattr(failed, f)) for f in fit_fields)
+
+    carry = jax.lax.cond(do_fit, fit, lambda s: tuple(getattr(s, f) for f in fit_fields),
+                         state)
+    state = state._replace(**dict(zip(fit_fields, carry)))
 
     # ------------------------------------------------------------ posterior
+    post_fields = ("directions", "residuals", "num_observations", "round_step", "num_skipped")
+
     def posterior_step(state):
       m = state.num_observations
       coeffs = [bh.posterior_coefficients(s, leaf_scalar(state.prior_scale, i),
@@ -445,25 +469,28 @@ def probabilistic_preconditioning(
                     zip(g_flat, state.directions, state.residuals, coeffs))]
       y_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(hvp(unflat(d_flat)))]
       finite = _all_finite(d_flat + y_flat)
+      dirs, res = [], []
+      for i, (d, y, s_buf, r_buf) in enumerate(
+          zip(d_flat, y_flat, state.directions, state.residuals)):
+        nrm = jnp.linalg.norm(d)
+        inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
+        s_new = d * inv
+        dirs.append(jnp.where(finite, s_buf.at[m].set(s_new), s_buf))
+        res.append(jnp.where(finite, r_buf.at[m].set(y * inv - s_new / leaf_scalar(
+            state.alpha, i)), r_buf))
+      skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
+      return (tuple(dirs), tuple(res), jnp.where(finite, m + 1, m),
+              jnp.where(finite, state.round_step + 1, state.round_step), skipped)
 
-      def accept(state):
-        dirs, res = [], []
-        for i, (d, y, s_buf, r_buf) in enumerate(
-            zip(d_flat, y_flat, state.directions, state.residuals)):
-          nrm = jnp.linalg.norm(d)
-          inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
-          s_new = d * inv
-          dirs.append(s_buf.at[m].set(s_new))
-          res.append(r_buf.at[m].set(y * inv - s_new / leaf_scalar(state.alpha, i)))
-        return state._replace(directions=tuple(dirs), residuals=tuple(res),
-                              num_observations=m + 1, round_step=state.round_step + 1)
-
-      def skip(state):
-        return state._replace(num_skipped=state.num_skipped + 1)
-
-      return zero_updates, jax.lax.cond(finite, accept, skip, state)
+    if estimate:
+      carry = jax.lax.cond(phase == POSTERIOR, posterior_step,
+                           lambda s: tuple(getattr(s, f) for f in post_fields), state)
+      state = state._replace(**dict(zip(post_fields, carry)))
 
     # -------------------------------------------------------- precondition
+    in_precondition = phase == PRECONDITION
+    starting = in_precondition & (state.round_step == apply_start)
+
     def build(state):
       # (L1) per leaf.
       vecs, vals = [], []
@@ -478,40 +505,41 @@ def probabilistic_preconditioning(
         vals.append(jnp.where(ok, sigma, 1.0))
       return tuple(vecs), tuple(vals)
 
-    def precondition_step(state):
-      r = state.round_step
-      starting = r == apply_start
-      if estimate:
-        vecs, vals = jax.lax.cond(starting, build,
-                                  lambda s: (s.eigenvectors, s.eigenvalues), state)
-      else:
-        vecs, vals = state.eigenvectors, state.eigenvalues
-      inner_state = jax.lax.cond(starting, lambda: inner.init(params),
-                                 lambda: state.inner_state)
+    if estimate:
+      vecs, vals = jax.lax.cond(starting, build, lambda s: (s.eigenvectors, s.eigenvalues),
+                                state)
+      state = state._replace(eigenvectors=vecs, eigenvalues=vals)
+    inner_state = jax.lax.cond(starting, lambda s: inner.init(params), lambda s: s,
+                               state.inner_state)
+
+    def precondition_step(carry):
+      inner_state, r, lr_state, skipped = carry
       if precondition:
         g_tilde = [bh.low_rank_precondition(
             g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
-            for i, (g, u, sigma) in enumerate(zip(g_flat, vecs, vals))]
+            for i, (g, u, sigma) in enumerate(
+                zip(g_flat, state.eigenvectors, state.eigenvalues))]
         g_tilde = unflat(g_tilde)
       else:
         g_tilde = updates
       direction, new_inner = inner.update(g_tilde, inner_state, params, batch=batch,
                                           **extra_args)
       d_leaves = treedef.flatten_up_to(direction)
-      lr = (state.learning_rate if learning_rate is None
-            else jnp.zeros_like(state.learning_rate) + learning_rate)   # live if injected
+      lr = (lr_state if learning_rate is None
+            else jnp.zeros_like(lr_state) + learning_rate)   # live if injected
       step = treedef.unflatten([-leaf_scalar(lr, i).astype(d.dtype) * d
                                 for i, d in enumerate(d_leaves)])
       finite = _all_finite(jax.tree_util.tree_leaves(step))
       step = optax.tree_utils.tree_where(finite, step, zero_updates)
       new_inner = optax.tree_utils.tree_where(finite, new_inner, inner_state)
-      return step, state._replace(
-          eigenvectors=vecs, eigenvalues=vals, inner_state=new_inner, round_step=r + 1,
-          learning_rate=lr,
-          num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
+      return step, (new_inner, r + 1, lr,
+                    skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
 
-    branches = [prior_step, posterior_step if estimate else prior_step, precondition_step]
-    new_updates, new_state = jax.lax.switch(state.phase, branches, state)
+    pre_fields = ("inner_state", "round_step", "learning_rate", "num_skipped")
+    carry = (inner_state,) + tuple(getattr(state, f) for f in pre_fields[1:])
+    new_updates, carry = jax.lax.cond(in_precondition, precondition_step,
+                                      lambda c: (zero_updates, c), carry)
+    new_state = state._replace(**dict(zip(pre_fields, carry)))
 
     r = new_state.round_step
     if restart_every is not None:
