@@ -52,7 +52,7 @@ def synthetic_data(key, n: int):
   return x, y
 
 
-def train(name, tx, loss_fn, params, data, steps: int, batch_size: int):
+def train(tx, loss_fn, params, data, steps: int, batch_size: int):
   """Jitted steps on disjoint (batch, eval_batch) pairs; returns final losses."""
   x, y = data
 
@@ -125,7 +125,7 @@ def main() -> None:
   print(f"   {'optimizer':32s} {'test loss':>10s} {'accuracy':>9s} {'time':>8s}")
   print(f"   {'(initial)':32s} {float(test_loss(params, test)):10.4f}")
   for name, tx in optimizers.items():
-    final, seconds = train(name, tx, loss_fn, params, data, steps=60, batch_size=128)
+    final, seconds = train(tx, loss_fn, params, data, steps=60, batch_size=128)
     acc = float(jnp.mean(jnp.argmax(apply_fn(final, test[0]), -1) == test[1]))
     print(f"   {name:32s} {float(test_loss(final, test)):10.4f} {acc:9.3f} {seconds:7.2f}s")
   print("\nNext: README.md (reference), notebooks/ (experiments), "

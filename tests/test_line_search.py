@@ -87,3 +87,13 @@ def test_cg_backtracking_steps_back_from_nan():
   fn = lambda x: losses[x.astype(int)]  # noqa: E731
   res = solvers.cg_backtracking(fn, jnp.arange(3.0), 3)
   assert int(res.index) == 1 and float(res.loss) == 1.0
+
+
+def test_cg_backtracking_with_a_float32_last_loss_and_a_float64_objective():
+  """float32 parameters with float64 data (x64 on): the loop runs in fn's dtype."""
+  losses = jnp.array([3.0, 1.0, 2.0], jnp.float64)
+  fn = lambda x: losses[x.astype(int)]  # noqa: E731
+  res = jax.jit(solvers.cg_backtracking, static_argnums=0)(
+      fn, jnp.arange(3.0, dtype=jnp.float32), 3, last_loss=jnp.asarray(2.0, jnp.float32))
+  assert int(res.index) == 1 and float(res.loss) == 1.0
+  assert res.loss.dtype == jnp.float64

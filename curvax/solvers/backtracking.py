@@ -52,19 +52,24 @@ def cg_backtracking(fn: Callable[[Any], Array], iterates: Any, num_iterates: Arr
     last_loss: ``fn`` at the last valid iterate if already known (saves one
       evaluation).
   """
+  # fn's dtype (e.g. float64 data with float32 parameters) rules the loop's.
+  dtype = jax.eval_shape(lambda: fn(_take(iterates, 0))).dtype
+
   def f(j):
     v = fn(_take(iterates, j))
-    return jnp.where(jnp.isfinite(v), v, jnp.inf)
+    return jnp.where(jnp.isfinite(v), v, jnp.inf).astype(dtype)
 
   last = jnp.asarray(num_iterates, jnp.int32) - 1
   if last_loss is None:
     cur, evals = f(last), 1
   else:
-    cur, evals = jnp.where(jnp.isfinite(last_loss), last_loss, jnp.inf), 0
+    cur = jnp.where(jnp.isfinite(last_loss), last_loss, jnp.inf).astype(dtype)
+    evals = 0
+
   def f_before(j):
     # fn at slot j - 1, or +inf (without evaluating) when j is the first slot.
     return jax.lax.cond(j > 0, lambda: f(jnp.maximum(j - 1, 0)),
-                        lambda: jnp.asarray(jnp.inf, cur.dtype))
+                        lambda: jnp.asarray(jnp.inf, dtype))
 
   cand = f_before(last)
 
