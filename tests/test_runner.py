@@ -124,6 +124,7 @@ def test_loggable_state_of_optax_states():
   pp = curvax.transforms.probabilistic_preconditioning(lambda p, b: jnp.sum(p["w"] ** 2))
   logged = problems.loggable_state(pp.init({"w": jnp.ones(3)}))
   assert {"alpha", "learning_rate", "prior_scale"} <= set(logged)
+  assert all(jnp.ndim(v) == 0 for v in logged.values())   # float(v) works
 
 
 def _tiny_bn_problem():

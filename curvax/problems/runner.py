@@ -45,7 +45,8 @@ from curvax.problems.problem import Problem
 def loggable_state(state: Any) -> Dict[str, jax.Array]:
   """Scalar fields of NamedTuples in an optimizer state, by dotted path.
 
-  Scalar (or one-element, e.g. a per-group value with one group) leaves anywhere
+  Scalar (or one-element, e.g. a per-group value with one group, returned as a
+  scalar) leaves anywhere
   below a NamedTuple field, e.g. ``{'0.damping': ..., '1.count': ...,
   'hyperparams.learning_rate': ...}``; arrays with more than one element are
   skipped.
@@ -64,7 +65,7 @@ def loggable_state(state: Any) -> Dict[str, jax.Array]:
         parts.append(str(p.idx))
       elif isinstance(p, jax.tree_util.DictKey):
         parts.append(str(p.key))
-    out[".".join(parts)] = leaf
+    out[".".join(parts)] = jnp.reshape(leaf, ())
   return out
 
 
