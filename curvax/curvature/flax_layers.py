@@ -112,8 +112,18 @@ def _key_tuple(path) -> Tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _plan(apply, params, inputs, strict):
-  """Discovers the layers by abstract evaluation; None if the fast path does not apply."""
+def _plan(apply, params, inputs, strict, what="per-example"):
+  """Discovers the layers by abstract evaluation; None if the fast path does not apply.
+
+  With ``strict``, raises a ValueError saying why the ``what`` fast path does not apply.
+  """
+  def fail(why):
+    if strict:
+      raise ValueError(f"{what} fast path not applicable: {why}")
+    return None
+
+  if not isinstance(apply, LinenApply):
+    return fail("apply_fn is not a Flax Linen wrapper from curvax.flax_utils.from_linen.")
   found = []
 
   def probe(p, x):
@@ -123,11 +133,6 @@ def _plan(apply, params, inputs, strict):
     return 0.0
 
   jax.eval_shape(probe, params, inputs)
-
-  def fail(why):
-    if strict:
-      raise ValueError(f"per-example fast path not applicable: {why}")
-    return None
 
   keys = [f[0] for f in found]
   if len(set(keys)) != len(keys):
@@ -147,12 +152,6 @@ def _plan(apply, params, inputs, strict):
 def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
                      strict=False):
   """Fast-path (losses, mean, second moment, squared norms, grads) or None."""
-  if not isinstance(apply_fn, LinenApply):
-    if strict:
-      raise ValueError(
-          "per-example fast path not applicable: apply_fn is not a Flax Linen "
-          "wrapper from curvax.flax_utils.from_linen.")
-    return None
   plan = _plan(apply_fn, params, inputs, strict)
   if plan is None:
     return None
@@ -220,12 +219,7 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
   without forming the ``N K`` factor columns (thesis App. B.1.2, Eq. B.12);
   other layers form the columns of that layer only.
   """
-  if not isinstance(apply_fn, LinenApply):
-    if strict:
-      raise ValueError("diag GGN fast path not applicable: apply_fn is not a Flax "
-                       "Linen wrapper from curvax.flax_utils.from_linen.")
-    return None
-  plan = _plan(apply_fn, params, inputs, strict)
+  plan = _plan(apply_fn, params, inputs, strict, what="diag GGN")
   if plan is None:
     return None
   layers, param_paths, _ = plan
