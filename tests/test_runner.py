@@ -69,8 +69,12 @@ def test_cli_run_and_plot_quadratic_several_optimizers(tmp_path, capsys):
 def test_divergence_stops_cleanly_and_is_recorded(tmp_path):
   r = problems.run("two_d_rosenbrock", "sgd", hyperparams={"learning_rate": 1.0}, epochs=3,
                    log_every=2, out=str(tmp_path), verbose=False)
-  assert r["status"] == "diverged" and "non-finite" in r["stop_reason"]
+  # The first reason (with the offending value) stands; the diverged parameters are not evaluated.
+  assert r["status"] == "diverged" and "non-finite mini-batch training loss (" in r["stop_reason"]
   assert r["steps"] < 78 and len(r["test_losses"]) == 1
+  first_bad = next(s for s, v in zip(r["minibatch_steps"], r["minibatch_train_losses"])
+                   if v is None or abs(v) >= 1e308)   # JSON stand-ins for nan and inf
+  assert r["stop_reason"].endswith(f"at step {first_bad}")
   with open(r["path"]) as f:
     assert json.load(f)["status"] == "diverged"
 

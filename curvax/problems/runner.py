@@ -296,12 +296,14 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   last_eval = 0
   diagnostics = []
 
-  def end_stretch(t_start):
+  def end_stretch(t_start, diverged=False):
     """Ends a timed stretch: waits, books its time, evaluates unless diverged."""
     nonlocal train_time, params, model_state, last_eval
     jax.block_until_ready(carry)
     train_time += time.perf_counter() - t_start
     reason = flush(upto_all=True)
+    if diverged:
+      return None   # the first reason stands; diverged parameters are not evaluated
     if reason is None and not math.isfinite(float(loss)):
       reason = f"non-finite mini-batch training loss at step {global_step}"
     if reason is not None or global_step == last_eval:
@@ -355,7 +357,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         t_start = time.perf_counter()
     if tty:
       say("")
-    reason = end_stretch(t_start)
+    reason = end_stretch(t_start, diverged=stop is not None and stop[0] == "diverged")
     if reason is not None:
       stop = ("diverged", reason)
     if stop is not None:
