@@ -95,3 +95,23 @@ def require_kwarg(value: Any, name: str, transform: str) -> Any:
         f"{transform}.update needs the keyword argument `{name}`: call "
         f"update(grads, state, params, {name}=(inputs, targets)).")
   return value
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point entry of ``tree`` is finite (a traced bool).
+
+  Computed as ``isfinite(sum_leaves sum(x * 0))``: ``x * 0`` is 0 for finite
+  ``x`` and NaN for ``inf``/``nan``, and a sum is NaN as soon as one term is.
+  One fused reduction per leaf, where ``all(isfinite(x))`` materialises a
+  boolean array and reduces it in two more passes on XLA:CPU (measured inside
+  `curvature_step_size`'s step). Integer leaves are always finite; an empty tree
+  is finite.
+  """
+  sums = [jnp.sum(x * jnp.zeros((), x.dtype)) for x in jax.tree_util.tree_leaves(tree)
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not sums:
+    return jnp.asarray(True)
+  total = sums[0]
+  for s in sums[1:]:
+    total = total + s.astype(total.dtype)
+  return jnp.isfinite(total)

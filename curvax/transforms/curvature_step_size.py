@@ -38,16 +38,18 @@ class CurvatureStepSizeState(NamedTuple):
     denominator: ``d'Gd`` on the evaluation batch.
     eval_loss: the objective at ``params`` on the evaluation batch (free).
     biased_numerator: ``d'u`` with ``u`` the incoming ``updates`` (the gradient on
-      ``batch``): free.
+      ``batch``); equals ``numerator`` when not debiasing, else needs
+      ``diagnostics=True`` (a reduction over the parameters).
     biased_denominator: ``d'Gd`` on ``batch`` (``diagnostics=True`` when
       debiasing: one more JVP; the evaluation one otherwise).
     hybrid: ``-numerator / biased_denominator`` (seed 004 Eq. 3.5, signed like
       ``alpha``); NaN unless computed.
     cos_batch: ``cos(d, -u)``: cosine between the step and the negative gradient
-      on ``batch`` (1 for plain SGD).
+      on ``batch`` (1 for plain SGD); ``diagnostics=True`` only.
     cos_eval: the same on the evaluation batch (``diagnostics=True`` when
       debiasing: one more gradient; equals ``cos_batch`` otherwise).
-    direction_norm: ``||d||`` of the inner optimizer's proposal.
+    direction_norm: ``||d||`` of the inner optimizer's proposal;
+      ``diagnostics=True`` only.
     learning_rate: the absolute learning rate applied this step (the step is
       ``(learning_rate / eta_t) * d``).
     held_learning_rate: the learning rate carried to the next step: the
@@ -213,9 +215,13 @@ def curvature_step_size(
     clip: optional ``(lo, hi)``, ``0 <= lo <= hi``, bounds of the applied
       absolute learning rate.
     regularizer: optional ``r(params) -> scalar`` of the objective.
-    diagnostics: when debiasing, also measure ``d'Gd`` on ``batch`` (one more
-      JVP: ``biased_denominator``, ``hybrid``) and the gradient on ``eval_batch``
-      (one more backward pass: ``cos_eval``). Off by default: they cost time.
+    diagnostics: measure ``direction_norm``, ``cos_batch`` and (debiasing)
+      ``biased_numerator`` (reductions over the parameters, each about as
+      costly as an elementwise optimizer update on XLA:CPU); when debiasing,
+      also ``d'Gd`` on ``batch`` (one more JVP: ``biased_denominator``,
+      ``hybrid``) and the gradient on ``eval_batch`` (one more backward pass:
+      ``cos_eval``). Off by default: they cost time. Without them these
+      fields are NaN (``hybrid`` equals ``alpha`` when not debiasing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
@@ -289,19 +295,26 @@ def curvature_step_size(
       position = jnp.zeros((), jnp.int32)
       compute = jnp.logical_not(in_warmup)
 
+    nan = jnp.full((), jnp.nan, dtype)
+
     def measure(d):
       m = quadratic_step_size(apply_fn, loss, params, d, curv_batch, regularizer=regularizer)
-      d_norm = otu.tree_norm(d)
-      biased_num = otu.tree_vdot(d, updates)
-      cos_batch = -biased_num / (d_norm * otu.tree_norm(updates))
+      if diagnostics:
+        # Reductions over the parameters: on XLA:CPU each costs about as much as
+        # the inner optimizer's update, so they are opt-in.
+        d_norm = otu.tree_norm(d)
+        biased_num = otu.tree_vdot(d, updates)
+        cos_batch = -biased_num / (d_norm * otu.tree_norm(updates))
+      else:
+        d_norm = cos_batch = nan
+        biased_num = nan if debias else m.numerator
       if debias and diagnostics:
         biased_den = quadratic_step_size(apply_fn, loss, params, d, batch,
                                          regularizer=regularizer).denominator
         g_eval = jax.grad(objective(apply_fn, loss, regularizer))(params, eval_batch)
         cos_eval = -otu.tree_vdot(d, g_eval) / (d_norm * otu.tree_norm(g_eval))
       elif debias:
-        biased_den = jnp.full((), jnp.nan, dtype)
-        cos_eval = jnp.full((), jnp.nan, dtype)
+        biased_den = cos_eval = nan
       else:
         biased_den, cos_eval = m.denominator, cos_batch
       return jax.tree.map(lambda x: jnp.asarray(x, dtype), _Measurement(
@@ -326,8 +339,7 @@ def curvature_step_size(
         d, s = propose()
         return d, s, skip(None)
       d, inner_state, meas = jax.lax.cond(compute, with_measure, without, None)
-    finite = jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(d)]))
+    finite = _checks.tree_all_finite(d)
 
     defined = step_size_is_defined(meas.numerator, meas.denominator)
     alpha = step_size_from_parts(meas.numerator, meas.denominator)

@@ -54,13 +54,6 @@ class HessianFreeState(NamedTuple):
   nonfinite_count: Array
 
 
-def _tree_isfinite(tree) -> Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
-
-
 def hessian_free(
     apply_fn: Callable[[Any, Any], Array],
     loss: Any,
@@ -294,15 +287,15 @@ def hessian_free(
       alpha, loss_after = jnp.asarray(1.0, dtype), loss_p
     step = otu.tree_scale(alpha, p)
 
-    finite = (_tree_isfinite(g) & jnp.isfinite(loss_before) & jnp.isfinite(loss_after)
-              & (res.status != solvers.CGStatus.NONFINITE) & _tree_isfinite(p_final)
-              & _tree_isfinite(step))
+    finite = (_checks.tree_all_finite(g) & jnp.isfinite(loss_before) & jnp.isfinite(loss_after)
+              & (res.status != solvers.CGStatus.NONFINITE) & _checks.tree_all_finite(p_final)
+              & _checks.tree_all_finite(step))
     zeros = otu.tree_zeros_like(params)
     step = otu.tree_where(finite, step, zeros)
     step = otu.tree_cast_like(step, params)
     new_damping = jnp.where(
         finite, new_damping, jnp.clip(damping * 1.5, min_damping, max_damping))
-    warm = otu.tree_where(finite & _tree_isfinite(p_final), p_final, zeros)
+    warm = otu.tree_where(finite & _checks.tree_all_finite(p_final), p_final, zeros)
 
     new_state = HessianFreeState(
         count=optax.safe_increment(state.count),

@@ -207,10 +207,6 @@ def _group_sum(per_leaf: Sequence[Array], gids: Sequence[int], num_groups: int) 
       jnp.stack(per_leaf))
 
 
-def _all_finite(leaves: Sequence[Array]) -> Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def probabilistic_preconditioning(
     loss_fn: Callable[[Any, Any], Array],
     *,
@@ -386,7 +382,7 @@ def probabilistic_preconditioning(
       sum_vu, sum_uu, sum_vv, sum_dirs, sum_prods, r, skipped = carry
       u_tree = hvp(updates)
       u_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(u_tree)]
-      finite = _all_finite(g_flat + u_flat)
+      finite = _checks.tree_all_finite(g_flat + u_flat)
       first = r == 0
       keep = lambda x: jnp.where(first, jnp.zeros_like(x), x)
       pick = lambda new, old: jnp.where(finite, new, old)
@@ -468,7 +464,7 @@ def probabilistic_preconditioning(
                 for i, (g, s, res, c) in enumerate(
                     zip(g_flat, state.directions, state.residuals, coeffs))]
       y_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(hvp(unflat(d_flat)))]
-      finite = _all_finite(d_flat + y_flat)
+      finite = _checks.tree_all_finite(d_flat + y_flat)
       dirs, res = [], []
       for i, (d, y, s_buf, r_buf) in enumerate(
           zip(d_flat, y_flat, state.directions, state.residuals)):
@@ -529,7 +525,7 @@ def probabilistic_preconditioning(
             else jnp.zeros_like(lr_state) + learning_rate)   # live if injected
       step = treedef.unflatten([-leaf_scalar(lr, i).astype(d.dtype) * d
                                 for i, d in enumerate(d_leaves)])
-      finite = _all_finite(jax.tree_util.tree_leaves(step))
+      finite = _checks.tree_all_finite(jax.tree_util.tree_leaves(step))
       step = optax.tree_utils.tree_where(finite, step, zero_updates)
       new_inner = optax.tree_utils.tree_where(finite, new_inner, inner_state)
       return step, (new_inner, r + 1, lr,

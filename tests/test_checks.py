@@ -1,0 +1,33 @@
+"""curvax._checks.tree_all_finite: the non-finite guard shared by the transforms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from curvax import _checks
+
+
+def _tree(dtype):
+  return {"w": jnp.full((3, 4), 1e30, dtype), "b": jnp.arange(4, dtype=dtype),
+          "n": jnp.arange(3)}   # an integer leaf: always finite
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, None])
+@pytest.mark.parametrize("leaf", ["w", "b"])
+def test_tree_all_finite_matches_numpy_under_jit(dtype, bad, leaf):
+  tree = _tree(dtype)
+  if bad is not None:
+    tree[leaf] = tree[leaf].at[(1,) * tree[leaf].ndim].set(bad)
+  expected = all(np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))
+  assert bool(jax.jit(_checks.tree_all_finite)(tree)) == expected == (bad is None)
+
+
+def test_tree_all_finite_large_finite_values_and_edge_cases():
+  # x * 0 is exactly 0 for any finite x, however large: no overflow false alarm.
+  big = jnp.full((1000,), jnp.finfo(jnp.float32).max, jnp.float32)
+  assert bool(_checks.tree_all_finite([big, -big]))
+  assert bool(_checks.tree_all_finite({}))
+  assert bool(_checks.tree_all_finite({"i": jnp.arange(3)}))
+  assert not bool(_checks.tree_all_finite([jnp.zeros(2), jnp.array([1.0, jnp.nan])]))
