@@ -4,6 +4,8 @@ r"""Flax model wrappers and BackPACK's per-layer fast path for per-example stati
 `curvax.flax_utils`: plain callables ``apply_fn(params, inputs)`` that also
 remember the model, so that per-example statistics can (i) refuse models with
 batch norm and (ii) use per-layer contractions instead of ``vmap(grad)``.
+`LinenVariablesApply` is the same for an ``apply_fn(variables, inputs)`` that
+takes the Flax variables ``{'params': p}`` (`curvax.problems.Problem.apply_fn`).
 
 Fast path (Dangel, thesis, App. B.1.1; spec §1.2). ``flax.linen.intercept_methods``
 captures, for every ``nn.Dense`` and ``nn.Conv`` call, the layer input ``A`` and
@@ -81,6 +83,34 @@ class NNXApply:
     return BATCH_NORM_MESSAGE if self.has_batch_stats else None
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinenVariablesApply:
+  """``apply_fn(variables, inputs)`` for a Linen module, in Flax's variables layout.
+
+  Like `LinenApply`, but the differentiated argument is the variables dict
+  ``{'params': p}`` itself (the layout of `curvax.problems.Problem`): calls
+  ``module.apply({**collections, **variables}, inputs, **kwargs)``. The
+  per-layer fast path runs on ``p`` (as the `LinenApply` given by
+  `linen_apply`) and returns its results in the ``{'params': ...}`` structure.
+  Subclasses may accept extra keywords (``train=``...) as long as the call
+  without them is the one above.
+  """
+  module: Any
+  collections: Mapping[str, Any]
+  kwargs: Mapping[str, Any]
+
+  def __call__(self, variables, inputs):
+    return self.module.apply({**self.collections, **variables}, inputs, **self.kwargs)
+
+  def linen_apply(self) -> LinenApply:
+    """The same model as a `LinenApply` of the inner ``params`` collection."""
+    return LinenApply(self.module, self.collections, self.kwargs)
+
+  @property
+  def per_example_unsupported(self) -> Optional[str]:
+    return BATCH_NORM_MESSAGE if "batch_stats" in self.collections else None
+
+
 def _layer_types():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return (nn.Dense, nn.Conv)
@@ -112,18 +142,48 @@ def _key_tuple(path) -> Tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def _unwrap(apply, params):
+  """``(LinenApply, inner params, wrap)`` or a string saying why there is none.
+
+  ``wrap`` puts a pytree shaped like the inner params back into the structure of
+  ``params`` (the identity for a `LinenApply`; ``{'params': t}`` for a
+  `LinenVariablesApply`, rebuilt from ``params``'s own tree structure).
+  """
+  if isinstance(apply, LinenApply):
+    return apply, params, lambda tree: tree
+  if not isinstance(apply, LinenVariablesApply):
+    return "apply_fn is not a Flax Linen wrapper from curvax.flax_utils.from_linen."
+  if apply.per_example_unsupported:
+    return apply.per_example_unsupported
+  if not isinstance(params, Mapping) or set(params) != {"params"}:
+    return ("the variables given hold collections other than 'params' "
+            f"({sorted(params) if isinstance(params, Mapping) else type(params).__name__}).")
+  inner = params["params"]
+  treedef = jax.tree_util.tree_structure(params)
+
+  def wrap(tree):
+    return jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(tree))
+
+  return apply.linen_apply(), inner, wrap
+
+
 def _plan(apply, params, inputs, strict, what="per-example"):
   """Discovers the layers by abstract evaluation; None if the fast path does not apply.
 
-  With ``strict``, raises a ValueError saying why the ``what`` fast path does not apply.
+  Returns ``(linen_apply, inner_params, wrap, layers, param_paths)``:
+  the fast path runs ``linen_apply`` on ``inner_params`` (see `_unwrap`) and
+  ``wrap``s its parameter-shaped results. With ``strict``, raises a ValueError
+  saying why the ``what`` fast path does not apply.
   """
   def fail(why):
     if strict:
       raise ValueError(f"{what} fast path not applicable: {why}")
     return None
 
-  if not isinstance(apply, LinenApply):
-    return fail("apply_fn is not a Flax Linen wrapper from curvax.flax_utils.from_linen.")
+  unwrapped = _unwrap(apply, params)
+  if isinstance(unwrapped, str):
+    return fail(unwrapped)
+  apply, params, wrap = unwrapped
   found = []
 
   def probe(p, x):
@@ -146,7 +206,7 @@ def _plan(apply, params, inputs, strict, what="per-example"):
   if missing:
     return fail(f"parameters {['/'.join(m) for m in missing]} do not belong to "
                 "an nn.Dense or nn.Conv layer.")
-  return found, param_paths, covered
+  return apply, params, wrap, found, param_paths
 
 
 def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
@@ -155,7 +215,7 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
   plan = _plan(apply_fn, params, inputs, strict)
   if plan is None:
     return None
-  layers, param_paths, covered = plan
+  apply_fn, params, wrap, layers, param_paths = plan
   perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
 
   def total(p, perts):
@@ -206,7 +266,8 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
   mean = jax.tree_util.tree_map(lambda g: g / n, g_sum)
   grads_tree = (jax.tree_util.tree_unflatten(treedef, [grads[p] for p in param_paths])
                 if return_gradients else None)
-  return values, mean, second_tree, sq_norms, grads_tree
+  return (values, wrap(mean), wrap(second_tree), sq_norms,
+          wrap(grads_tree) if return_gradients else None)
 
 
 def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
@@ -222,7 +283,7 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
   plan = _plan(apply_fn, params, inputs, strict, what="diag GGN")
   if plan is None:
     return None
-  layers, param_paths, _ = plan
+  apply_fn, params, wrap, layers, param_paths = plan
   perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
 
   def forward(perts):
@@ -253,4 +314,4 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
     for nm in names:
       diag[path + (nm,)] = jnp.sum(jnp.square(cols[nm]), axis=(0, 1)) / n
   treedef = jax.tree_util.tree_structure(params)
-  return jax.tree_util.tree_unflatten(treedef, [diag[p] for p in param_paths])
+  return wrap(jax.tree_util.tree_unflatten(treedef, [diag[p] for p in param_paths]))

@@ -7,6 +7,7 @@ The 2-D problems have none in DeepOBS; curvax uses batch 128 and 100 epochs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Dict, Optional
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvax.curvature.flax_layers import BATCH_NORM_MESSAGE, LinenVariablesApply
 from curvax.losses import l2_regularizer, mean_squared_error, softmax_cross_entropy
 from curvax.losses.base import as_loss
 from curvax.problems import data as data_lib
@@ -115,6 +117,43 @@ def _split_real(dataset: str, data_dir: Optional[str]):
 
 # ------------------------------------------------------------------ builders
 
+def _rngs_of(needs_rng, rng):
+  if rng is None:
+    return {"latent": jax.random.PRNGKey(0)} if needs_rng else {}
+  k1, k2 = jax.random.split(rng)
+  return {"dropout": k1, "latent": k2}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ProblemApply(LinenVariablesApply):
+  """``apply_fn(variables, inputs, *, train=False, rng=None)`` of a Linen problem.
+
+  The DeepOBS model: eval mode unless ``train`` (dropout with stream ``rng``);
+  see `Problem`. Without keywords it is the `LinenVariablesApply` of the
+  eval-mode model, so per-example statistics and diagonal curvature take the
+  per-layer fast path (`curvax.curvature.flax_layers`); batch-norm problems
+  (whose keyword-free call normalises with batch statistics when ``variables``
+  holds no ``batch_stats``) refuse per-example quantities instead.
+  """
+  has_bn: bool = False
+  needs_rng: bool = False
+
+  def __call__(self, variables, inputs, *, train=False, rng=None):
+    if self.has_bn and (train or "batch_stats" not in variables):
+      out, _ = self.module.apply(variables, inputs, train=True,
+                                 rngs=_rngs_of(self.needs_rng, rng),
+                                 mutable=["batch_stats"])
+      return out
+    if not train and rng is None:
+      return super().__call__(variables, inputs)
+    return self.module.apply(variables, inputs, train=train,
+                             rngs=_rngs_of(self.needs_rng, rng))
+
+  @property
+  def per_example_unsupported(self) -> Optional[str]:
+    return BATCH_NORM_MESSAGE if self.has_bn else None
+
+
 def _flax_problem(name, module, input_shape, loss, *, batch_size, num_epochs, dataset,
                   data_dir, preprocess, weight_decay=None, has_accuracy=True, seed=0,
                   metric="test_accuracy"):
@@ -129,20 +168,9 @@ def _flax_problem(name, module, input_shape, loss, *, batch_size, num_epochs, da
                             jnp.zeros((1,) + input_shape, jnp.float32))
     return dict(variables)
 
-  def rngs_of(rng):
-    if rng is None:
-      return {"latent": jax.random.PRNGKey(0)} if needs_rng else {}
-    k1, k2 = jax.random.split(rng)
-    return {"dropout": k1, "latent": k2}
-
-  def apply_fn(variables, inputs, *, train=False, rng=None):
-    """The DeepOBS model: eval mode unless ``train``; see `Problem`."""
-    if has_bn and (train or "batch_stats" not in variables):
-      out, _ = module.apply(variables, inputs, train=True, rngs=rngs_of(rng),
-                            mutable=["batch_stats"])
-      return out
-    return module.apply(variables, inputs, train=train, rngs=rngs_of(rng))
-
+  rngs_of = functools.partial(_rngs_of, needs_rng)
+  apply_fn = _ProblemApply(module, {}, {"train": False, "rngs": rngs_of(None)},
+                           has_bn=has_bn, needs_rng=needs_rng)
   regularizer = kernel_l2(weight_decay) if weight_decay else None
   problem = Problem(
       name=name, init=init, apply_fn=apply_fn, loss=loss, regularizer=regularizer,
