@@ -80,6 +80,29 @@ def test_low_rank_factors_are_top_singular_pairs(n, rank):
   np.testing.assert_allclose(u.T @ u, uu[:, :k] @ uu[:, :k].T, atol=1e-8)
 
 
+def test_low_rank_factors_float32_and_nearly_dependent_observations():
+  """Float32 (the Gram-matrix route loses half the digits of a QR) on a larger
+  block, with one direction almost repeating another: the top pairs still match
+  the float64 dense reference to float32-level accuracy, the rows are orthonormal."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  s, d, alpha, w, lam, m = _setup(n=200, m_buf=5, m=5, seed=4)
+  s[4] = s[3] + 1e-3 * s[0]
+  s[4] /= np.linalg.norm(s[4])
+  c = bh.posterior_coefficients(s, w, lam, m)
+  u64, sig64 = bh.low_rank_factors(s, d, c, alpha, w, 3)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  c32 = bh.posterior_coefficients(f32(s), f32(w), f32(lam), m)
+  u32, sig32 = bh.low_rank_factors(f32(s), f32(d), c32, f32(alpha), f32(w), 3)
+  _, ss, _ = np.linalg.svd(_dense_b(s, d, alpha, w, lam, m))
+  np.testing.assert_allclose(sig64, ss[:3], rtol=1e-9)
+  np.testing.assert_allclose(sig32, ss[:3], rtol=2e-3)
+  np.testing.assert_allclose(np.asarray(u32) @ np.asarray(u32).T, np.eye(3), atol=1e-5)
+  # Same top-3 subspace as float64 (projector difference).
+  p64 = np.asarray(u64).T @ np.asarray(u64)
+  p32 = np.asarray(u32, np.float64).T @ np.asarray(u32, np.float64)
+  assert np.linalg.norm(p64 - p32, 2) < 1e-2
+
+
 @pytest.mark.parametrize("form", ["inverse", "seed"])
 def test_preconditioner_closed_form(form):
   s, d, alpha, w, lam, m = _setup()

@@ -20,7 +20,7 @@ spec's order, and every docstring cites the labels:
   ``lam I (x) diag(S'S)``;
 * (W1) ``B^{-1} g = alpha g - alpha^2 w^2 X (I + alpha w^2 S'X)^{-1} S' g``
   (Woodbury; ``S'X``, not the seed code's ``X'S``);
-* (L1) ``[X S] = Z R`` (thin QR), ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``,
+* (L1) ``Z`` an orthonormal basis of span[X, S], ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``,
   ``K = U_K diag(sigma) V_K'`` (SVD), rank-k factors ``U = Z U_K[:, :k]``,
   ``sigma[:k]`` — exact, because B equals ``(1/alpha) I`` outside span[X, S]
   and maps that span into itself;
@@ -71,8 +71,9 @@ def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: A
   identity block (their residual rows are zero, so they contribute nothing).
   """
   mask = observation_mask(directions, num_observed)
-  s = directions * mask[:, None]
-  gram = s @ s.T
+  # Mask the (M, M) Gram matrix, not the (M, n) directions (no n-sized copy).
+  maskf = mask.astype(directions.dtype)
+  gram = (directions @ directions.T) * maskf[:, None] * maskf[None, :]
   diag = jnp.diagonal(gram)
   mat = (jnp.square(prior_scale) * gram
          + jnp.diag(jnp.square(noise_scale) * diag + (1.0 - mask.astype(gram.dtype))))
@@ -82,7 +83,7 @@ def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: A
 def posterior_matvec(v: Array, directions: Array, residuals: Array, coefficients: Array,
                      alpha: Array, prior_scale: Array) -> Array:
   r"""``B v = v / alpha + w^2 X S' v`` with ``X = Delta' C`` — the posterior mean (B3)."""
-  return v / alpha + jnp.square(prior_scale) * (residuals.T @ (coefficients @ (directions @ v)))
+  return v / alpha + jnp.square(prior_scale) * ((coefficients @ (directions @ v)) @ residuals)
 
 
 def posterior_inverse_matvec(g: Array, directions: Array, residuals: Array,
@@ -98,28 +99,64 @@ def posterior_inverse_matvec(g: Array, directions: Array, residuals: Array,
   sx = (directions @ residuals.T) @ coefficients        # S'X, (M, M)
   sg = directions @ g                                    # S'g, (M,)
   z = jnp.linalg.solve(jnp.eye(m, dtype=sx.dtype) + alpha * w2 * sx, sg)
-  return alpha * g - jnp.square(alpha) * w2 * (residuals.T @ (coefficients @ z))
+  # ``x @ Delta`` rather than ``Delta' @ x``: see `low_rank_precondition`.
+  return alpha * g - jnp.square(alpha) * w2 * ((coefficients @ z) @ residuals)
 
 
 def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
                      alpha: Array, prior_scale: Array, rank: int) -> Tuple[Array, Array]:
   r"""Top-``rank`` left singular vectors and values of the posterior mean (L1).
 
-  QR-factors ``[X S]`` (``n x 2M``) into ``Z`` and takes the SVD of the small
-  ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``; returns ``U`` as ROWS,
-  shape ``(k, n)``, and ``sigma`` of shape ``(k,)``, ``k = min(rank, n, 2M)``.
-  No iterative eigensolver and no ``n x n`` matrix.
+  (L1) asks for an orthonormal basis ``Z`` of span[X, S] (``n x 2M``) and the
+  SVD of the small ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``; then
+  ``U = Z U_K[:, :k]``. Here ``Z`` is never formed: with ``A = [X S]`` and its
+  ``2M x 2M`` Gram matrix ``G = A'A`` (columns equilibrated,
+  ``G = D Ghat D``, ``Ghat = V diag(mu) V'``), ``Z = A T`` with
+  ``T = D^{-1} V diag(mu)^{-1/2}``, so ``Z'X = T' G[:, :M]`` and
+  ``Z'S = T' G[:, M:]`` are small products, and the only ``n``-sized work is
+  ``X' = C' Delta`` (``M x n``), the three Gram blocks and
+  ``U' = (T U_K[:, :k])' A'``. Directions with ``mu <= sqrt(eps) max(mu)``
+  (columns of ``A`` within about ``eps^{1/4}`` of the span of the others,
+  e.g. fewer parameters than ``2M``) are dropped from ``Z``: their share of
+  ``K`` is the prior's ``1/alpha`` and their row of ``U`` is zero, which leaves
+  that direction unpreconditioned. A last symmetric re-orthonormalisation
+  of the ``k`` rows (``U <- (UU')^{-1/2} U``, a ``k x k`` Gram) removes the
+  Gram matrix's rounding from their orthonormality.
+
+  Cost and memory (why not a QR of ``A``): one ``M x n`` temporary and
+  ``O(n M^2)`` flops; a thin QR needs ``[X S]`` and ``Z`` as ``n x 2M``
+  temporaries (on XLA:CPU the QR's scratch memory made every step of the
+  transform slower, taken or not: see the transform's "Structure" note).
+
+  Returns ``U`` as ROWS, shape ``(k, n)``, and ``sigma`` of shape ``(k,)``,
+  ``k = min(rank, n, 2M)``. No iterative eigensolver and no ``n x n`` matrix.
   """
   n = directions.shape[1]
-  x = residuals.T @ coefficients                         # (n, M)
-  basis, _ = jnp.linalg.qr(jnp.concatenate([x, directions.T], axis=1), mode="reduced")
-  p = basis.shape[1]
-  zx = basis.T @ x                                       # (p, M)
-  zs = basis.T @ directions.T                            # (p, M)
-  k_mat = jnp.eye(p, dtype=zx.dtype) / alpha + jnp.square(prior_scale) * (zx @ zs.T)
+  m = directions.shape[0]
+  dtype = directions.dtype
+  x_rows = coefficients.T @ residuals                    # X' = C' Delta, (M, n)
+  g_xx = x_rows @ x_rows.T
+  g_xs = x_rows @ directions.T
+  g_ss = directions @ directions.T
+  gram = jnp.block([[g_xx, g_xs], [g_xs.T, g_ss]])       # A'A, (2M, 2M)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  d_inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+  mu, v = jnp.linalg.eigh(gram * d_inv[:, None] * d_inv[None, :])
+  keep = mu > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.max(mu)
+  t = d_inv[:, None] * v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, mu, 1.0)), 0.0)
+  zx = t.T @ gram[:, :m]                                 # Z'X, (2M, M)
+  zs = t.T @ gram[:, m:]                                 # Z'S, (2M, M)
+  p = 2 * m
+  k_mat = jnp.eye(p, dtype=dtype) / alpha + jnp.square(prior_scale) * (zx @ zs.T)
   u_k, sigma, _ = jnp.linalg.svd(k_mat)
   k = min(rank, n, p)
-  return (basis @ u_k[:, :k]).T, sigma[:k]
+  coef = t @ u_k[:, :k]                                  # U = A coef, (2M, k)
+  u = coef[:m].T @ x_rows + coef[m:].T @ directions      # (k, n)
+  # (U U')^{-1/2} U: exact orthonormality of the rows (zero rows stay zero).
+  lam, w = jnp.linalg.eigh(u @ u.T)
+  ok = lam > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(jnp.max(lam), 1.0)
+  inv_sqrt = (w * jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, lam, 1.0)), 0.0)) @ w.T
+  return inv_sqrt @ u, sigma[:k]
 
 
 def preconditioner_scales(sigma: Array, alpha: Array, form: str = "inverse") -> Array:

@@ -471,9 +471,11 @@ def probabilistic_preconditioning(
         nrm = jnp.linalg.norm(d)
         inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
         s_new = d * inv
-        dirs.append(jnp.where(finite, s_buf.at[m].set(s_new), s_buf))
-        res.append(jnp.where(finite, r_buf.at[m].set(y * inv - s_new / leaf_scalar(
-            state.alpha, i)), r_buf))
+        # Row m written in place; a skipped observation rewrites the old row (a
+        # select over the whole buffer would materialise a copy of it).
+        dirs.append(s_buf.at[m].set(jnp.where(finite, s_new, s_buf[m])))
+        res.append(r_buf.at[m].set(jnp.where(
+            finite, y * inv - s_new / leaf_scalar(state.alpha, i), r_buf[m])))
       skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
       return (tuple(dirs), tuple(res), jnp.where(finite, m + 1, m),
               jnp.where(finite, state.round_step + 1, state.round_step), skipped)
@@ -526,7 +528,7 @@ def probabilistic_preconditioning(
       step = treedef.unflatten([-leaf_scalar(lr, i).astype(d.dtype) * d
                                 for i, d in enumerate(d_leaves)])
       finite = _checks.tree_all_finite(jax.tree_util.tree_leaves(step))
-      step = optax.tree_utils.tree_where(finite, step, zero_updates)
+      step = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros((), x.dtype)), step)
       new_inner = optax.tree_utils.tree_where(finite, new_inner, inner_state)
       return step, (new_inner, r + 1, lr,
                     skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
