@@ -11,6 +11,11 @@ A problem is DeepOBS's test problem (seed 001, Ch. 5 and App. A) in JAX form:
   normalise with the batch's own statistics, i.e. the training-mode function
   whose gradient the runner follows; this is the function a curvature transform
   given ``problem.apply_fn`` sees (its per-example curvature is not defined).
+  For the Flax problems ``apply_fn`` is a
+  `curvax.curvature.flax_layers.LinenVariablesApply`: called without keywords
+  on ``{'params': ...}`` it is the eval-mode model, and per-example statistics
+  and diagonal GGNs take the per-layer Dense/Conv fast path (results shaped
+  ``{'params': ...}``); batch-norm problems refuse per-example quantities.
 * ``loss``: the per-example `curvax.losses.Loss`; ``regularizer``: DeepOBS's
   ``(lambda / 2) sum ||W||^2`` over kernels only
   (`curvax.losses.l2_regularizer`), or None.
