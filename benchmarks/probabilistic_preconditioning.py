@@ -6,6 +6,11 @@ steps per epoch), estimation restarted every epoch. The seed measured on a GPU
 2.39x (PreconditionedSGD), 1.87x (AdaptiveSGD: estimate, do not apply),
 1.00x (OnlyAdaptiveSGD: prior only) the time of SGD.
 
+Printed twice: with glibc's default allocator, and with large blocks cached
+(benchmarks/_allocator.py: XLA:CPU mallocs each execution's scratch buffer, and
+glibc mmaps blocks over 32 MiB afresh, so a step page-faults all the scratch it
+touches; GPU runtimes cache). The page faults per step are printed too.
+
 Synthetic data of the right shapes (the timing does not depend on the values).
 Each configuration runs whole epochs of jitted steps (one compiled step, a
 Python loop over batches already on the device); the ratios are medians over
@@ -25,6 +30,8 @@ import numpy as np
 import optax
 
 import curvax
+
+import _allocator  # noqa: E402  (benchmarks/_allocator.py)
 
 
 def mlp_init(key, sizes=(784, 1000, 500, 100, 10)):
@@ -47,6 +54,29 @@ def mlp_apply(params, x):
   return x
 
 
+def _batches(num):
+  """``num`` Fashion-MNIST training batches if the data are installed, else
+  teacher-labelled synthetic ones with pixel-like inputs. (Random labels on
+  N(0, 1) inputs make the prior's curvature tiny and its learning rate huge:
+  the runs diverged and skipped steps, which changes what is timed.)"""
+  try:
+    from curvax import problems  # pylint: disable=import-outside-toplevel
+    problem = problems.get("fmnist_mlp")
+    it = problem.batches("train", jax.random.PRNGKey(1))
+    batches = []
+    for _ in range(num):
+      x, y = next(it)
+      batches.append((x.reshape(x.shape[0], -1), jax.nn.one_hot(y, 10)))
+    return batches, "Fashion-MNIST"
+  except (FileNotFoundError, OSError, ValueError) as e:
+    print(f"(Fashion-MNIST not available: {e}; using synthetic teacher-labelled data)")
+  kx, kt = jax.random.split(jax.random.PRNGKey(1))
+  xs = jax.random.uniform(kx, (num, 128, 784))
+  teacher = mlp_init(kt)
+  ys = jax.nn.one_hot(jnp.argmax(mlp_apply(teacher, xs), -1), 10)
+  return [(xs[i], ys[i]) for i in range(num)], "synthetic"
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=469)
@@ -55,11 +85,8 @@ def main():
 
   loss_fn = curvax.losses.objective(mlp_apply, curvax.losses.softmax_cross_entropy)
   params0 = mlp_init(jax.random.PRNGKey(0))
-  kx, ky = jax.random.split(jax.random.PRNGKey(1))
   num_distinct = 16
-  xs = jax.random.normal(kx, (num_distinct, 128, 784))
-  ys = jax.nn.one_hot(jax.random.randint(ky, (num_distinct, 128), 0, 10), 10)
-  batches = [(xs[i], ys[i]) for i in range(num_distinct)]
+  batches, data_name = _batches(num_distinct)
   steps = args.steps
   pp = curvax.transforms.probabilistic_preconditioning
   configs = {
@@ -94,19 +121,29 @@ def main():
     jax.block_until_ready(params)
     runners[name] = [step, params, state]
 
-  times = {name: [] for name in configs}
-  for _ in range(args.repeats):
-    for name, run in runners.items():                      # interleaved: shared noise
-      t0 = time.perf_counter()
-      run[1], run[2] = epoch(run[0], run[1], run[2])
-      times[name].append(time.perf_counter() - t0)
+  def measure(label):
+    times = {name: [] for name in configs}
+    faults = {name: 0 for name in configs}
+    for _ in range(args.repeats):
+      for name, run in runners.items():                    # interleaved: shared noise
+        f0 = _allocator.minor_page_faults()
+        t0 = time.perf_counter()
+        run[1], run[2] = epoch(run[0], run[1], run[2])
+        times[name].append(time.perf_counter() - t0)
+        faults[name] += _allocator.minor_page_faults() - f0
+    base = np.median(times["SGD (lr 0.01)"])
+    print(f"{label}:")
+    for name in configs:
+      t = np.median(times[name])
+      print(f"  {name:36s} {t:8.3f} s/epoch   {t / base:5.2f}x SGD   "
+            f"{faults[name] / (args.repeats * steps):7.0f} page faults/step")
 
-  base = np.median(times["SGD (lr 0.01)"])
-  print(f"device: {jax.devices()[0].device_kind}; {steps} steps/epoch, batch 128, "
-        f"median of {args.repeats} epochs")
-  for name in configs:
-    t = np.median(times[name])
-    print(f"  {name:36s} {t:8.3f} s/epoch   {t / base:5.2f}x SGD")
+  print(f"device: {jax.devices()[0].device_kind}; {data_name} data; {steps} steps/epoch, "
+        f"batch 128, median of {args.repeats} epochs")
+  measure("default allocator")
+  if _allocator.cache_large_blocks():
+    measure("glibc caching large blocks (like a GPU runtime's caching allocator; "
+            "see benchmarks/_allocator.py)")
   for name, run in runners.items():
     if name.startswith("SGD"):
       continue
