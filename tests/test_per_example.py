@@ -242,3 +242,59 @@ def test_auto_uses_the_fast_path_and_jits_once(monkeypatch):
   step(params, batch)
   step(jax.tree_util.tree_map(lambda a: a + 1.0, params), batch)
   assert used == [True]
+
+
+# ---- dots with references and reductions of per-example gradients --------------
+
+def _cube_sum(g, theta):
+  """An additive reduction that depends on every element and on ``theta``."""
+  return {"cube": jnp.sum(g ** 3, axis=0) * jnp.cos(theta), "count": jnp.asarray(g.shape[0])}
+
+
+@pytest.mark.parametrize("setup,method", [
+    (("mlp", "softmax_cross_entropy", None), "vmap"),
+    (("cnn", "mean_squared_error", None), "vmap"),
+    ((_LinenMLP(), "softmax_cross_entropy", (4,)), "layers"),
+    ((_LinenCNN(), "softmax_cross_entropy", (6, 6, 1)), "layers")])
+def test_dots_and_reductions_match_explicit_per_example_gradients(setup, method,
+                                                                  monkeypatch):
+  """g_n'g, g_n'd and an element-wise reduction, without return_gradients,
+  against explicit float64 per-example gradients; the fast path forms Dense
+  kernel gradients in blocks of examples (here forced to 2 of 7 / 6)."""
+  from curvax.curvature import flax_layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(flax_layers, "REDUCE_BLOCK_ELEMENTS", 2 * 20)
+  model, loss_name, x_shape = setup
+  if x_shape is None:
+    apply_fn, loss, params, batch = problem(model, loss_name, n=7)
+  else:
+    apply_fn, loss, params, batch = _linen_problem(model, loss_name, x_shape)
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  d = _random_like(params, 3)
+
+  @jax.jit
+  def run(params, batch, d):
+    return pe.per_example_statistics(apply_fn, loss, params, batch, method=method,
+                                     dot_with=("mean", d), reduce_gradients=_cube_sum,
+                                     chunk_size=3)
+
+  s = run(params, batch, d)
+  assert s.gradients is None
+  np.testing.assert_allclose(s.dots[0], g @ g.mean(0), **TOL)
+  np.testing.assert_allclose(s.dots[1], g @ flat(d), **TOL)
+  cube = jax.tree_util.tree_map(lambda r: r["cube"], s.reduced,
+                                is_leaf=lambda r: isinstance(r, dict) and "cube" in r)
+  np.testing.assert_allclose(flat(cube), np.sum(g ** 3, 0) * np.cos(flat(params)),
+                             rtol=1e-9, atol=1e-12)
+  counts = [r["count"] for r in jax.tree_util.tree_leaves(
+      s.reduced, is_leaf=lambda r: isinstance(r, dict) and "count" in r)]
+  assert counts == [g.shape[0]] * len(counts)
+
+
+def test_dot_with_errors():
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  bad = dict(params)
+  del bad["b2"]
+  with pytest.raises(ValueError, match="dot_with"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=(bad,))
+  with pytest.raises(ValueError, match="mean"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=("median",))

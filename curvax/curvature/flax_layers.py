@@ -20,6 +20,11 @@ respect to the perturbations gives the unscaled per-example output gradients
   positions, so the per-example layer gradient is formed for that layer only
   (a ``vmap`` of the layer's own VJP), reduced, and discarded: memory
   ``N x layer`` instead of ``N x params``.
+* projections ``g_n' r`` on a reference ``r`` (e.g. the mean gradient, for
+  Cockpit's gradient tests): ``a_n' R b_n + b_n' r_b`` for Dense, i.e.
+  ``rowsum((A R) * B)``, again without per-example gradients;
+* element-wise reductions (histograms) form a Dense kernel's ``a_n b_n'`` a
+  block of examples at a time (`REDUCE_BLOCK_ELEMENTS`).
 
 The fast path applies only when every parameter belongs to exactly one
 Dense/Conv call; otherwise (shared layers, custom ``self.param``s, other layer
@@ -33,6 +38,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from curvax.curvature import _chunking
 
 Array = jax.Array
 
@@ -209,13 +216,45 @@ def _plan(apply, params, inputs, strict, what="per-example"):
   return apply, params, wrap, found, param_paths
 
 
+# Per-example gradient elements are formed at most this many at a time when a
+# reduction of them is requested (`layer_statistics`'s ``reduce_fn``): 2^22
+# floats, 16 MiB in float32, a buffer that stays below glibc's mmap threshold.
+REDUCE_BLOCK_ELEMENTS = 1 << 22
+
+
+def _reduce_in_chunks(fn, make, xs, per_example_size):
+  """``sum over example chunks of fn(make(*chunk))`` with chunks of ~`REDUCE_BLOCK_ELEMENTS`."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  chunk = max(1, min(n, REDUCE_BLOCK_ELEMENTS // max(per_example_size, 1)))
+  _, total = _chunking.map_reduce(lambda c: ((), fn(make(*c))), xs, chunk)
+  return total
+
+
 def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
-                     strict=False):
-  """Fast-path (losses, mean, second moment, squared norms, grads) or None."""
+                     strict=False, dot_with=(), reduce_fn=None):
+  r"""Fast-path statistics or None (see `curvax.curvature.per_example_statistics`).
+
+  Returns ``(losses, mean, second moment, squared norms, per-example gradients
+  or None, dots, reduced or None)``. ``dot_with``: references ``r`` (pytrees
+  like ``params``, or ``"mean"`` for the batch mean gradient ``g``); ``dots[j]``
+  is ``(N,)``, ``g_n' r_j``, accumulated per layer without per-example gradients:
+
+  * Dense on ``(N, in)`` inputs, ``g_n = a_n b_n'`` (kernel), ``b_n`` (bias):
+    ``g_n' r = a_n' R b_n + b_n' r_b``, i.e. ``rowsum((A R) * B) + B r_b``;
+  * other layers (Conv; Dense on inputs with extra axes): the per-example layer
+    gradients formed for the norms anyway, contracted with ``r``.
+
+  ``reduce_fn(g, theta)``: applied to the per-example gradients ``g`` (leading
+  axis: a block of examples) of each parameter tensor ``theta``, summed over
+  blocks; Dense kernels' ``a_n b_n'`` are formed a block of examples at a time
+  (at most `REDUCE_BLOCK_ELEMENTS` entries).
+  """
   plan = _plan(apply_fn, params, inputs, strict)
   if plan is None:
     return None
+  outer_treedef = jax.tree_util.tree_structure(params)
   apply_fn, params, wrap, layers, param_paths = plan
+  treedef = jax.tree_util.tree_structure(params)
   perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
 
   def total(p, perts):
@@ -227,10 +266,17 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
       total, argnums=(0, 1), has_aux=True)(params, perturbations)
   n = values.shape[0]
   flat_params = {_key_tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  mean = jax.tree_util.tree_map(lambda g: g / n, g_sum)
+  flat_mean = dict(zip(param_paths, jax.tree_util.tree_leaves(mean)))
+  # References in the inner layout (same leaf order as the outer one).
+  flat_refs = [flat_mean if isinstance(r, str) else
+               dict(zip(param_paths, jax.tree_util.tree_leaves(r))) for r in dot_with]
 
   second: Dict[Tuple[str, ...], Array] = {}
   grads: Dict[Tuple[str, ...], Array] = {}
+  reduced: Dict[Tuple[str, ...], Any] = {}
   sq_norms = jnp.zeros((n,), values.dtype)
+  dots = [jnp.zeros((n,), values.dtype) for _ in flat_refs]
   for key, path, module, _, _ in layers:
     a, b = acts[key], out_grads[key]
     names = [nm for nm in ("kernel", "bias") if path + (nm,) in flat_params]
@@ -239,13 +285,24 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
       b2_rows = jnp.sum(b2, axis=1)
       sq_norms = sq_norms + jnp.sum(a2, axis=1) * b2_rows
       second[path + ("kernel",)] = a2.T @ b2 / n
+      kernel = flat_params[path + ("kernel",)]
+      for j, fr in enumerate(flat_refs):
+        dots[j] = dots[j] + jnp.sum((a @ fr[path + ("kernel",)]) * b, axis=1)
+      outer = lambda a_, b_: jnp.einsum("ni,no->nio", a_, b_)
       if return_gradients:
-        grads[path + ("kernel",)] = jnp.einsum("ni,no->nio", a, b)
+        grads[path + ("kernel",)] = outer(a, b)
+      if reduce_fn is not None:
+        reduced[path + ("kernel",)] = _reduce_in_chunks(
+            lambda g, kernel=kernel: reduce_fn(g, kernel), outer, (a, b), kernel.size)
       if "bias" in names:
         sq_norms = sq_norms + b2_rows
         second[path + ("bias",)] = jnp.mean(b2, axis=0)
+        for j, fr in enumerate(flat_refs):
+          dots[j] = dots[j] + b @ fr[path + ("bias",)]
         if return_gradients:
           grads[path + ("bias",)] = b
+        if reduce_fn is not None:
+          reduced[path + ("bias",)] = reduce_fn(b, flat_params[path + ("bias",)])
       continue
     layer_params = {nm: flat_params[path + (nm,)] for nm in names}
 
@@ -256,18 +313,23 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
     per = jax.vmap(one)(a, b)
     for nm in names:
       g = per[nm]
-      sq_norms = sq_norms + jnp.sum(jnp.square(g).reshape(n, -1), axis=1)
+      rows = g.reshape(n, -1)
+      sq_norms = sq_norms + jnp.sum(jnp.square(rows), axis=1)
       second[path + (nm,)] = jnp.mean(jnp.square(g), axis=0)
+      for j, fr in enumerate(flat_refs):
+        dots[j] = dots[j] + rows @ fr[path + (nm,)].reshape(-1)
       if return_gradients:
         grads[path + (nm,)] = g
+      if reduce_fn is not None:
+        reduced[path + (nm,)] = reduce_fn(g, flat_params[path + (nm,)])
 
-  treedef = jax.tree_util.tree_structure(params)
   second_tree = jax.tree_util.tree_unflatten(treedef, [second[p] for p in param_paths])
-  mean = jax.tree_util.tree_map(lambda g: g / n, g_sum)
   grads_tree = (jax.tree_util.tree_unflatten(treedef, [grads[p] for p in param_paths])
                 if return_gradients else None)
+  reduced_tree = (jax.tree_util.tree_unflatten(outer_treedef, [reduced[p] for p in param_paths])
+                  if reduce_fn is not None else None)
   return (values, wrap(mean), wrap(second_tree), sq_norms,
-          wrap(grads_tree) if return_gradients else None)
+          wrap(grads_tree) if return_gradients else None, tuple(dots), reduced_tree)
 
 
 def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):

@@ -25,11 +25,16 @@ Two implementations:
   second moment ``(A^2)'(B^2)/N`` without forming per-example gradients; Conv
   layers (and Dense layers on inputs with extra axes) form per-example gradients
   one layer at a time. See `curvax.curvature.flax_layers`.
+
+Neither path holds all ``N x params`` per-example gradients unless asked to
+(``return_gradients``): projections ``g_n' r`` on references (``dot_with``;
+``r = g`` gives Cockpit's gradient tests) and additive element-wise reductions
+(``reduce_gradients``; histograms) are computed per layer or per chunk.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +80,9 @@ class PerExampleStatistics(NamedTuple):
     gradient_norms: ``(N,)``, ``||g_n||``.
     gradients: per-example gradients (leading axis ``N``) if requested, else None.
     directional: `DirectionalStatistics` if a direction was given, else None.
+    dots: one ``(N,)`` array ``g_n' r`` per reference ``r`` in ``dot_with``
+      (``()`` if none).
+    reduced: ``reduce_gradients``'s sums, a tree shaped like params, else None.
   """
   losses: Array
   mean_gradient: Any
@@ -83,6 +91,8 @@ class PerExampleStatistics(NamedTuple):
   gradient_norms: Array
   gradients: Optional[Any] = None
   directional: Optional[DirectionalStatistics] = None
+  dots: Tuple[Array, ...] = ()
+  reduced: Optional[Any] = None
 
 
 def check_per_example_supported(apply_fn: Any) -> None:
@@ -126,31 +136,45 @@ def per_example_gradients(apply_fn: Callable[[Any, Any], Array], loss: Any,
 
 
 def _vmap_statistics(apply_fn, loss, params, inputs, targets, chunk_size,
-                     return_gradients):
+                     return_gradients, references=(), reduce_fn=None):
+  """Chunked ``vmap(grad)``: per chunk, norms, dots and sums; gradients only if asked."""
   one = _example_loss_and_grad(apply_fn, loss)
+  ref_leaves = [jax.tree_util.tree_leaves(r) for r in references]
 
   def chunk_fn(xy):
     values, grads = jax.vmap(one, in_axes=(None, 0, 0))(params, *xy)
-    sq_norms = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
-                   for g in jax.tree_util.tree_leaves(grads))
+    rows = [g.reshape(g.shape[0], -1) for g in jax.tree_util.tree_leaves(grads)]
+    sq_norms = sum(jnp.sum(jnp.square(g), axis=1) for g in rows)
+    dots = tuple(sum(g @ r.reshape(-1) for g, r in zip(rows, leaves))
+                 for leaves in ref_leaves)
     sums = (jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), grads),
-            jax.tree_util.tree_map(lambda g: jnp.sum(jnp.square(g), 0), grads))
-    per = (values, sq_norms, grads if return_gradients else None)
+            jax.tree_util.tree_map(lambda g: jnp.sum(jnp.square(g), 0), grads),
+            None if reduce_fn is None else jax.tree_util.tree_map(reduce_fn, grads, params))
+    per = (values, sq_norms, dots, grads if return_gradients else None)
     return per, sums
 
-  (values, sq_norms, grads), (g_sum, g2_sum) = _chunking.map_reduce(
+  (values, sq_norms, dots, grads), (g_sum, g2_sum, reduced) = _chunking.map_reduce(
       chunk_fn, (inputs, targets), chunk_size)
   n = values.shape[0]
-  return values, otu.tree_scale(1.0 / n, g_sum), otu.tree_scale(1.0 / n, g2_sum), sq_norms, grads
+  return (values, otu.tree_scale(1.0 / n, g_sum), otu.tree_scale(1.0 / n, g2_sum),
+          sq_norms, grads, dots, reduced)
 
 
 def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
                            params: Any, batch: Any, *,
                            direction: Optional[Any] = None,
                            return_gradients: bool = False,
+                           dot_with: Sequence[Any] = (),
+                           reduce_gradients: Optional[Callable[[Array, Array], Any]] = None,
                            chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
                            method: str = "auto") -> PerExampleStatistics:
-  """Losses, mean gradient, second moment, variance, norms (and more) in one pass.
+  r"""Losses, mean gradient, second moment, variance, norms (and more) in one pass.
+
+  Per-example gradients are never all held at once unless
+  ``return_gradients``: ``dot_with`` and ``reduce_gradients`` give the
+  quantities that usually motivate them (Cockpit's gradient tests and
+  histograms; Dangel, thesis, App. C.3.4-C.3.5) at the memory of one layer
+  (fast path) or one chunk (``vmap`` path).
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> outputs``; a
@@ -162,6 +186,19 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
       `DirectionalStatistics` along it (one extra JVP, see
       `directional_statistics`).
     return_gradients: also return the ``N``-leading per-example gradients.
+    dot_with: a sequence of references ``r``, each a pytree shaped like
+      ``params`` or the string ``"mean"`` (the batch mean gradient ``g``, so that
+      ``g_n'g`` and ``||g||^2 = mean_n g_n'g`` come from the same pass);
+      ``dots[j] = (g_n' r_j)_n``. Fast path, Dense layer ``(A, B)``:
+      ``g_n' r = a_n' R b_n + b_n' r_b``, no per-example gradient formed; ``vmap``
+      path: contracted chunk by chunk (``"mean"`` costs one extra batched
+      backward pass there, since ``g`` must be known before the chunks).
+    reduce_gradients: ``f(g, theta)``, applied to the per-example gradients
+      ``g`` (leading axis: a block of examples) of each parameter tensor
+      ``theta``; must be additive over blocks of examples (e.g. histogram
+      counts), as the result (``reduced``, shaped like ``params`` with ``f``'s
+      outputs as leaves) is the sum over blocks. Blocks are the chunks of the
+      ``vmap`` path, or per layer on the fast path.
     chunk_size: examples per ``vmap`` chunk on the generic path (None: all).
     method: ``"auto"`` (fast path when ``apply_fn`` supports it and every
       parameter belongs to a Dense/Conv layer, else vmap), ``"vmap"``, or
@@ -169,8 +206,8 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
 
   Raises:
     ValueError: batch norm (``batch_stats``) in a Flax model, an unknown
-      ``method``, a direction not shaped like ``params``, or ``method="layers"``
-      on an unsupported model.
+      ``method``, a direction or reference not shaped like ``params``, or
+      ``method="layers"`` on an unsupported model.
   """
   check_per_example_supported(apply_fn)
   if method not in ("auto", "vmap", "layers"):
@@ -179,16 +216,28 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
   inputs, targets = _checks.check_batch(batch)
   if direction is not None:
     _checks.check_tree_like(direction, params, "direction")
+  dot_with = tuple(dot_with)
+  for r in dot_with:
+    if isinstance(r, str):
+      if r != "mean":
+        raise ValueError(f"a `dot_with` string must be 'mean'; got {r!r}.")
+    else:
+      _checks.check_tree_like(r, params, "dot_with reference")
   result = None
   if method != "vmap":
     from curvax.curvature import flax_layers  # pylint: disable=g-import-not-at-top
     result = flax_layers.layer_statistics(apply_fn, loss, params, inputs, targets,
                                           return_gradients,
-                                          strict=(method == "layers"))
+                                          strict=(method == "layers"),
+                                          dot_with=dot_with, reduce_fn=reduce_gradients)
   if result is None:
+    references = dot_with
+    if any(isinstance(r, str) for r in dot_with):
+      g = jax.grad(lambda p: jnp.mean(loss(apply_fn(p, inputs), targets)))(params)
+      references = tuple(g if isinstance(r, str) else r for r in dot_with)
     result = _vmap_statistics(apply_fn, loss, params, inputs, targets, chunk_size,
-                              return_gradients)
-  values, mean, second, sq_norms, grads = result
+                              return_gradients, references, reduce_gradients)
+  values, mean, second, sq_norms, grads, dots, reduced = result
   # Clamped at 0: round-off can make s - m^2 slightly negative.
   variance = jax.tree_util.tree_map(lambda s, m: jnp.maximum(s - jnp.square(m), 0.0),
                                     second, mean)
@@ -196,7 +245,8 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
   if direction is not None:
     directional = directional_statistics(apply_fn, loss, params, batch, direction)
   return PerExampleStatistics(values, mean, second, variance,
-                              jnp.sqrt(jnp.maximum(sq_norms, 0.0)), grads, directional)
+                              jnp.sqrt(jnp.maximum(sq_norms, 0.0)), grads, directional,
+                              tuple(dots), reduced)
 
 
 def mean_gradient(apply_fn, loss, params, batch, **kwargs) -> Any:

@@ -34,20 +34,36 @@ def _counts(idx: Array, size: int) -> Array:
   return jnp.bincount(idx.reshape(-1), length=size).astype(jnp.int32)
 
 
+def counts_1d(g: Array, bins: int = 100,
+              value_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
+  """``(bins,)`` int32 counts of the entries of one array (edge bins clamp)."""
+  return _counts(bin_index(g, bins, value_range), bins)
+
+
+def counts_2d(g: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
+              grad_range: Tuple[float, float] = (-1.0, 1.0),
+              param_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
+  """``(bins_g, bins_theta)`` counts of ``(g[n, j], theta[j])``; ``g``: ``(n,) + theta.shape``."""
+  bg, bt = bins
+  ig = bin_index(g, bg, grad_range)
+  it = jnp.broadcast_to(bin_index(theta, bt, param_range), g.shape)
+  return _counts(ig * bt + it, bg * bt).reshape(bg, bt)
+
+
 def gradient_histogram(per_example_grads: Any, bins: int = 100,
                        value_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
   """GradHist1d: ``(bins,)`` int32 counts of all per-example gradient entries."""
   total = jnp.zeros((bins,), jnp.int32)
   for g in jax.tree_util.tree_leaves(per_example_grads):
-    total = total + _counts(bin_index(g, bins, value_range), bins)
+    total = total + counts_1d(g, bins, value_range)
   return total
 
 
 def layer_gradient_histograms(per_example_grads: Any, bins: int = 100,
                               value_range: Tuple[float, float] = (-2.0, 2.0)) -> Any:
   """Layer-wise GradHist1d: a ``(bins,)`` histogram per parameter tensor."""
-  return jax.tree_util.tree_map(
-      lambda g: _counts(bin_index(g, bins, value_range), bins), per_example_grads)
+  return jax.tree_util.tree_map(lambda g: counts_1d(g, bins, value_range),
+                                per_example_grads)
 
 
 def gradient_parameter_histogram(
@@ -55,11 +71,8 @@ def gradient_parameter_histogram(
     grad_range: Tuple[float, float] = (-1.0, 1.0),
     param_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
   """GradHist2d: ``(bins_g, bins_theta)`` counts of the pairs ``(g_ij, theta_j)``."""
-  bg, bt = bins
-  total = jnp.zeros((bg * bt,), jnp.int32)
+  total = jnp.zeros(bins, jnp.int32)
   for g, p in zip(jax.tree_util.tree_leaves(per_example_grads),
                   jax.tree_util.tree_leaves(params)):
-    ig = bin_index(g, bg, grad_range)
-    it = jnp.broadcast_to(bin_index(p, bt, param_range), g.shape)
-    total = total + _counts(ig * bt + it, bg * bt)
-  return total.reshape(bg, bt)
+    total = total + counts_2d(g, p, bins, grad_range, param_range)
+  return total

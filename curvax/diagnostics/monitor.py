@@ -8,9 +8,13 @@ the chosen instruments at ``theta_t`` on ``batch`` and stores them in its state
 ``inner``'s own update (plus one JVP on the step right after a tracked one when
 Alpha is requested, which needs the loss and slope at the step's end point).
 
-Per-example gradients are computed once per tracked step (through
-`curvax.curvature.per_example_statistics`, which takes the BackPACK-style fast
-path for Flax Dense/Conv models) and shared by every instrument that needs them.
+Per-example quantities come from one `curvax.curvature.per_example_statistics`
+call per tracked step (the BackPACK-style fast path for Flax Dense/Conv models,
+else chunked ``vmap``), which never holds all ``B x D`` per-example gradients:
+the gradient tests use the squared norms ``||g_i||^2`` and projections
+``g_i'g``, Alpha the slopes ``s'g_i`` (its ``dot_with``), and the histograms,
+the only instruments that need gradient elements, are counted one layer (fast
+path) or one chunk (``vmap``) at a time (its ``reduce_gradients``).
 
 Conventions:
 
@@ -122,25 +126,51 @@ def _resolve_schedule(schedule, every):
                    f"got {schedule!r}.")
 
 
-def _per_example(apply_fn, loss, params, batch, chunk_size):
-  """(losses (B,), per-example gradients (leading B), mean g, second moment)."""
+_HISTOGRAMS = ("grad_hist_1d", "layer_grad_hist_1d", "grad_hist_2d")
+
+
+class _Counts(NamedTuple):
+  """Histogram counts of one parameter tensor's per-example gradients (None: not asked)."""
+  hist_1d: Optional[Array]
+  hist_2d: Optional[Array]
+
+
+def _per_example(apply_fn, loss, params, batch, chunk_size, step, want, hist_bins,
+                 hist_range):
+  """Per-example statistics of one tracked step, without per-example gradients.
+
+  Returns ``(losses, mean g, second moment, ||g_i||^2, g_i'g, s'g_i or None,
+  histograms)``: the gradient tests need only the squared norms and the
+  projections ``g_i'g``, Alpha only ``s'g_i`` (`per_example_statistics`'s
+  ``dot_with``); the histograms are the only instruments that need gradient
+  *elements*, and they are counted layer by layer / chunk by chunk through
+  ``reduce_gradients`` (dict name -> counts; per tensor for ``layer_grad_hist_1d``).
+  """
   from curvax import curvature  # pylint: disable=g-import-not-at-top
-  stats_fn = getattr(curvature, "per_example_statistics", None)
-  if stats_fn is not None:
-    s = stats_fn(apply_fn, loss, params, batch, return_gradients=True,
-                 chunk_size=chunk_size)
-    return s.losses, s.gradients, s.mean_gradient, s.second_moment
-  # Fallback while curvax.curvature has no per-example statistics: plain vmap.
-  inputs, targets = batch
-
-  def one(x, y):
-    return jax.value_and_grad(
-        lambda p: loss(apply_fn(p, x[None]), y[None])[0])(params)
-
-  losses, grads = jax.vmap(one)(inputs, targets)
-  mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, 0), grads)
-  second = jax.tree_util.tree_map(lambda g: jnp.mean(jnp.square(g), 0), grads)
-  return losses, grads, mean, second
+  hists = [n for n in _HISTOGRAMS if n in want]
+  reduce_fn = None
+  if hists:
+    def reduce_fn(g, theta):
+      one = "grad_hist_1d" in hists or "layer_grad_hist_1d" in hists
+      return _Counts(histograms.counts_1d(g, hist_bins, hist_range) if one else None,
+                     histograms.counts_2d(g, theta) if "grad_hist_2d" in hists else None)
+  dot_with = ("mean",) if step is None else ("mean", step)
+  s = curvature.per_example_statistics(apply_fn, loss, params, batch, dot_with=dot_with,
+                                       reduce_gradients=reduce_fn, chunk_size=chunk_size)
+  counts = {}
+  if hists:
+    is_leaf = lambda t: isinstance(t, _Counts)
+    per_tensor = jax.tree_util.tree_leaves(s.reduced, is_leaf=is_leaf)
+    if "grad_hist_1d" in hists:
+      counts["grad_hist_1d"] = sum(t.hist_1d for t in per_tensor)
+    if "layer_grad_hist_1d" in hists:
+      counts["layer_grad_hist_1d"] = jax.tree_util.tree_map(
+          lambda t: t.hist_1d, s.reduced, is_leaf=is_leaf)
+    if "grad_hist_2d" in hists:
+      counts["grad_hist_2d"] = sum(t.hist_2d for t in per_tensor)
+  slopes = s.dots[1] if step is not None else None
+  return (s.losses, s.mean_gradient, s.second_moment, jnp.square(s.gradient_norms),
+          s.dots[0], slopes, counts)
 
 
 def _diag_curvature(method, apply_fn, loss, params, batch, key, chunk_size):
@@ -268,18 +298,15 @@ def monitor(inner: optax.GradientTransformation,
     cast = lambda x: jnp.asarray(x, dtype)
     pe_losses = None
     if need_pe:
-      pe_losses, pe_grads, mean_g, second = _per_example(apply_fn, loss, params, batch,
-                                                         chunk_size)
-      sq_norms, dots = gradient_tests.gram_statistics(pe_grads)
+      pe_losses, mean_g, second, sq_norms, dots, p0, counts = _per_example(
+          apply_fn, loss, params, batch, chunk_size, new_updates if need_alpha else None,
+          want, hist_bins, hist_range)
     elif "loss" in want or need_alpha:
       inputs, targets = batch
       pe_losses = loss(apply_fn(params, inputs), targets)
     start = state.alpha_start
     if need_alpha:
-      if need_pe:  # s'g_i from the per-example gradients already at hand
-        p0 = sum(jnp.tensordot(g, s, axes=s.ndim) for g, s in zip(
-            jax.tree_util.tree_leaves(pe_grads), jax.tree_util.tree_leaves(new_updates)))
-      else:
+      if not need_pe:  # else s'g_i came with the per-example statistics
         _, p0 = _losses_and_slopes(apply_fn, loss, params, batch, new_updates)
       start = jnp.stack([jnp.mean(pe_losses), alpha_lib.sample_variance(pe_losses),
                          jnp.mean(p0), alpha_lib.sample_variance(p0),
@@ -303,12 +330,8 @@ def monitor(inner: optax.GradientTransformation,
         out[n] = cast(gradient_tests.inner_test(sq_norms, dots))
       elif n == "ortho_test":
         out[n] = cast(gradient_tests.ortho_test(sq_norms, dots))
-      elif n == "grad_hist_1d":
-        out[n] = histograms.gradient_histogram(pe_grads, hist_bins, hist_range)
-      elif n == "layer_grad_hist_1d":
-        out[n] = histograms.layer_gradient_histograms(pe_grads, hist_bins, hist_range)
-      elif n == "grad_hist_2d":
-        out[n] = histograms.gradient_parameter_histogram(pe_grads, params)
+      elif n in _HISTOGRAMS:
+        out[n] = counts[n]
       elif n == "mean_gsnr":
         out[n] = cast(noise.mean_gsnr(mean_g, second))
       elif n == "cabs":
