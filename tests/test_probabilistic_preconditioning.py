@@ -304,6 +304,30 @@ def test_non_finite_observations_are_skipped_and_recorded():
   np.testing.assert_allclose(states[4].alpha, clean[2].alpha, rtol=1e-12)
 
 
+def test_posterior_gives_up_after_repeated_non_finite_observations():
+  """A degenerate estimate would fail every posterior observation: after
+  MAX_POSTERIOR_RETAKES in a row the phase ends and the rank-k estimate is built
+  from the observations so far (here the one from the prior), exactly as a
+  configuration that asks for that many observations builds it."""
+  assert pp_module.MAX_POSTERIOR_RETAKES == 2
+  batches = [BATCH, BATCH, NAN_BATCH, NAN_BATCH, BATCH, BATCH]
+  _, states, updates = _run(SHARED, SINGLE, {"x": jnp.ones(N)}, len(batches), batches)
+  assert [int(s.phase) for s in states] == [PRIOR, POSTERIOR, POSTERIOR, PRECONDITION,
+                                            PRECONDITION, PRECONDITION]
+  assert [int(s.posterior_retakes) for s in states] == [0, 0, 1, 0, 0, 0]
+  assert int(states[-1].num_skipped) == 2 and int(states[-1].num_observations) == 1
+  one_obs = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=1,
+                                          rank=1)
+  _, ref, ref_updates = _run(one_obs, SINGLE, {"x": jnp.ones(N)}, 3)
+  # Rank 2 from one observation: its pair, then the prior's 1/alpha (a direction
+  # the inverse form leaves unscaled), so the step equals the rank-1 one.
+  sigma, u = states[4].eigenvalues[0], states[4].eigenvectors[0]
+  np.testing.assert_allclose(sigma[0], ref[2].eigenvalues[0][0], rtol=1e-10)
+  np.testing.assert_allclose(sigma[1], 1.0 / states[4].alpha[0], rtol=1e-10)
+  np.testing.assert_allclose(abs(u[0] @ ref[2].eigenvectors[0][0]), 1.0, rtol=1e-10)
+  np.testing.assert_allclose(updates[4]["x"], ref_updates[2]["x"], rtol=1e-9)
+
+
 def test_failed_fit_restarts_round_and_negative_curvature_uses_magnitude():
   batches = [ZERO_BATCH] * 4 + [NEG_BATCH, NEG_BATCH]
   _, states, updates = _run(SHARED, SINGLE, {"x": jnp.ones(N)}, len(batches), batches)

@@ -60,7 +60,9 @@ Choices (the spec leaves them open):
   gradient and Hessian of ``loss_fn`` itself.
 * Robustness: an estimation step whose gradient or Hessian-vector product is
   non-finite is skipped (the observation is retaken on the next batch) and
-  counted in ``num_skipped``; a preconditioning step with a non-finite update
+  counted in ``num_skipped``; after `MAX_POSTERIOR_RETAKES` non-finite
+  posterior observations in a row the posterior phase ends early and the
+  rank-k estimate uses the observations gathered so far; a preconditioning step with a non-finite update
   returns zeros, keeps the inner state and is counted too. A prior fit with
   non-finite or zero ``alpha``/``w`` restarts the round and is counted in
   ``num_failed_fits``. Negative average curvature ``sum v'u < 0`` (the seed
@@ -85,6 +87,7 @@ Array = jax.Array
 PRIOR = 0
 POSTERIOR = 1
 PRECONDITION = 2
+MAX_POSTERIOR_RETAKES = 2   # consecutive non-finite posterior observations before giving up
 
 _NAME = "probabilistic_preconditioning"
 
@@ -124,6 +127,8 @@ class ProbabilisticPreconditioningState(NamedTuple):
       restarts the round.
     num_negative_curvature: prior fits with a negative sum v'u in some group
       (absolute values were used).
+    posterior_retakes: consecutive non-finite posterior observations (reset by a
+      finite one); at `MAX_POSTERIOR_RETAKES` the posterior phase ends early.
   """
   count: Array
   round_step: Array
@@ -147,6 +152,7 @@ class ProbabilisticPreconditioningState(NamedTuple):
   num_skipped: Array
   num_failed_fits: Array
   num_negative_curvature: Array
+  posterior_retakes: Array
 
 
 def _static_int(value: Any, name: str, minimum: int) -> int:
@@ -341,7 +347,8 @@ def probabilistic_preconditioning(
         sum_directions=optax.tree_utils.tree_zeros_like(params),
         sum_products=optax.tree_utils.tree_zeros_like(params),
         inner_state=inner.init(params),
-        num_skipped=izero(), num_failed_fits=izero(), num_negative_curvature=izero())
+        num_skipped=izero(), num_failed_fits=izero(), num_negative_curvature=izero(),
+        posterior_retakes=izero())
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     _checks.require_kwarg(batch, "batch", _NAME)
@@ -451,7 +458,8 @@ def probabilistic_preconditioning(
     state = state._replace(**dict(zip(fit_fields, carry)))
 
     # ------------------------------------------------------------ posterior
-    post_fields = ("directions", "residuals", "num_observations", "round_step", "num_skipped")
+    post_fields = ("directions", "residuals", "num_observations", "round_step", "num_skipped",
+                   "posterior_retakes")
 
     def posterior_step(state):
       m = state.num_observations
@@ -477,8 +485,18 @@ def probabilistic_preconditioning(
         res.append(r_buf.at[m].set(jnp.where(
             finite, y * inv - s_new / leaf_scalar(state.alpha, i), r_buf[m])))
       skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
+      # A non-finite observation is retaken on the next batch, at most
+      # MAX_POSTERIOR_RETAKES times in a row: a degenerate estimate (e.g. no
+      # gradient noise, so nearly repeated directions and an ill-posed Gram
+      # matrix) fails every time, and estimation would never end. Then the phase
+      # ends early: the rank-k estimate is built from the observations so far.
+      retakes = jnp.where(finite, 0, state.posterior_retakes + 1)
+      give_up = retakes >= MAX_POSTERIOR_RETAKES
+      round_step = jnp.where(finite, state.round_step + 1,
+                             jnp.where(give_up, apply_start, state.round_step))
       return (tuple(dirs), tuple(res), jnp.where(finite, m + 1, m),
-              jnp.where(finite, state.round_step + 1, state.round_step), skipped)
+              round_step.astype(state.round_step.dtype), skipped,
+              jnp.where(give_up, 0, retakes).astype(jnp.int32))
 
     if estimate:
       carry = jax.lax.cond(phase == POSTERIOR, posterior_step,
