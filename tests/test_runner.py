@@ -204,7 +204,7 @@ def test_resume_time_budget_eval_every_and_callback():
       "quadratic_deep", "sgd", epochs=1, eval_every=3, verbose=False,
       init_params=first["params"],
       callback=lambda step, params, model_state, opt_state, record: seen.append(
-          (step, float(record["train_losses"][-1]), jax.tree.map(np.asarray, params))))
+          (step, float(record["train_losses"][-1]), params)))
   assert resumed["train_losses"][0] == pytest.approx(first["train_losses"][-1], rel=1e-6)
   steps = resumed["steps_per_epoch"]
   expected = sorted(set(range(3, steps, 3)) | {steps})
@@ -213,6 +213,10 @@ def test_resume_time_budget_eval_every_and_callback():
   assert [l for _, l, _ in seen] == resumed["train_losses"][1:]
   jax.tree.map(np.testing.assert_array_equal, seen[-1][2],
                jax.tree.map(np.asarray, resumed["params"]))
+  # The runner donates its carry to each step: the caller's init_params and the
+  # parameters handed to the callback (kept as device arrays here) stay valid.
+  jax.tree.map(np.asarray, first["params"])
+  assert not np.array_equal(*(np.asarray(jax.tree.leaves(seen[i][2])[0]) for i in (0, -1)))
   with pytest.raises(ValueError, match="init_params"):
     problems.run("quadratic_deep", "sgd", epochs=1, verbose=False,
                  init_params={"w": jnp.zeros(3)})

@@ -65,7 +65,9 @@ def loggable_state(state: Any) -> Dict[str, jax.Array]:
         parts.append(str(p.idx))
       elif isinstance(p, jax.tree_util.DictKey):
         parts.append(str(p.key))
-    out[".".join(parts)] = jnp.reshape(leaf, ())
+    # A copy: the runner donates the state to the next step, which would delete
+    # the state's own buffer before this value is read back.
+    out[".".join(parts)] = jnp.array(leaf, copy=True).reshape(())
   return out
 
 
@@ -227,8 +229,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     model_state = {**model_state, **new_state}
     return (params, model_state, opt_state), loss
 
-  donate = (0,) if jax.default_backend() != "cpu" else ()
-  step_jit = jax.jit(step, donate_argnums=donate)
+  # The carry (params, model state, optimizer state) is donated: XLA updates it
+  # in place instead of allocating and copying every buffer each step (large
+  # for transforms with big states). The run works on a copy of the initial
+  # carry, so arrays the caller passed in (init_params) stay valid.
+  step_jit = jax.jit(step, donate_argnums=(0,))
   perm_jit = jax.jit(lambda k: jax.random.permutation(k, n))
 
   record: Dict[str, Any] = {
@@ -262,7 +267,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       print(msg, end=end, file=sys.stdout, flush=True)
 
   t_compile = time.perf_counter()
-  carry = (params, model_state, opt_state)
+  carry = jax.tree.map(jnp.copy, (params, model_state, opt_state))
   if mesh is not None:
     carry, x_all, y_all = sharding.replicate((carry, x_all, y_all), mesh)
   perm0 = perm_jit(jax.random.fold_in(k_perm, 1))
@@ -315,8 +320,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       return f"non-finite train_eval loss at step {global_step}"
     say(f"step {global_step}, epoch {global_step / steps_per_epoch:.3g} "
         f"(train time {train_time:.1f}s): " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
-    if callback is not None:
-      callback(global_step, params, model_state, opt_state, record)
+    if callback is not None:   # copies: the next step donates (deletes) the carry's buffers
+      callback(global_step, *jax.tree.map(jnp.copy, (params, model_state, opt_state)), record)
     return None
 
   loss = jnp.zeros(())
