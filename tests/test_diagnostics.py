@@ -342,3 +342,68 @@ def test_schedules_and_errors():
     tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match="no curvax.diagnostics"):
     dg.record(optax.sgd(0.1).init(params))
+
+
+class _LinenMLP:
+  """A small Linen MLP (Dense layers only: the per-layer fast path)."""
+
+  @staticmethod
+  def problem(n=6):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+    class MLP(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = jnp.tanh(nn.Dense(5)(x))
+        return nn.Dense(3)(nn.Dense(4, use_bias=False)(x))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, 4))
+    module = MLP()
+    variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                       module.init(jax.random.PRNGKey(1), x))
+    apply_fn, params = curvax.flax_utils.from_linen(module, variables)
+    y = jax.random.randint(jax.random.PRNGKey(2), (n,), 0, 3)
+    return apply_fn, curvax.losses.softmax_cross_entropy, params, (x, y)
+
+
+@pytest.mark.parametrize("path", ["layers", "vmap_chunks"])
+def test_monitor_per_example_instruments_match_explicit_gradients(path):
+  """Gradient tests, Alpha's start slopes and all three histograms from the
+  monitor (which never forms all per-example gradients) against numpy on
+  explicit float64 per-example gradients: Linen fast path, and the vmap path
+  in chunks of 4 on 6 examples (one scanned chunk and a remainder)."""
+  if path == "layers":
+    apply_fn, loss, params, batch = _LinenMLP.problem()
+    chunk_size = None
+  else:
+    apply_fn, loss, params, batch = ref.problem("cnn", n=6)
+    chunk_size = 4
+  names = ["norm_test", "inner_test", "ortho_test", "alpha", "grad_hist_1d",
+           "layer_grad_hist_1d", "grad_hist_2d"]
+  lo, hi = -0.3, 0.3
+  tx = dg.monitor(optax.sgd(0.5), apply_fn, loss, names, chunk_size=chunk_size,
+                  hist_range=(lo, hi), hist_bins=20)
+  obj = curvax.losses.objective(apply_fn, loss)
+  grads = jax.grad(obj)(params, batch)
+  upd, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))(
+      grads, tx.init(params), params)
+  rec = dg.record(state)
+  g = _pe_grads(apply_fn, loss, params, batch)  # jacrev of the loss vector: no vmap(grad)
+  np.testing.assert_allclose([rec["norm_test"], rec["inner_test"], rec["ortho_test"]],
+                             _np_tests(g), rtol=1e-7)
+  slopes = g @ ref.flat(upd)
+  np.testing.assert_allclose(state.alpha_start[2:4], [slopes.mean(), slopes.var(ddof=1)],
+                             rtol=1e-9)
+  clip = lambda v, a, b: np.clip(v, a, b - 1e-12)
+  want, _ = np.histogram(clip(g.ravel(), lo, hi), bins=20, range=(lo, hi))
+  assert 0 < want[0] + want[-1] < g.size  # some entries clamped, some not
+  np.testing.assert_array_equal(rec["grad_hist_1d"], want)
+  layers = jax.tree_util.tree_leaves(state.diagnostics["layer_grad_hist_1d"])
+  sizes = [p.size for p in jax.tree_util.tree_leaves(params)]
+  for counts, block in zip(layers, np.split(g, np.cumsum(sizes)[:-1], axis=1)):
+    np.testing.assert_array_equal(counts, np.histogram(clip(block.ravel(), lo, hi), bins=20,
+                                                       range=(lo, hi))[0])
+  theta = np.broadcast_to(ref.flat(params), g.shape)
+  want2, _, _ = np.histogram2d(clip(g.ravel(), -1, 1), clip(theta.ravel(), -2, 2),
+                               bins=(40, 50), range=((-1, 1), (-2, 2)))
+  np.testing.assert_array_equal(rec["grad_hist_2d"], want2)

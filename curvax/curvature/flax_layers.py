@@ -217,9 +217,11 @@ def _plan(apply, params, inputs, strict, what="per-example"):
 
 
 # Per-example gradient elements are formed at most this many at a time when a
-# reduction of them is requested (`layer_statistics`'s ``reduce_fn``): 2^22
-# floats, 16 MiB in float32, a buffer that stays below glibc's mmap threshold.
-REDUCE_BLOCK_ELEMENTS = 1 << 22
+# reduction of them is requested (`layer_statistics`'s ``reduce_fn``): 2^20
+# entries, 4 MiB in float32, a buffer that stays in cache and far below glibc's
+# mmap threshold (histograms of fmnist_mlp's 128 x 1.3M entries, XLA:CPU:
+# 0.36 s with 2^20, 0.42 s with 2^22, 0.54 s with 2^24).
+REDUCE_BLOCK_ELEMENTS = 1 << 20
 
 
 def _reduce_in_chunks(fn, make, xs, per_example_size):

@@ -4,9 +4,10 @@ Dangel, thesis, App. C.3.4 (Eqs. C.12, C.13); spec diagnostics.md §3.3.
 GradHist1d bins all ``B * D`` unscaled per-example gradient entries ``g_ij``
 (100 bins on ``(-2, 2)`` as in Cockpit's code); GradHist2d bins the pairs
 ``(g_ij, theta_j)`` (40 bins on ``(-1, 1)`` for ``g``, 50 on ``(-2, 2)`` for
-``theta``). Values outside the range are clamped into the edge bins. Counts are
-computed with a scatter-add (``jnp.bincount`` with a static length), so they are jittable and the
-bin layout is static.
+``theta``). Values outside the range are clamped into the edge bins. Bins are
+found by index arithmetic and counted with a scatter-add (``jnp.bincount`` with
+a static length; no sort or search), so counts are jittable and the bin layout
+is static.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ def _counts(idx: Array, size: int) -> Array:
 
 def counts_1d(g: Array, bins: int = 100,
               value_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
-  """``(bins,)`` int32 counts of the entries of one array (edge bins clamp)."""
+  """``(bins,)`` int32 counts of the entries of one array (edge bins clamp).
+
+  Uniform bins by index arithmetic (`bin_index`), then one scatter-add
+  (``bincount``), no sort or search. On XLA:CPU this costs ~2 ns per entry
+  (the scatter loop is serial); counting pairs of entries in a ``bins^2``
+  joint table or interleaving 16 sub-histograms measured faster in isolation
+  but slower inside the per-layer reduction (they break the fusion of the bin
+  computation into the scatter), so neither is used.
+  """
   return _counts(bin_index(g, bins, value_range), bins)
 
 
