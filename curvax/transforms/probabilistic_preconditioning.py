@@ -381,7 +381,11 @@ def probabilistic_preconditioning(
     # conds nested in pass-through branches, make XLA copy every buffer passing
     # through (S, Delta, U, the prior sums: ~(2M + k + 2) x params) on every
     # step; flat two-way conds over donated buffers update them in place, so a
-    # preconditioning step touches none of the estimation buffers.
+    # preconditioning step touches none of the estimation buffers. Branches
+    # also keep their scratch small (no (M, n) or (n, 2M) temporaries: rows
+    # written in place, the rank-k build from a Gram matrix): XLA sizes one
+    # scratch buffer for the largest branch and XLA:CPU allocates it on every
+    # execution, taken branch or not (see benchmarks/_allocator.py).
     phase = state.phase
 
     # ---------------------------------------------------------------- prior
