@@ -21,22 +21,18 @@ import argparse
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import curvax
 from curvax import flax_utils
+from curvax.problems import models
 
 C = curvax.curvature
 
 
-class MnistMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    for width in (1000, 500, 100):
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(10)(x)
+# DeepOBS's mnist_mlp (784-1000-500-100-10, ReLU), the model of curvax.problems.
+MnistMLP = models.MLP
 
 
 def main():

@@ -52,20 +52,16 @@ _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}={max(COUNTS)}".strip()
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import curvax  # noqa: E402
+from curvax.problems import models  # noqa: E402
 
 
-class MnistMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    for width in (1000, 500, 100):
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(10)(x)
+# DeepOBS's mnist_mlp (784-1000-500-100-10, ReLU), the model of curvax.problems.
+MnistMLP = models.MLP
 
 
 def _devices():
