@@ -17,6 +17,12 @@ The only inputs are the per-example squared norms ``||g_i||^2`` and the
 projections ``g_i'g`` (row sums of the Gram matrix divided by ``B``); note that
 ``||g||^2 = mean_i g_i'g``. Numerator round-off below zero is clipped, so
 identical per-example gradients give exactly 0 (no noise: any batch passes).
+
+`gram_statistics` computes both from materialised per-example gradients; the
+monitor gets them without forming those, from
+``curvax.curvature.per_example_statistics(..., dot_with=("mean",))``
+(``gradient_norms**2`` and ``dots[0]``; per layer ``a_i' G b_i`` for a Dense
+layer with inputs ``a_i``, output gradients ``b_i`` and mean kernel gradient ``G``).
 """
 
 from __future__ import annotations

@@ -244,6 +244,7 @@ def monitor(inner: optax.GradientTransformation,
   """
   names = _resolve_instruments(instruments)
   track = _resolve_schedule(schedule, every)
+  always_tracked = schedule in (None, "linear") and every == 1
   loss = as_loss(loss)
   if "cabs" in names and learning_rate is None:
     raise ValueError("instrument 'cabs' needs `learning_rate` (SGD's step size).")
@@ -364,10 +365,17 @@ def monitor(inner: optax.GradientTransformation,
     key, sub = jax.random.split(state.key)
     is_tracked = jnp.asarray(track(count), bool)
 
-    diagnostics, start = jax.lax.cond(
-        is_tracked,
-        lambda: compute(updates, new_updates, params, batch, state, sub),
-        lambda: (state.diagnostics, state.alpha_start))
+    if always_tracked:
+      # No lax.cond when every step is tracked: inside a conditional's branch,
+      # XLA:CPU leaves the per-example (grouped) weight-gradient convolutions of
+      # the vmap path in a non-canonical layout that runs ~8x slower (3c3d,
+      # batch 128: 0.87 s -> 7.3 s for the per-example norms alone).
+      diagnostics, start = compute(updates, new_updates, params, batch, state, sub)
+    else:
+      diagnostics, start = jax.lax.cond(
+          is_tracked,
+          lambda: compute(updates, new_updates, params, batch, state, sub),
+          lambda: (state.diagnostics, state.alpha_start))
 
     alpha, alpha_step, alpha_fresh = state.alpha, state.alpha_step, jnp.zeros((), bool)
     last_update = state.last_update
