@@ -260,7 +260,8 @@ def test_dots_and_reductions_match_explicit_per_example_gradients(setup, method,
                                                                   monkeypatch):
   """g_n'g, g_n'd and an element-wise reduction, without return_gradients,
   against explicit float64 per-example gradients; the fast path forms Dense
-  kernel gradients in blocks of examples (here forced to 2 of 7 / 6)."""
+  kernel gradients in blocks of examples (here forced to 2 of 7 / 6); the vmap
+  path in chunks of 3 of 7 (g from an extra backward pass) or in one chunk."""
   from curvax.curvature import flax_layers  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(flax_layers, "REDUCE_BLOCK_ELEMENTS", 2 * 20)
   model, loss_name, x_shape = setup
@@ -275,7 +276,7 @@ def test_dots_and_reductions_match_explicit_per_example_gradients(setup, method,
   def run(params, batch, d):
     return pe.per_example_statistics(apply_fn, loss, params, batch, method=method,
                                      dot_with=("mean", d), reduce_gradients=_cube_sum,
-                                     chunk_size=3)
+                                     chunk_size=None if model == "cnn" else 3)
 
   s = run(params, batch, d)
   assert s.gradients is None

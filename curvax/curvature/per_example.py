@@ -139,13 +139,20 @@ def _vmap_statistics(apply_fn, loss, params, inputs, targets, chunk_size,
                      return_gradients, references=(), reduce_fn=None):
   """Chunked ``vmap(grad)``: per chunk, norms, dots and sums; gradients only if asked."""
   one = _example_loss_and_grad(apply_fn, loss)
-  ref_leaves = [jax.tree_util.tree_leaves(r) for r in references]
+  # "mean" stays a string only when one chunk holds the whole batch.
+  ref_leaves = [r if isinstance(r, str) else jax.tree_util.tree_leaves(r)
+                for r in references]
 
   def chunk_fn(xy):
     values, grads = jax.vmap(one, in_axes=(None, 0, 0))(params, *xy)
     rows = [g.reshape(g.shape[0], -1) for g in jax.tree_util.tree_leaves(grads)]
     sq_norms = sum(jnp.sum(jnp.square(g), axis=1) for g in rows)
-    dots = tuple(sum(g @ r.reshape(-1) for g, r in zip(rows, leaves))
+    def reference_rows(leaves):
+      if isinstance(leaves, str):  # the chunk is the batch: its mean is g
+        return [jnp.mean(g, axis=0) for g in rows]
+      return [r.reshape(-1) for r in leaves]
+
+    dots = tuple(sum(g @ r for g, r in zip(rows, reference_rows(leaves)))
                  for leaves in ref_leaves)
     sums = (jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), grads),
             jax.tree_util.tree_map(lambda g: jnp.sum(jnp.square(g), 0), grads),
@@ -192,7 +199,8 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
       ``dots[j] = (g_n' r_j)_n``. Fast path, Dense layer ``(A, B)``:
       ``g_n' r = a_n' R b_n + b_n' r_b``, no per-example gradient formed; ``vmap``
       path: contracted chunk by chunk (``"mean"`` costs one extra batched
-      backward pass there, since ``g`` must be known before the chunks).
+      backward pass there unless one chunk holds the whole batch, since ``g``
+      must be known before the chunks).
     reduce_gradients: ``f(g, theta)``, applied to the per-example gradients
       ``g`` (leading axis: a block of examples) of each parameter tensor
       ``theta``; must be additive over blocks of examples (e.g. histogram
@@ -232,7 +240,8 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
                                           dot_with=dot_with, reduce_fn=reduce_gradients)
   if result is None:
     references = dot_with
-    if any(isinstance(r, str) for r in dot_with):
+    one_chunk = chunk_size is None or chunk_size >= _chunking.leading_size(inputs)
+    if any(isinstance(r, str) for r in dot_with) and not one_chunk:
       g = jax.grad(lambda p: jnp.mean(loss(apply_fn(p, inputs), targets)))(params)
       references = tuple(g if isinstance(r, str) else r for r in dot_with)
     result = _vmap_statistics(apply_fn, loss, params, inputs, targets, chunk_size,
