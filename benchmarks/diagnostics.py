@@ -1,6 +1,8 @@
 """Per-step cost of curvax.diagnostics presets on a 3c3d-shaped CNN.
 
-DeepOBS's CIFAR-10 3c3d (895,210 parameters; conv 64@5x5 valid, conv 96@3x3 valid,
+DeepOBS's CIFAR-10 3c3d (895,210 parameters; by default the Linen model of
+curvax.problems through ``from_linen``, so per-example quantities take the
+per-layer fast path; ``--model raw`` is the same net in ``jax.lax`` (vmap path); conv 64@5x5 valid, conv 96@3x3 valid,
 conv 128@3x3 same, each ReLU + 3x3/2 max-pool, then dense 512, 256, 10) on random
 data of CIFAR-10 shapes, batch 128, SGD. For each preset (economy / business /
 full) the script times, with jit and after compilation, three kinds of steps:
@@ -11,7 +13,9 @@ full) the script times, with jit and after compilation, three kinds of steps:
 
 and reports, as ratios to a plain jitted SGD step (gradient + update):
 
-* every step tracked: tracked step (steady state: it includes Alpha's end point);
+* every step tracked: a monitor built with ``every=1`` (no ``lax.cond``: on
+  XLA:CPU per-example conv gradients inside a conditional run several times
+  slower), in steady state (each step includes Alpha's end point);
 * every 64th step: ``(tracked + after + 62 * untracked) / 64``, amortised.
 
 Cockpit's published figures (thesis Fig. C.8 / 7.6b, GPU, CIFAR-10 3c3d):
@@ -36,6 +40,10 @@ import optax
 
 import curvax
 from curvax import diagnostics as dg
+from curvax import flax_utils
+from curvax.problems import models
+
+import _allocator  # noqa: E402  (benchmarks/_allocator.py)
 
 COCKPIT = {"economy": (1.5, 1.0), "business": (2.0, 1.0), "full": (21.0, 1.3)}
 
@@ -89,17 +97,30 @@ def main():
   ap.add_argument("--presets", default="economy,business,full")
   ap.add_argument("--chunk-size", type=int, default=None)
   ap.add_argument("--curvature", default="diag_ggn", choices=["diag_ggn", "diag_ggn_mc"])
+  ap.add_argument("--model", default="linen", choices=["linen", "raw"],
+                  help="linen: curvax.problems.models.ThreeC3D through from_linen (the "
+                  "per-layer fast path); raw: the same net in jax.lax (vmap path)")
+  ap.add_argument("--cache-allocator", action="store_true",
+                  help="cache large malloc blocks (benchmarks/_allocator.py)")
   args = ap.parse_args()
+  if args.cache_allocator and not _allocator.cache_large_blocks():
+    print("(could not change glibc's allocator settings)")
 
   key = jax.random.PRNGKey(0)
   kp, kx, ky = jax.random.split(key, 3)
-  params = init_3c3d(kp)
+  if args.model == "linen":
+    module = models.ThreeC3D(num_classes=10)
+    apply_fn, params = flax_utils.from_linen(
+        module, module.init(kp, jnp.zeros((1, 32, 32, 3))))
+  else:
+    apply_fn, params = apply_3c3d, init_3c3d(kp)
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
   batch = (jax.random.normal(kx, (args.batch, 32, 32, 3)),
            jax.random.randint(ky, (args.batch,), 0, 10))
   loss = curvax.losses.softmax_cross_entropy
-  obj = curvax.losses.objective(apply_3c3d, loss)
-  print(f"3c3d: {n_params:,} parameters, batch {args.batch}, device {jax.devices()[0]}")
+  obj = curvax.losses.objective(apply_fn, loss)
+  print(f"3c3d ({args.model}): {n_params:,} parameters, batch {args.batch}, "
+        f"device {jax.devices()[0]}")
 
   sgd = optax.sgd(1e-3)
 
@@ -113,22 +134,31 @@ def main():
   print(f"plain SGD step: {t_plain * 1e3:.1f} ms\n")
   print(f"{'preset':10s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
         f"{'every step':>10s} {'(Cockpit)':>9s}   {'every ' + str(args.every):>9s} {'(Cockpit)':>9s}")
-  for preset in args.presets.split(","):
-    tx = dg.monitor(sgd, apply_3c3d, loss, preset, every=args.every,
-                    curvature=args.curvature, chunk_size=args.chunk_size)
-
+  def make_step(tx):
     @jax.jit
-    def step(p, s, b, tx=tx):
+    def step(p, s, b):
       g = jax.grad(obj)(p, b)
       u, s = tx.update(g, s, p, batch=b)
       return optax.apply_updates(p, u), s
+    return step
 
+  for preset in args.presets.split(","):
+    tx = dg.monitor(sgd, apply_fn, loss, preset, every=args.every,
+                    curvature=args.curvature, chunk_size=args.chunk_size)
+    step = make_step(tx)
     state = tx.init(params)
     at = lambda c, state=state: state._replace(count=jnp.asarray(c, jnp.int32))
     t_track = _time(step, params, at(0), batch, repeats=args.repeats)
     t_after = _time(step, params, at(1), batch, repeats=args.repeats)
     t_idle = _time(step, params, at(2), batch, repeats=args.repeats)
-    every1 = (t_track + (t_after - t_idle)) / t_plain  # tracked step incl. Alpha's end point
+    # Every step tracked: a monitor with every=1 (no lax.cond at all), in steady
+    # state (from its second step on, each step includes Alpha's end point).
+    tx1 = dg.monitor(sgd, apply_fn, loss, preset, every=1, curvature=args.curvature,
+                     chunk_size=args.chunk_size)
+    state1 = tx1.init(params)
+    step1 = make_step(tx1)
+    _, state1 = step1(params, state1, batch)
+    every1 = _time(step1, params, state1, batch, repeats=args.repeats) / t_plain
     k = args.every
     every_k = (t_track + t_after + (k - 2) * t_idle) / (k * t_plain)
     c1, ck = COCKPIT.get(preset, (float("nan"), float("nan")))
