@@ -407,3 +407,19 @@ def test_monitor_per_example_instruments_match_explicit_gradients(path):
   want2, _, _ = np.histogram2d(clip(g.ravel(), -1, 1), clip(theta.ravel(), -2, 2),
                                bins=(40, 50), range=((-1, 1), (-2, 2)))
   np.testing.assert_array_equal(rec["grad_hist_2d"], want2)
+
+
+def test_counts_1d_and_2d_match_numpy_histograms_with_clamped_edges():
+  """The exported per-tensor building blocks (for use with per_example_statistics'
+  reduce_gradients in a user's own step) against numpy, out-of-range values clamped."""
+  rng = np.random.default_rng(7)
+  g = rng.normal(scale=1.5, size=(4, 6, 5))
+  theta = rng.normal(scale=1.5, size=(6, 5))
+  got = jax.jit(lambda x: dg.counts_1d(x, 12, (-2.0, 2.0)))(g)
+  want, _ = np.histogram(np.clip(g, -2.0, 2.0), 12, (-2.0, 2.0))
+  np.testing.assert_array_equal(got, want)
+  got2 = dg.counts_2d(jnp.asarray(g), jnp.asarray(theta), (8, 10), (-1.0, 1.0), (-2.0, 2.0))
+  want2, _, _ = np.histogram2d(np.clip(g, -1.0, 1.0).ravel(),
+                               np.clip(np.broadcast_to(theta, g.shape), -2.0, 2.0).ravel(),
+                               (8, 10), ((-1.0, 1.0), (-2.0, 2.0)))
+  np.testing.assert_array_equal(got2, want2)
