@@ -42,6 +42,7 @@ import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax.curvature import _chunking
+from curvax.curvature.quadratic_step_size import directional_terms
 from curvax.losses import as_loss
 
 Array = jax.Array
@@ -289,13 +290,6 @@ def directional_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
   gradients and no backward pass. Means and (1/N) variances over the batch.
   """
   check_per_example_supported(apply_fn)
-  loss = as_loss(loss)
-  inputs, targets = _checks.check_batch(batch)
-  _checks.check_tree_like(direction, params, "direction")
-  outputs, u = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (direction,))
-  loss.check_targets(outputs, targets)
-  n = outputs.shape[0]
-  slopes = jnp.sum((u * loss.grad(outputs, targets)).reshape(n, -1), axis=1)
-  curvatures = jnp.sum((u * loss.hvp(outputs, targets, u)).reshape(n, -1), axis=1)
+  _, slopes, curvatures = directional_terms(apply_fn, loss, params, direction, batch)
   return DirectionalStatistics(slopes, curvatures, jnp.mean(slopes), jnp.var(slopes),
                                jnp.mean(curvatures), jnp.var(curvatures))

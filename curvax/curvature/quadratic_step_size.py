@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,27 @@ def step_size_from_parts(numerator: Array, denominator: Array) -> Array:
   return jnp.where(defined, -numerator / safe_den, jnp.full_like(numerator, jnp.nan))
 
 
+def directional_terms(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
+                      direction: Any, batch: Any) -> Tuple[Array, Array, Array]:
+  r"""Per-example ``(l_n, d'g_n, d'G_n d)`` along ``direction`` from ONE JVP.
+
+  The model's JVP gives outputs ``f_n`` and tangents ``u_n = J_n d``; then
+  ``d'g_n = u_n' grad_f l_n`` and ``d'G_n d = u_n' H_n u_n`` with the loss's
+  closed-form output gradient and Hessian product: no backward pass, no GGN
+  matvec. Shared by `quadratic_step_size` (batch means) and
+  `curvax.curvature.directional_statistics` (per-example spread).
+  """
+  loss = as_loss(loss)
+  inputs, targets = _checks.check_batch(batch)
+  _checks.check_tree_like(direction, params, "direction")
+  outputs, u = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (direction,))
+  loss.check_targets(outputs, targets)
+  n = outputs.shape[0]
+  slopes = jnp.sum((u * loss.grad(outputs, targets)).reshape(n, -1), axis=1)
+  curvatures = jnp.sum((u * loss.hvp(outputs, targets, u)).reshape(n, -1), axis=1)
+  return loss(outputs, targets), slopes, curvatures
+
+
 def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
                         direction: Any, batch: Any, *,
                         regularizer: Optional[Callable[[Any], Array]] = None
@@ -99,18 +120,10 @@ def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params
   Returns:
     A `QuadraticStepSize` ``(alpha, numerator, denominator, loss)``.
   """
-  loss = as_loss(loss)
-  inputs, targets = _checks.check_batch(batch)
-  _checks.check_tree_like(direction, params, "direction")
-  # The single forward-mode pass: outputs f_n and tangents u_n = J_n d.
-  outputs, tangents = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (direction,))
-  loss.check_targets(outputs, targets)
-  n = outputs.shape[0]
-  objective = jnp.mean(loss(outputs, targets))
-  # d'g = (1/N) sum_n u_n' grad_f l_n   (no backward pass)
-  numerator = jnp.sum(tangents * loss.grad(outputs, targets)) / n
-  # d'Gd = (1/N) sum_n u_n' H_n u_n     (no GGN matvec: H_n acts in output space)
-  denominator = jnp.sum(tangents * loss.hvp(outputs, targets, tangents)) / n
+  values, slopes, curvatures = directional_terms(apply_fn, loss, params, direction, batch)
+  objective = jnp.mean(values)
+  numerator = jnp.mean(slopes)        # d'g = (1/N) sum_n u_n' grad_f l_n   (no backward pass)
+  denominator = jnp.mean(curvatures)  # d'Gd = (1/N) sum_n u_n' H_n u_n   (no GGN matvec)
   if regularizer is not None:
     def slope_of_r(p):
       return jax.jvp(regularizer, (p,), (direction,))
