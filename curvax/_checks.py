@@ -100,18 +100,13 @@ def require_kwarg(value: Any, name: str, transform: str) -> Any:
 def tree_all_finite(tree: Any) -> jax.Array:
   """Whether every floating-point entry of ``tree`` is finite (a traced bool).
 
-  Computed as ``isfinite(sum_leaves sum(x * 0))``: ``x * 0`` is 0 for finite
-  ``x`` and NaN for ``inf``/``nan``, and a sum is NaN as soon as one term is.
-  One fused reduction per leaf, where ``all(isfinite(x))`` materialises a
-  boolean array and reduces it in two more passes on XLA:CPU (measured inside
-  `curvature_step_size`'s step). Integer leaves are always finite; an empty tree
-  is finite.
+  The one non-finite guard of the transforms (an update with a non-finite entry
+  is never applied). Integer leaves are always finite; an empty tree is finite.
+  (``isfinite(sum(x * 0))`` per leaf, a single fused reduction, measured no
+  faster inside a training step on XLA:CPU, so the plain form is kept.)
   """
-  sums = [jnp.sum(x * jnp.zeros((), x.dtype)) for x in jax.tree_util.tree_leaves(tree)
-          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  if not sums:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not flags:
     return jnp.asarray(True)
-  total = sums[0]
-  for s in sums[1:]:
-    total = total + s.astype(total.dtype)
-  return jnp.isfinite(total)
+  return jnp.all(jnp.stack(flags))
