@@ -45,11 +45,10 @@ from curvax.problems.problem import Problem
 def loggable_state(state: Any) -> Dict[str, jax.Array]:
   """Scalar fields of NamedTuples in an optimizer state, by dotted path.
 
-  Scalar (or one-element, e.g. a per-group value with one group, returned as a
-  scalar) leaves anywhere
-  below a NamedTuple field, e.g. ``{'0.damping': ..., '1.count': ...,
-  'hyperparams.learning_rate': ...}``; arrays with more than one element are
-  skipped.
+  Scalar leaves (and one-element ones, e.g. a per-group value with one group,
+  returned as scalars) anywhere below a NamedTuple field, e.g.
+  ``{'0.damping': ..., '1.count': ..., 'hyperparams.learning_rate': ...}``;
+  arrays with more than one element are skipped.
   """
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
