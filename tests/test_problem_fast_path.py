@@ -17,6 +17,7 @@ import curvax
 from curvax.curvature import diagonals
 from curvax.curvature import flax_layers
 from curvax.curvature import per_example as pe
+from curvax.layers import PatchConv
 from curvax.problems import models
 from curvax.problems.problems import _flax_problem, _mnist_pre
 from reference import (LOSSES, explicit_ggn, explicit_per_example_grads_jacrev, flat,
@@ -41,6 +42,17 @@ class _TinyCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     del train
     x = nn.relu(nn.Conv(2, (3, 3), padding="SAME")(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(3)(x)
+
+
+class _TinyPatchCNN(nn.Module):
+  """`curvax.layers.PatchConv` (what the problems use on CPU), strided."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = nn.relu(PatchConv(2, (3, 3), strides=2)(x))
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(3)(x)
 
@@ -73,6 +85,7 @@ def _spy(monkeypatch, name):
     (_TinyMLP(), (4,), "softmax_cross_entropy"),
     (_TinyMLP(), (4,), "mean_squared_error"),
     (_TinyCNN(), (5, 5, 1), "softmax_cross_entropy"),
+    (_TinyPatchCNN(), (5, 5, 2), "softmax_cross_entropy"),
 ])
 def test_problem_apply_takes_the_fast_path_with_params_structure(
     module, x_shape, loss_name, monkeypatch):

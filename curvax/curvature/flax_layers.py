@@ -8,16 +8,17 @@ batch norm and (ii) use per-layer contractions instead of ``vmap(grad)``.
 takes the Flax variables ``{'params': p}`` (`curvax.problems.Problem.apply_fn`).
 
 Fast path (Dangel, thesis, App. B.1.1; spec §1.2). ``flax.linen.intercept_methods``
-captures, for every ``nn.Dense`` and ``nn.Conv`` call, the layer input ``A`` and
-adds a zero perturbation to its output; differentiating the *summed* loss with
-respect to the perturbations gives the unscaled per-example output gradients
-``B`` in the same backward pass as the mean gradient. Then, per layer:
+captures, for every ``nn.Dense``, ``nn.Conv`` and `curvax.layers.PatchConv` call,
+the layer input ``A`` and adds a zero perturbation to its output;
+differentiating the *summed* loss with respect to the perturbations gives the
+unscaled per-example output gradients ``B`` in the same backward pass as the
+mean gradient. Then, per layer:
 
 * Dense on ``(N, in)`` inputs: kernel gradient of example n is ``a_n b_n'``,
   so ``||g_n||^2 = ||a_n||^2 ||b_n||^2`` and the second moment is
   ``(A^2)'(B^2)/N``; bias: ``b_n``. No per-example gradient is formed.
-* Conv (and Dense on inputs with extra axes): weight sharing sums over
-  positions, so the per-example layer gradient is formed for that layer only
+* Conv and PatchConv (and Dense on inputs with extra axes): weight sharing
+  sums over positions, so the per-example layer gradient is formed for that layer only
   (a ``vmap`` of the layer's own VJP), reduced, and discarded: memory
   ``N x layer`` instead of ``N x params``.
 * projections ``g_n' r`` on a reference ``r`` (e.g. the mean gradient, for
@@ -120,7 +121,8 @@ class LinenVariablesApply:
 
 def _layer_types():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return (nn.Dense, nn.Conv)
+  from curvax.layers import PatchConv  # pylint: disable=g-import-not-at-top
+  return (nn.Dense, nn.Conv, PatchConv)
 
 
 def _forward(apply: LinenApply, params, inputs, perturbations):

@@ -4,6 +4,10 @@ Architectures follow DeepOBS (Schneider, Balles & Hennig, ICLR 2019; the thesis
 of seed 001, App. A.1, and the DeepOBS TensorFlow code); parameter counts match
 DeepOBS's (see ``PARAM_COUNTS`` in `curvax.problems.problems`). Inputs are NHWC.
 Every module takes ``train`` (dropout active, batch norm on batch statistics).
+The convolutional models take ``conv_impl`` (see `curvax.layers.conv_class`):
+``'auto'`` computes convolutions as patches @ kernel on CPU (`curvax.layers.PatchConv`,
+fast inside the control flow of second-order methods) and with ``nn.Conv``
+elsewhere; either way the parameters (names, shapes, initial values) are the same.
 """
 
 from __future__ import annotations
@@ -11,8 +15,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import itertools
+
 import jax
 import jax.numpy as jnp
+
+from curvax.layers import conv_class
 
 glorot_normal = nn.initializers.glorot_normal()
 glorot_uniform = nn.initializers.glorot_uniform()
@@ -20,6 +28,14 @@ glorot_uniform = nn.initializers.glorot_uniform()
 
 def _const(c):
   return nn.initializers.constant(c)
+
+
+def _convs(impl):
+  """Constructor of the model's convolutions, named ``Conv_0, Conv_1, ...`` in call
+  order (``nn.Conv``'s own names) whichever class `conv_class` picks."""
+  cls = conv_class(impl)
+  count = itertools.count()
+  return lambda *args, **kwargs: cls(*args, name=f"Conv_{next(count)}", **kwargs)
 
 
 def _trunc(std):
@@ -58,12 +74,14 @@ class TwoC2D(nn.Module):
   SAME padding, max-pool 2x2/2 SAME, ReLU; W ~ truncated N(0, 0.05^2), b = 0.05.
   """
   num_classes: int = 10
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     kw = dict(kernel_init=_trunc(0.05), bias_init=_const(0.05))
+    conv = _convs(self.conv_impl)
     for f in (32, 64):
-      x = nn.relu(nn.Conv(f, (5, 5), padding="SAME", **kw)(x))
+      x = nn.relu(conv(f, (5, 5), padding="SAME", **kw)(x))
       x = nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(1024, **kw)(x))
@@ -75,11 +93,13 @@ class ThreeC3D(nn.Module):
   max-pool 3x3/2 SAME), then Dense 512 -> 256 -> C. Conv W glorot-normal, dense W
   glorot-uniform, biases 0."""
   num_classes: int = 10
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    conv = _convs(self.conv_impl)
     for f, k, pad in ((64, 5, "VALID"), (96, 3, "VALID"), (128, 3, "SAME")):
-      x = nn.relu(nn.Conv(f, (k, k), padding=pad, kernel_init=glorot_normal,
+      x = nn.relu(conv(f, (k, k), padding=pad, kernel_init=glorot_normal,
                           bias_init=nn.initializers.zeros)(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)
@@ -96,11 +116,14 @@ class AllCNNC(nn.Module):
   strided block.
   """
   num_classes: int = 100
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    make = _convs(self.conv_impl)
+
     def conv(x, f, k, stride=1, pad="SAME"):
-      return nn.relu(nn.Conv(f, (k, k), (stride, stride), padding=pad,
+      return nn.relu(make(f, (k, k), (stride, stride), padding=pad,
                              kernel_init=glorot_normal, bias_init=_const(0.1))(x))
     x = nn.Dropout(0.2, deterministic=not train)(x)
     x = conv(x, 96, 3); x = conv(x, 96, 3); x = conv(x, 96, 3, 2)
@@ -122,12 +145,14 @@ class WideResNet(nn.Module):
   num_classes: int = 10
   depth: int = 16
   width: int = 4
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     n = (self.depth - 4) // 6
     bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
-    conv = lambda f, k, s: nn.Conv(f, (k, k), (s, s), padding="SAME", use_bias=False,
+    make = _convs(self.conv_impl)
+    conv = lambda f, k, s: make(f, (k, k), (s, s), padding="SAME", use_bias=False,
                                    kernel_init=glorot_uniform)
     x = conv(16, 3, 1)(x)
     channels = 16

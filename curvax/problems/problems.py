@@ -19,6 +19,7 @@ import numpy as np
 from curvax.curvature.flax_layers import BATCH_NORM_MESSAGE, LinenVariablesApply
 from curvax.losses import l2_regularizer, mean_squared_error, softmax_cross_entropy
 from curvax.losses.base import as_loss
+from curvax.layers import CONV_IMPLS
 from curvax.problems import data as data_lib
 from curvax.problems import models, synthetic
 from curvax.problems.problem import Problem
@@ -242,7 +243,7 @@ def _two_d(name, batch_size, seed, data_dir):
 
 
 def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
-        data_dir: Optional[str] = None) -> Problem:
+        data_dir: Optional[str] = None, conv_impl: str = "auto") -> Problem:
   """Returns DeepOBS test problem ``name`` (see `names()`).
 
   Args:
@@ -251,7 +252,13 @@ def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
     seed: default seed of `Problem.batches` (the runner takes its own).
     data_dir: searched first for the data files (then ``$CURVAX_DATA``, then
       ``/usr/share/datasets``); nothing is read until data are first used.
+    conv_impl: how the convolutional models (2c2d, 3c3d, All-CNN-C, WRN)
+      compute their convolutions, see `curvax.layers.conv_class`: ``'auto'``
+      (patches @ kernel on CPU, ``nn.Conv`` elsewhere), ``'lax'``, ``'patches'``.
+      Parameters and results are the same; only speed differs.
   """
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if name == "quadratic_deep":
     return _quadratic_deep(batch_size, seed, data_dir)
   if name in synthetic.TWO_D:
@@ -272,7 +279,7 @@ def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
       return _flax_problem(name, models.MLP(), mnist_shape, softmax_cross_entropy,
                            batch_size=b(128), num_epochs=100, preprocess=_mnist_pre, **kw)
     if arch == "2c2d":
-      return _flax_problem(name, models.TwoC2D(), mnist_shape, softmax_cross_entropy,
+      return _flax_problem(name, models.TwoC2D(conv_impl=conv_impl), mnist_shape, softmax_cross_entropy,
                            batch_size=b(128), num_epochs=100, preprocess=_mnist_pre, **kw)
     return _flax_problem(name, models.VAE(), mnist_shape, as_loss(models.vae_loss),
                          batch_size=b(64), num_epochs=50 if dataset == "mnist" else 100,
@@ -280,13 +287,13 @@ def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
   classes = 100 if dataset == "cifar-100" else 10
   pre = _image_pre(flip=dataset != "svhn")
   if arch == "3c3d":
-    return _flax_problem(name, models.ThreeC3D(classes), image_shape, softmax_cross_entropy,
+    return _flax_problem(name, models.ThreeC3D(classes, conv_impl=conv_impl), image_shape, softmax_cross_entropy,
                          batch_size=b(128), num_epochs=100, preprocess=pre,
                          weight_decay=0.002, **kw)
   if arch == "allcnnc":
-    return _flax_problem(name, models.AllCNNC(classes), image_shape, softmax_cross_entropy,
+    return _flax_problem(name, models.AllCNNC(classes, conv_impl=conv_impl), image_shape, softmax_cross_entropy,
                          batch_size=b(256), num_epochs=350, preprocess=pre,
                          weight_decay=5e-4, **kw)
-  return _flax_problem(name, models.WideResNet(classes, 16, 4), image_shape,
+  return _flax_problem(name, models.WideResNet(classes, 16, 4, conv_impl=conv_impl), image_shape,
                        softmax_cross_entropy, batch_size=b(128), num_epochs=160,
                        preprocess=pre, weight_decay=5e-4, **kw)

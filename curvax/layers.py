@@ -1,0 +1,126 @@
+r"""Flax layers for curvature work: a convolution computed as patches times a matrix.
+
+`PatchConv` is ``flax.linen.Conv`` (same parameters ``kernel`` of shape
+``(*kernel_size, in_features, features)`` and ``bias``, same initialisers, same
+output) computed without a convolution op (im2col; Chellapilla, Puri & Simard
+2006): the input is padded, the ``prod(kernel_size)`` shifted, strided windows
+are concatenated along the channel axis into patches ``P`` of shape
+``(N, *out_spatial, prod(kernel_size) * in_features)``, and
+
+.. math:: y = P \, \mathrm{reshape}(W, (\textstyle\prod k \cdot C_{in}, C_{out})) + b .
+
+Why: second-order methods differentiate a model inside control flow (CG's
+``lax.while_loop``, the transforms' ``lax.cond`` phases). XLA:CPU runs
+convolutions there on a slow path, 10-20x slower than the same convolution at
+the top level of a jitted function (jax-ml/jax#12868); slices, concatenations
+and matrix products have no such path. ``benchmarks/conv_impl.py``, batch 128,
+2 CPU cores (nn.Conv / PatchConv, seconds): a gradient 0.35 / 0.35 (fmnist_2c2d)
+and 0.76 / 0.67 (cifar10_3c3d); the same gradient inside ``lax.cond`` 3.1 / 0.37
+and 6.7 / 0.73; a Hessian-vector product inside ``lax.fori_loop`` 6.5 / 0.47 and
+11.1 / 0.52. On GPU and TPU,
+``nn.Conv`` (cuDNN and friends) is the better choice: `conv_class` picks by
+backend.
+
+Memory: the patches hold ``prod(kernel_size)`` copies of the (strided) input.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+__all__ = ["CONV_IMPLS", "PatchConv", "conv_class"]
+
+CONV_IMPLS = ("auto", "lax", "patches")
+
+PaddingLike = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
+
+
+def _pads(padding: PaddingLike, spatial: Sequence[int], kernel: Sequence[int],
+          strides: Sequence[int]):
+  """Explicit ``((lo, hi), ...)`` padding per spatial axis, as ``nn.Conv`` reads it."""
+  nd = len(kernel)
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"PatchConv supports padding 'SAME', 'VALID', ints or (lo, hi) "
+                       f"pairs, not {padding!r}.")
+    return tuple(lax.padtype_to_pads(tuple(spatial), tuple(kernel), tuple(strides),
+                                     padding.upper()))
+  if isinstance(padding, int):
+    return ((padding, padding),) * nd
+  pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+  if len(pads) != nd or any(len(p) != 2 for p in pads):
+    raise ValueError(f"padding {padding!r} does not give (lo, hi) for each of the "
+                     f"{nd} spatial axes.")
+  return pads
+
+
+class PatchConv(nn.Module):
+  """``nn.Conv`` as patches @ kernel matrix (see the module docstring).
+
+  Inputs are channels-last with one batch axis, ``(N, *spatial, C_in)``. The
+  fields mean what they mean for ``nn.Conv``; dilation, feature groups and
+  circular/causal padding are not supported.
+  """
+  features: int
+  kernel_size: Sequence[int]
+  strides: Union[int, Sequence[int]] = 1
+  padding: PaddingLike = "SAME"
+  use_bias: bool = True
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel_size = tuple(self.kernel_size)
+    nd = len(kernel_size)
+    if inputs.ndim != nd + 2:
+      raise ValueError(f"PatchConv with a {nd}-D kernel needs inputs (N, {nd} spatial axes, "
+                       f"C), got shape {inputs.shape}.")
+    strides = ((self.strides,) * nd if isinstance(self.strides, int)
+               else tuple(self.strides))
+    spatial = inputs.shape[1:-1]
+    pads = _pads(self.padding, spatial, kernel_size, strides)
+    kernel = self.param("kernel", self.kernel_init,
+                        kernel_size + (inputs.shape[-1], self.features), self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    x = jnp.pad(inputs, ((0, 0),) + pads + ((0, 0),))
+    out = [(x.shape[1 + d] - kernel_size[d]) // strides[d] + 1 for d in range(nd)]
+    if min(out) < 1:
+      raise ValueError(f"PatchConv: kernel {kernel_size} does not fit the padded input "
+                       f"{x.shape[1:-1]}.")
+    windows = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+      index = tuple(slice(o, o + (n - 1) * s + 1, s)
+                    for o, n, s in zip(offset, out, strides))
+      windows.append(x[(slice(None),) + index + (slice(None),)])
+    # Kernel offsets outer, input channels inner: the row order of W.reshape(-1, F).
+    patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    y = patches @ kernel.reshape(-1, self.features)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+def conv_class(impl: str = "auto"):
+  """The convolution layer class for ``impl``: ``nn.Conv`` or `PatchConv`.
+
+  ``'lax'``: ``nn.Conv``; ``'patches'``: `PatchConv`; ``'auto'``: `PatchConv` on
+  the CPU backend (where convolutions inside control flow are slow), ``nn.Conv``
+  elsewhere. Both take the same arguments and hold the same parameters.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}.")
+  if impl == "auto":
+    impl = "patches" if jax.default_backend() == "cpu" else "lax"
+  return PatchConv if impl == "patches" else nn.Conv

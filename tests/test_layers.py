@@ -1,0 +1,113 @@
+"""`curvax.layers.PatchConv` is ``nn.Conv``: same parameters, outputs and gradients.
+
+The reference is ``flax.linen.Conv`` (XLA's convolution) with the very same
+variables, in float64; configurations cover 1-D/2-D/3-D kernels, strides,
+SAME/VALID/explicit padding, odd sizes and no bias. The DeepOBS models built with
+either implementation hold identical parameters and compute the same function.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvax
+import curvax.problems
+from curvax.layers import PatchConv, conv_class
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape,kwargs", [
+    ((2, 7, 7, 3), dict(features=4, kernel_size=(3, 3))),
+    ((2, 7, 6, 3), dict(features=4, kernel_size=(3, 2), padding="VALID")),
+    ((2, 8, 9, 1), dict(features=5, kernel_size=(5, 5), strides=2)),
+    ((2, 9, 9, 2), dict(features=3, kernel_size=(3, 3), strides=(2, 3), padding="VALID")),
+    ((3, 6, 6, 2), dict(features=2, kernel_size=(2, 2), padding=1, use_bias=False)),
+    ((2, 6, 7, 2), dict(features=2, kernel_size=(3, 3), padding=((0, 2), (1, 0)))),
+    ((2, 10, 3), dict(features=4, kernel_size=(4,), strides=3)),
+    ((2, 4, 5, 4, 2), dict(features=3, kernel_size=(2, 3, 2))),
+    ((2, 5, 5, 3), dict(features=4, kernel_size=(1, 1), strides=2)),
+])
+def test_patch_conv_matches_nn_conv(x_shape, kwargs):
+  kwargs = dict(kwargs, param_dtype=jnp.float64, bias_init=nn.initializers.normal(1.0))
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape, jnp.float64)
+  reference, ours = nn.Conv(**kwargs), PatchConv(**kwargs)
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  own = ours.init(jax.random.PRNGKey(1), x)
+  # Same names, shapes and initial values (same initialisers, same rng paths).
+  assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(variables)
+  for a, b in zip(jax.tree_util.tree_leaves(own), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+
+  @jax.jit
+  def both(variables, x):
+    f = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+    return [(m.apply(variables, x), jax.grad(f(m), argnums=(0, 1))(variables, x))
+            for m in (reference, ours)]
+
+  (y_ref, g_ref), (y, g) = both(variables, x)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, **TOL)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_patch_conv_dtype_promotion_matches_nn_conv():
+  kwargs = dict(features=3, kernel_size=(3, 3), dtype=jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 2), jnp.float64)
+  variables = nn.Conv(**kwargs).init(jax.random.PRNGKey(1), x)
+  y = PatchConv(**kwargs).apply(variables, x)
+  assert y.dtype == nn.Conv(**kwargs).apply(variables, x).dtype == jnp.float32
+  np.testing.assert_allclose(y, nn.Conv(**kwargs).apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,x_shape,match", [
+    (dict(padding="CIRCULAR"), (1, 5, 5, 1), "padding"),
+    (dict(padding=((1, 1),)), (1, 5, 5, 1), "spatial axes"),
+    (dict(), (5, 5, 1), "needs inputs"),
+    (dict(padding="VALID"), (1, 2, 2, 1), "does not fit"),
+])
+def test_patch_conv_rejects_what_it_does_not_support(kwargs, x_shape, match):
+  with pytest.raises(ValueError, match=match):
+    PatchConv(2, (3, 3), **kwargs).init(jax.random.PRNGKey(0), jnp.ones(x_shape))
+
+
+def test_conv_class_by_name_and_backend():
+  assert conv_class("lax") is nn.Conv
+  assert conv_class("patches") is PatchConv
+  expected = PatchConv if jax.default_backend() == "cpu" else nn.Conv
+  assert conv_class("auto") is expected
+  with pytest.raises(ValueError, match="conv impl"):
+    conv_class("cudnn")
+  with pytest.raises(ValueError, match="conv_impl"):
+    curvax.problems.get("fmnist_2c2d", conv_impl="fft")
+
+
+@pytest.mark.parametrize("name", ["fmnist_2c2d", "cifar10_3c3d", "cifar100_allcnnc",
+                                  "svhn_wrn164"])
+def test_problems_hold_the_same_parameters_with_either_conv(name):
+  shapes = [jax.eval_shape(curvax.problems.get(name, conv_impl=impl).init,
+                           jax.random.PRNGKey(0)) for impl in ("lax", "patches")]
+  assert jax.tree_util.tree_structure(shapes[0]) == jax.tree_util.tree_structure(shapes[1])
+  assert [a.shape for a in jax.tree_util.tree_leaves(shapes[0])] == [
+      b.shape for b in jax.tree_util.tree_leaves(shapes[1])]
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("fmnist_2c2d", (3, 28, 28, 1)),
+    ("cifar10_3c3d", (3, 32, 32, 3)),
+])
+def test_problems_compute_the_same_function_with_either_conv(name, shape):
+  lax_problem = curvax.problems.get(name, conv_impl="lax")
+  patch_problem = curvax.problems.get(name, conv_impl="patches")
+  v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                             lax_problem.init(jax.random.PRNGKey(0)))
+  x = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float64)
+  out_lax = jax.jit(lax_problem.apply_fn)(v, x)
+  out_patch = jax.jit(patch_problem.apply_fn)(v, x)
+  np.testing.assert_allclose(out_patch, out_lax, rtol=1e-9, atol=1e-11)
+  # The patch model holds no convolution op at all.
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(patch_problem.apply_fn)(v, x))
+  assert "conv_general_dilated" in str(jax.make_jaxpr(lax_problem.apply_fn)(v, x))
