@@ -21,24 +21,14 @@ Usage: python benchmarks/conv_impl.py [--problems fmnist_2c2d,cifar10_3c3d]
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import curvax
 import curvax.problems
 
-
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 
 
 def _measure(problem, batch, loop, repeats):
@@ -68,10 +58,10 @@ def _measure(problem, batch, loop, repeats):
                              martens_criterion=False).x
 
   out = {}
-  out["grad"] = _time(jax.jit(grad), params, (x, y), repeats=repeats)
-  out["grad in cond"] = _time(jax.jit(grad_in_cond), params, x, y, True, repeats=repeats)
-  out["hvp in loop"] = _time(jax.jit(hvp_loop), params, x, y, repeats=repeats) / loop
-  out["ggn cg"] = _time(jax.jit(ggn_cg), params, x, y, repeats=repeats) / loop
+  out["grad"] = median_time(jax.jit(grad), params, (x, y), repeats=repeats)
+  out["grad in cond"] = median_time(jax.jit(grad_in_cond), params, x, y, True, repeats=repeats)
+  out["hvp in loop"] = median_time(jax.jit(hvp_loop), params, x, y, repeats=repeats) / loop
+  out["ggn cg"] = median_time(jax.jit(ggn_cg), params, x, y, repeats=repeats) / loop
   return out
 
 

@@ -2,7 +2,9 @@
 
 DeepOBS's CIFAR-10 3c3d (895,210 parameters; by default the Linen model of
 curvax.problems through ``from_linen``, so per-example quantities take the
-per-layer fast path; ``--model raw`` is the same net in ``jax.lax`` (vmap path); conv 64@5x5 valid, conv 96@3x3 valid,
+per-layer fast path, with ``--conv-impl auto``: convolutions as patches @ kernel on
+CPU, where XLA runs convolutions inside ``lax.cond`` several times slower;
+``--model raw`` is the same net in ``jax.lax`` (vmap path); conv 64@5x5 valid, conv 96@3x3 valid,
 conv 128@3x3 same, each ReLU + 3x3/2 max-pool, then dense 512, 256, 10) on random
 data of CIFAR-10 shapes, batch 128, SGD. For each preset (economy / business /
 full) the script times, with jit and after compilation, three kinds of steps:
@@ -25,13 +27,12 @@ Timings are medians over ``--repeats`` runs of each step kind (the same input
 state each time). On a shared 2-core CPU they are noisy; use a GPU if possible.
 
   python benchmarks/diagnostics.py [--batch 128] [--repeats 3] [--presets economy,business,full]
-      [--every 64] [--chunk-size N] [--curvature diag_ggn_mc]
+      [--every 64] [--chunk-size N] [--curvature diag_ggn_mc] [--conv-impl lax]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,7 @@ from curvax import flax_utils
 from curvax.problems import models
 
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 
 COCKPIT = {"economy": (1.5, 1.0), "business": (2.0, 1.0), "full": (21.0, 1.3)}
 
@@ -79,14 +81,6 @@ def init_3c3d(key):
   return params
 
 
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
 
 
 def main():
@@ -100,6 +94,8 @@ def main():
   ap.add_argument("--model", default="linen", choices=["linen", "raw"],
                   help="linen: curvax.problems.models.ThreeC3D through from_linen (the "
                   "per-layer fast path); raw: the same net in jax.lax (vmap path)")
+  ap.add_argument("--conv-impl", default="auto", choices=["auto", "lax", "patches"],
+                  help="convolutions of the Linen model (curvax.layers.conv_class)")
   ap.add_argument("--cache-allocator", action="store_true",
                   help="cache large malloc blocks (benchmarks/_allocator.py)")
   args = ap.parse_args()
@@ -109,7 +105,7 @@ def main():
   key = jax.random.PRNGKey(0)
   kp, kx, ky = jax.random.split(key, 3)
   if args.model == "linen":
-    module = models.ThreeC3D(num_classes=10)
+    module = models.ThreeC3D(num_classes=10, conv_impl=args.conv_impl)
     apply_fn, params = flax_utils.from_linen(
         module, module.init(kp, jnp.zeros((1, 32, 32, 3))))
   else:
@@ -119,7 +115,9 @@ def main():
            jax.random.randint(ky, (args.batch,), 0, 10))
   loss = curvax.losses.softmax_cross_entropy
   obj = curvax.losses.objective(apply_fn, loss)
-  print(f"3c3d ({args.model}): {n_params:,} parameters, batch {args.batch}, "
+  conv = (curvax.layers.conv_class(args.conv_impl).__name__ if args.model == "linen"
+          else "lax.conv")
+  print(f"3c3d ({args.model}, {conv}): {n_params:,} parameters, batch {args.batch}, "
         f"device {jax.devices()[0]}")
 
   sgd = optax.sgd(1e-3)
@@ -130,7 +128,7 @@ def main():
     u, s = sgd.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  t_plain = _time(plain_step, params, sgd.init(params), batch, repeats=args.repeats)
+  t_plain = median_time(plain_step, params, sgd.init(params), batch, repeats=args.repeats)
   print(f"plain SGD step: {t_plain * 1e3:.1f} ms\n")
   print(f"{'preset':10s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
         f"{'every step':>10s} {'(Cockpit)':>9s}   {'every ' + str(args.every):>9s} {'(Cockpit)':>9s}")
@@ -148,9 +146,9 @@ def main():
     step = make_step(tx)
     state = tx.init(params)
     at = lambda c, state=state: state._replace(count=jnp.asarray(c, jnp.int32))
-    t_track = _time(step, params, at(0), batch, repeats=args.repeats)
-    t_after = _time(step, params, at(1), batch, repeats=args.repeats)
-    t_idle = _time(step, params, at(2), batch, repeats=args.repeats)
+    t_track = median_time(step, params, at(0), batch, repeats=args.repeats)
+    t_after = median_time(step, params, at(1), batch, repeats=args.repeats)
+    t_idle = median_time(step, params, at(2), batch, repeats=args.repeats)
     # Every step tracked: a monitor with every=1 (no lax.cond at all), in steady
     # state (from its second step on, each step includes Alpha's end point).
     tx1 = dg.monitor(sgd, apply_fn, loss, preset, every=1, curvature=args.curvature,
@@ -158,7 +156,7 @@ def main():
     state1 = tx1.init(params)
     step1 = make_step(tx1)
     _, state1 = step1(params, state1, batch)
-    every1 = _time(step1, params, state1, batch, repeats=args.repeats) / t_plain
+    every1 = median_time(step1, params, state1, batch, repeats=args.repeats) / t_plain
     k = args.every
     every_k = (t_track + t_after + (k - 2) * t_idle) / (k * t_plain)
     c1, ck = COCKPIT.get(preset, (float("nan"), float("nan")))

@@ -27,6 +27,8 @@ import optax
 
 import curvax
 
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
+
 SIZES = (784, 1000, 500, 100, 10)
 
 
@@ -44,14 +46,6 @@ def mlp_apply(params, x):
   return x @ params[-1]["w"] + params[-1]["b"]
 
 
-def _time(fn, *args, repeats=5):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def main():
@@ -89,12 +83,12 @@ def main():
   few, many = 2, 22
 
   def measure_t_ggn(params):
-    t_few = _time(prod, params, v, few, repeats=3)
-    t_many = _time(prod, params, v, many, repeats=3)
+    t_few = median_time(prod, params, v, few, repeats=3)
+    t_many = median_time(prod, params, v, many, repeats=3)
     return (t_many - t_few) / (many - few)
 
   t_ggn = measure_t_ggn(params)
-  t_grad = _time(jax.jit(jax.grad(loss_fn)), params, batch)
+  t_grad = median_time(jax.jit(jax.grad(loss_fn)), params, batch)
   print(f"t_ggn = {t_ggn * 1e3:.3f} ms  (gradient: {t_grad * 1e3:.3f} ms, "
         f"ratio {t_ggn / t_grad:.2f})")
 
