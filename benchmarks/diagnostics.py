@@ -17,7 +17,8 @@ and reports, as ratios to a plain jitted SGD step (gradient + update):
 
 * every step tracked: a monitor built with ``every=1`` (no ``lax.cond``: on
   XLA:CPU per-example conv gradients inside a conditional run several times
-  slower), in steady state (each step includes Alpha's end point);
+  slower with ``--conv-impl lax``), in steady state (each step includes Alpha's
+  end point);
 * every 64th step: ``(tracked + after + 62 * untracked) / 64``, amortised.
 
 Cockpit's published figures (thesis Fig. C.8 / 7.6b, GPU, CIFAR-10 3c3d):

@@ -369,7 +369,8 @@ def monitor(inner: optax.GradientTransformation,
       # No lax.cond when every step is tracked: inside a conditional's branch,
       # XLA:CPU leaves the per-example (grouped) weight-gradient convolutions of
       # the vmap path in a non-canonical layout that runs ~8x slower (3c3d,
-      # batch 128: 0.87 s -> 7.3 s for the per-example norms alone).
+      # batch 128: 0.87 s -> 7.3 s for the per-example norms alone; models built
+      # with curvax.layers.PatchConv, as the problems are on CPU, have no convolutions).
       diagnostics, start = compute(updates, new_updates, params, batch, state, sub)
     else:
       diagnostics, start = jax.lax.cond(
