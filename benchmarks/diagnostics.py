@@ -82,8 +82,6 @@ def init_3c3d(key):
   return params
 
 
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=128)

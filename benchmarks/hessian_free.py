@@ -46,8 +46,6 @@ def mlp_apply(params, x):
   return x @ params[-1]["w"] + params[-1]["b"]
 
 
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=6)

@@ -12,11 +12,10 @@ elsewhere; either way the parameters (names, shapes, initial values) are the sam
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import flax.linen as nn
-import itertools
-
 import jax
 import jax.numpy as jnp
 
@@ -100,7 +99,7 @@ class ThreeC3D(nn.Module):
     conv = _convs(self.conv_impl)
     for f, k, pad in ((64, 5, "VALID"), (96, 3, "VALID"), (128, 3, "SAME")):
       x = nn.relu(conv(f, (k, k), padding=pad, kernel_init=glorot_normal,
-                          bias_init=nn.initializers.zeros)(x))
+                       bias_init=nn.initializers.zeros)(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)
     for w in (512, 256):
@@ -124,7 +123,7 @@ class AllCNNC(nn.Module):
 
     def conv(x, f, k, stride=1, pad="SAME"):
       return nn.relu(make(f, (k, k), (stride, stride), padding=pad,
-                             kernel_init=glorot_normal, bias_init=_const(0.1))(x))
+                          kernel_init=glorot_normal, bias_init=_const(0.1))(x))
     x = nn.Dropout(0.2, deterministic=not train)(x)
     x = conv(x, 96, 3); x = conv(x, 96, 3); x = conv(x, 96, 3, 2)
     x = nn.Dropout(0.5, deterministic=not train)(x)
@@ -153,7 +152,7 @@ class WideResNet(nn.Module):
     bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
     make = _convs(self.conv_impl)
     conv = lambda f, k, s: make(f, (k, k), (s, s), padding="SAME", use_bias=False,
-                                   kernel_init=glorot_uniform)
+                                kernel_init=glorot_uniform)
     x = conv(16, 3, 1)(x)
     channels = 16
     for group, (f, s) in enumerate(zip((16 * self.width, 32 * self.width, 64 * self.width),

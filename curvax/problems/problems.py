@@ -279,20 +279,21 @@ def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
       return _flax_problem(name, models.MLP(), mnist_shape, softmax_cross_entropy,
                            batch_size=b(128), num_epochs=100, preprocess=_mnist_pre, **kw)
     if arch == "2c2d":
-      return _flax_problem(name, models.TwoC2D(conv_impl=conv_impl), mnist_shape, softmax_cross_entropy,
-                           batch_size=b(128), num_epochs=100, preprocess=_mnist_pre, **kw)
+      return _flax_problem(name, models.TwoC2D(conv_impl=conv_impl), mnist_shape,
+                           softmax_cross_entropy, batch_size=b(128), num_epochs=100,
+                           preprocess=_mnist_pre, **kw)
     return _flax_problem(name, models.VAE(), mnist_shape, as_loss(models.vae_loss),
                          batch_size=b(64), num_epochs=50 if dataset == "mnist" else 100,
                          preprocess=_vae_pre, has_accuracy=False, metric="test_loss", **kw)
   classes = 100 if dataset == "cifar-100" else 10
   pre = _image_pre(flip=dataset != "svhn")
   if arch == "3c3d":
-    return _flax_problem(name, models.ThreeC3D(classes, conv_impl=conv_impl), image_shape, softmax_cross_entropy,
-                         batch_size=b(128), num_epochs=100, preprocess=pre,
+    return _flax_problem(name, models.ThreeC3D(classes, conv_impl=conv_impl), image_shape,
+                         softmax_cross_entropy, batch_size=b(128), num_epochs=100, preprocess=pre,
                          weight_decay=0.002, **kw)
   if arch == "allcnnc":
-    return _flax_problem(name, models.AllCNNC(classes, conv_impl=conv_impl), image_shape, softmax_cross_entropy,
-                         batch_size=b(256), num_epochs=350, preprocess=pre,
+    return _flax_problem(name, models.AllCNNC(classes, conv_impl=conv_impl), image_shape,
+                         softmax_cross_entropy, batch_size=b(256), num_epochs=350, preprocess=pre,
                          weight_decay=5e-4, **kw)
   return _flax_problem(name, models.WideResNet(classes, 16, 4, conv_impl=conv_impl), image_shape,
                        softmax_cross_entropy, batch_size=b(128), num_epochs=160,
