@@ -202,6 +202,14 @@ def test_batch_norm_is_refused():
       fn(apply_fn, loss, params, batch)
   with pytest.raises(ValueError, match="batch norm"):
     pe.directional_statistics(apply_fn, loss, params, batch, params)
+  # Curvature built from per-example factors is refused too (auto would fall back to vmap).
+  key = jax.random.PRNGKey(0)
+  for fn in (lambda: curvax.curvature.diag_ggn(apply_fn, loss, params, batch),
+             lambda: curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method="vmap"),
+             lambda: curvax.curvature.diag_ggn_mc(apply_fn, loss, params, batch, key),
+             lambda: curvax.curvature.ggn_factor(apply_fn, loss, params, batch)):
+    with pytest.raises(ValueError, match="batch norm"):
+      fn()
 
 
 def test_bad_input_errors():

@@ -153,10 +153,12 @@ def test_batch_norm_problem_still_refuses_per_example_quantities():
   for fn in (pe.per_example_statistics, pe.per_example_gradients, pe.gradient_variance):
     with pytest.raises(ValueError, match="batch norm"):
       fn(p.apply_fn, p.loss, params, batch)
-  # Diagonal curvature (not refused) never takes the fast path for it.
-  with pytest.raises(ValueError, match="batch norm"):
-    jax.eval_shape(lambda prm: diagonals.diag_ggn(p.apply_fn, p.loss, prm, batch,
-                                                  method="layers"), params)
+  # Diagonal curvature is refused on every route: the vmap over examples would
+  # normalise each example with its own statistics (a different model).
+  for method in ("auto", "vmap", "layers"):
+    with pytest.raises(ValueError, match="batch norm"):
+      jax.eval_shape(lambda prm, m=method: diagonals.diag_ggn(p.apply_fn, p.loss, prm, batch,
+                                                              method=m), params)
   assert flax_layers._plan(p.apply_fn, params, batch[0], strict=False) is None
 
 

@@ -28,6 +28,7 @@ import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax.curvature import _chunking
+from curvax.curvature.per_example import check_per_example_supported
 from curvax.losses import as_loss
 
 Array = jax.Array
@@ -61,6 +62,19 @@ def output_factors(apply_fn, loss, params, inputs, targets, key=None,
   return loss.sqrt_hessian_sampled(key, outputs, targets, num_samples)
 
 
+def batch_factors(apply_fn, loss, params, batch, key=None, num_samples=None):
+  """``(inputs, S)``: the batch's inputs and the output factors of `output_factors`.
+
+  The per-example decomposition ``G = (1/N) sum_n J_n' S_n S_n' J_n`` needs
+  examples that do not interact, so models that declare per-example quantities
+  ill-defined (batch norm with batch statistics) are refused with a ValueError.
+  """
+  check_per_example_supported(apply_fn)
+  loss = as_loss(loss)
+  inputs, targets = _checks.check_batch(batch)
+  return inputs, output_factors(apply_fn, loss, params, inputs, targets, key, num_samples)
+
+
 def _diag_from_factors(apply_fn, params, inputs, factors, chunk_size, method="auto"):
   if method not in ("auto", "vmap", "layers"):
     raise ValueError(f"`method` must be 'auto', 'vmap' or 'layers'; got {method!r}.")
@@ -92,11 +106,11 @@ def diag_ggn(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
   whose parameters all sit in Dense/Conv layers (see
   `curvax.curvature.flax_layers.layer_diag_ggn`: ``K`` backward passes through
   the batch, no ``N K`` parameter-sized columns), else the chunked ``vmap``
-  over examples; ``"vmap"`` / ``"layers"`` force one.
+  over examples; ``"vmap"`` / ``"layers"`` force one. Models with batch norm
+  in batch-statistics mode are refused (ValueError), as for per-example
+  quantities: batch statistics couple the examples.
   """
-  loss = as_loss(loss)
-  inputs, targets = _checks.check_batch(batch)
-  factors = output_factors(apply_fn, loss, params, inputs, targets)
+  inputs, factors = batch_factors(apply_fn, loss, params, batch)
   return _diag_from_factors(apply_fn, params, inputs, factors, chunk_size, method)
 
 
@@ -109,11 +123,9 @@ def diag_ggn_mc(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
   Unbiased: uses ``loss.sqrt_hessian_sampled(key, ..., num_samples)`` (for
   softmax cross-entropy, gradients at labels drawn from the model), so
   ``num_samples`` VJPs per example; the standard error falls as
-  ``1/sqrt(num_samples * N)``. ``method`` as in `diag_ggn`.
+  ``1/sqrt(num_samples * N)``. ``method`` and batch norm as in `diag_ggn`.
   """
-  loss = as_loss(loss)
-  inputs, targets = _checks.check_batch(batch)
-  factors = output_factors(apply_fn, loss, params, inputs, targets, key, num_samples)
+  inputs, factors = batch_factors(apply_fn, loss, params, batch, key, num_samples)
   return _diag_from_factors(apply_fn, params, inputs, factors, chunk_size, method)
 
 

@@ -25,7 +25,6 @@ from jax.flatten_util import ravel_pytree
 
 from curvax import _checks
 from curvax.curvature import _chunking, diagonals
-from curvax.losses import as_loss
 
 Array = jax.Array
 
@@ -58,12 +57,10 @@ def ggn_factor(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
 
   Column ``(n, k)`` is ``J_n' s_{n,k} / sqrt(N)``: exact square roots by default
   (``K`` = output dimension), Monte-Carlo ones with ``key`` (``K = num_samples``).
-  Memory: ``N K`` copies of the parameters.
+  Memory: ``N K`` copies of the parameters. Batch-norm models are refused, as
+  in `curvax.curvature.diag_ggn`.
   """
-  loss = as_loss(loss)
-  inputs, targets = _checks.check_batch(batch)
-  factors = diagonals.output_factors(apply_fn, loss, params, inputs, targets, key,
-                                     num_samples)
+  inputs, factors = diagonals.batch_factors(apply_fn, loss, params, batch, key, num_samples)
   n = factors.shape[0]
 
   def chunk_fn(xs):
