@@ -252,6 +252,30 @@ def test_auto_uses_the_fast_path_and_jits_once(monkeypatch):
   assert used == [True]
 
 
+
+def _count_dots(fn, *args):
+  import re  # pylint: disable=g-import-not-at-top
+  return len(re.findall(r" dot\(", jax.jit(fn).lower(*args).compile().as_text()))
+
+
+def test_fast_path_shares_the_training_steps_forward_and_backward_pass():
+  # The fast path differentiates the batch mean as `curvax.losses.objective`
+  # does, so in one jitted step with the user's gradient XLA computes the
+  # passes once: the step costs the gradient's matrix products plus one
+  # (A^2)'(B^2) per Dense layer, not two gradients' worth.
+  apply_fn, loss, params, batch = _linen_problem(_LinenMLP(), "softmax_cross_entropy", (4,))
+  grad = jax.grad(curvax.losses.objective(apply_fn, loss))
+
+  def stats(p, b):
+    s = pe.per_example_statistics(apply_fn, loss, p, b, method="layers")
+    return s.second_moment, s.gradient_norms
+
+  num_dense = len(params)
+  alone = _count_dots(grad, params, batch)
+  assert _count_dots(stats, params, batch) >= alone
+  assert _count_dots(lambda p, b: (grad(p, b), stats(p, b)), params, batch) == alone + num_dense
+
+
 # ---- dots with references and reductions of per-example gradients --------------
 
 def _cube_sum(g, theta):

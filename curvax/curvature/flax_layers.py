@@ -10,9 +10,10 @@ takes the Flax variables ``{'params': p}`` (`curvax.problems.Problem.apply_fn`).
 Fast path (Dangel, thesis, App. B.1.1; spec §1.2). ``flax.linen.intercept_methods``
 captures, for every ``nn.Dense``, ``nn.Conv`` and `curvax.layers.PatchConv` call,
 the layer input ``A`` and adds a zero perturbation to its output;
-differentiating the *summed* loss with respect to the perturbations gives the
-unscaled per-example output gradients ``B`` in the same backward pass as the
-mean gradient. Then, per layer:
+differentiating the batch-mean loss with respect to the perturbations gives the
+per-example output gradients ``B / N`` in the same backward pass as the mean
+gradient (the pass a training step takes anyway: under one ``jit`` XLA shares
+it). Then, per layer:
 
 * Dense on ``(N, in)`` inputs: kernel gradient of example n is ``a_n b_n'``,
   so ``||g_n||^2 = ||a_n||^2 ||b_n||^2`` and the second moment is
@@ -261,16 +262,20 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
   treedef = jax.tree_util.tree_structure(params)
   perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
 
-  def total(p, perts):
+  def batch_mean(p, perts):
     outputs, records = _forward(apply_fn, p, inputs, perts)
     values = loss(outputs, targets)
-    return jnp.sum(values), (values, {r[0]: r[3] for r in records})
+    return jnp.mean(values), (values, {r[0]: r[3] for r in records})
 
-  (_, (values, acts)), (g_sum, out_grads) = jax.value_and_grad(
-      total, argnums=(0, 1), has_aux=True)(params, perturbations)
+  # The batch *mean*, differentiated as a user's training step differentiates it
+  # (`curvax.losses.objective`): in one jitted step XLA then computes the forward
+  # and backward pass once for both (common subexpressions; the zero
+  # perturbations fold away). Output gradients of the mean are B / N.
+  (_, (values, acts)), (mean, out_grads) = jax.value_and_grad(
+      batch_mean, argnums=(0, 1), has_aux=True)(params, perturbations)
   n = values.shape[0]
+  out_grads = jax.tree_util.tree_map(lambda b: b * n, out_grads)
   flat_params = {_key_tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
-  mean = jax.tree_util.tree_map(lambda g: g / n, g_sum)
   flat_mean = dict(zip(param_paths, jax.tree_util.tree_leaves(mean)))
   # References in the inner layout (same leaf order as the outer one).
   flat_refs = [flat_mean if isinstance(r, str) else
