@@ -228,11 +228,18 @@ def test_monitor_alpha_exact_on_quadratic_and_economy_values():
   json.dumps([rec0, rec1])
 
 
-def test_monitor_alpha_on_two_batches_matches_numpy():
+@pytest.mark.parametrize("names,schedule", [
+    (["alpha"], None),
+    # Tracked every step with per-example statistics: the end point comes from
+    # the same pass (a dot_with reference), not a JVP; a callable schedule
+    # takes the lax.cond route with the JVP.
+    (["alpha", "norm_test"], None),
+    (["alpha", "norm_test"], lambda t: t >= 0)])
+def test_monitor_alpha_on_two_batches_matches_numpy(names, schedule):
   """Different batches at the two ends (noisy observations), MLP."""
   apply_fn, loss, params, b0 = ref.problem("mlp", n=6, seed=0)
   _, _, _, b1 = ref.problem("mlp", n=6, seed=1)
-  tx = dg.monitor(optax.sgd(0.5), apply_fn, loss, ["alpha"])
+  tx = dg.monitor(optax.sgd(0.5), apply_fn, loss, names, schedule=schedule)
   state = tx.init(params)
   obj = curvax.losses.objective(apply_fn, loss)
   upd, state = tx.update(jax.grad(obj)(params, b0), state, params, batch=b0)

@@ -135,14 +135,14 @@ class _Counts(NamedTuple):
   hist_2d: Optional[Array]
 
 
-def _per_example(apply_fn, loss, params, batch, chunk_size, step, want, hist_bins,
+def _per_example(apply_fn, loss, params, batch, chunk_size, refs, want, hist_bins,
                  hist_range):
   """Per-example statistics of one tracked step, without per-example gradients.
 
-  Returns ``(losses, mean g, second moment, ||g_i||^2, g_i'g, s'g_i or None,
-  histograms)``: the gradient tests need only the squared norms and the
-  projections ``g_i'g``, Alpha only ``s'g_i`` (`per_example_statistics`'s
-  ``dot_with``); the histograms are the only instruments that need gradient
+  Returns ``(losses, mean g, second moment, ||g_i||^2, g_i'g, (r'g_i for r in
+  refs), histograms)``: the gradient tests need only the squared norms and the
+  projections ``g_i'g``, Alpha only slopes ``s'g_i`` along steps ``s`` in
+  ``refs`` (`per_example_statistics`'s ``dot_with``); the histograms are the only instruments that need gradient
   *elements*, and they are counted layer by layer / chunk by chunk through
   ``reduce_gradients`` (dict name -> counts; per tensor for ``layer_grad_hist_1d``).
   """
@@ -154,7 +154,7 @@ def _per_example(apply_fn, loss, params, batch, chunk_size, step, want, hist_bin
       one = "grad_hist_1d" in hists or "layer_grad_hist_1d" in hists
       return _Counts(histograms.counts_1d(g, hist_bins, hist_range) if one else None,
                      histograms.counts_2d(g, theta) if "grad_hist_2d" in hists else None)
-  dot_with = ("mean",) if step is None else ("mean", step)
+  dot_with = ("mean",) + tuple(refs)
   s = curvature.per_example_statistics(apply_fn, loss, params, batch, dot_with=dot_with,
                                        reduce_gradients=reduce_fn, chunk_size=chunk_size)
   counts = {}
@@ -168,9 +168,8 @@ def _per_example(apply_fn, loss, params, batch, chunk_size, step, want, hist_bin
           lambda t: t.hist_1d, s.reduced, is_leaf=is_leaf)
     if "grad_hist_2d" in hists:
       counts["grad_hist_2d"] = sum(t.hist_2d for t in per_tensor)
-  slopes = s.dots[1] if step is not None else None
   return (s.losses, s.mean_gradient, s.second_moment, jnp.square(s.gradient_norms),
-          s.dots[0], slopes, counts)
+          s.dots[0], s.dots[1:], counts)
 
 
 def _diag_curvature(method, apply_fn, loss, params, batch, key, chunk_size):
@@ -255,6 +254,10 @@ def monitor(inner: optax.GradientTransformation,
   need_pe = bool(want & _PER_EXAMPLE)
   need_diag = bool(want & _DIAG)
   need_alpha = "alpha" in want
+  # Tracking every step, Alpha's end point (losses and slopes s_{t-1}'g_i at
+  # theta_t on this batch) comes with this step's per-example statistics: one
+  # more ``dot_with`` reference instead of a JVP of its own.
+  shared_end = always_tracked and need_alpha and need_pe
 
   def empty_diagnostics(params):
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
@@ -293,15 +296,24 @@ def monitor(inner: optax.GradientTransformation,
         key=jax.random.PRNGKey(seed))
 
   def compute(grads, new_updates, params, batch, state, key):
-    """All requested instruments at ``theta_t`` on ``batch``."""
+    """All requested instruments at ``theta_t`` on ``batch``.
+
+    Returns ``(diagnostics, alpha start point, end point)``; the end point of the
+    previous step's Alpha, ``(losses, slopes s_{t-1}'g_i)``, only if `shared_end`.
+    """
     out = {}
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
     cast = lambda x: jnp.asarray(x, dtype)
-    pe_losses = None
+    pe_losses, end = None, None
     if need_pe:
-      pe_losses, mean_g, second, sq_norms, dots, p0, counts = _per_example(
-          apply_fn, loss, params, batch, chunk_size, new_updates if need_alpha else None,
-          want, hist_bins, hist_range)
+      refs = (new_updates,) if need_alpha else ()
+      if shared_end:
+        refs += (state.last_update,)
+      pe_losses, mean_g, second, sq_norms, dots, slopes, counts = _per_example(
+          apply_fn, loss, params, batch, chunk_size, refs, want, hist_bins, hist_range)
+      p0 = slopes[0] if need_alpha else None
+      if shared_end:
+        end = (pe_losses, slopes[1])
     elif "loss" in want or need_alpha:
       inputs, targets = batch
       pe_losses = loss(apply_fn(params, inputs), targets)
@@ -352,7 +364,7 @@ def monitor(inner: optax.GradientTransformation,
         mv = hessian_matvec(objective(apply_fn, loss), params, batch)
         out[n] = cast(_top_eigenvalue(mv, params, jax.random.fold_in(key, 1),
                                       eigen_iterations))
-    return out, start
+    return out, start, end
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     if params is None:
@@ -371,20 +383,19 @@ def monitor(inner: optax.GradientTransformation,
       # the vmap path in a non-canonical layout that runs ~8x slower (3c3d,
       # batch 128: 0.87 s -> 7.3 s for the per-example norms alone; models built
       # with curvax.layers.PatchConv, as the problems are on CPU, have no convolutions).
-      diagnostics, start = compute(updates, new_updates, params, batch, state, sub)
+      diagnostics, start, end = compute(updates, new_updates, params, batch, state, sub)
     else:
-      diagnostics, start = jax.lax.cond(
+      diagnostics, start, end = jax.lax.cond(
           is_tracked,
           lambda: compute(updates, new_updates, params, batch, state, sub),
-          lambda: (state.diagnostics, state.alpha_start))
+          lambda: (state.diagnostics, state.alpha_start, None))
 
     alpha, alpha_step, alpha_fresh = state.alpha, state.alpha_step, jnp.zeros((), bool)
     last_update = state.last_update
     if need_alpha:
       finish = (count > 0) & jnp.asarray(track(count - 1), bool)
 
-      def end_point():
-        losses1, p1 = _losses_and_slopes(apply_fn, loss, params, batch, state.last_update)
+      def end_point(losses1, p1):
         f0, vf0, m0, vp0, tau = (state.alpha_start[i] for i in range(5))
         safe = jnp.where(tau > 0, tau, 1.0)
         value = alpha_lib.alpha_from_fit(
@@ -393,7 +404,14 @@ def monitor(inner: optax.GradientTransformation,
             alpha_lib.sample_variance(p1) / safe ** 2, tau)
         return value.astype(state.alpha.dtype)
 
-      alpha = jax.lax.cond(finish, end_point, lambda: state.alpha)
+      if shared_end:
+        alpha = jnp.where(finish, end_point(*end), state.alpha)
+      else:
+        alpha = jax.lax.cond(
+            finish,
+            lambda: end_point(*_losses_and_slopes(apply_fn, loss, params, batch,
+                                                  state.last_update)),
+            lambda: state.alpha)
       alpha_step = jnp.where(finish, count - 1, state.alpha_step)
       alpha_fresh = finish
       last_update = jax.lax.cond(
