@@ -21,3 +21,26 @@ def median_time(fn, *args, repeats: int = 5) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
   return float(np.median(times))
+
+
+def interleaved_medians(fns, repeats: int = 5, settle=None) -> dict:
+  """Median wall time in seconds of each ``fns[k]()``, timed round-robin.
+
+  Each function is called once to compile and warm up; then every round calls
+  each function once, in turn, so slow phases of a shared machine hit all of
+  them alike and ratios between them stay meaningful. ``settle`` (a cheap
+  callable) runs untimed before each timed call: on a VM, the call right after
+  one that touched gigabytes runs up to 2x slower while the kernel reclaims
+  and refaults memory, which would otherwise bias whichever function follows.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      if settle is not None:
+        jax.block_until_ready(settle())
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t)
+  return {k: float(np.median(v)) for k, v in times.items()}

@@ -24,8 +24,10 @@ and reports, as ratios to a plain jitted SGD step (gradient + update):
 Cockpit's published figures (thesis Fig. C.8 / 7.6b, GPU, CIFAR-10 3c3d):
 every step 1.5x / 2.0x / 21x, every 64th step 1.0x / 1.0x / 1.3x.
 
-Timings are medians over ``--repeats`` runs of each step kind (the same input
-state each time). On a shared 2-core CPU they are noisy; use a GPU if possible.
+Timings are medians over ``--repeats`` rounds; each round times every step kind
+of a preset and the plain step once, in turn (the same input state each time),
+so that machine noise hits numerator and denominator alike. A preset may drop
+instruments: ``--presets economy-grad_hist_1d`` is economy without GradHist1d.
 
   python benchmarks/diagnostics.py [--batch 128] [--repeats 3] [--presets economy,business,full]
       [--every 64] [--chunk-size N] [--curvature diag_ggn_mc] [--conv-impl lax]
@@ -34,6 +36,7 @@ state each time). On a shared 2-core CPU they are noisy; use a GPU if possible.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +49,7 @@ from curvax import flax_utils
 from curvax.problems import models
 
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
-from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
+from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 
 COCKPIT = {"economy": (1.5, 1.0), "business": (2.0, 1.0), "full": (21.0, 1.3)}
 
@@ -127,10 +130,6 @@ def main():
     u, s = sgd.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  t_plain = median_time(plain_step, params, sgd.init(params), batch, repeats=args.repeats)
-  print(f"plain SGD step: {t_plain * 1e3:.1f} ms\n")
-  print(f"{'preset':10s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
-        f"{'every step':>10s} {'(Cockpit)':>9s}   {'every ' + str(args.every):>9s} {'(Cockpit)':>9s}")
   def make_step(tx):
     @jax.jit
     def step(p, s, b):
@@ -139,29 +138,46 @@ def main():
       return optax.apply_updates(p, u), s
     return step
 
+  header = False
   for preset in args.presets.split(","):
-    tx = dg.monitor(sgd, apply_fn, loss, preset, every=args.every,
+    instruments = _instruments(preset)
+    tx = dg.monitor(sgd, apply_fn, loss, instruments, every=args.every,
                     curvature=args.curvature, chunk_size=args.chunk_size)
     step = make_step(tx)
     state = tx.init(params)
     at = lambda c, state=state: state._replace(count=jnp.asarray(c, jnp.int32))
-    t_track = median_time(step, params, at(0), batch, repeats=args.repeats)
-    t_after = median_time(step, params, at(1), batch, repeats=args.repeats)
-    t_idle = median_time(step, params, at(2), batch, repeats=args.repeats)
     # Every step tracked: a monitor with every=1 (no lax.cond at all), in steady
     # state (from its second step on, each step includes Alpha's end point).
-    tx1 = dg.monitor(sgd, apply_fn, loss, preset, every=1, curvature=args.curvature,
+    tx1 = dg.monitor(sgd, apply_fn, loss, instruments, every=1, curvature=args.curvature,
                      chunk_size=args.chunk_size)
-    state1 = tx1.init(params)
     step1 = make_step(tx1)
-    _, state1 = step1(params, state1, batch)
-    every1 = median_time(step1, params, state1, batch, repeats=args.repeats) / t_plain
+    _, state1 = step1(params, tx1.init(params), batch)
+    kinds = {"plain": (plain_step, sgd.init(params)), "tracked": (step, at(0)),
+             "after": (step, at(1)), "untracked": (step, at(2)), "every1": (step1, state1)}
+    fns = {k: functools.partial(f, params, st, batch) for k, (f, st) in kinds.items()}
+    t = interleaved_medians(fns, args.repeats, settle=fns["plain"])
+    if not header:
+      print(f"plain SGD step: {t['plain'] * 1e3:.1f} ms (each row's ratios use the plain "
+            f"step timed interleaved with its own)\n")
+      print(f"{'preset':10s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
+            f"{'every step':>10s} {'(Cockpit)':>9s}   {'every ' + str(args.every):>9s} "
+            f"{'(Cockpit)':>9s}")
+      header = True
+    r = {k: v / t["plain"] for k, v in t.items()}
     k = args.every
-    every_k = (t_track + t_after + (k - 2) * t_idle) / (k * t_plain)
+    every_k = (r["tracked"] + r["after"] + (k - 2) * r["untracked"]) / k
     c1, ck = COCKPIT.get(preset, (float("nan"), float("nan")))
-    print(f"{preset:10s} {t_track / t_plain:8.2f}x {t_after / t_plain:8.2f}x "
-          f"{t_idle / t_plain:9.2f}x   {every1:9.2f}x {c1:8.1f}x   {every_k:8.2f}x {ck:8.1f}x",
-          flush=True)
+    print(f"{preset:10s} {r['tracked']:8.2f}x {r['after']:8.2f}x {r['untracked']:9.2f}x   "
+          f"{r['every1']:9.2f}x {c1:8.1f}x   {every_k:8.2f}x {ck:8.1f}x", flush=True)
+
+
+def _instruments(spec):
+  """``"economy"`` -> the preset; ``"economy-grad_hist_1d"`` -> the preset without it."""
+  name, *drop = spec.split("-")
+  unknown = [d for d in drop if d not in dg.PRESETS[name]]
+  if unknown:
+    raise SystemExit(f"{unknown} are not instruments of the {name!r} preset")
+  return [n for n in dg.PRESETS[name] if n not in drop]
 
 
 if __name__ == "__main__":
