@@ -139,6 +139,7 @@ def main():
     return step
 
   header = False
+  width = max(10, *(len(p) for p in args.presets.split(",")))
   for preset in args.presets.split(","):
     instruments = _instruments(preset)
     tx = dg.monitor(sgd, apply_fn, loss, instruments, every=args.every,
@@ -159,15 +160,15 @@ def main():
     if not header:
       print(f"plain SGD step: {t['plain'] * 1e3:.1f} ms (each row's ratios use the plain "
             f"step timed interleaved with its own)\n")
-      print(f"{'preset':10s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
+      print(f"{'preset':{width}s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
             f"{'every step':>10s} {'(Cockpit)':>9s}   {'every ' + str(args.every):>9s} "
             f"{'(Cockpit)':>9s}")
       header = True
     r = {k: v / t["plain"] for k, v in t.items()}
     k = args.every
     every_k = (r["tracked"] + r["after"] + (k - 2) * r["untracked"]) / k
-    c1, ck = COCKPIT.get(preset, (float("nan"), float("nan")))
-    print(f"{preset:10s} {r['tracked']:8.2f}x {r['after']:8.2f}x {r['untracked']:9.2f}x   "
+    c1, ck = COCKPIT.get(preset, (float("nan"), float("nan")))  # nan: no published figure
+    print(f"{preset:{width}s} {r['tracked']:8.2f}x {r['after']:8.2f}x {r['untracked']:9.2f}x   "
           f"{r['every1']:9.2f}x {c1:8.1f}x   {every_k:8.2f}x {ck:8.1f}x", flush=True)
 
 

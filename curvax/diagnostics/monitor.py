@@ -7,6 +7,10 @@ the chosen instruments at ``theta_t`` on ``batch`` and stores them in its state
 ``lax.cond`` branch that copies the previous values: they cost nothing beyond
 ``inner``'s own update (plus one JVP on the step right after a tracked one when
 Alpha is requested, which needs the loss and slope at the step's end point).
+Tracking every step (``every=1``), there is no ``lax.cond``: the per-example pass
+shares its forward and backward pass with the training step's gradient under
+``jit`` (see `curvax.curvature.flax_layers`), and Alpha's end point comes with
+it as one more projection instead of a JVP.
 
 Per-example quantities come from one `curvax.curvature.per_example_statistics`
 call per tracked step (the BackPACK-style fast path for Flax Dense/Conv models,
