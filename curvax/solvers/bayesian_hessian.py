@@ -184,6 +184,14 @@ def low_rank_precondition(g: Array, vectors: Array, scales: Array) -> Array:
   ``vectors``: ``U`` as rows ``(k, n)`` with orthonormal rows; ``scales``: ``c``.
   O(n k) work.
   """
-  # ``x @ U`` rather than ``U.T @ x``: XLA:CPU runs the transposed product as a
-  # slow strided gemv (~4x slower at n ~ 1e6).
-  return g + ((scales - 1.0) * (vectors @ g)) @ vectors
+  # ``U @ g`` (a gemv over U's rows; ``U.T @ x`` is a slow strided gemv on
+  # XLA:CPU). The expansion ``sum_j coef_j U_j`` is written elementwise (k is
+  # static and small) rather than as ``coef @ U``: XLA then fuses it with the
+  # addition of ``g`` and with whatever consumes the result (the parameter
+  # update), one pass over memory instead of three (0.51 -> 0.32 ms at
+  # n = 784000, k = 2, on XLA:CPU).
+  coef = (scales - 1.0) * (vectors @ g)
+  out = g
+  for j in range(vectors.shape[0]):
+    out = out + coef[j] * vectors[j]
+  return out

@@ -366,7 +366,6 @@ def probabilistic_preconditioning(
     # backward pass at construction, which outside a cond would cost a second
     # gradient evaluation on every step.
     hvp = lambda v: hessian_matvec(loss_fn, params, batch)(v)
-    zero_updates = optax.tree_utils.tree_zeros_like(updates)
     one = jnp.ones([], jnp.int32)
 
     def unflat(flat_leaves):
@@ -375,8 +374,9 @@ def probabilistic_preconditioning(
     def leaf_scalar(per_group, i):
       return per_group[gids[i]]
 
-    # Structure (cost): one flat sequence of two-way conds, one per phase (and
-    # one for the fit and one for the rank-k build), each passing through only
+    # Structure (cost): one flat sequence of two-way conds, one per estimation
+    # phase (and one for the fit and one for the rank-k build; the cheap
+    # preconditioning step is computed outside them, see below), each passing through only
     # the fields it may change. A single lax.switch over the whole state, or
     # conds nested in pass-through branches, make XLA copy every buffer passing
     # through (S, Delta, U, the prior sums: ~(2M + k + 2) x params) on every
@@ -532,34 +532,35 @@ def probabilistic_preconditioning(
     inner_state = jax.lax.cond(starting, lambda s: inner.init(params), lambda s: s,
                                state.inner_state)
 
-    def precondition_step(carry):
-      inner_state, r, lr_state, skipped = carry
-      if precondition:
-        g_tilde = [bh.low_rank_precondition(
-            g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
-            for i, (g, u, sigma) in enumerate(
-                zip(g_flat, state.eigenvectors, state.eigenvalues))]
-        g_tilde = unflat(g_tilde)
-      else:
-        g_tilde = updates
-      direction, new_inner = inner.update(g_tilde, inner_state, params, batch=batch,
-                                          **extra_args)
-      d_leaves = treedef.flatten_up_to(direction)
-      lr = (lr_state if learning_rate is None
-            else jnp.zeros_like(lr_state) + learning_rate)   # live if injected
-      step = treedef.unflatten([-leaf_scalar(lr, i).astype(d.dtype) * d
-                                for i, d in enumerate(d_leaves)])
-      finite = _checks.tree_all_finite(jax.tree_util.tree_leaves(step))
-      step = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros((), x.dtype)), step)
-      new_inner = optax.tree_utils.tree_where(finite, new_inner, inner_state)
-      return step, (new_inner, r + 1, lr,
-                    skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
-
-    pre_fields = ("inner_state", "round_step", "learning_rate", "num_skipped")
-    carry = (inner_state,) + tuple(getattr(state, f) for f in pre_fields[1:])
-    new_updates, carry = jax.lax.cond(in_precondition, precondition_step,
-                                      lambda c: (zero_updates, c), carry)
-    new_state = state._replace(**dict(zip(pre_fields, carry)))
+    # Computed on every step and selected with ``where``, not in a cond: the
+    # step is a few elementwise passes (plus the inner optimizer's), so XLA
+    # fuses it with the caller's parameter update when both are under one jit.
+    # Inside a cond the step is materialised, checked and copied out
+    # (1.35x -> 1.17x an SGD step in the preconditioning phase, mnist_mlp on
+    # XLA:CPU). In the estimation phases the result is discarded.
+    if precondition:
+      g_tilde = unflat([
+          bh.low_rank_precondition(
+              g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
+          for i, (g, u, sigma) in enumerate(
+              zip(g_flat, state.eigenvectors, state.eigenvalues))])
+    else:
+      g_tilde = updates
+    direction, new_inner = inner.update(g_tilde, inner_state, params, batch=batch,
+                                        **extra_args)
+    lr = (state.learning_rate if learning_rate is None
+          else jnp.zeros_like(state.learning_rate) + learning_rate)   # live if injected
+    step = [-leaf_scalar(lr, i).astype(d.dtype) * d
+            for i, d in enumerate(treedef.flatten_up_to(direction))]
+    finite = _checks.tree_all_finite(step)
+    apply = in_precondition & finite
+    new_updates = treedef.unflatten(
+        [jnp.where(apply, x, jnp.zeros((), x.dtype)) for x in step])
+    new_state = state._replace(
+        inner_state=optax.tree_utils.tree_where(apply, new_inner, inner_state),
+        round_step=state.round_step + in_precondition.astype(state.round_step.dtype),
+        learning_rate=jnp.where(in_precondition, lr, state.learning_rate),
+        num_skipped=state.num_skipped + (in_precondition & ~finite).astype(jnp.int32))
 
     r = new_state.round_step
     if restart_every is not None:
