@@ -114,8 +114,8 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   ``G = D Ghat D``, ``Ghat = V diag(mu) V'``), ``Z = A T`` with
   ``T = D^{-1} V diag(mu)^{-1/2}``, so ``Z'X = T' G[:, :M]`` and
   ``Z'S = T' G[:, M:]`` are small products, and the only ``n``-sized work is
-  ``X' = C' Delta`` (``M x n``), the three Gram blocks and
-  ``U' = (T U_K[:, :k])' A'``. Directions with ``mu <= sqrt(eps) max(mu)``
+  the three Gram blocks of the stored rows (``Delta Delta'``, ``Delta S'``,
+  ``S S'``; ``X = Delta' C`` is not formed) and ``U' = (T U_K[:, :k])' A'``. Directions with ``mu <= sqrt(eps) max(mu)``
   (columns of ``A`` within about ``eps^{1/4}`` of the span of the others,
   e.g. fewer parameters than ``2M``) are dropped from ``Z``: their share of
   ``K`` is the prior's ``1/alpha`` and their row of ``U`` is zero, which leaves
@@ -123,8 +123,8 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   of the ``k`` rows (``U <- (UU')^{-1/2} U``, a ``k x k`` Gram) removes the
   Gram matrix's rounding from their orthonormality.
 
-  Cost and memory (why not a QR of ``A``): one ``M x n`` temporary and
-  ``O(n M^2)`` flops; a thin QR needs ``[X S]`` and ``Z`` as ``n x 2M``
+  Cost and memory (why not a QR of ``A``): no ``n``-sized temporary but the
+  ``k x n`` result, and ``O(n M^2)`` flops; a thin QR needs ``[X S]`` and ``Z`` as ``n x 2M``
   temporaries (on XLA:CPU the QR's scratch memory made every step of the
   transform slower, taken or not: see the transform's "Structure" note).
 
@@ -134,9 +134,11 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   n = directions.shape[1]
   m = directions.shape[0]
   dtype = directions.dtype
-  x_rows = coefficients.T @ residuals                    # X' = C' Delta, (M, n)
-  g_xx = x_rows @ x_rows.T
-  g_xs = x_rows @ directions.T
+  # X' = C' Delta (M x n) is never formed either: its Gram blocks come from
+  # those of the stored rows, X'X = C'(Delta Delta')C and X'S = C'(Delta S').
+  g_dd = residuals @ residuals.T
+  g_xx = coefficients.T @ g_dd @ coefficients
+  g_xs = coefficients.T @ (residuals @ directions.T)
   g_ss = directions @ directions.T
   gram = jnp.block([[g_xx, g_xs], [g_xs.T, g_ss]])       # A'A, (2M, 2M)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
@@ -151,7 +153,14 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   u_k, sigma, _ = jnp.linalg.svd(k_mat)
   k = min(rank, n, p)
   coef = t @ u_k[:, :k]                                  # U = A coef, (2M, k)
-  u = coef[:m].T @ x_rows + coef[m:].T @ directions      # (k, n)
+  # U' = a' Delta + b' S, (k, n), written as k rows of 2M scaled-row sums:
+  # one fused loop per row and no (k, n) temporaries besides the result (as
+  # two products plus a sum it held three; the largest branch sets the scratch
+  # size of every step, see the transform's "Structure" note).
+  a = coefficients @ coef[:m]                            # (M, k)
+  b = coef[m:]                                           # (M, k)
+  u = jnp.stack([sum(a[i, j] * residuals[i] + b[i, j] * directions[i] for i in range(m))
+                 for j in range(k)]) if k else jnp.zeros((0, n), dtype)
   # (U U')^{-1/2} U: exact orthonormality of the rows (zero rows stay zero).
   lam, w = jnp.linalg.eigh(u @ u.T)
   ok = lam > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(jnp.max(lam), 1.0)
@@ -184,13 +193,16 @@ def low_rank_precondition(g: Array, vectors: Array, scales: Array) -> Array:
   ``vectors``: ``U`` as rows ``(k, n)`` with orthonormal rows; ``scales``: ``c``.
   O(n k) work.
   """
-  # ``U @ g`` (a gemv over U's rows; ``U.T @ x`` is a slow strided gemv on
-  # XLA:CPU). The expansion ``sum_j coef_j U_j`` is written elementwise (k is
-  # static and small) rather than as ``coef @ U``: XLA then fuses it with the
-  # addition of ``g`` and with whatever consumes the result (the parameter
-  # update), one pass over memory instead of three (0.51 -> 0.32 ms at
-  # n = 784000, k = 2, on XLA:CPU).
-  coef = (scales - 1.0) * (vectors @ g)
+  # Both products are written per row (k is static and small), not as dots:
+  # ``U_j'g`` as k fused multiply-reductions (a gemv ``U @ g`` made XLA:CPU
+  # copy the gradient into a column layout first, a params-sized temporary
+  # that pushed the step's scratch past glibc's 32 MiB mmap threshold: ~3000
+  # page faults per step), and ``sum_j coef_j U_j`` elementwise, which XLA
+  # fuses with the addition of ``g`` and with whatever consumes the result
+  # (the parameter update): one pass over memory instead of three (0.51 ->
+  # 0.32 ms at n = 784000, k = 2).
+  ug = jnp.stack([jnp.vdot(v, g) for v in vectors]) if len(vectors) else vectors @ g
+  coef = (scales - 1.0) * ug
   out = g
   for j in range(vectors.shape[0]):
     out = out + coef[j] * vectors[j]
