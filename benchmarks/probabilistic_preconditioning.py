@@ -9,7 +9,9 @@ steps per epoch), estimation restarted every epoch. The seed measured on a GPU
 Printed twice: with glibc's default allocator, and with large blocks cached
 (benchmarks/_allocator.py: XLA:CPU mallocs each execution's scratch buffer, and
 glibc mmaps blocks over 32 MiB afresh, so a step page-faults all the scratch it
-touches; GPU runtimes cache). The page faults per step are printed too.
+touches; GPU runtimes cache). The page faults per step are printed too, and
+then the cost of one step in each phase (prior, posterior, preconditioned)
+relative to an SGD step: where an epoch's extra time goes.
 
 Synthetic data of the right shapes (the timing does not depend on the values).
 Each configuration runs whole epochs of jitted steps (one compiled step, a
@@ -77,6 +79,47 @@ def _batches(num):
   return [(xs[i], ys[i]) for i in range(num)], "synthetic"
 
 
+def phase_costs(make_step, configs, params0, batches, rounds=6, round_len=20):
+  """Median time of one step in each position of an estimation round, relative
+  to an SGD step: where an epoch's extra time goes (P prior steps with a
+  Hessian-vector product each, M - 1 posterior steps with one each, the
+  preconditioned steps)."""
+  print(f"per step, by position in an estimation round (restart_every={round_len}; "
+        f"median of {rounds} rounds, each step timed alone):")
+  for name, tx in configs.items():
+    if name.startswith("OnlyAdaptive"):
+      continue
+    if not name.startswith("SGD"):
+      tx = curvax.transforms.probabilistic_preconditioning(
+          **{**_PP_KWARGS[name], "restart_every": round_len})
+    step = make_step(tx)
+    params, state = step(jax.tree.map(jnp.copy, params0), tx.init(params0), batches[0])
+    times = np.zeros((rounds, round_len))
+    phases = np.zeros(round_len, int)
+    for r in range(rounds):
+      for t in range(round_len):
+        phases[t] = -1 if name.startswith("SGD") else int(state.phase)
+        t0 = time.perf_counter()
+        params, state = step(params, state, batches[t % len(batches)])
+        jax.block_until_ready(params)
+        times[r, t] = time.perf_counter() - t0
+    med = np.median(times, axis=0)
+    if name.startswith("SGD"):
+      sgd = float(np.median(med))
+      print(f"  {name:36s} {1e3 * sgd:6.2f} ms/step")
+      continue
+    labels = {0: "prior", 1: "posterior", 2: "precondition"}
+    parts = []
+    for ph in (0, 1, 2):
+      sel = med[phases == ph]
+      if len(sel):
+        parts.append(f"{labels[ph]} {len(sel)} x {np.median(sel) / sgd:4.2f}x")
+    print(f"  {name:36s} " + ", ".join(parts))
+
+
+_PP_KWARGS = {}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=469)
@@ -89,13 +132,14 @@ def main():
   batches, data_name = _batches(num_distinct)
   steps = args.steps
   pp = curvax.transforms.probabilistic_preconditioning
-  configs = {
-      "SGD (lr 0.01)": optax.sgd(0.01),
-      "PreconditionedSGD": pp(loss_fn, restart_every=steps),
-      "AdaptiveSGD (estimate, no apply)": pp(loss_fn, restart_every=steps, precondition=False,
-                                             estimate_preconditioner=True),
-      "OnlyAdaptiveSGD (prior only)": pp(loss_fn, restart_every=steps, precondition=False),
-  }
+  _PP_KWARGS.update({
+      "PreconditionedSGD": dict(loss_fn=loss_fn),
+      "AdaptiveSGD (estimate, no apply)": dict(loss_fn=loss_fn, precondition=False,
+                                               estimate_preconditioner=True),
+      "OnlyAdaptiveSGD (prior only)": dict(loss_fn=loss_fn, precondition=False),
+  })
+  configs = {"SGD (lr 0.01)": optax.sgd(0.01)}
+  configs.update({name: pp(**kw, restart_every=steps) for name, kw in _PP_KWARGS.items()})
 
   def make_step(tx):
     # Donating params and state lets XLA update the estimation buffers in place
@@ -144,6 +188,7 @@ def main():
   if _allocator.cache_large_blocks():
     measure("glibc caching large blocks (like a GPU runtime's caching allocator; "
             "see benchmarks/_allocator.py)")
+  phase_costs(make_step, configs, params0, batches)
   for name, run in runners.items():
     if name.startswith("SGD"):
       continue
