@@ -1,4 +1,4 @@
-r"""Flax layers for curvature work: a convolution computed as patches times a matrix.
+r"""Flax layers for curvature work: convolution and max-pooling from strided slices.
 
 `PatchConv` is ``flax.linen.Conv`` (same parameters ``kernel`` of shape
 ``(*kernel_size, in_features, features)`` and ``bias``, same initialisers, same
@@ -21,10 +21,21 @@ and 6.7 / 0.73; a Hessian-vector product inside ``lax.fori_loop`` 6.5 / 0.47 and
 choice: `conv_class` picks by backend.
 
 Memory: the patches hold ``prod(kernel_size)`` copies of the (strided) input.
+
+`max_pool` is ``flax.linen.max_pool`` (same outputs, same gradients, ties go
+to the first maximum of the window in row-major order) as the elementwise
+maximum of the window's strided slices, with a custom JVP that routes each
+tangent through a mask of the maximising entries. Its transpose (the gradient)
+is padding and adding, where XLA differentiates ``reduce_window`` max into a
+``select_and_scatter``, which XLA:CPU runs on a serial loop, once per column
+when back-propagating several columns (the ``K`` output-Hessian columns of an
+exact diagonal GGN): a 3x3/2 pool of a ``128 x 28 x 28 x 64`` input, 2 CPU cores,
+gradient 121 -> 10 ms, 10 columns 1.33 -> 0.16 s (3c3d's first pool).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -34,7 +45,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-__all__ = ["CONV_IMPLS", "PatchConv", "conv_class"]
+__all__ = ["CONV_IMPLS", "PatchConv", "conv_class", "max_pool", "max_pool_fn"]
 
 CONV_IMPLS = ("auto", "lax", "patches")
 
@@ -123,3 +134,83 @@ def conv_class(impl: str = "auto"):
   if impl == "auto":
     impl = "patches" if jax.default_backend() == "cpu" else "lax"
   return PatchConv if impl == "patches" else nn.Conv
+
+
+def _window_slices(x: jax.Array, window: Tuple[int, ...], strides: Tuple[int, ...],
+                   pads, fill) -> list:
+  """The ``prod(window)`` strided slices of ``x`` (``(N, *spatial, C)``) padded with
+  ``fill``: slice ``j`` holds, at each output position, entry ``j`` (row-major) of
+  the window."""
+  x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=fill)
+  out = [(x.shape[1 + d] - window[d]) // strides[d] + 1 for d in range(len(window))]
+  if min(out) < 1:
+    raise ValueError(f"max_pool: window {window} does not fit the padded input "
+                     f"{x.shape[1:-1]}.")
+  slices = []
+  for offset in itertools.product(*(range(k) for k in window)):
+    index = tuple(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out, strides))
+    slices.append(x[(slice(None),) + index + (slice(None),)])
+  return slices
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _window_max(x, window, strides, pads):
+  return functools.reduce(jnp.maximum, _window_slices(x, window, strides, pads, -jnp.inf))
+
+
+@_window_max.defjvp
+def _window_max_jvp(window, strides, pads, primals, tangents):
+  # y_dot = sum_j m_j * x_dot_j with m_j the indicator of the first maximiser:
+  # linear in the tangent, so JAX transposes it (slices -> pads) for the VJP, and
+  # the masks, computed from the primal, are shared by every column under vmap.
+  # The primal output is this function again (not jnp.maximum, which splits ties
+  # half and half), so that differentiating this rule (Hessian-vector products)
+  # routes ties as the rule does.
+  (x,), (t,) = primals, tangents
+  y = _window_max(x, window, strides, pads)
+  slices = _window_slices(jax.lax.stop_gradient(x), window, strides, pads, -jnp.inf)
+  taken = jnp.zeros(y.shape, bool)
+  y_dot = jnp.zeros(y.shape, t.dtype)
+  y_const = jax.lax.stop_gradient(y)
+  for s, t_s in zip(slices, _window_slices(t, window, strides, pads, 0)):
+    first = (s == y_const) & ~taken
+    taken = taken | first
+    y_dot = y_dot + jnp.where(first, t_s, 0)
+  return y, y_dot
+
+
+def max_pool(inputs: jax.Array, window_shape: Sequence[int],
+             strides: Optional[Sequence[int]] = None,
+             padding: PaddingLike = "VALID") -> jax.Array:
+  r"""``flax.linen.max_pool`` from strided slices (see the module docstring).
+
+  .. math:: y_{n,p,c} = \max_{j \in \text{window}(p)} x_{n,j,c},
+
+  the window's entries taken as ``prod(window_shape)`` strided slices of the
+  input padded with ``-inf``. Same arguments as ``nn.max_pool``: inputs
+  ``(*batch, *spatial, C)`` with any number of batch axes (none included),
+  ``strides`` defaulting to 1, padding ``'SAME'``, ``'VALID'``, an int or
+  ``(lo, hi)`` pairs. Non-floating inputs go to ``nn.max_pool``.
+  """
+  window = tuple(window_shape)
+  nd = len(window)
+  strides = (1,) * nd if strides is None else tuple(strides)
+  if len(strides) != nd:
+    raise ValueError(f"max_pool: strides {strides} and window {window} differ in length.")
+  if inputs.ndim < nd + 1:
+    raise ValueError(f"max_pool with a {nd}-D window needs inputs (..., {nd} spatial axes, "
+                     f"C), got shape {inputs.shape}.")
+  if not jnp.issubdtype(inputs.dtype, jnp.floating):
+    return nn.max_pool(inputs, window, strides, padding)
+  batch_shape = inputs.shape[:inputs.ndim - nd - 1]
+  x = inputs.reshape((-1,) + inputs.shape[len(batch_shape):])
+  pads = _pads(padding, x.shape[1:-1], window, strides)
+  y = _window_max(x, window, strides, tuple(tuple(p) for p in pads))
+  return y.reshape(batch_shape + y.shape[1:])
+
+
+def max_pool_fn(impl: str = "auto"):
+  """The max-pooling function that goes with `conv_class`'s ``impl``: `max_pool`
+  (strided slices) for ``'patches'``, ``nn.max_pool`` for ``'lax'``; ``'auto'``
+  picks by backend as `conv_class` does."""
+  return max_pool if conv_class(impl) is PatchConv else nn.max_pool

@@ -85,6 +85,23 @@ def test_hutchinson_rejects_a_matvec_of_the_wrong_shape():
     diagonals.hutchinson_trace(lambda v: jnp.ones(4), x, jax.random.PRNGKey(0), 2)
 
 
+@pytest.mark.parametrize("block_elements", [None, 1, 60])
+def test_fast_path_conv_diag_ggn_in_blocks_equals_explicit(monkeypatch, block_elements):
+  """Conv layers' factor columns are formed column by column and a block of
+  examples at a time (`flax_layers.DIAG_BLOCK_ELEMENTS`): blocks of 1 and of 2 or
+  3 examples with a remainder (7 examples) give the explicit diagonal."""
+  from test_per_example import _LinenCNN, _linen_problem  # pylint: disable=g-import-not-at-top
+  from curvax.curvature import flax_layers  # pylint: disable=g-import-not-at-top
+  if block_elements is not None:
+    monkeypatch.setattr(flax_layers, "DIAG_BLOCK_ELEMENTS", block_elements)
+  apply_fn, loss, params, batch = _linen_problem(_LinenCNN(), "softmax_cross_entropy",
+                                                 (6, 6, 1), n=7)
+  fast = jax.jit(lambda p, b: diagonals.diag_ggn(apply_fn, loss, p, b, method="layers"))(
+      params, batch)
+  g = jax.jit(explicit_ggn, static_argnums=(0, 1))(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(flat(fast), np.diag(g), rtol=1e-9, atol=1e-12)
+
+
 def test_fast_path_diag_ggn_equals_vmap_path_and_explicit():
   from test_per_example import _LinenCNN, _LinenMLP, _linen_problem  # pylint: disable=g-import-not-at-top
   for module, x_shape, loss_name in [(_LinenMLP(), (4,), "sigmoid_binary_cross_entropy"),

@@ -1,4 +1,6 @@
-"""`curvax.layers.PatchConv` is ``nn.Conv``: same parameters, outputs and gradients.
+"""`curvax.layers.PatchConv` is ``nn.Conv``: same parameters, outputs and gradients;
+`curvax.layers.max_pool` is ``nn.max_pool``: same outputs, gradients, JVPs and
+Hessian-vector products (ties included).
 
 The reference is ``flax.linen.Conv`` (XLA's convolution) with the very same
 variables, in float64; configurations cover 1-D/2-D/3-D kernels, strides,
@@ -14,7 +16,7 @@ import pytest
 
 import curvax
 import curvax.problems
-from curvax.layers import PatchConv, conv_class
+from curvax.layers import PatchConv, conv_class, max_pool, max_pool_fn
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -108,6 +110,61 @@ def test_problems_compute_the_same_function_with_either_conv(name, shape):
   out_lax = jax.jit(lax_problem.apply_fn)(v, x)
   out_patch = jax.jit(patch_problem.apply_fn)(v, x)
   np.testing.assert_allclose(out_patch, out_lax, rtol=1e-9, atol=1e-11)
-  # The patch model holds no convolution op at all.
-  assert "conv_general_dilated" not in str(jax.make_jaxpr(patch_problem.apply_fn)(v, x))
-  assert "conv_general_dilated" in str(jax.make_jaxpr(lax_problem.apply_fn)(v, x))
+  # The patch model holds no convolution op and no reduce_window at all.
+  patch_jaxpr = str(jax.make_jaxpr(patch_problem.apply_fn)(v, x))
+  lax_jaxpr = str(jax.make_jaxpr(lax_problem.apply_fn)(v, x))
+  assert "conv_general_dilated" not in patch_jaxpr and "reduce_window" not in patch_jaxpr
+  assert "conv_general_dilated" in lax_jaxpr and "reduce_window" in lax_jaxpr
+  # Gradients agree too (max-pool ties route to the same entry).
+  y = jax.nn.one_hot(jnp.arange(shape[0]) % 10, 10)
+  grads = [jax.jit(jax.grad(lambda v, p=p: jnp.sum(jax.nn.log_softmax(p.apply_fn(v, x)) * y)))(v)
+           for p in (lax_problem, patch_problem)]
+  for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("x_shape,window,strides,padding", [
+    ((3, 9, 9, 2), (3, 3), (2, 2), "SAME"),      # 3c3d's pool
+    ((3, 8, 8, 2), (2, 2), (2, 2), "SAME"),      # 2c2d's pool
+    ((2, 9, 7, 3), (3, 2), (2, 1), "VALID"),
+    ((2, 6, 6, 1), (2, 2), None, ((1, 0), (0, 1))),
+    ((2, 10, 3), (4,), (3,), "SAME"),
+    ((2, 4, 5, 4, 2), (2, 3, 2), (1, 2, 2), "VALID"),
+    ((7, 7, 2), (3, 3), (2, 2), "SAME"),          # no batch axis
+    ((2, 3, 6, 6, 2), (2, 2), (2, 2), "VALID"),   # two batch axes
+])
+def test_max_pool_matches_nn_max_pool_with_ties(x_shape, window, strides, padding):
+  # ReLU and rounding make ties (zeros, repeated values) common, as after a conv.
+  x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), x_shape, jnp.float64)), 1)
+  t = jax.random.normal(jax.random.PRNGKey(1), x_shape, jnp.float64)
+  pools = [lambda x: nn.max_pool(x, window, strides, padding),
+           lambda x: max_pool(x, window, strides, padding)]
+
+  @jax.jit
+  def all_of(x, t):
+    out = []
+    for pool in pools:
+      f = lambda x, pool=pool: jnp.sum(jnp.sin(pool(x)) * jnp.cos(pool(x) + 1.0))
+      y, y_dot = jax.jvp(pool, (x,), (t,))
+      # Hessian-vector product: forward over reverse through the pool twice.
+      hvp = jax.jvp(jax.grad(f), (x,), (t,))[1]
+      out.append((y, y_dot, jax.grad(f)(x), hvp))
+    return out
+
+  ref, ours = all_of(x, t)
+  assert ours[0].shape == ref[0].shape
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_max_pool_fn_follows_conv_class():
+  assert max_pool_fn("patches") is max_pool
+  assert max_pool_fn("lax") is nn.max_pool
+  assert max_pool_fn("auto") is (max_pool if conv_class("auto") is PatchConv else nn.max_pool)
+  with pytest.raises(ValueError, match="strides"):
+    max_pool(jnp.ones((1, 4, 4, 1)), (2, 2), (2,))
+  with pytest.raises(ValueError, match="spatial"):
+    max_pool(jnp.ones((4, 4)), (2, 2))
+  # Integer inputs have no -inf padding: nn.max_pool's own code handles them.
+  xi = jnp.arange(32).reshape(2, 4, 4, 1)
+  np.testing.assert_array_equal(max_pool(xi, (2, 2), (2, 2)), nn.max_pool(xi, (2, 2), (2, 2)))

@@ -77,6 +77,39 @@ def map_reduce(fn: Callable[[Any], Tuple[Any, Any]], xs: Any,
   return per, total
 
 
+def sum_chunks(fn: Callable[[Any], Any], xs: Any, chunk_size: Optional[int],
+               axis: int = 0) -> Any:
+  """``sum over chunks c of fn(c)``, the batch axis of every leaf of ``xs`` at ``axis``.
+
+  The chunks are those of `map_reduce` (strided), but no leaf is rearranged
+  beforehand: ``(..., q m, ...)`` is viewed as ``(..., m, q, ...)`` and each step
+  of the ``lax.scan`` gathers its chunk ``[..., :, j, ...]``, so a leaf whose batch
+  axis is not leading (``(K, N, ...)`` columns) is never transposed as a whole.
+  """
+  check_chunk_size(chunk_size)
+  n = jnp.shape(jax.tree_util.tree_leaves(xs)[0])[axis]
+  if chunk_size is None or chunk_size >= n:
+    return fn(xs)
+  q, r = divmod(n, chunk_size)
+
+  def view(a):
+    a = jax.lax.slice_in_dim(a, 0, q * chunk_size, axis=axis) if r else a
+    return a.reshape(a.shape[:axis] + (chunk_size, q) + a.shape[axis + 1:])
+
+  main = jax.tree_util.tree_map(view, xs)
+  take = lambda j: jax.tree_util.tree_map(
+      lambda a: jax.lax.dynamic_index_in_dim(a, j, axis=axis + 1, keepdims=False), main)
+  init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                jax.eval_shape(fn, take(0)))
+  total, _ = jax.lax.scan(lambda carry, j: (otu.tree_add(carry, fn(take(j))), None),
+                          init, jnp.arange(q))
+  if r:
+    tail = jax.tree_util.tree_map(
+        lambda a: jax.lax.slice_in_dim(a, q * chunk_size, n, axis=axis), xs)
+    total = otu.tree_add(total, fn(tail))
+  return total
+
+
 def expand(tree: Any) -> Any:
   """Adds a leading axis of size one to every leaf (one example -> a batch of 1)."""
   return jax.tree_util.tree_map(lambda a: a[None], tree)

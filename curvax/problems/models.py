@@ -6,7 +6,8 @@ DeepOBS's (see ``PARAM_COUNTS`` in `curvax.problems.problems`). Inputs are NHWC.
 Every module takes ``train`` (dropout active, batch norm on batch statistics).
 The convolutional models take ``conv_impl`` (see `curvax.layers.conv_class`):
 ``'auto'`` computes convolutions as patches @ kernel on CPU (`curvax.layers.PatchConv`,
-fast inside the control flow of second-order methods) and with ``nn.Conv``
+fast inside the control flow of second-order methods; max-pooling likewise from
+strided slices, `curvax.layers.max_pool`) and with ``nn.Conv`` / ``nn.max_pool``
 elsewhere; either way the parameters (names, shapes, initial values) are the same.
 """
 
@@ -19,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from curvax.layers import conv_class
+from curvax.layers import conv_class, max_pool_fn
 
 glorot_normal = nn.initializers.glorot_normal()
 glorot_uniform = nn.initializers.glorot_uniform()
@@ -79,9 +80,10 @@ class TwoC2D(nn.Module):
   def __call__(self, x, train: bool = False):
     kw = dict(kernel_init=_trunc(0.05), bias_init=_const(0.05))
     conv = _convs(self.conv_impl)
+    max_pool = max_pool_fn(self.conv_impl)
     for f in (32, 64):
       x = nn.relu(conv(f, (5, 5), padding="SAME", **kw)(x))
-      x = nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
+      x = max_pool(x, (2, 2), (2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(1024, **kw)(x))
     return nn.Dense(self.num_classes, **kw)(x)
@@ -97,10 +99,11 @@ class ThreeC3D(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = _convs(self.conv_impl)
+    max_pool = max_pool_fn(self.conv_impl)
     for f, k, pad in ((64, 5, "VALID"), (96, 3, "VALID"), (128, 3, "SAME")):
       x = nn.relu(conv(f, (k, k), padding=pad, kernel_init=glorot_normal,
                        bias_init=nn.initializers.zeros)(x))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+      x = max_pool(x, (3, 3), (2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)
     for w in (512, 256):
       x = nn.relu(nn.Dense(w, kernel_init=glorot_uniform, bias_init=nn.initializers.zeros)(x))
