@@ -49,25 +49,32 @@ def test_vivit_monte_carlo_factor_and_masking():
   apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy", n=3)
   key = jax.random.PRNGKey(7)
 
+  # The third example repeats the first: the exact factor (softmax: C - 1 = 2
+  # columns per example, N (C - 1) = 6 in all) then has rank 4.
+  x, y = batch
+  dup = (x.at[2].set(x[0]), y.at[2].set(y[0]))
+
   @jax.jit
-  def run(params, batch):
+  def run(params, batch, dup):
     v = eigen.ggn_factor(apply_fn, loss, params, batch, key=key, num_samples=2)
     res = eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 6, key=key, num_samples=2)
-    full = eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 9)
+    full = eigen.ggn_eigenpairs(apply_fn, loss, params, dup, 6)
     return v, res, full
 
-  v, res, full = run(params, batch)
+  v, res, full = run(params, batch, dup)
   vm = _rows(jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), v))  # (NM, P)
   g_mc = vm.T @ vm
   np.testing.assert_allclose(res.eigenvalues, np.linalg.eigh(g_mc)[0][::-1][:6], rtol=1e-8, atol=1e-12)
   e = _rows(res.eigenvectors)
   np.testing.assert_allclose(e @ g_mc, res.eigenvalues[:, None] * e, atol=1e-9)
-  # Exact factor for softmax has N*C = 9 columns but rank <= N*(C-1) = 6:
-  # the 3 null directions of the Gram matrix are masked, their vectors zero.
-  assert int(full.valid.sum()) == 6
+  # The 2 null directions of the Gram matrix are masked, their vectors zero.
+  assert int(full.valid.sum()) == 4
   assert np.all(_rows(full.eigenvectors)[~np.asarray(full.valid)] == 0)
+  g = np.asarray(jax.jit(explicit_ggn, static_argnums=(0, 1))(apply_fn, loss, params, dup))
+  np.testing.assert_allclose(np.asarray(full.eigenvalues)[np.asarray(full.valid)],
+                             np.linalg.eigh(g)[0][::-1][:4], rtol=1e-8, atol=1e-12)
   with pytest.raises(ValueError, match="num_eigenpairs"):
-    eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 10)
+    eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 7)
 
 
 def test_lanczos_matches_eigh():

@@ -47,6 +47,8 @@ def test_derivatives_match_autodiff(name, soft, jit):
 
   s = maybe_jit(loss.sqrt_hessian)(outputs, targets)
   assert s.shape[:2] == (N, C)
+  if loss is curvax.losses.softmax_cross_entropy:
+    assert s.shape[2] == C - 1    # H has rank C - 1: no column is wasted
   np.testing.assert_allclose(jnp.einsum("nck,ndk->ncd", s, s), h, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(loss.hessian(outputs, targets), h, rtol=1e-10, atol=1e-12)
 
@@ -139,3 +141,17 @@ def test_objective_is_batch_mean():
   np.testing.assert_allclose(fn(2.0, (x, y)), jnp.mean(0.5 * jnp.sum((2 * x - y) ** 2, -1)))
   with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
     fn(2.0, {"x": x})
+
+
+@pytest.mark.parametrize("dominant", [0, C - 1])
+def test_softmax_root_is_exact_when_one_class_takes_all_the_mass(dominant):
+  # p_c -> 1 for the class the Householder reflection pivots on (the last) or
+  # another: the (C - 1)-column root stays exact in float32 (no 0 / 0).
+  outputs = jnp.zeros((2, C), jnp.float32).at[:, dominant].set(jnp.array([30.0, 8.0]))
+  labels = jnp.array([1, dominant])
+  loss = curvax.losses.softmax_cross_entropy
+  s = loss.sqrt_hessian(outputs, labels)
+  p = jax.nn.softmax(outputs.astype(jnp.float64))
+  h = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+  assert s.shape == (2, C, C - 1) and bool(jnp.all(jnp.isfinite(s)))
+  np.testing.assert_allclose(jnp.einsum("nck,ndk->ncd", s, s), h, atol=1e-6)

@@ -8,7 +8,8 @@ squared factor (Dangel, thesis, Eqs. B.12-B.15, spec §1.3):
 .. math:: \operatorname{diag} G = \frac{1}{N}\sum_n\sum_k (J_n^\top s_{n,k})^{\odot 2}.
 
 Each column ``J_n' s_{n,k}`` is one VJP of the single-example model, so the
-exact diagonal costs about ``K`` (= number of outputs) gradients and the
+exact diagonal costs about ``K`` (= columns of the loss's root: the number of
+outputs, ``C - 1`` for softmax cross-entropy) gradients and the
 Monte-Carlo one ``M`` (= ``num_samples``). Examples are processed
 ``chunk_size`` at a time (``vmap`` inside a ``lax.scan``), so memory is
 ``chunk_size x K x params``.
@@ -100,7 +101,8 @@ def diag_ggn(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
   """Exact diagonal of the GGN of the batch-mean loss, shaped like ``params``.
 
   Uses the exact loss-Hessian square root (``loss.sqrt_hessian``): ``K`` VJPs
-  per example (``K`` = its number of columns, the output dimension).
+  per example (``K`` = its number of columns: the output dimension, ``C - 1``
+  for softmax cross-entropy).
 
   ``method``: ``"auto"`` uses the per-layer fast path for Flax Linen models
   whose parameters all sit in Dense/Conv layers (see

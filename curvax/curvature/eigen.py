@@ -56,7 +56,8 @@ def ggn_factor(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
   """The GGN factor ``V`` with ``G = V V'``: a params-shaped pytree with leading axes ``(N, K)``.
 
   Column ``(n, k)`` is ``J_n' s_{n,k} / sqrt(N)``: exact square roots by default
-  (``K`` = output dimension), Monte-Carlo ones with ``key`` (``K = num_samples``).
+  (``K`` = the root's columns: the output dimension, ``C - 1`` for softmax
+  cross-entropy), Monte-Carlo ones with ``key`` (``K = num_samples``).
   Memory: ``N K`` copies of the parameters. Batch-norm models are refused, as
   in `curvax.curvature.diag_ggn`.
   """

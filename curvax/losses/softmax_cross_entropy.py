@@ -28,8 +28,11 @@ class SoftmaxCrossEntropy(Loss):
   * Hessian ``H = t (diag(p) - p p')`` (Dangel, thesis, Table 4.1 / App. A.3.2),
     which does not depend on how the mass of ``y`` is spread, so the GGN equals
     the Fisher (Eq. 3.28);
-  * exact symmetric-structured square root ``S = sqrt(t) (diag(sqrt p) - p sqrt(p)')``,
-    i.e. ``(I - p 1') diag(sqrt p)``, with ``S S' = H`` because ``1'p = 1``;
+  * exact square root with ``C - 1`` columns: ``S = sqrt(t) (diag(sqrt p) - p sqrt(p)')``,
+    i.e. ``(I - p 1') diag(sqrt p)``, has ``S S' = H`` because ``1'p = 1`` and
+    ``S sqrt(p) = 0``; ``sqrt_hessian`` returns ``S R`` with ``R`` the ``C - 1``
+    columns of a Householder reflection orthogonal to ``sqrt(p)`` (still
+    ``(S R)(S R)' = H``): a diagonal GGN back-propagates ``C - 1`` columns, not ``C``;
   * Monte-Carlo root: columns ``(onehot(c_m) - p) / sqrt(M)`` for
     ``c_m ~ Cat(p)`` (Eq. 5.9), the gradients at labels drawn from the model.
   """
@@ -80,6 +83,17 @@ class SoftmaxCrossEntropy(Loss):
     p = jax.nn.softmax(outputs, axis=-1)
     sp = jnp.sqrt(p)
     s = jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
+    c = p.shape[-1]
+    if c > 1:
+      # S sqrt(p) = 0: drop that direction. R = the Householder reflection with
+      # w = sqrt(p) + e_c (w'w = 2 (1 + sqrt(p_c)) >= 2, stable for every p) maps
+      # sqrt(p) to -e_c, so its other columns span sqrt(p)'s complement and
+      # (S R)(S R)' = S S' = H; S w = S e_c = sqrt(p_c) (e_c - p).
+      last = sp[:, -1:]
+      w = sp.at[:, -1].add(1.0)
+      u = last * (jax.nn.one_hot(c - 1, c, dtype=p.dtype) - p)
+      s = s[:, :, :-1] - (2.0 / (2.0 + 2.0 * last))[:, :, None] * (
+          u[:, :, None] * w[:, None, :-1])
     return jnp.sqrt(self._mass(outputs, targets))[:, :, None] * s
 
   def sqrt_hessian_sampled(self, key, outputs, targets, num_samples=1):
