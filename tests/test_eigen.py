@@ -101,6 +101,58 @@ def test_lanczos_matches_eigh():
   np.testing.assert_allclose(top, lam[:2], rtol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_lanczos_with_a_tolerance_stops_on_the_residual_bound(k):
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  loss_fn = curvax.losses.objective(apply_fn, loss)
+  h = np.asarray(jax.jit(explicit_hessian, static_argnums=(0, 1))(apply_fn, loss, params, batch))
+  p = h.shape[0]
+  lam = np.linalg.eigh(h)[0][::-1]
+  v0 = jax.tree_util.tree_map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape)), params)
+  rtol = 1e-4
+
+  @jax.jit
+  def run(params, batch):
+    mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
+    return (eigen.lanczos(mv, v0, p, rtol=rtol, num_converged=k),
+            eigen.top_eigenvalues(mv, params, jax.random.PRNGKey(1), k=k, num_iterations=p,
+                                  rtol=rtol))
+
+  res, top = run(params, batch)
+  j = int(res.iterations)
+  assert k <= j < p                                   # stopped early
+  assert np.all(np.isnan(res.ritz_values[j:])) and np.all(np.isfinite(res.ritz_values[:j]))
+  x = _rows(res.ritz_vectors)[:k]
+  theta = np.asarray(res.ritz_values[:k])
+  residual = np.linalg.norm(x @ h - theta[:, None] * x, axis=1)
+  assert np.all(residual <= rtol * np.abs(theta) * (1 + 1e-6))  # the bound it stopped on
+  np.testing.assert_allclose(theta, lam[:k], rtol=1e-3)
+  np.testing.assert_allclose(top, lam[:k], rtol=1e-3)
+  # One step fewer would not have met the bound (the stop is the first one).
+  t = np.diag(res.alphas[:j - 1]) + np.diag(res.betas[:j - 2], 1) + np.diag(res.betas[:j - 2], -1)
+  ev, y = np.linalg.eigh(t)
+  assert np.any(res.betas[j - 2] * np.abs(y[-1, -k:]) > rtol * np.abs(ev[-k:])) or j - 1 < k
+
+
+def test_lanczos_with_a_tolerance_on_negative_definite_and_invariant_spaces():
+  # All eigenvalues negative: the padded tridiagonal must not report a spurious top.
+  d = -jnp.concatenate([jnp.array([1.0]), jnp.linspace(50.0, 80.0, 29)])
+  res = eigen.lanczos(lambda v: d * v, jnp.ones(30), 30, rtol=1e-6)
+  assert int(res.iterations) < 30
+  np.testing.assert_allclose(res.ritz_values[0], -1.0, rtol=1e-6)
+  assert np.all(np.asarray(res.ritz_values[1:int(res.iterations)]) < -49.0)
+  # A 2-dimensional invariant start space: stops after 2 products, the rest NaN.
+  d2 = jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
+  res = eigen.lanczos(lambda v: d2 * v, jnp.array([1.0, 1.0, 0, 0, 0]), 5, rtol=1e-3)
+  assert int(res.iterations) == 2
+  np.testing.assert_allclose(res.ritz_values[:2], [3.0, 2.0], rtol=1e-12)
+  assert np.all(np.isnan(res.ritz_values[2:]))
+  with pytest.raises(ValueError, match="num_converged"):
+    eigen.lanczos(lambda v: v, jnp.ones(3), 2, rtol=1e-3, num_converged=3)
+  with pytest.raises(ValueError, match="rtol"):
+    eigen.lanczos(lambda v: v, jnp.ones(3), 2, rtol=-1.0)
+
+
 def test_lanczos_invariant_subspace_and_errors():
   d = jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
   # Start in a 2-dimensional invariant subspace: breakdown after two steps.

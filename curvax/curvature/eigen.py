@@ -128,30 +128,60 @@ class LanczosResult(NamedTuple):
     ritz_vectors: pytree with leading axis ``m``, the matching Ritz vectors.
     alphas: ``(m,)`` diagonal of the tridiagonal matrix.
     betas: ``(m,)`` off-diagonal (``betas[:m-1]``) and the last residual norm.
+    iterations: the number ``j <= m`` of matrix-vector products taken (``m``
+      without a tolerance). With a tolerance, ``ritz_values[j:]`` are NaN and
+      ``ritz_vectors[j:]`` zero.
   """
   ritz_values: Array
   ritz_vectors: Any
   alphas: Array
   betas: Array
+  iterations: Array
 
 
-def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int) -> LanczosResult:
-  """``num_iterations`` steps of Lanczos with full re-orthogonalisation.
+def _tridiagonal(alphas: Array, betas: Array, size: Array) -> Array:
+  """The leading ``size x size`` tridiagonal block of ``(alphas, betas)``, padded to
+  ``m x m`` with a decoupled diagonal below every eigenvalue of the block
+  (Gershgorin), so that the block's eigenvalues are the ``size`` largest."""
+  m = alphas.shape[0]
+  inside = jnp.arange(m) < size
+  off = jnp.where(jnp.arange(m - 1) < size - 1, betas[:m - 1], 0.0)
+  radius = jnp.abs(jnp.concatenate([off, jnp.zeros(1, off.dtype)])) + jnp.abs(
+      jnp.concatenate([jnp.zeros(1, off.dtype), off]))
+  floor = jnp.min(jnp.where(inside, alphas - radius, jnp.inf)) - 1.0
+  diag = jnp.where(inside, alphas, floor)
+  return jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+
+
+def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
+            rtol: Optional[float] = None, atol: float = 0.0,
+            num_converged: int = 1) -> LanczosResult:
+  r"""Lanczos with full re-orthogonalisation: at most ``num_iterations`` steps.
 
   Args:
     matvec: a symmetric linear map on pytrees shaped like ``v0``.
     v0: starting vector (nonzero pytree).
     num_iterations: ``m`` (static); clipped to the dimension.
+    rtol, atol: with ``rtol``, stop after step ``j`` once each of the top
+      ``num_converged`` Ritz pairs ``(theta, x = Q_j y)`` has the residual
+      ``||A x - theta x|| = beta_j |y_j| <= atol + rtol |theta|`` (Parlett, *The
+      Symmetric Eigenvalue Problem*, Thm. 13.1.1 / Eq. 13.2.1: an eigenvalue of
+      ``A`` lies within that distance of ``theta``), or once the Krylov space is
+      invariant. Without ``rtol``, all ``m`` steps run.
 
-  If the Krylov space becomes invariant early (``beta ~ 0``), the remaining
-  basis vectors are zero and the extra Ritz values are 0 (spurious); the
-  extreme Ritz values are unaffected.
+  Without a tolerance, if the Krylov space becomes invariant early (``beta ~
+  0``), the remaining basis vectors are zero and the extra Ritz values are 0
+  (spurious); the extreme Ritz values are unaffected.
   """
   flat0, unravel = ravel_pytree(v0)
   dim = flat0.shape[0]
   if not isinstance(num_iterations, int) or num_iterations < 1:
     raise ValueError(f"`num_iterations` must be a positive int; got {num_iterations!r}.")
+  if rtol is not None and not (rtol >= 0 and atol >= 0):
+    raise ValueError(f"`rtol` and `atol` must be >= 0; got {rtol!r}, {atol!r}.")
   m = min(num_iterations, dim)
+  if not isinstance(num_converged, int) or not 1 <= num_converged <= m:
+    raise ValueError(f"`num_converged` must be an int in [1, {m}]; got {num_converged!r}.")
   dtype = flat0.dtype
   tiny = jnp.finfo(dtype).eps
 
@@ -160,12 +190,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int) -> Lancz
     _checks.check_tree_like(out, v0, "matvec(v)", "v0")
     return ravel_pytree(out)[0]
 
-  q = jnp.zeros((m + 1, dim), dtype).at[0].set(flat0 / jnp.linalg.norm(flat0))
-  alphas = jnp.zeros((m,), dtype)
-  betas = jnp.zeros((m,), dtype)
-
-  def body(i, carry):
-    q, alphas, betas = carry
+  def step(i, q, alphas, betas):
     w = mv(q[i])
     w_norm = jnp.linalg.norm(w)
     alpha = jnp.dot(w, q[i])
@@ -178,24 +203,55 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int) -> Lancz
     q = q.at[i + 1].set(jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0))
     return q, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(ok, beta, 0.0))
 
-  q, alphas, betas = jax.lax.fori_loop(0, m, body, (q, alphas, betas))
-  t = jnp.diag(alphas) + jnp.diag(betas[:m - 1], 1) + jnp.diag(betas[:m - 1], -1)
+  q = jnp.zeros((m + 1, dim), dtype).at[0].set(flat0 / jnp.linalg.norm(flat0))
+  alphas = jnp.zeros((m,), dtype)
+  betas = jnp.zeros((m,), dtype)
+  if rtol is None:
+    q, alphas, betas = jax.lax.fori_loop(
+        0, m, lambda i, c: step(i, *c), (q, alphas, betas))
+    iterations = jnp.asarray(m)
+    t = jnp.diag(alphas) + jnp.diag(betas[:m - 1], 1) + jnp.diag(betas[:m - 1], -1)
+  else:
+    def converged(j, alphas, betas):
+      theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, j))
+      top = slice(m - num_converged, m)
+      residual = betas[j - 1] * jnp.abs(y[j - 1, top])
+      return jnp.all(residual <= atol + rtol * jnp.abs(theta[top])) | (betas[j - 1] == 0)
+
+    def body(carry):
+      j, q, alphas, betas, _ = carry
+      q, alphas, betas = step(j, q, alphas, betas)
+      j = j + 1
+      done = (j >= num_converged) & converged(j, alphas, betas)
+      return j, q, alphas, betas, done
+
+    iterations, q, alphas, betas, _ = jax.lax.while_loop(
+        lambda c: (c[0] < m) & ~c[4], body, (jnp.asarray(0), q, alphas, betas, False))
+    t = _tridiagonal(alphas, betas, iterations)
   theta, y = jnp.linalg.eigh(t)
   theta, y = theta[::-1], y[:, ::-1]
+  if rtol is not None:
+    real = jnp.arange(m) < iterations
+    theta = jnp.where(real, theta, jnp.nan)
+    y = jnp.where(real[None, :] & real[:, None], y, 0.0)
   vectors = (q[:m].T @ y).T
-  return LanczosResult(theta, jax.vmap(unravel)(vectors), alphas, betas)
+  return LanczosResult(theta, jax.vmap(unravel)(vectors), alphas, betas, iterations)
 
 
 def top_eigenvalues(matvec: Callable[[Any], Any], params: Any, key: Array,
-                    k: int = 1, num_iterations: int = 20) -> Array:
+                    k: int = 1, num_iterations: int = 20, *,
+                    rtol: Optional[float] = None, atol: float = 0.0) -> Array:
   """Largest ``k`` eigenvalues (descending) of a symmetric matvec by Lanczos.
 
-  Starts from a Gaussian vector shaped like ``params`` drawn with ``key``.
+  Starts from a Gaussian vector shaped like ``params`` drawn with ``key``; with
+  ``rtol`` (and ``atol``), stops as soon as the top ``k`` Ritz values are within
+  ``atol + rtol |theta|`` of eigenvalues (`lanczos`), else after
+  ``num_iterations`` matrix-vector products.
   """
   flat, unravel = ravel_pytree(params)
   v0 = unravel(jax.random.normal(key, flat.shape, flat.dtype))
-  result = lanczos(matvec, v0, num_iterations)
-  if k > result.ritz_values.shape[0]:
+  if k > min(num_iterations, flat.shape[0]):
     raise ValueError(f"k={k} exceeds the number of Lanczos iterations "
-                     f"({result.ritz_values.shape[0]}).")
+                     f"({min(num_iterations, flat.shape[0])}).")
+  result = lanczos(matvec, v0, num_iterations, rtol=rtol, atol=atol, num_converged=k)
   return result.ritz_values[:k]
