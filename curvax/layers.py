@@ -14,10 +14,11 @@ Why: second-order methods differentiate a model inside control flow (CG's
 convolutions there on a slow path, 6-20x slower than the same convolution at
 the top level of a jitted function (jax-ml/jax#12868); slices, concatenations
 and matrix products have no such path. ``benchmarks/conv_impl.py``, batch 128,
-2 CPU cores (nn.Conv / PatchConv, seconds): a gradient 0.35 / 0.35 (fmnist_2c2d)
-and 0.76 / 0.67 (cifar10_3c3d); the same gradient inside ``lax.cond`` 3.1 / 0.37
-and 6.7 / 0.73; a Hessian-vector product inside ``lax.fori_loop`` 6.5 / 0.47 and
-11.1 / 0.52. On GPU and TPU, ``nn.Conv`` (cuDNN and friends) is the better
+2 CPU cores (``conv_impl='lax'``: nn.Conv and nn.max_pool / ``'patches'``:
+PatchConv and `max_pool`, seconds): a gradient 0.16 / 0.22 (fmnist_2c2d) and
+0.26 / 0.23 (cifar10_3c3d); the same gradient inside ``lax.cond`` 1.9 / 0.23 and
+3.4 / 0.23; a Hessian-vector product inside ``lax.fori_loop`` 3.0 / 0.19 and
+6.6 / 0.22. On GPU and TPU, ``nn.Conv`` (cuDNN and friends) is the better
 choice: `conv_class` picks by backend.
 
 Memory: the patches hold ``prod(kernel_size)`` copies of the (strided) input.
