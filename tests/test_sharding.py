@@ -250,8 +250,9 @@ def test_transform_steps_match_single_device(name):
     # eigenspace of the estimate, up to rotation; compare the preconditioner's
     # action g -> g + U'((c - 1) * Ug) (one parameter group: alpha has one entry).
     def lowrank(state):
-      return [u.T @ ((bayesian_hessian.preconditioner_scales(s, state.alpha[0]) - 1.0)[:, None]
-                     * u) for s, u in zip(state.eigenvalues, state.eigenvectors)]
+      return [jnp.stack(u).T @ ((bayesian_hessian.preconditioner_scales(s, state.alpha[0])
+                                 - 1.0)[:, None] * jnp.stack(u))
+              for s, u in zip(state.eigenvalues, state.eigenvectors)]
     _close(lowrank(got_state), lowrank(exp_state))
     got_state = got_state._replace(eigenvectors=None)
     exp_state = exp_state._replace(eigenvectors=None)

@@ -115,7 +115,8 @@ class ProbabilisticPreconditioningState(NamedTuple):
       fixed ``learning_rate``).
     eigenvalues: per leaf, the ``k`` top singular values ``sigma`` of the
       rank-k Hessian estimate (L1) (its eigenvalue estimates).
-    eigenvectors: per leaf, ``U`` as rows ``(k, n)`` (L1).
+    eigenvectors: per leaf, ``U``'s ``k`` rows ``(n,)`` (L1), a tuple of arrays (not
+      one ``(k, n)`` array: rows sliced out of it were copied every step).
     directions: per leaf, ``S`` as rows ``(M, n)`` (unit-norm observed directions).
     residuals: per leaf, ``Delta = Y - S / alpha`` as rows ``(M, n)`` (B2).
     sum_vu, sum_uu, sum_vv: (G,) prior sums of v'u, ||u||^2, ||v||^2.
@@ -140,7 +141,7 @@ class ProbabilisticPreconditioningState(NamedTuple):
   noise_scale: Array
   learning_rate: Array
   eigenvalues: Tuple[Array, ...]
-  eigenvectors: Tuple[Array, ...]
+  eigenvectors: Tuple[Tuple[Array, ...], ...]
   directions: Tuple[Array, ...]
   residuals: Tuple[Array, ...]
   sum_vu: Array
@@ -340,7 +341,8 @@ def probabilistic_preconditioning(
         num_restarts=izero(), alpha=zeros_g(), prior_scale=zeros_g(), noise_scale=zeros_g(),
         learning_rate=lr0,
         eigenvalues=tuple(jnp.ones((_rank_of(x.size),), x.dtype) for x in leaves),
-        eigenvectors=tuple(jnp.zeros((_rank_of(x.size), x.size), x.dtype) for x in leaves),
+        eigenvectors=tuple(tuple(jnp.zeros((x.size,), x.dtype) for _ in range(_rank_of(x.size)))
+                           for x in leaves),
         directions=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
         residuals=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
         sum_vu=zeros_g(), sum_uu=zeros_g(), sum_vv=zeros_g(),
@@ -521,7 +523,7 @@ def probabilistic_preconditioning(
                                       state.num_observations)
         u, sigma = bh.low_rank_factors(s, res, c, a, w, rank)
         ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(sigma))
-        vecs.append(jnp.where(ok, u, 0.0))
+        vecs.append(tuple(jnp.where(ok, u, 0.0)))
         vals.append(jnp.where(ok, sigma, 1.0))
       return tuple(vecs), tuple(vals)
 
