@@ -161,7 +161,7 @@ def _window_max(x, window, strides, pads):
 
 @_window_max.defjvp
 def _window_max_jvp(window, strides, pads, primals, tangents):
-  # y_dot = sum_j m_j * x_dot_j with m_j the indicator of the first maximiser:
+  # y_dot = sum_j [which = j] x_dot_j, ``which`` the first maximiser:
   # linear in the tangent, so JAX transposes it (slices -> pads) for the VJP, and
   # the masks, computed from the primal, are shared by every column under vmap.
   # The primal output is this function again (not jnp.maximum, which splits ties
@@ -170,13 +170,18 @@ def _window_max_jvp(window, strides, pads, primals, tangents):
   (x,), (t,) = primals, tangents
   y = _window_max(x, window, strides, pads)
   slices = _window_slices(jax.lax.stop_gradient(x), window, strides, pads, -jnp.inf)
-  taken = jnp.zeros(y.shape, bool)
-  y_dot = jnp.zeros(y.shape, t.dtype)
   y_const = jax.lax.stop_gradient(y)
-  for s, t_s in zip(slices, _window_slices(t, window, strides, pads, 0)):
-    first = (s == y_const) & ~taken
-    taken = taken | first
-    y_dot = y_dot + jnp.where(first, t_s, 0)
+  # Index of the first maximiser, materialised once (optimization_barrier): fused
+  # into its consumers, XLA recomputed the whole tie-breaking chain for every
+  # term of the transpose.
+  index_dtype = jnp.int8 if len(slices) < 127 else jnp.int32
+  which = jnp.full(y.shape, len(slices), index_dtype)
+  for j in reversed(range(len(slices))):
+    which = jnp.where(slices[j] == y_const, jnp.asarray(j, index_dtype), which)
+  which = jax.lax.optimization_barrier(which)
+  y_dot = jnp.zeros(y.shape, t.dtype)
+  for j, t_s in enumerate(_window_slices(t, window, strides, pads, 0)):
+    y_dot = y_dot + jnp.where(which == j, t_s, 0)
   return y, y_dot
 
 
