@@ -132,6 +132,7 @@ def test_problems_compute_the_same_function_with_either_conv(name, shape):
     ((2, 4, 5, 4, 2), (2, 3, 2), (1, 2, 2), "VALID"),
     ((7, 7, 2), (3, 3), (2, 2), "SAME"),          # no batch axis
     ((2, 3, 6, 6, 2), (2, 2), (2, 2), "VALID"),   # two batch axes
+    ((2, 13, 12, 1), (12, 11), (1, 1), "VALID"),  # 132 window entries: int32 index
 ])
 def test_max_pool_matches_nn_max_pool_with_ties(x_shape, window, strides, padding):
   # ReLU and rounding make ties (zeros, repeated values) common, as after a conv.
