@@ -15,10 +15,10 @@ convolutions there on a slow path, 6-20x slower than the same convolution at
 the top level of a jitted function (jax-ml/jax#12868); slices, concatenations
 and matrix products have no such path. ``benchmarks/conv_impl.py``, batch 128,
 2 CPU cores (``conv_impl='lax'``: nn.Conv and nn.max_pool / ``'patches'``:
-PatchConv and `max_pool`, seconds): a gradient 0.16 / 0.22 (fmnist_2c2d) and
-0.26 / 0.23 (cifar10_3c3d); the same gradient inside ``lax.cond`` 1.9 / 0.23 and
-3.4 / 0.23; a Hessian-vector product inside ``lax.fori_loop`` 3.0 / 0.19 and
-6.6 / 0.22. On GPU and TPU, ``nn.Conv`` (cuDNN and friends) is the better
+PatchConv and `max_pool`, seconds): a gradient 0.16 / 0.18 (fmnist_2c2d) and
+0.30 / 0.20 (cifar10_3c3d); the same gradient inside ``lax.cond`` 1.8 / 0.18 and
+3.7 / 0.20; a Hessian-vector product inside ``lax.fori_loop`` 3.1 / 0.20 and
+6.5 / 0.23. On GPU and TPU, ``nn.Conv`` (cuDNN and friends) is the better
 choice: `conv_class` picks by backend.
 
 Memory: the patches hold ``prod(kernel_size)`` copies of the (strided) input.
@@ -31,7 +31,7 @@ is padding and adding, where XLA differentiates ``reduce_window`` max into a
 ``select_and_scatter``, which XLA:CPU runs on a serial loop, once per column
 when back-propagating several columns (the ``K`` output-Hessian columns of an
 exact diagonal GGN): a 3x3/2 pool of a ``128 x 28 x 28 x 64`` input, 2 CPU cores,
-gradient 121 -> 10 ms, 10 columns 1.33 -> 0.16 s (3c3d's first pool).
+gradient 107 -> 14 ms, 10 columns 1.24 -> 0.14 s (3c3d's first pool).
 """
 
 from __future__ import annotations
