@@ -381,7 +381,6 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
 
   _, vjp, acts = jax.vjp(forward, perturbations, has_aux=True)
   out_grads = jax.vmap(lambda s: vjp(s)[0], in_axes=-1)(factors)  # leading K
-  out_grads, acts = jax.lax.optimization_barrier((out_grads, acts))
   n = factors.shape[0]
   flat_params = {_key_tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
   diag: Dict[Tuple[str, ...], Array] = {}
