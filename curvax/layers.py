@@ -105,16 +105,7 @@ class PatchConv(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    x = jnp.pad(inputs, ((0, 0),) + pads + ((0, 0),))
-    out = [(x.shape[1 + d] - kernel_size[d]) // strides[d] + 1 for d in range(nd)]
-    if min(out) < 1:
-      raise ValueError(f"PatchConv: kernel {kernel_size} does not fit the padded input "
-                       f"{x.shape[1:-1]}.")
-    windows = []
-    for offset in itertools.product(*(range(k) for k in kernel_size)):
-      index = tuple(slice(o, o + (n - 1) * s + 1, s)
-                    for o, n, s in zip(offset, out, strides))
-      windows.append(x[(slice(None),) + index + (slice(None),)])
+    windows = _window_slices(inputs, kernel_size, strides, pads, 0, "PatchConv: kernel")
     # Kernel offsets outer, input channels inner: the row order of W.reshape(-1, F).
     patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
     y = patches @ kernel.reshape(-1, self.features)
@@ -138,15 +129,14 @@ def conv_class(impl: str = "auto"):
 
 
 def _window_slices(x: jax.Array, window: Tuple[int, ...], strides: Tuple[int, ...],
-                   pads, fill) -> list:
+                   pads, fill, what: str = "max_pool: window") -> list:
   """The ``prod(window)`` strided slices of ``x`` (``(N, *spatial, C)``) padded with
   ``fill``: slice ``j`` holds, at each output position, entry ``j`` (row-major) of
-  the window."""
+  the window (`PatchConv`'s patches, `max_pool`'s candidates)."""
   x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=fill)
   out = [(x.shape[1 + d] - window[d]) // strides[d] + 1 for d in range(len(window))]
   if min(out) < 1:
-    raise ValueError(f"max_pool: window {window} does not fit the padded input "
-                     f"{x.shape[1:-1]}.")
+    raise ValueError(f"{what} {window} does not fit the padded input {x.shape[1:-1]}.")
   slices = []
   for offset in itertools.product(*(range(k) for k in window)):
     index = tuple(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out, strides))

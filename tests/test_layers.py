@@ -166,6 +166,8 @@ def test_max_pool_fn_follows_conv_class():
     max_pool(jnp.ones((1, 4, 4, 1)), (2, 2), (2,))
   with pytest.raises(ValueError, match="spatial"):
     max_pool(jnp.ones((4, 4)), (2, 2))
+  with pytest.raises(ValueError, match="does not fit"):
+    max_pool(jnp.ones((1, 2, 2, 1)), (3, 3), padding="VALID")
   # Integer inputs have no -inf padding: nn.max_pool's own code handles them.
   xi = jnp.arange(32).reshape(2, 4, 4, 1)
   np.testing.assert_array_equal(max_pool(xi, (2, 2), (2, 2)), nn.max_pool(xi, (2, 2), (2, 2)))
