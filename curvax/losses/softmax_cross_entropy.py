@@ -92,8 +92,8 @@ class SoftmaxCrossEntropy(Loss):
       last = sp[:, -1:]
       w = sp.at[:, -1].add(1.0)
       u = last * (jax.nn.one_hot(c - 1, c, dtype=p.dtype) - p)
-      s = s[:, :, :-1] - (2.0 / (2.0 + 2.0 * last))[:, :, None] * (
-          u[:, :, None] * w[:, None, :-1])
+      # S R = S - 2 (S w) w' / (w'w), its first C - 1 columns; 2 / w'w = 1 / (1 + sqrt(p_c)).
+      s = s[:, :, :-1] - (u / (1.0 + last))[:, :, None] * w[:, None, :-1]
     return jnp.sqrt(self._mass(outputs, targets))[:, :, None] * s
 
   def sqrt_hessian_sampled(self, key, outputs, targets, num_samples=1):
