@@ -115,7 +115,7 @@ def main():
       ("per-example grads, vmap", med["per_example_grads_vmap"], "", ""),
       ("2nd moment+var+norms, vmap chunk 32", med["stats_vmap_chunk32"], "", ""),
       ("2nd moment+var+norms, fast path", med["stats_fast_path"], "", ""),
-      ("diag GGN exact, fast path (C=10)", med["diag_ggn_exact"], "", ""),
+      ("diag GGN exact, fast path (C - 1 = 9 columns)", med["diag_ggn_exact"], "", ""),
       ("diag GGN MC 1 sample, fast path", med["diag_ggn_mc_1"], "", ""),
   ]
   if args.slow:
