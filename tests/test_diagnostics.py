@@ -373,12 +373,15 @@ class _LinenMLP:
     return apply_fn, curvax.losses.softmax_cross_entropy, params, (x, y)
 
 
-@pytest.mark.parametrize("path", ["layers", "vmap_chunks"])
-def test_monitor_per_example_instruments_match_explicit_gradients(path):
+@pytest.mark.parametrize("path,hist_2d", [("layers", True), ("layers", False),
+                                          ("vmap_chunks", True)])
+def test_monitor_per_example_instruments_match_explicit_gradients(path, hist_2d):
   """Gradient tests, Alpha's start slopes and all three histograms from the
   monitor (which never forms all per-example gradients) against numpy on
   explicit float64 per-example gradients: Linen fast path, and the vmap path
-  in chunks of 4 on 6 examples (one scanned chunk and a remainder)."""
+  in chunks of 4 on 6 examples (one scanned chunk and a remainder). Without
+  GradHist2d the fast path counts Dense kernels from their factors
+  (`counts_1d_outer`)."""
   if path == "layers":
     apply_fn, loss, params, batch = _LinenMLP.problem()
     chunk_size = None
@@ -386,7 +389,7 @@ def test_monitor_per_example_instruments_match_explicit_gradients(path):
     apply_fn, loss, params, batch = ref.problem("cnn", n=6)
     chunk_size = 4
   names = ["norm_test", "inner_test", "ortho_test", "alpha", "grad_hist_1d",
-           "layer_grad_hist_1d", "grad_hist_2d"]
+           "layer_grad_hist_1d"] + (["grad_hist_2d"] if hist_2d else [])
   lo, hi = -0.3, 0.3
   tx = dg.monitor(optax.sgd(0.5), apply_fn, loss, names, chunk_size=chunk_size,
                   hist_range=(lo, hi), hist_bins=20)
@@ -410,10 +413,11 @@ def test_monitor_per_example_instruments_match_explicit_gradients(path):
   for counts, block in zip(layers, np.split(g, np.cumsum(sizes)[:-1], axis=1)):
     np.testing.assert_array_equal(counts, np.histogram(clip(block.ravel(), lo, hi), bins=20,
                                                        range=(lo, hi))[0])
-  theta = np.broadcast_to(ref.flat(params), g.shape)
-  want2, _, _ = np.histogram2d(clip(g.ravel(), -1, 1), clip(theta.ravel(), -2, 2),
-                               bins=(40, 50), range=((-1, 1), (-2, 2)))
-  np.testing.assert_array_equal(rec["grad_hist_2d"], want2)
+  if hist_2d:
+    theta = np.broadcast_to(ref.flat(params), g.shape)
+    want2, _, _ = np.histogram2d(clip(g.ravel(), -1, 1), clip(theta.ravel(), -2, 2),
+                                 bins=(40, 50), range=((-1, 1), (-2, 2)))
+    np.testing.assert_array_equal(rec["grad_hist_2d"], want2)
 
 
 def test_counts_1d_and_2d_match_numpy_histograms_with_clamped_edges():
@@ -430,3 +434,56 @@ def test_counts_1d_and_2d_match_numpy_histograms_with_clamped_edges():
                                np.clip(np.broadcast_to(theta, g.shape), -2.0, 2.0).ravel(),
                                (8, 10), ((-1.0, 1.0), (-2.0, 2.0)))
   np.testing.assert_array_equal(got2, want2)
+
+
+def _outer_factors(rng, n, i, j, scale_a, scale_b, dtype):
+  a = rng.normal(scale=scale_a, size=(n, i))
+  b = rng.normal(scale=scale_b, size=(n, j))
+  a[0, : i // 2] = 0.0  # zero inputs (dead ReLUs) and a zero output gradient
+  b[-1, -1] = 0.0
+  a[-1, 0] = -1e-30  # a tiny negative product
+  return a.astype(dtype), b.astype(dtype)
+
+
+@pytest.mark.parametrize("shape,scales,value_range,bins,dtype", [
+    ((5, 9, 4), (1.0, 1.0), (-2.0, 2.0), 100, np.float32),
+    ((8, 6, 30), (0.2, 0.3), (-0.5, 0.5), 7, np.float64),   # J > I: factors swapped
+    ((3, 40, 7), (5.0, 5.0), (-0.3, 1.1), 9, np.float32),   # all entries hot
+    ((6, 20, 20), (1e-3, 1e-3), (-2.0, 2.0), 100, np.float64),  # all cold
+    ((4, 12, 10), (1.0, 0.5), (0.2, 2.0), 6, np.float32),   # 0 below the range
+    ((4, 12, 10), (1.0, 0.5), (-2.0, -0.05), 5, np.float64),  # 0 above the range
+])
+def test_counts_1d_outer_equals_counts_of_the_formed_products(shape, scales, value_range,
+                                                              bins, dtype):
+  """Counting a Dense kernel's per-example gradients a_n b_n' from the factors
+  (sorted magnitudes, prefix sums of signs, only entries away from 0 binned)
+  gives exactly the counts of the formed products: symmetric and shifted
+  ranges, ranges without 0, J > I (swapped), all entries hot / all cold, tiny
+  tiles (several pages and column blocks), zeros and tiny negative products."""
+  rng = np.random.default_rng(sum(shape) + bins)
+  a, b = _outer_factors(rng, *shape, *scales, dtype)
+  want = dg.counts_1d(jnp.einsum("ni,nj->nij", a, b), bins, value_range)
+  for tile in [(3, 4), (2048, 64)]:
+    got = jax.jit(lambda a, b, tile=tile: dg.counts_1d_outer(a, b, bins, value_range,
+                                                             tile=tile))(a, b)
+    np.testing.assert_array_equal(got, want)
+  assert int(np.sum(want)) == a.shape[0] * a.shape[1] * b.shape[1]
+  # and against numpy on the float64 products (exact signs near 0)
+  prods = np.einsum("ni,nj->nij", a.astype(np.float64), b.astype(np.float64)).ravel()
+  lo, hi = value_range
+  np_counts, _ = np.histogram(np.clip(prods, lo, hi - 1e-12), bins, value_range)
+  np.testing.assert_array_equal(want, np_counts)
+
+
+def test_bin_index_keeps_the_sign_of_tiny_values_in_float32():
+  """-1e-9 is in [-0.04, 0), bin 49 of 100 on (-2, 2); (x - lo) / width in
+  float32 rounds it to 50.0 (bin 50). Binning relative to the edge at 0 does not."""
+  x = jnp.asarray([-1e-9, -0.0, 0.0, 1e-9, -0.04, 0.0399, 1.99, 5.0, -7.0], jnp.float32)
+  np.testing.assert_array_equal(dg.counts_1d(x[:1]), np.eye(100, dtype=int)[49])
+  idx = jax.jit(lambda v: dg.histograms.bin_index(v, 100, (-2.0, 2.0)))(x)
+  np.testing.assert_array_equal(idx, [49, 50, 50, 50, 49, 50, 99, 99, 0])
+
+
+def test_counts_1d_outer_rejects_mismatched_factors():
+  with pytest.raises(ValueError, match="a .N, I. and b .N, J."):
+    dg.counts_1d_outer(jnp.ones((3, 4)), jnp.ones((2, 4)))

@@ -323,6 +323,32 @@ def test_dots_and_reductions_match_explicit_per_example_gradients(setup, method,
   assert counts == [g.shape[0]] * len(counts)
 
 
+def test_reduce_outer_products_gets_the_dense_kernels_factors():
+  """On the fast path, ``reduce_outer_products(a, b, theta)`` replaces
+  ``reduce_gradients`` for Dense kernels: the same reduction computed from the
+  factors (g_n = a_n b_n') equals it on the explicit per-example gradients;
+  every other tensor still goes through ``reduce_gradients``."""
+  apply_fn, loss, params, batch = _linen_problem(_LinenMLP(), "softmax_cross_entropy", (4,))
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  kernels = []
+
+  def from_factors(a, b, theta):
+    kernels.append(theta.shape)
+    return _cube_sum(jnp.einsum("ni,nj->nij", a, b), theta)
+
+  s = jax.jit(lambda p, bt: pe.per_example_statistics(
+      apply_fn, loss, p, bt, method="layers", reduce_gradients=_cube_sum,
+      reduce_outer_products=from_factors))(params, batch)
+  assert sorted(kernels) == sorted(p.shape for p in jax.tree_util.tree_leaves(params)
+                                   if p.ndim == 2)
+  cube = jax.tree_util.tree_map(lambda r: r["cube"], s.reduced,
+                                is_leaf=lambda r: isinstance(r, dict) and "cube" in r)
+  np.testing.assert_allclose(flat(cube), np.sum(g ** 3, 0) * np.cos(flat(params)),
+                             rtol=1e-9, atol=1e-12)
+  with pytest.raises(ValueError, match="reduce_gradients"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, reduce_outer_products=from_factors)
+
+
 def test_dot_with_errors():
   apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
   bad = dict(params)

@@ -240,7 +240,7 @@ def _reduce_in_chunks(fn, make, xs, per_example_size):
 
 
 def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
-                     strict=False, dot_with=(), reduce_fn=None):
+                     strict=False, dot_with=(), reduce_fn=None, reduce_outer_fn=None):
   r"""Fast-path statistics or None (see `curvax.curvature.per_example_statistics`).
 
   Returns ``(losses, mean, second moment, squared norms, per-example gradients
@@ -256,7 +256,9 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
   ``reduce_fn(g, theta)``: applied to the per-example gradients ``g`` (leading
   axis: a block of examples) of each parameter tensor ``theta``, summed over
   blocks; Dense kernels' ``a_n b_n'`` are formed a block of examples at a time
-  (at most `REDUCE_BLOCK_ELEMENTS` entries).
+  (at most `REDUCE_BLOCK_ELEMENTS` entries), unless ``reduce_outer_fn(a, b,
+  theta)`` is given: it then gets the factors ``A`` (N, in), ``B`` (N, out) of
+  the whole batch instead and must return what ``reduce_fn`` would have summed.
   """
   plan = _plan(apply_fn, params, inputs, strict)
   if plan is None:
@@ -304,7 +306,9 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
       outer = lambda a_, b_: jnp.einsum("ni,no->nio", a_, b_)
       if return_gradients:
         grads[path + ("kernel",)] = outer(a, b)
-      if reduce_fn is not None:
+      if reduce_outer_fn is not None:
+        reduced[path + ("kernel",)] = reduce_outer_fn(a, b, kernel)
+      elif reduce_fn is not None:
         reduced[path + ("kernel",)] = _reduce_in_chunks(
             lambda g, kernel=kernel: reduce_fn(g, kernel), outer, (a, b), kernel.size)
       if "bias" in names:

@@ -174,6 +174,8 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
                            return_gradients: bool = False,
                            dot_with: Sequence[Any] = (),
                            reduce_gradients: Optional[Callable[[Array, Array], Any]] = None,
+                           reduce_outer_products: Optional[
+                               Callable[[Array, Array, Array], Any]] = None,
                            chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
                            method: str = "auto") -> PerExampleStatistics:
   r"""Losses, mean gradient, second moment, variance, norms (and more) in one pass.
@@ -208,6 +210,13 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
       counts), as the result (``reduced``, shaped like ``params`` with ``f``'s
       outputs as leaves) is the sum over blocks. Blocks are the chunks of the
       ``vmap`` path, or per layer on the fast path.
+    reduce_outer_products: optional ``f(a, b, theta)`` returning what
+      ``reduce_gradients`` sums over the per-example gradients of a Dense
+      kernel ``theta`` on ``(N, in)`` inputs, from the factors of those
+      gradients ``g_n = a_n b_n'`` (``a``: ``(N, in)`` layer inputs, ``b``:
+      ``(N, out)`` output gradients), for reductions that exploit the structure
+      (`curvax.diagnostics.counts_1d_outer`). Fast path only; elsewhere
+      ``reduce_gradients`` is used.
     chunk_size: examples per ``vmap`` chunk on the generic path (None: all).
     method: ``"auto"`` (fast path when ``apply_fn`` supports it and every
       parameter belongs to a Dense/Conv layer, else vmap), ``"vmap"``, or
@@ -219,6 +228,9 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
       ``method="layers"`` on an unsupported model.
   """
   check_per_example_supported(apply_fn)
+  if reduce_outer_products is not None and reduce_gradients is None:
+    raise ValueError("`reduce_outer_products` replaces `reduce_gradients` for Dense "
+                     "kernels only; pass `reduce_gradients` too (for every other tensor).")
   if method not in ("auto", "vmap", "layers"):
     raise ValueError(f"`method` must be 'auto', 'vmap' or 'layers'; got {method!r}.")
   loss = as_loss(loss)
@@ -238,7 +250,8 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
     result = flax_layers.layer_statistics(apply_fn, loss, params, inputs, targets,
                                           return_gradients,
                                           strict=(method == "layers"),
-                                          dot_with=dot_with, reduce_fn=reduce_gradients)
+                                          dot_with=dot_with, reduce_fn=reduce_gradients,
+                                          reduce_outer_fn=reduce_outer_products)
   if result is None:
     references = dot_with
     one_chunk = chunk_size is None or chunk_size >= _chunking.leading_size(inputs)

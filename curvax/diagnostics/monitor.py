@@ -18,7 +18,8 @@ else chunked ``vmap``), which never holds all ``B x D`` per-example gradients:
 the gradient tests use the squared norms ``||g_i||^2`` and projections
 ``g_i'g``, Alpha the slopes ``s'g_i`` (its ``dot_with``), and the histograms,
 the only instruments that need gradient elements, are counted one layer (fast
-path) or one chunk (``vmap``) at a time (its ``reduce_gradients``).
+path) or one chunk (``vmap``) at a time (its ``reduce_gradients``); Dense
+kernels' GradHist1d from the factors of ``a_n b_n'`` (`counts_1d_outer`).
 
 Conventions:
 
@@ -158,9 +159,17 @@ def _per_example(apply_fn, loss, params, batch, chunk_size, refs, want, hist_bin
       one = "grad_hist_1d" in hists or "layer_grad_hist_1d" in hists
       return _Counts(histograms.counts_1d(g, hist_bins, hist_range) if one else None,
                      histograms.counts_2d(g, theta) if "grad_hist_2d" in hists else None)
+  reduce_outer = None
+  if hists and "grad_hist_2d" not in hists:
+    # Dense kernels' a_n b_n': only the entries away from 0 are binned one by one.
+    def reduce_outer(a, b, theta):
+      del theta
+      return _Counts(histograms.counts_1d_outer(a, b, hist_bins, hist_range), None)
   dot_with = ("mean",) + tuple(refs)
   s = curvature.per_example_statistics(apply_fn, loss, params, batch, dot_with=dot_with,
-                                       reduce_gradients=reduce_fn, chunk_size=chunk_size)
+                                       reduce_gradients=reduce_fn,
+                                       reduce_outer_products=reduce_outer,
+                                       chunk_size=chunk_size)
   counts = {}
   if hists:
     is_leaf = lambda t: isinstance(t, _Counts)
