@@ -487,3 +487,5 @@ def test_bin_index_keeps_the_sign_of_tiny_values_in_float32():
 def test_counts_1d_outer_rejects_mismatched_factors():
   with pytest.raises(ValueError, match="a .N, I. and b .N, J."):
     dg.counts_1d_outer(jnp.ones((3, 4)), jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match="tile"):
+    dg.counts_1d_outer(jnp.ones((3, 4)), jnp.ones((3, 4)), tile=(8, 0))

@@ -160,11 +160,15 @@ def counts_1d_outer(a: Array, b: Array, bins: int = 100,
   tiles of ``tile = (rows, columns)`` entries, are binned and scatter-added
   like `counts_1d`. The counts equal `counts_1d(einsum("ni,nj->nij", a, b))`
   (the same products, the same `bin_index`), except that a product which
-  underflows to ``-0.0`` counts by its sign. On 3c3d's first Dense layer
-  (batch 128, 75M entries) 1-4% of the entries are in prefixes.
+  underflows to ``-0.0`` counts by its sign (factors are assumed finite: the
+  order of NaNs is undefined). On 3c3d's first Dense layer (batch 128, 75M
+  entries) 1-4% of the entries are in prefixes: 16 ms against 270 ms for
+  `counts_1d` of the formed products (XLA:CPU, 2 cores).
   """
   if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
     raise ValueError(f"counts_1d_outer needs a (N, I) and b (N, J); got {a.shape}, {b.shape}.")
+  if len(tile) != 2 or min(tile) < 1:
+    raise ValueError(f"`tile` must be (rows, columns), both >= 1; got {tile!r}.")
   if a.shape[1] < b.shape[1]:  # sort the longer factor: fewer, longer rows
     a, b = b, a
   dtype = jnp.result_type(a, b)
