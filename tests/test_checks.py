@@ -31,3 +31,20 @@ def test_tree_all_finite_large_finite_values_and_edge_cases():
   assert bool(_checks.tree_all_finite({}))
   assert bool(_checks.tree_all_finite({"i": jnp.arange(3)}))
   assert not bool(_checks.tree_all_finite([jnp.zeros(2), jnp.array([1.0, jnp.nan])]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tree_all_finite_no_overflow_false_alarm(dtype):
+  """Finite entries whose squares overflow (a sum-of-squares test would call
+  them non-finite) are finite; a NaN or inf among small or huge entries is
+  found."""
+  small = {"a": jnp.linspace(-3.0, 3.0, 50).astype(dtype), "b": jnp.ones((2, 3), dtype)}
+  assert bool(jax.jit(_checks.tree_all_finite)(small))
+  for bad in [np.nan, np.inf]:
+    assert not bool(jax.jit(_checks.tree_all_finite)(
+        {**small, "b": small["b"].at[1, 2].set(bad)}))
+  huge = {"a": jnp.full((4,), 1e20, dtype), "b": small["b"]}   # (1e20)^2 overflows
+  assert not bool(jnp.isfinite(jnp.vdot(huge["a"], huge["a"])))
+  assert bool(jax.jit(_checks.tree_all_finite)(huge))
+  assert not bool(jax.jit(_checks.tree_all_finite)(
+      {**huge, "a": huge["a"].at[0].set(-np.inf)}))
