@@ -489,3 +489,30 @@ def test_counts_1d_outer_rejects_mismatched_factors():
     dg.counts_1d_outer(jnp.ones((3, 4)), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="tile"):
     dg.counts_1d_outer(jnp.ones((3, 4)), jnp.ones((3, 4)), tile=(8, 0))
+
+
+def test_hess_max_ev_warm_start_keeps_the_top_eigenpair():
+  """HessMaxEV keeps its top Ritz vector in the state and starts the next
+  tracked step from it (plus as much Gaussian noise): the vector is the top
+  eigenvector of the explicit Hessian, and the next value is the new top
+  eigenvalue, also when the state's vector is replaced by the eigenvector of
+  the second-largest eigenvalue (a start that favours the wrong eigenvalue)."""
+  apply_fn, loss, params, batch = ref.problem("mlp", n=6)
+  obj = curvax.losses.objective(apply_fn, loss)
+  tx = dg.monitor(optax.sgd(0.05), apply_fn, loss, ["hess_max_ev"], eigen_iterations=40)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
+  flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])
+  state = tx.init(params)
+  assert not flat(state.eigenvector).any()
+  p = params
+  for i in range(3):
+    h = np.asarray(ref.explicit_hessian(apply_fn, loss, p, batch))
+    lam, vec = np.linalg.eigh(h)
+    if i == 2:  # start from the second eigenvector instead
+      _, unravel = jax.flatten_util.ravel_pytree(params)
+      state = state._replace(eigenvector=unravel(jnp.asarray(vec[:, -2])))
+    u, state = step(jax.grad(obj)(p, batch), state, p)
+    np.testing.assert_allclose(dg.record(state)["hess_max_ev"], lam[-1], rtol=1e-6)
+    v = flat(state.eigenvector)
+    np.testing.assert_allclose(abs(v @ vec[:, -1]) / np.linalg.norm(v), 1.0, atol=1e-6)
+    p = optax.apply_updates(p, u)
