@@ -453,11 +453,11 @@ def _outer_factors(rng, n, i, j, scale_a, scale_b, dtype):
     ((4, 12, 10), (1.0, 0.5), (0.2, 2.0), 6, np.float32),   # 0 below the range
     ((4, 12, 10), (1.0, 0.5), (-2.0, -0.05), 5, np.float64),  # 0 above the range
 ])
-def test_counts_1d_outer_equals_counts_of_the_formed_products(shape, scales, value_range,
-                                                              bins, dtype):
+def test_counts_outer_equal_counts_of_the_formed_products(shape, scales, value_range,
+                                                          bins, dtype):
   """Counting a Dense kernel's per-example gradients a_n b_n' from the factors
-  (sorted magnitudes, prefix sums of signs, only entries away from 0 binned)
-  gives exactly the counts of the formed products: symmetric and shifted
+  (sorted magnitudes, prefix sums / matmuls of signs, only entries away from 0
+  binned) gives exactly the 1-D and 2-D counts of the formed products: symmetric and shifted
   ranges, ranges without 0, J > I (swapped), all entries hot / all cold, tiny
   tiles (several pages and column blocks), zeros and tiny negative products."""
   rng = np.random.default_rng(sum(shape) + bins)
@@ -468,6 +468,14 @@ def test_counts_1d_outer_equals_counts_of_the_formed_products(shape, scales, val
                                                              tile=tile))(a, b)
     np.testing.assert_array_equal(got, want)
   assert int(np.sum(want)) == a.shape[0] * a.shape[1] * b.shape[1]
+  # GradHist2d from the factors, against the formed products (theta-bins of
+  # a kernel-shaped theta; the gradient bins reuse this case's layout)
+  theta = rng.normal(scale=1.5, size=shape[1:]).astype(dtype)
+  want2 = dg.counts_2d(jnp.einsum("ni,nj->nij", a, b), theta, (bins, 6), value_range,
+                       (-2.0, 2.0))
+  got2 = jax.jit(lambda a, b, th: dg.counts_2d_outer(a, b, th, (bins, 6), value_range,
+                                                     (-2.0, 2.0), tile=(3, 4)))(a, b, theta)
+  np.testing.assert_array_equal(got2, want2)
   # and against numpy on the float64 products (exact signs near 0)
   prods = np.einsum("ni,nj->nij", a.astype(np.float64), b.astype(np.float64)).ravel()
   lo, hi = value_range
@@ -484,11 +492,13 @@ def test_bin_index_keeps_the_sign_of_tiny_values_in_float32():
   np.testing.assert_array_equal(idx, [49, 50, 50, 50, 49, 50, 99, 99, 0])
 
 
-def test_counts_1d_outer_rejects_mismatched_factors():
+def test_counts_outer_reject_mismatched_factors():
   with pytest.raises(ValueError, match="a .N, I. and b .N, J."):
     dg.counts_1d_outer(jnp.ones((3, 4)), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="tile"):
     dg.counts_1d_outer(jnp.ones((3, 4)), jnp.ones((3, 4)), tile=(8, 0))
+  with pytest.raises(ValueError, match="theta"):
+    dg.counts_2d_outer(jnp.ones((3, 4)), jnp.ones((3, 5)), jnp.ones((5, 4)))
 
 
 def test_hess_max_ev_warm_start_keeps_the_top_eigenpair():

@@ -14,7 +14,7 @@ from curvax.diagnostics.gradient_tests import (
     INNER_TEST_THRESHOLD, NORM_TEST_THRESHOLD, ORTHO_TEST_THRESHOLD, gram_statistics,
     inner_test, norm_test, ortho_test)
 from curvax.diagnostics.histograms import (
-    bin_edges, counts_1d, counts_1d_outer, counts_2d, gradient_histogram,
+    bin_edges, counts_1d, counts_1d_outer, counts_2d, counts_2d_outer, gradient_histogram,
     gradient_parameter_histogram, layer_gradient_histograms)
 from curvax.diagnostics.monitor import (
     BUSINESS, ECONOMY, FULL, INSTRUMENTS, PRESETS, MonitorState, monitor)
@@ -27,8 +27,8 @@ from curvax.diagnostics.schedules import linear_schedule, log_schedule, log_step
 __all__ = [
     "BUSINESS", "ECONOMY", "FULL", "INNER_TEST_THRESHOLD", "INSTRUMENTS", "MonitorState",
     "NORM_TEST_THRESHOLD", "ORTHO_TEST_THRESHOLD", "PRESETS", "alpha", "alpha_from_fit",
-    "bin_edges", "cabs", "counts_1d", "counts_1d_outer", "counts_2d", "dashboard", "distance",
-    "early_stopping", "find_state",
+    "bin_edges", "cabs", "counts_1d", "counts_1d_outer", "counts_2d", "counts_2d_outer",
+    "dashboard", "distance", "early_stopping", "find_state",
     "global_norm_from_layers", "gradient_histogram", "gradient_norm",
     "gradient_parameter_histogram", "gram_statistics", "hessian_trace", "inner_test",
     "layer_gradient_histograms", "layer_norms", "layer_traces", "linear_schedule",

@@ -10,7 +10,8 @@ a static length; no sort or search), so counts are jittable and the bin layout
 is static. XLA:CPU's scatter costs ~2-3 ns per entry whatever the indices, so
 for Dense kernels, whose per-example gradients are outer products ``a_n b_n'``,
 `counts_1d_outer` bins only the entries away from 0 and counts the rest by the
-signs of the factors (the monitor uses it on the per-layer fast path; 3c3d's
+signs of the factors (`counts_2d_outer` likewise for GradHist2d; the monitor
+uses both on the per-layer fast path; 3c3d's
 Dense layers, 93M entries at batch 128: a tracked economy step 2.6x -> 2.1x a
 plain step, `benchmarks/diagnostics.py`).
 """
@@ -119,8 +120,9 @@ def _hot_prefix(mag: Array, b_mag: Array, t: float) -> Array:
   return jax.lax.fori_loop(0, max(m, 1).bit_length(), step, (lo, hi))[0]
 
 
-def _sort_by_magnitude(a: Array) -> Tuple[Array, Array]:
-  """Rows of ``a`` in descending order of ``|a|`` and upper bounds of ``|a|`` in that order.
+def _sort_by_magnitude(a: Array) -> Tuple[Array, Array, Array]:
+  """Rows of ``a`` in descending order of ``|a|``, their column indices, and
+  upper bounds of ``|a|`` in that order.
 
   XLA:CPU sorts one integer operand ~6x faster than floats or several operands
   (3.3 vs 20 ms for 128 x 1152), so the key is one integer: the bits of ``|a|``
@@ -133,14 +135,77 @@ def _sort_by_magnitude(a: Array) -> Tuple[Array, Array]:
   bits = max(m - 1, 1).bit_length()
   itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[a.dtype.itemsize]
   if a.dtype.itemsize < 4 or bits > {4: 20, 8: 48}[a.dtype.itemsize]:
-    mag, a_sorted = jax.lax.sort((-jnp.abs(a), a), dimension=1, num_keys=1)
-    return a_sorted, -mag
+    iota = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), a.shape)
+    mag, a_sorted, order = jax.lax.sort((-jnp.abs(a), a, iota), dimension=1, num_keys=1)
+    return a_sorted, order, -mag
   low = (1 << bits) - 1
   key = jax.lax.bitcast_convert_type(jnp.abs(a), itype)
   key = (key & ~jnp.asarray(low, itype)) | jnp.arange(m, dtype=itype)
   key = -jnp.sort(-key, axis=1)
-  a_sorted = jnp.take_along_axis(a, (key & low).astype(jnp.int32), axis=1)
-  return a_sorted, jax.lax.bitcast_convert_type(key | low, a.dtype)
+  order = (key & low).astype(jnp.int32)
+  a_sorted = jnp.take_along_axis(a, order, axis=1)
+  return a_sorted, order, jax.lax.bitcast_convert_type(key | low, a.dtype)
+
+
+def _outer_prefixes(a: Array, b: Array, t: float, tile: Tuple[int, int]):
+  """Checks; ``(a, b, swapped, a_sorted, order, h)``: the factors with the longer
+  one first, each ``a_n`` sorted by magnitude, and the lengths ``h[n, j]`` of
+  the prefixes with ``|a_ni| |b_nj| >= t``."""
+  if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+    raise ValueError(f"outer-product counts need a (N, I) and b (N, J); got {a.shape}, "
+                     f"{b.shape}.")
+  if len(tile) != 2 or min(tile) < 1:
+    raise ValueError(f"`tile` must be (rows, columns), both >= 1; got {tile!r}.")
+  swapped = a.shape[1] < b.shape[1]
+  if swapped:  # sort the longer factor: fewer, longer rows
+    a, b = b, a
+  dtype = jnp.result_type(a, b)
+  a, b = a.astype(dtype), b.astype(dtype)
+  a_sorted, order, mag = _sort_by_magnitude(a)
+  return a, b, swapped, a_sorted, order, _hot_prefix(mag, jnp.abs(b), t)
+
+
+def _prefix_counts(a_sorted: Array, order: Array, b: Array, h: Array, tile: Tuple[int, int],
+                   size: int, index_fn) -> Array:
+  """``(size,)`` counts of ``index_fn(a_ni * b_nj, i, j)`` over the prefix
+  entries (sorted position < ``h[n, j]``), a ``(rows x columns)`` tile at a
+  time: column block ``c`` holds the rows ``(n, j)`` with ``h > c * columns``,
+  compacted to the front of ``ids``, and is binned page by page."""
+  n, m = a_sorted.shape
+  rows, cols = tile
+  r_total = b.size
+  rows = max(1, min(rows, r_total))
+  blocks = -(-m // cols)
+  pad = ((0, 0), (0, blocks * cols - m))
+  a_pad, order_pad = jnp.pad(a_sorted, pad), jnp.pad(order, pad)
+  h_flat, b_flat = h.reshape(-1), b.reshape(-1)
+  j = b.shape[1]
+  row_ids = jnp.arange(r_total, dtype=jnp.int32)
+  col_ids = jnp.arange(cols, dtype=jnp.int32)
+  page_ids = jnp.arange(rows, dtype=jnp.int32)
+
+  def block(c, counts):
+    start = c * cols
+    live = h_flat > start
+    count = jnp.sum(live, dtype=jnp.int32)
+    pos = jnp.where(live, jnp.cumsum(live, dtype=jnp.int32) - 1, r_total + rows)
+    ids = jnp.zeros((r_total + rows,), jnp.int32).at[pos].set(row_ids, mode="drop")
+    a_cols = jax.lax.dynamic_slice_in_dim(a_pad, start, cols, axis=1)
+    order_cols = jax.lax.dynamic_slice_in_dim(order_pad, start, cols, axis=1)
+
+    def page(p, counts):
+      r = jax.lax.dynamic_slice_in_dim(ids, p * rows, rows)
+      keep = ((p * rows + page_ids < count)[:, None]
+              & (start + col_ids[None, :] < h_flat[r][:, None]))
+      values = a_cols[r // j] * b_flat[r][:, None]
+      idx = jnp.where(keep, index_fn(values, order_cols[r // j], (r % j)[:, None]), size)
+      return counts + _counts(idx, size + 1)
+
+    return jax.lax.fori_loop(0, (count + rows - 1) // rows, page, counts)
+
+  n_blocks = (jnp.max(h) + cols - 1) // cols
+  counts = jax.lax.fori_loop(0, n_blocks, block, jnp.zeros((size + 1,), jnp.int32))
+  return counts[:size]
 
 
 def counts_1d_outer(a: Array, b: Array, bins: int = 100,
@@ -165,64 +230,21 @@ def counts_1d_outer(a: Array, b: Array, bins: int = 100,
   entries) 1-4% of the entries are in prefixes: 16 ms against 270 ms for
   `counts_1d` of the formed products (XLA:CPU, 2 cores).
   """
-  if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
-    raise ValueError(f"counts_1d_outer needs a (N, I) and b (N, J); got {a.shape}, {b.shape}.")
-  if len(tile) != 2 or min(tile) < 1:
-    raise ValueError(f"`tile` must be (rows, columns), both >= 1; got {tile!r}.")
-  if a.shape[1] < b.shape[1]:  # sort the longer factor: fewer, longer rows
-    a, b = b, a
   dtype = jnp.result_type(a, b)
-  a, b = a.astype(dtype), b.astype(dtype)
-  n, m = a.shape
   k_neg, k_zero, t = _near_zero_bins(bins, value_range, dtype)
-  a_sorted, mag = _sort_by_magnitude(a)
-  h = _hot_prefix(mag, jnp.abs(b), t)
-
+  a, b, _, a_sorted, order, h = _outer_prefixes(a, b, t, tile)
+  m = a.shape[1]
   # Entries after the prefix: negative iff a and b have opposite signs.
-  zero = jnp.zeros((n, 1), jnp.int32)
+  zero = jnp.zeros((a.shape[0], 1), jnp.int32)
   neg_after = lambda mask: jnp.concatenate([zero, jnp.cumsum(mask, axis=1, dtype=jnp.int32)], 1)
   neg_a, pos_a = neg_after(a_sorted < 0), neg_after(a_sorted > 0)
   neg = jnp.where(b > 0, neg_a[:, -1:] - jnp.take_along_axis(neg_a, h, axis=1),
                   jnp.where(b < 0, pos_a[:, -1:] - jnp.take_along_axis(pos_a, h, axis=1), 0))
   n_neg = jnp.sum(neg, dtype=jnp.int32)
   n_cold = jnp.sum(m - h, dtype=jnp.int32)
-  counts = jnp.zeros((bins + 1,), jnp.int32)
-  counts = counts.at[k_neg].add(n_neg).at[k_zero].add(n_cold - n_neg)
-
-  # The prefixes, a (rows x columns) tile at a time: column block c holds the
-  # rows with h > c * columns, compacted to the front of `ids`.
-  rows, cols = tile
-  r_total = b.size
-  rows = max(1, min(rows, r_total))
-  blocks = -(-m // cols)
-  a_pad = jnp.pad(a_sorted, ((0, 0), (0, blocks * cols - m)))
-  h_flat, b_flat = h.reshape(-1), b.reshape(-1)
-  j = b.shape[1]
-  row_ids = jnp.arange(r_total, dtype=jnp.int32)
-  col_ids = jnp.arange(cols, dtype=jnp.int32)
-  page_ids = jnp.arange(rows, dtype=jnp.int32)
-
-  def block(c, counts):
-    start = c * cols
-    live = h_flat > start
-    count = jnp.sum(live, dtype=jnp.int32)
-    pos = jnp.where(live, jnp.cumsum(live, dtype=jnp.int32) - 1, r_total + rows)
-    ids = jnp.zeros((r_total + rows,), jnp.int32).at[pos].set(row_ids, mode="drop")
-    a_cols = jax.lax.dynamic_slice_in_dim(a_pad, start, cols, axis=1)
-
-    def page(p, counts):
-      r = jax.lax.dynamic_slice_in_dim(ids, p * rows, rows)
-      keep = ((p * rows + page_ids < count)[:, None]
-              & (start + col_ids[None, :] < h_flat[r][:, None]))
-      values = a_cols[r // j] * b_flat[r][:, None]
-      idx = jnp.where(keep, bin_index(values, bins, value_range), bins)
-      return counts + _counts(idx, bins + 1)
-
-    return jax.lax.fori_loop(0, (count + rows - 1) // rows, page, counts)
-
-  n_blocks = (jnp.max(h) + cols - 1) // cols
-  counts = jax.lax.fori_loop(0, n_blocks, block, counts)
-  return counts[:bins]
+  counts = _prefix_counts(a_sorted, order, b, h, tile, bins,
+                          lambda v, i, j: bin_index(v, bins, value_range))
+  return counts.at[k_neg].add(n_neg).at[k_zero].add(n_cold - n_neg)
 
 
 def counts_2d(g: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
@@ -233,6 +255,50 @@ def counts_2d(g: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
   ig = bin_index(g, bg, grad_range)
   it = jnp.broadcast_to(bin_index(theta, bt, param_range), g.shape)
   return _counts(ig * bt + it, bg * bt).reshape(bg, bt)
+
+
+def counts_2d_outer(a: Array, b: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
+                    grad_range: Tuple[float, float] = (-1.0, 1.0),
+                    param_range: Tuple[float, float] = (-2.0, 2.0), *,
+                    tile: Tuple[int, int] = (2048, 64)) -> Array:
+  r"""`counts_2d` of the pairs ``(a[n, i] * b[n, j], theta[i, j])`` without
+  forming all products (a Dense kernel ``theta`` and its per-example gradients
+  ``a_n b_n'``; see `counts_1d_outer`).
+
+  The entries away from 0 (``|a_ni| |b_nj| >= t``, prefixes of the rows sorted
+  by ``|a_ni|``) are binned one by one with their ``theta``-bin and sign. Every
+  other entry is in one of the two gradient bins around 0, by its sign; per
+  parameter, the number of negative entries over all examples is
+  ``sum_n [a_ni < 0][b_nj > 0] + [a_ni > 0][b_nj < 0]``, two ``(I x N) (N x J)``
+  products of sign indicators; summed per ``theta``-bin (one scatter over the
+  ``I x J`` parameters) minus the negative entries binned one by one, that gives
+  the negative entries near 0 of each ``theta``-bin. Equal to `counts_2d` of
+  the formed products, up to products that underflow to ``-0.0`` (counted by
+  sign).
+  """
+  bg, bt = bins
+  k_neg, k_zero, t = _near_zero_bins(bg, grad_range, jnp.result_type(a, b))
+  shape = (a.shape[-1], b.shape[-1])
+  a, b, swapped, a_sorted, order, h = _outer_prefixes(a, b, t, tile)
+  if theta.shape != shape:
+    raise ValueError(f"`theta` must have shape (I, J) = {shape}; got {theta.shape}.")
+  n = a.shape[0]
+  t_bin = bin_index(theta, bt, param_range)
+  if swapped:
+    t_bin = t_bin.T
+
+  def index(v, i, j):  # (gradient bin, theta bin, negative)
+    return (bin_index(v, bg, grad_range) * bt + t_bin[i, j]) * 2 + (v < 0)
+
+  hot = _prefix_counts(a_sorted, order, b, h, tile, bg * bt * 2, index).reshape(bg, bt, 2)
+  f32 = lambda x: x.astype(jnp.float32)
+  neg_all = f32(a < 0).T @ f32(b > 0) + f32(a > 0).T @ f32(b < 0)   # exact below 2^24
+  neg_near_0 = (jax.ops.segment_sum(jnp.round(neg_all).astype(jnp.int32).reshape(-1),
+                                    t_bin.reshape(-1), bt) - jnp.sum(hot[..., 1], axis=0))
+  near_0 = (n * jnp.bincount(t_bin.reshape(-1), length=bt).astype(jnp.int32)
+            - jnp.sum(hot, axis=(0, 2)))
+  counts = jnp.sum(hot, axis=2)
+  return counts.at[k_neg].add(neg_near_0).at[k_zero].add(near_0 - neg_near_0)
 
 
 def gradient_histogram(per_example_grads: Any, bins: int = 100,

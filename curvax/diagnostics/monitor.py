@@ -19,7 +19,7 @@ the gradient tests use the squared norms ``||g_i||^2`` and projections
 ``g_i'g``, Alpha the slopes ``s'g_i`` (its ``dot_with``), and the histograms,
 the only instruments that need gradient elements, are counted one layer (fast
 path) or one chunk (``vmap``) at a time (its ``reduce_gradients``); Dense
-kernels' GradHist1d from the factors of ``a_n b_n'`` (`counts_1d_outer`).
+kernels' from the factors of ``a_n b_n'`` (`counts_1d_outer`, `counts_2d_outer`).
 
 Conventions:
 
@@ -151,9 +151,11 @@ def _per_example(apply_fn, loss, params, batch, chunk_size, refs, want, hist_bin
   Returns ``(losses, mean g, second moment, ||g_i||^2, g_i'g, (r'g_i for r in
   refs), histograms)``: the gradient tests need only the squared norms and the
   projections ``g_i'g``, Alpha only slopes ``s'g_i`` along steps ``s`` in
-  ``refs`` (`per_example_statistics`'s ``dot_with``); the histograms are the only instruments that need gradient
-  *elements*, and they are counted layer by layer / chunk by chunk through
-  ``reduce_gradients`` (dict name -> counts; per tensor for ``layer_grad_hist_1d``).
+  ``refs`` (`per_example_statistics`'s ``dot_with``); the histograms are the
+  only instruments that need gradient *elements*, and they are counted layer by
+  layer / chunk by chunk through ``reduce_gradients``, Dense kernels from their
+  factors through ``reduce_outer_products`` (dict name -> counts; per tensor
+  for ``layer_grad_hist_1d``).
   """
   from curvax import curvature  # pylint: disable=g-import-not-at-top
   hists = [n for n in _HISTOGRAMS if n in want]
@@ -164,11 +166,13 @@ def _per_example(apply_fn, loss, params, batch, chunk_size, refs, want, hist_bin
       return _Counts(histograms.counts_1d(g, hist_bins, hist_range) if one else None,
                      histograms.counts_2d(g, theta) if "grad_hist_2d" in hists else None)
   reduce_outer = None
-  if hists and "grad_hist_2d" not in hists:
+  if hists:
     # Dense kernels' a_n b_n': only the entries away from 0 are binned one by one.
     def reduce_outer(a, b, theta):
-      del theta
-      return _Counts(histograms.counts_1d_outer(a, b, hist_bins, hist_range), None)
+      one = "grad_hist_1d" in hists or "layer_grad_hist_1d" in hists
+      return _Counts(
+          histograms.counts_1d_outer(a, b, hist_bins, hist_range) if one else None,
+          histograms.counts_2d_outer(a, b, theta) if "grad_hist_2d" in hists else None)
   dot_with = ("mean",) + tuple(refs)
   s = curvature.per_example_statistics(apply_fn, loss, params, batch, dot_with=dot_with,
                                        reduce_gradients=reduce_fn,
