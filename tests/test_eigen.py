@@ -1,6 +1,7 @@
 """ViViT GGN eigenpairs and Lanczos against jnp.linalg.eigh of explicit matrices."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,6 +100,36 @@ def test_lanczos_matches_eigh():
   top_vecs = vec[:2]
   np.testing.assert_allclose(top_vecs @ h, full.ritz_values[:2, None] * top_vecs, atol=1e-7)
   np.testing.assert_allclose(top, lam[:2], rtol=1e-6)
+
+
+def test_top_eigenpairs_cold_and_warm_starts_match_eigh():
+  """top_eigenpairs: the top two eigenvalues and eigenvectors of the explicit
+  Hessian from a Gaussian start, from a zero warm start (= cold), and from a
+  warm start at the exact top eigenvector; mismatched warm starts are refused."""
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  loss_fn = curvax.losses.objective(apply_fn, loss)
+  h = np.asarray(jax.jit(explicit_hessian, static_argnums=(0, 1))(apply_fn, loss, params, batch))
+  lam, vec = np.linalg.eigh(h)
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  key = jax.random.PRNGKey(2)
+
+  @jax.jit
+  def run(params, batch, warm):
+    mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
+    return eigen.top_eigenpairs(mv, params, key, k=2, num_iterations=30, warm_start=warm)
+
+  cold = run(params, batch, None)
+  for warm in [None, jax.tree_util.tree_map(jnp.zeros_like, params), unravel(vec[:, -1])]:
+    values, vectors = run(params, batch, warm)
+    np.testing.assert_allclose(values, lam[::-1][:2], rtol=1e-6)
+    x = _rows(vectors)
+    np.testing.assert_allclose(np.abs(np.sum(x * vec[:, ::-1][:, :2].T, axis=1)), 1.0,
+                               atol=1e-6)
+  np.testing.assert_allclose(run(params, batch, jax.tree_util.tree_map(
+      jnp.zeros_like, params))[0], cold[0], rtol=1e-12)
+  mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
+  with pytest.raises(ValueError, match="warm_start"):
+    eigen.top_eigenpairs(mv, params, key, warm_start={"w": jnp.zeros(3)})
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -17,7 +17,7 @@ the tens.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -238,20 +238,40 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   return LanczosResult(theta, jax.vmap(unravel)(vectors), alphas, betas, iterations)
 
 
-def top_eigenvalues(matvec: Callable[[Any], Any], params: Any, key: Array,
-                    k: int = 1, num_iterations: int = 20, *,
-                    rtol: Optional[float] = None, atol: float = 0.0) -> Array:
-  """Largest ``k`` eigenvalues (descending) of a symmetric matvec by Lanczos.
+def top_eigenpairs(matvec: Callable[[Any], Any], params: Any, key: Array,
+                   k: int = 1, num_iterations: int = 20, *,
+                   rtol: Optional[float] = None, atol: float = 0.0,
+                   warm_start: Optional[Any] = None) -> Tuple[Array, Any]:
+  """Largest ``k`` eigenvalues (descending) and their Ritz vectors (a pytree
+  with leading axis ``k``) of a symmetric matvec by Lanczos.
 
-  Starts from a Gaussian vector shaped like ``params`` drawn with ``key``; with
-  ``rtol`` (and ``atol``), stops as soon as the top ``k`` Ritz values are within
-  ``atol + rtol |theta|`` of eigenvalues (`lanczos`), else after
-  ``num_iterations`` matrix-vector products.
+  Starts from a Gaussian vector shaped like ``params`` drawn with ``key``, plus,
+  if given, ``warm_start`` scaled to the same norm (e.g. the top eigenvector of
+  the previous training step: the top eigenvector moves slowly, and a start
+  close to it needs fewer products, while the Gaussian half keeps a component
+  along every eigenvector, as a cold start has; a zero ``warm_start`` is a cold
+  start). With ``rtol`` (and ``atol``), stops as soon as the top ``k`` Ritz
+  values are within ``atol + rtol |theta|`` of eigenvalues (`lanczos`), else
+  after ``num_iterations`` matrix-vector products.
   """
   flat, unravel = ravel_pytree(params)
-  v0 = unravel(jax.random.normal(key, flat.shape, flat.dtype))
   if k > min(num_iterations, flat.shape[0]):
     raise ValueError(f"k={k} exceeds the number of Lanczos iterations "
                      f"({min(num_iterations, flat.shape[0])}).")
-  result = lanczos(matvec, v0, num_iterations, rtol=rtol, atol=atol, num_converged=k)
-  return result.ritz_values[:k]
+  v0 = jax.random.normal(key, flat.shape, flat.dtype)
+  if warm_start is not None:
+    _checks.check_tree_like(warm_start, params, "warm_start", "params")
+    warm = ravel_pytree(warm_start)[0].astype(flat.dtype)
+    norm = jnp.linalg.norm(warm)
+    v0 = v0 / jnp.linalg.norm(v0) + jnp.where(norm > 0, warm / jnp.where(norm > 0, norm, 1), 0)
+  result = lanczos(matvec, unravel(v0), num_iterations, rtol=rtol, atol=atol, num_converged=k)
+  return (result.ritz_values[:k],
+          jax.tree_util.tree_map(lambda v: v[:k], result.ritz_vectors))
+
+
+def top_eigenvalues(matvec: Callable[[Any], Any], params: Any, key: Array,
+                    k: int = 1, num_iterations: int = 20, *,
+                    rtol: Optional[float] = None, atol: float = 0.0) -> Array:
+  """Largest ``k`` eigenvalues (descending) of a symmetric matvec by Lanczos
+  (`top_eigenpairs` from a Gaussian start)."""
+  return top_eigenpairs(matvec, params, key, k, num_iterations, rtol=rtol, atol=atol)[0]

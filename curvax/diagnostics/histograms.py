@@ -97,9 +97,9 @@ def _near_zero_bins(bins: int, value_range: Tuple[float, float],
   for _ in range(64):
     t_d = float(np.asarray(t, dtype))
     if index(-t_d) == k_neg and index(t_d) == k_zero and t_d <= t:
-      break
+      return k_neg, k_zero, t_d
     t *= 1 - 2.0 ** -10
-  return k_neg, k_zero, t_d
+  return k_neg, k_zero, 0.0  # no safe threshold found: every entry is binned one by one
 
 
 def _hot_prefix(mag: Array, b_mag: Array, t: float) -> Array:

@@ -46,7 +46,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Union
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
@@ -159,20 +158,18 @@ def _per_example(apply_fn, loss, params, batch, chunk_size, refs, want, hist_bin
   """
   from curvax import curvature  # pylint: disable=g-import-not-at-top
   hists = [n for n in _HISTOGRAMS if n in want]
-  reduce_fn = None
+  reduce_fn = reduce_outer = None
   if hists:
+    one, two = any(n in hists for n in _HISTOGRAMS[:2]), "grad_hist_2d" in hists
+
     def reduce_fn(g, theta):
-      one = "grad_hist_1d" in hists or "layer_grad_hist_1d" in hists
       return _Counts(histograms.counts_1d(g, hist_bins, hist_range) if one else None,
-                     histograms.counts_2d(g, theta) if "grad_hist_2d" in hists else None)
-  reduce_outer = None
-  if hists:
+                     histograms.counts_2d(g, theta) if two else None)
+
     # Dense kernels' a_n b_n': only the entries away from 0 are binned one by one.
     def reduce_outer(a, b, theta):
-      one = "grad_hist_1d" in hists or "layer_grad_hist_1d" in hists
-      return _Counts(
-          histograms.counts_1d_outer(a, b, hist_bins, hist_range) if one else None,
-          histograms.counts_2d_outer(a, b, theta) if "grad_hist_2d" in hists else None)
+      return _Counts(histograms.counts_1d_outer(a, b, hist_bins, hist_range) if one else None,
+                     histograms.counts_2d_outer(a, b, theta) if two else None)
   dot_with = ("mean",) + tuple(refs)
   s = curvature.per_example_statistics(apply_fn, loss, params, batch, dot_with=dot_with,
                                        reduce_gradients=reduce_fn,
@@ -202,26 +199,16 @@ def _diag_curvature(method, apply_fn, loss, params, batch, key, chunk_size):
 
 
 def _top_eigenpair(matvec, params, previous, key, iterations, rtol):
-  """``(λ_max, Ritz vector)`` by Lanczos (`curvax.curvature.lanczos`), stopping
-  once the Ritz value is within ``1e-6 + rtol |λ|`` of an eigenvalue (the spec's
-  power iteration stops on Rayleigh quotients agreeing to rtol 1e-3, atol 1e-6).
-
-  Warm start: the start vector is the previous tracked step's top Ritz vector
-  plus a Gaussian vector of the same norm. The top eigenvector moves slowly
-  during training, so the start is already close to it: on 3c3d (SGD, batch
-  128) 7-12 products instead of 11-17 from a Gaussian start, the same values
-  within the tolerance. The Gaussian half keeps a component along every
-  eigenvector, as a cold start has, should the top eigenvalue change places.
-  """
+  """``(λ_max, Ritz vector)`` by Lanczos, stopping once the Ritz value is within
+  ``1e-6 + rtol |λ|`` of an eigenvalue (the spec's power iteration stops on
+  Rayleigh quotients agreeing to rtol 1e-3, atol 1e-6), warm-started from the
+  previous tracked step's top Ritz vector (`curvax.curvature.top_eigenpairs`:
+  on 3c3d, SGD, batch 128, 7-12 products instead of 11-17 from a Gaussian
+  start, the same values within the tolerance)."""
   from curvax import curvature  # pylint: disable=g-import-not-at-top
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
-  prev = jax.flatten_util.ravel_pytree(previous)[0]
-  noise = jax.random.normal(key, flat.shape, flat.dtype)
-  norm = jnp.linalg.norm(prev)
-  warm = jnp.where(norm > 0, prev / jnp.where(norm > 0, norm, 1), 0)  # zeros at first
-  v0 = noise / jnp.linalg.norm(noise) + warm
-  result = curvature.lanczos(matvec, unravel(v0), iterations, rtol=rtol, atol=1e-6)
-  return result.ritz_values[0], jax.tree_util.tree_map(lambda v: v[0], result.ritz_vectors)
+  values, vectors = curvature.top_eigenpairs(matvec, params, key, 1, iterations, rtol=rtol,
+                                             atol=1e-6, warm_start=previous)
+  return values[0], jax.tree_util.tree_map(lambda v: v[0], vectors)
 
 
 def _losses_and_slopes(apply_fn, loss, params, batch, direction):
