@@ -420,6 +420,18 @@ def test_monitor_per_example_instruments_match_explicit_gradients(path, hist_2d)
     np.testing.assert_array_equal(rec["grad_hist_2d"], want2)
 
 
+@pytest.mark.parametrize("size,bins", [(1, 12), (7, 12), (1001, 100), (64, 300)])
+def test_counts_1d_pairs_odd_sizes_and_large_bins(size, bins):
+  """counts_1d counts pairs of entries in a joint table (an odd entry out
+  paired with a dropped pad bin); above PAIR_TABLE_MAX bins^2 it counts single
+  entries: both against numpy."""
+  g = np.random.default_rng(size).normal(scale=1.5, size=size)
+  got = jax.jit(lambda x: dg.counts_1d(x, bins, (-2.0, 2.0)))(g)
+  want, _ = np.histogram(np.clip(g, -2.0, 2.0 - 1e-12), bins, (-2.0, 2.0))
+  np.testing.assert_array_equal(got, want)
+  assert (bins * bins > dg.histograms.PAIR_TABLE_MAX) == (bins == 300)
+
+
 def test_counts_1d_and_2d_match_numpy_histograms_with_clamped_edges():
   """The exported per-tensor building blocks (for use with per_example_statistics'
   reduce_gradients in a user's own step) against numpy, out-of-range values clamped."""

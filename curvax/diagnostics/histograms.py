@@ -60,18 +60,32 @@ def _counts(idx: Array, size: int) -> Array:
   return jnp.bincount(idx.reshape(-1), length=size).astype(jnp.int32)
 
 
+# Largest joint table of two entries' bins that `counts_1d` scatters into.
+PAIR_TABLE_MAX = 1 << 16
+
+
 def counts_1d(g: Array, bins: int = 100,
               value_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
   """``(bins,)`` int32 counts of the entries of one array (edge bins clamp).
 
-  Uniform bins by index arithmetic (`bin_index`), then one scatter-add
-  (``bincount``), no sort or search. On XLA:CPU this costs ~2 ns per entry
-  (the scatter loop is serial); counting pairs of entries in a ``bins^2``
-  joint table or interleaving 16 sub-histograms measured faster in isolation
-  but slower inside the per-layer reduction (they break the fusion of the bin
-  computation into the scatter), so neither is used.
+  Uniform bins by index arithmetic (`bin_index`), then a scatter-add
+  (``bincount``), no sort or search. XLA:CPU's scatter costs 2-3 ns per update
+  whatever the index, so consecutive pairs of entries are counted in a joint
+  ``(bins + 1)^2`` table (one update per pair; an odd entry out is paired with
+  a dropped pad bin) whose row and column sums are the counts: a (128, 576,
+  96) array 21.6 -> 4.2 ms, 3c3d's economy step every step 1.82x -> 1.65x a
+  plain step. Without pairs if ``bins^2 > PAIR_TABLE_MAX``.
   """
-  return _counts(bin_index(g, bins, value_range), bins)
+  idx = bin_index(g, bins, value_range).reshape(-1)
+  if idx.size < 2 or bins * bins > PAIR_TABLE_MAX:
+    return _counts(idx, bins)
+  if idx.size % 2:
+    idx = jnp.concatenate([idx, jnp.full((1,), bins, idx.dtype)])  # one dropped pad entry
+  width = bins + 1
+  pairs = idx.reshape(-1, 2)
+  table = _counts(pairs[:, 0] * width + pairs[:, 1], width * width).reshape(width, width)
+  counts = jnp.sum(table, axis=0) + jnp.sum(table, axis=1)
+  return counts[:bins]
 
 
 def _near_zero_bins(bins: int, value_range: Tuple[float, float],
