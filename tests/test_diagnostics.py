@@ -488,6 +488,7 @@ def test_counts_outer_equal_counts_of_the_formed_products(shape, scales, value_r
   got2 = jax.jit(lambda a, b, th: dg.counts_2d_outer(a, b, th, (bins, 6), value_range,
                                                      (-2.0, 2.0), tile=(3, 4)))(a, b, theta)
   np.testing.assert_array_equal(got2, want2)
+  assert got.dtype == got2.dtype == want.dtype == jnp.int32   # as the monitor's state
   # and against numpy on the float64 products (exact signs near 0)
   prods = np.einsum("ni,nj->nij", a.astype(np.float64), b.astype(np.float64)).ravel()
   lo, hi = value_range

@@ -312,11 +312,13 @@ def counts_2d_outer(a: Array, b: Array, theta: Array, bins: Tuple[int, int] = (4
   hot = _prefix_counts(a_sorted, order, b, h, tile, bg * bt * 2, index).reshape(bg, bt, 2)
   f32 = lambda x: x.astype(jnp.float32)
   neg_all = f32(a < 0).T @ f32(b > 0) + f32(a > 0).T @ f32(b < 0)   # exact below 2^24
+  # int32 throughout: jnp.sum of int32 is int64 under jax_enable_x64
   neg_near_0 = (jax.ops.segment_sum(jnp.round(neg_all).astype(jnp.int32).reshape(-1),
-                                    t_bin.reshape(-1), bt) - jnp.sum(hot[..., 1], axis=0))
+                                    t_bin.reshape(-1), bt)
+                - jnp.sum(hot[..., 1], axis=0, dtype=jnp.int32))
   near_0 = (n * jnp.bincount(t_bin.reshape(-1), length=bt).astype(jnp.int32)
-            - jnp.sum(hot, axis=(0, 2)))
-  counts = jnp.sum(hot, axis=2)
+            - jnp.sum(hot, axis=(0, 2), dtype=jnp.int32))
+  counts = jnp.sum(hot, axis=2, dtype=jnp.int32)
   return counts.at[k_neg].add(neg_near_0).at[k_zero].add(near_0 - neg_near_0)
 
 
