@@ -111,9 +111,10 @@ def _near_zero_bins(bins: int, value_range: Tuple[float, float],
   interior = [(lo * (bins - i) + hi * i) / bins for i in range(1, bins)]
   dist = [abs(e) for e in interior if e != 0]
   t = min(dist) if dist else float(np.finfo(dtype).max)
-  scale = np.asarray(bins / (hi - lo), dtype)
-  cd = np.asarray(c, dtype)
-  index = lambda x: clamp(int(np.floor((np.asarray(x, dtype) - cd) * scale)) + k)
+  def index(x):  # by the very function that bins, evaluated now (also when traced)
+    with jax.ensure_compile_time_eval():
+      return int(bin_index(np.asarray(x, dtype), bins, value_range))
+
   for _ in range(64):
     t_d = float(np.asarray(t, dtype))
     if index(-t_d) == k_neg and index(t_d) == k_zero and t_d <= t:
