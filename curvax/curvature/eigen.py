@@ -210,7 +210,6 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
     q, alphas, betas = jax.lax.fori_loop(
         0, m, lambda i, c: step(i, *c), (q, alphas, betas))
     iterations = jnp.asarray(m)
-    t = jnp.diag(alphas) + jnp.diag(betas[:m - 1], 1) + jnp.diag(betas[:m - 1], -1)
   else:
     def converged(j, alphas, betas):
       theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, j))
@@ -227,8 +226,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
 
     iterations, q, alphas, betas, _ = jax.lax.while_loop(
         lambda c: (c[0] < m) & ~c[4], body, (jnp.asarray(0), q, alphas, betas, False))
-    t = _tridiagonal(alphas, betas, iterations)
-  theta, y = jnp.linalg.eigh(t)
+  theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, iterations))
   theta, y = theta[::-1], y[:, ::-1]
   if rtol is not None:
     real = jnp.arange(m) < iterations
