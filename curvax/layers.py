@@ -46,7 +46,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-__all__ = ["CONV_IMPLS", "PatchConv", "conv_class", "max_pool", "max_pool_fn"]
+__all__ = ["CONV_IMPLS", "PatchConv", "conv_class", "max_pool", "max_pool_fn",
+           "patch_conv_operands"]
 
 CONV_IMPLS = ("auto", "lax", "patches")
 
@@ -96,22 +97,39 @@ class PatchConv(nn.Module):
     if inputs.ndim != nd + 2:
       raise ValueError(f"PatchConv with a {nd}-D kernel needs inputs (N, {nd} spatial axes, "
                        f"C), got shape {inputs.shape}.")
-    strides = ((self.strides,) * nd if isinstance(self.strides, int)
-               else tuple(self.strides))
-    spatial = inputs.shape[1:-1]
-    pads = _pads(self.padding, spatial, kernel_size, strides)
     kernel = self.param("kernel", self.kernel_init,
                         kernel_size + (inputs.shape[-1], self.features), self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    windows = _window_slices(inputs, kernel_size, strides, pads, 0, "PatchConv: kernel")
-    # Kernel offsets outer, input channels inner: the row order of W.reshape(-1, F).
-    patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
-    y = patches @ kernel.reshape(-1, self.features)
+    patches, matrix, bias = patch_conv_operands(self, inputs, kernel, bias)
+    y = patches @ matrix
     if bias is not None:
       y = y + bias
     return y
+
+
+def patch_conv_operands(module: PatchConv, inputs: jax.Array, kernel: jax.Array,
+                        bias: Optional[jax.Array] = None):
+  r"""``(P, W, b)`` with ``module(inputs) = P @ W + b``, as `PatchConv` computes it.
+
+  ``P``: the patches, ``(N, *out_spatial, prod(kernel_size) * C_in)`` (kernel
+  offsets outer, input channels inner); ``W``: ``kernel`` as a
+  ``(prod(kernel_size) * C_in, C_out)`` matrix; ``b``: ``bias`` (or None); all
+  promoted to the module's computation dtype. The same operations as the
+  module's own call, so that under ``jit`` XLA computes ``P`` once for both
+  (per-example kernel gradients ``G_n = P_n' B_n``, summed over positions, reuse
+  the forward pass's patches: `curvax.curvature.flax_layers`).
+  """
+  kernel_size = tuple(module.kernel_size)
+  nd = len(kernel_size)
+  strides = ((module.strides,) * nd if isinstance(module.strides, int)
+             else tuple(module.strides))
+  pads = _pads(module.padding, inputs.shape[1:-1], kernel_size, strides)
+  inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+  windows = _window_slices(inputs, kernel_size, strides, pads, 0, "PatchConv: kernel")
+  # Kernel offsets outer, input channels inner: the row order of W.reshape(-1, F).
+  patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+  return patches, kernel.reshape(-1, kernel.shape[-1]), bias
 
 
 def conv_class(impl: str = "auto"):

@@ -57,6 +57,18 @@ class _TinyPatchCNN(nn.Module):
     return nn.Dense(3)(x)
 
 
+class _TinyPatchCNN1d(nn.Module):
+  """`PatchConv` on one spatial axis, VALID padding, no bias, then a strided one."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = jnp.tanh(PatchConv(3, (2,), padding="VALID", use_bias=False)(x))
+    x = nn.relu(PatchConv(2, (3,), strides=2, padding=((2, 1),))(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(3)(x)
+
+
 def _tiny_problem(module, x_shape, loss_name, n=5):
   p = _flax_problem("tiny", module, x_shape, LOSSES[loss_name], batch_size=n,
                     num_epochs=1, dataset="mnist", data_dir=None, preprocess=_mnist_pre)
@@ -86,6 +98,7 @@ def _spy(monkeypatch, name):
     (_TinyMLP(), (4,), "mean_squared_error"),
     (_TinyCNN(), (5, 5, 1), "softmax_cross_entropy"),
     (_TinyPatchCNN(), (5, 5, 2), "softmax_cross_entropy"),
+    (_TinyPatchCNN1d(), (7, 2), "mean_squared_error"),
 ])
 def test_problem_apply_takes_the_fast_path_with_params_structure(
     module, x_shape, loss_name, monkeypatch):
