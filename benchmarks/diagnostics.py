@@ -29,9 +29,14 @@ every step 1.5x / 2.0x / 21x, every 64th step 1.0x / 1.0x / 1.3x.
 Timings are medians over ``--repeats`` rounds; each round times every step kind
 of a preset and the plain step once, in turn (the same input state each time),
 so that machine noise hits numerator and denominator alike. A preset may drop
-instruments: ``--presets economy-grad_hist_1d`` is economy without GradHist1d.
+instruments: ``--presets economy-grad_hist_1d`` is economy without GradHist1d;
+a suffix ``:mc`` (default row ``business:mc``) times the preset with the
+Monte-Carlo diagonal GGN (``curvature='diag_ggn_mc'``, one sample) standing in
+for the exact one (``--curvature``, ~C - 1 = 9 extra backward passes through
+the batch plus the conv layers' per-example column products) in HessTrace and TIC.
 
-  python benchmarks/diagnostics.py [--batch 128] [--repeats 3] [--presets economy,business,full]
+  python benchmarks/diagnostics.py [--batch 128] [--repeats 3]
+      [--presets economy,business,business:mc,full]
       [--every 64] [--chunk-size N] [--curvature diag_ggn_mc] [--conv-impl lax]
 """
 
@@ -92,7 +97,7 @@ def main():
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--every", type=int, default=64)
-  ap.add_argument("--presets", default="economy,business,full")
+  ap.add_argument("--presets", default="economy,business,business:mc,full")
   ap.add_argument("--chunk-size", type=int, default=None)
   ap.add_argument("--curvature", default="diag_ggn", choices=["diag_ggn", "diag_ggn_mc"])
   ap.add_argument("--model", default="linen", choices=["linen", "raw"],
@@ -146,9 +151,13 @@ def main():
   header = False
   width = max(10, *(len(p) for p in args.presets.split(",")))
   for preset in args.presets.split(","):
-    instruments = _instruments(preset)
+    name, _, variant = preset.partition(":")
+    if variant not in ("", "mc"):
+      raise SystemExit(f"unknown preset variant {variant!r} in {preset!r} (use ':mc')")
+    curvature = "diag_ggn_mc" if variant == "mc" else args.curvature
+    instruments = _instruments(name)
     tx = dg.monitor(sgd, apply_fn, loss, instruments, every=args.every,
-                    curvature=args.curvature, chunk_size=args.chunk_size)
+                    curvature=curvature, chunk_size=args.chunk_size)
     step = make_step(tx)
     # Steady state of every-k tracking: k steps (one tracked, k - 1 untracked) on
     # another batch first, so that the timed tracked step starts HessMaxEV from
@@ -159,7 +168,7 @@ def main():
     at = lambda c, state=state: state._replace(count=jnp.asarray(c, jnp.int32))
     # Every step tracked: a monitor with every=1 (no lax.cond at all), in steady
     # state (from its second step on, each step includes Alpha's end point).
-    tx1 = dg.monitor(sgd, apply_fn, loss, instruments, every=1, curvature=args.curvature,
+    tx1 = dg.monitor(sgd, apply_fn, loss, instruments, every=1, curvature=curvature,
                      chunk_size=args.chunk_size)
     step1 = make_step(tx1)
     p1, state1 = step1(params, tx1.init(params), other)  # the previous step: other data
@@ -179,7 +188,7 @@ def main():
     r = {k: v / t["plain"] for k, v in t.items()}
     k = args.every
     every_k = (r["tracked"] + r["after"] + (k - 2) * r["untracked"]) / k
-    c1, ck = COCKPIT.get(preset, (float("nan"), float("nan")))  # nan: no published figure
+    c1, ck = COCKPIT.get(name, (float("nan"), float("nan")))  # nan: no published figure
     print(f"{preset:{width}s} {r['tracked']:8.2f}x {r['after']:8.2f}x {r['untracked']:9.2f}x   "
           f"{r['every1']:9.2f}x {c1:8.1f}x   {every_k:8.2f}x {ck:8.1f}x", flush=True)
 
