@@ -162,6 +162,10 @@ def _window_slices(x: jax.Array, window: Tuple[int, ...], strides: Tuple[int, ..
   return slices
 
 
+# Blocks of examples in which `max_pool`'s tangent is routed (see `_window_max_jvp`).
+TANGENT_PARTS = 2
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _window_max(x, window, strides, pads):
   return functools.reduce(jnp.maximum, _window_slices(x, window, strides, pads, -jnp.inf))
@@ -187,9 +191,33 @@ def _window_max_jvp(window, strides, pads, primals, tangents):
   for j in reversed(range(len(slices))):
     which = jnp.where(slices[j] == y_const, jnp.asarray(j, index_dtype), which)
   which = jax.lax.optimization_barrier(which)
-  y_dot = jnp.zeros(y.shape, t.dtype)
-  for j, t_s in enumerate(_window_slices(t, window, strides, pads, 0)):
-    y_dot = y_dot + jnp.where(which == j, t_s, 0)
+
+  def route(t, which):
+    y_dot = jnp.zeros(which.shape, t.dtype)
+    for j, t_s in enumerate(_window_slices(t, window, strides, pads, 0)):
+      y_dot = y_dot + jnp.where(which == j, t_s, 0)
+    return y_dot
+
+  # Overlapping windows: the tangent is routed in `TANGENT_PARTS` blocks of
+  # examples, so that its transpose (the gradient) ends in a concatenation of
+  # the blocks. Without it, XLA:CPU fused the sum of the window's
+  # ``prod(window)`` pads into every consumer of the pool's input gradient (the
+  # previous layer's kernel-gradient and input-gradient products) and
+  # materialised each pad as a full-size buffer instead. 3c3d (3x3/2 pools),
+  # batch 128, 2 CPU cores: Hessian-vector product 390 -> 312 ms, GGN-vector
+  # product 281 -> 266 ms, exact diagonal GGN (9 columns) 1.23 -> 0.85 s,
+  # gradient unchanged. Not for disjoint windows: 2c2d's 2x2/2 pools were
+  # 14-39% slower in blocks. Same values either way (blocks of examples, which
+  # a pool never mixes).
+  n = t.shape[0]
+  overlap = any(w > s for w, s in zip(window, strides))
+  parts = min(TANGENT_PARTS, n) if overlap else 1
+  if parts > 1:
+    sizes = tuple(n // parts + (i < n % parts) for i in range(parts))
+    y_dot = jnp.concatenate([route(t_b, w_b) for t_b, w_b in zip(
+        jax.lax.split(t, sizes, axis=0), jax.lax.split(which, sizes, axis=0))], axis=0)
+  else:
+    y_dot = route(t, which)
   return y, y_dot
 
 

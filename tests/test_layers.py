@@ -171,3 +171,22 @@ def test_max_pool_fn_follows_conv_class():
   # Integer inputs have no -inf padding: nn.max_pool's own code handles them.
   xi = jnp.arange(32).reshape(2, 4, 4, 1)
   np.testing.assert_array_equal(max_pool(xi, (2, 2), (2, 2)), nn.max_pool(xi, (2, 2), (2, 2)))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_max_pool_gradient_columns_in_blocks_of_examples(parts, monkeypatch):
+  # Overlapping windows route the tangent in blocks of examples (a concatenation
+  # in the transpose, for XLA:CPU's fusion); several VJP columns at once (vmap,
+  # as the diagonal GGN back-propagates them), batch 5 in unequal blocks.
+  monkeypatch.setattr(curvax.layers, "TANGENT_PARTS", parts)
+  x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (5, 9, 9, 2),
+                                              jnp.float64)), 1)
+  cols = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 5, 5, 2), jnp.float64)
+
+  def columns(pool):
+    _, vjp = jax.vjp(pool, x)
+    return jax.jit(jax.vmap(lambda c: vjp(c)[0]))(cols)
+
+  ours = columns(lambda x: max_pool(x, (3, 3), (2, 2), "SAME"))
+  ref = columns(lambda x: nn.max_pool(x, (3, 3), (2, 2), "SAME"))
+  np.testing.assert_allclose(ours, ref, **TOL)
