@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -121,6 +122,36 @@ def test_preconditioner_closed_form(form):
     # estimate alpha^{-1} (I - UU') + U diag(sigma) U' applied to g.
     est = (np.eye(len(g)) - U @ U.T) / alpha + U @ np.diag(sg) @ U.T
     np.testing.assert_allclose(alpha * got, np.linalg.solve(est, g), rtol=1e-8)
+  # The same step from precomputed coefficients (c - 1) * U'g, rows given apart.
+  scales = bh.preconditioner_scales(sigma, alpha, form)
+  coef = bh.low_rank_coefficients(g, tuple(u), scales)
+  np.testing.assert_allclose(coef, (scale - 1.0) * np.abs(U.T @ g) * np.sign(u @ g),
+                             rtol=1e-9)
+  np.testing.assert_allclose(bh.low_rank_precondition(g, tuple(u), coefficients=coef), want,
+                             rtol=1e-9, atol=1e-12)
+  with pytest.raises(TypeError, match="exactly one"):
+    bh.low_rank_precondition(g, u)
+  with pytest.raises(TypeError, match="exactly one"):
+    bh.low_rank_precondition(g, u, scales, coefficients=coef)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_low_rank_coefficients_are_non_finite_exactly_when_the_gradient_is(dtype):
+  """Even through rows that are zero where g is not finite (inf * 0 = NaN)."""
+  n = 1000
+  rows = np.zeros((2, n), dtype)
+  rows[0, :500] = 1 / np.sqrt(500)
+  rows[1, 500:-1] = 1 / np.sqrt(499)            # both rows are zero at the last entry
+  g = np.random.default_rng(0).normal(size=n).astype(dtype)
+  coef = jax.jit(bh.low_rank_coefficients)(g, tuple(rows), np.asarray([0.5, 2.0], dtype))
+  assert np.all(np.isfinite(coef))
+  for where in (0, 700, n - 1):
+    for bad in (np.nan, np.inf, -np.inf):
+      bad_g = g.copy()
+      bad_g[where] = bad
+      coef = jax.jit(bh.low_rank_coefficients)(bad_g, tuple(rows),
+                                                np.asarray([0.5, 2.0], dtype))
+      assert not np.any(np.isfinite(coef)), (where, bad)
 
 
 def test_preconditioner_scales_degenerate_and_bad_form():

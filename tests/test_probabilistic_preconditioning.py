@@ -304,6 +304,46 @@ def test_non_finite_observations_are_skipped_and_recorded():
   np.testing.assert_allclose(states[4].alpha, clean[2].alpha, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("inner", [None, optax.identity()], ids=["default", "identity"])
+def test_preconditioning_step_guard_sees_every_non_finite_gradient_entry(inner, dtype):
+  """A NaN or infinite gradient entry where every row of U is exactly zero still
+  zeroes and counts the whole step (the default inner optimizer checks the
+  projections U_j'g, inf * 0 = NaN; any other inner checks the step itself).
+  A step entry that overflows from finite values is never returned: the default
+  zeroes that entry, any other inner zeroes and counts the step."""
+  n = 4
+  tx = probabilistic_preconditioning(lambda p, b: 0.5 * jnp.sum(p["x"] ** 2) * jnp.mean(b[0]),
+                                     inner=inner, prior_iterations=2, num_observations=2,
+                                     rank=2, learning_rate=1e30)
+  params = {"x": jnp.ones(n, dtype)}
+  state = tx.init(params)
+  rows = (jnp.eye(n, dtype=dtype)[0], jnp.eye(n, dtype=dtype)[1])   # zero at entries 2, 3
+  state = state._replace(phase=jnp.asarray(PRECONDITION, jnp.int32),
+                         round_step=jnp.asarray(10, jnp.int32),
+                         alpha=jnp.ones_like(state.alpha),
+                         eigenvectors=(rows,), eigenvalues=(jnp.asarray([2.0, 4.0], dtype),))
+  batch = (jnp.ones((2, 1), dtype), jnp.zeros((2, 1), dtype))
+  update = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))
+  g = jnp.asarray([1e-30, 2e-30, 3e-30, 0.0], dtype)
+  u, st = update({"x": g}, state)          # finite: g~ = g + U ((c - 1) * U'g)
+  want = -1e30 * np.asarray([0.5e-30, 0.5e-30, 3e-30, 0.0])
+  np.testing.assert_allclose(u["x"], want, rtol=1e-6)
+  assert int(st.num_skipped) == 0
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    u, st = update({"x": g.at[2].set(bad)}, state)
+    assert np.all(np.asarray(u["x"]) == 0.0), bad
+    assert int(st.num_skipped) == 1, bad
+  # Entry 3 overflows: 1e30 * 1e20 is not a float32 (nor is 1e30 * 1e300 a float64).
+  u, st = update({"x": g.at[3].set(1e20 if dtype == jnp.float32 else 1e300)}, state)
+  assert np.all(np.isfinite(np.asarray(u["x"])))
+  if inner is None:
+    np.testing.assert_allclose(u["x"], want, rtol=1e-6)
+    assert int(st.num_skipped) == 0
+  else:
+    assert np.all(np.asarray(u["x"]) == 0.0) and int(st.num_skipped) == 1
+
+
 def test_posterior_gives_up_after_repeated_non_finite_observations():
   """A degenerate estimate would fail every posterior observation: after
   MAX_POSTERIOR_RETAKES in a row the phase ends and the rank-k estimate is built

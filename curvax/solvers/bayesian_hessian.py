@@ -187,28 +187,49 @@ def preconditioner_scales(sigma: Array, alpha: Array, form: str = "inverse") -> 
   return jnp.where(ok & jnp.isfinite(c), c, 1.0)
 
 
-def low_rank_precondition(g: Array, vectors: Union[Array, Sequence[Array]],
+def low_rank_coefficients(g: Array, vectors: Union[Array, Sequence[Array]],
                           scales: Array) -> Array:
+  r"""The ``k`` coefficients ``(c - 1) * U'g`` of `low_rank_precondition` (C1/C2).
+
+  ``vectors``: ``U``'s ``k`` rows, as a ``(k, n)`` array or a sequence of ``k``
+  arrays ``(n,)``; ``scales``: ``c``. O(n k) work.
+
+  Non-finite values show here: if ``g`` has a NaN or infinite entry, every
+  ``U_j'g`` is NaN or infinite, whatever the (finite) row ``U_j``, zero rows
+  included (``inf * 0`` is NaN in IEEE arithmetic). So with finite ``U`` and
+  ``c`` these ``k`` numbers are finite exactly when ``g`` is (up to overflow
+  of a sum near the floating-point maximum, which reads as non-finite).
+  """
+  # ``U_j'g`` as k fused multiply-reductions, not a gemv ``U @ g``: the gemv
+  # made XLA:CPU copy the gradient into a column layout first, a params-sized
+  # temporary that pushed the step's scratch past glibc's 32 MiB mmap
+  # threshold (~3000 page faults per step). Rows given separately are read in
+  # place; rows sliced out of a ``(k, n)`` array are copied first, because
+  # XLA:CPU's dot fusions take no slices (mnist_mlp's preconditioned step 7.3
+  # -> 6.9 ms).
+  k = len(vectors)
+  ug = jnp.stack([jnp.vdot(vectors[j], g) for j in range(k)]) if k else jnp.zeros((0,), g.dtype)
+  return (scales - 1.0) * ug
+
+
+def low_rank_precondition(g: Array, vectors: Union[Array, Sequence[Array]],
+                          scales: Optional[Array] = None, *,
+                          coefficients: Optional[Array] = None) -> Array:
   r"""``g~ = (I - UU')g + U diag(c) U'g = g + U ((c - 1) * U'g)`` (C1/C2).
 
   ``vectors``: ``U``'s ``k`` orthonormal rows, as a ``(k, n)`` array or a
-  sequence of ``k`` arrays ``(n,)`` (the faster form, see below); ``scales``:
-  ``c``. O(n k) work.
+  sequence of ``k`` arrays ``(n,)`` (the faster form, see
+  `low_rank_coefficients`); ``scales``: ``c``; or, instead of ``scales``,
+  ``coefficients``: ``(c - 1) * U'g`` from `low_rank_coefficients` (computed
+  once when the caller needs them too). O(n k) work.
   """
-  # Both products are written per row (k is static and small), not as dots:
-  # ``U_j'g`` as k fused multiply-reductions (a gemv ``U @ g`` made XLA:CPU
-  # copy the gradient into a column layout first, a params-sized temporary
-  # that pushed the step's scratch past glibc's 32 MiB mmap threshold: ~3000
-  # page faults per step), and ``sum_j coef_j U_j`` elementwise, which XLA
-  # fuses with the addition of ``g`` and with whatever consumes the result
-  # (the parameter update): one pass over memory instead of three (0.51 ->
-  # 0.32 ms at n = 784000, k = 2). Rows given separately are read in place;
-  # rows sliced out of a ``(k, n)`` array are copied first, because XLA:CPU's
-  # dot fusions take no slices (mnist_mlp's preconditioned step 7.3 -> 6.9 ms).
-  k = len(vectors)
-  ug = jnp.stack([jnp.vdot(vectors[j], g) for j in range(k)]) if k else jnp.zeros((0,), g.dtype)
-  coef = (scales - 1.0) * ug
+  if (scales is None) == (coefficients is None):
+    raise TypeError("low_rank_precondition: pass exactly one of `scales` and `coefficients`.")
+  coef = low_rank_coefficients(g, vectors, scales) if coefficients is None else coefficients
+  # ``sum_j coef_j U_j`` elementwise, which XLA fuses with the addition of ``g``
+  # and with whatever consumes the result (the parameter update): one pass
+  # over memory instead of three (0.51 -> 0.32 ms at n = 784000, k = 2).
   out = g
-  for j in range(k):
+  for j in range(len(vectors)):
     out = out + coef[j] * vectors[j]
   return out

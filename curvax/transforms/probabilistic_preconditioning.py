@@ -62,8 +62,10 @@ Choices (the spec leaves them open):
   non-finite is skipped (the observation is retaken on the next batch) and
   counted in ``num_skipped``; after `MAX_POSTERIOR_RETAKES` non-finite
   posterior observations in a row the posterior phase ends early and the
-  rank-k estimate uses the observations gathered so far; a preconditioning step with a non-finite update
-  returns zeros, keeps the inner state and is counted too. A prior fit with
+  rank-k estimate uses the observations gathered so far; a preconditioning step
+  with a non-finite update (with the default inner optimizer: a non-finite
+  gradient, seen in the ``k`` projections ``U_j'g`` per leaf, or learning
+  rate) returns zeros, keeps the inner state and is counted too. A prior fit with
   non-finite or zero ``alpha``/``w`` restarts the round and is counted in
   ``num_failed_fits``. Negative average curvature ``sum v'u < 0`` (the seed
   code would then step uphill with a negative learning rate) uses ``|sum v'u|``
@@ -290,6 +292,7 @@ def probabilistic_preconditioning(
   if not callable(loss_fn):
     raise TypeError(f"{_NAME}: loss_fn must be a callable loss_fn(params, batch); got "
                     f"{type(loss_fn).__name__}.")
+  plain_inner = inner is None      # the step is -lr * g~ (see the non-finite guard)
   if inner is None:
     inner = optax.identity()
   if not isinstance(inner, optax.GradientTransformation):
@@ -541,11 +544,12 @@ def probabilistic_preconditioning(
     # (1.35x -> 1.17x an SGD step in the preconditioning phase, mnist_mlp on
     # XLA:CPU). In the estimation phases the result is discarded.
     if precondition:
-      g_tilde = unflat([
-          bh.low_rank_precondition(
-              g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
-          for i, (g, u, sigma) in enumerate(
-              zip(g_flat, state.eigenvectors, state.eigenvalues))])
+      coefs = [bh.low_rank_coefficients(
+                   g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
+               for i, (g, u, sigma) in enumerate(
+                   zip(g_flat, state.eigenvectors, state.eigenvalues))]
+      g_tilde = unflat([bh.low_rank_precondition(g, u, coefficients=c)
+                        for g, u, c in zip(g_flat, state.eigenvectors, coefs)])
     else:
       g_tilde = updates
     direction, new_inner = inner.update(g_tilde, inner_state, params, batch=batch,
@@ -554,7 +558,21 @@ def probabilistic_preconditioning(
           else jnp.zeros_like(state.learning_rate) + learning_rate)   # live if injected
     step = [-leaf_scalar(lr, i).astype(d.dtype) * d
             for i, d in enumerate(treedef.flatten_up_to(direction))]
-    finite = _checks.tree_all_finite(step)
+    if precondition and plain_inner:
+      # The step is -lr (g + sum_j coef_j U_j) with U and c finite by
+      # construction (build, preconditioner_scales): it is finite when g, the
+      # coefficients and lr are, and the coefficients (c - 1) U_j'g, already
+      # computed, are non-finite whenever g has a non-finite entry (see
+      # bh.low_rank_coefficients). So k scalars per leaf stand in for a pass
+      # over the step (one that re-reads g and U: mnist_mlp's preconditioned
+      # step 1.14x -> 1.06x an SGD step on XLA:CPU). An entry that overflows
+      # from finite values (near the float maximum) is zeroed where it is
+      # computed, fused with the parameter update, so nothing non-finite is
+      # ever returned.
+      finite = _checks.tree_all_finite(coefs) & jnp.all(jnp.isfinite(lr))
+      step = [jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)) for x in step]
+    else:
+      finite = _checks.tree_all_finite(step)
     apply = in_precondition & finite
     new_updates = treedef.unflatten(
         [jnp.where(apply, x, jnp.zeros((), x.dtype)) for x in step])
