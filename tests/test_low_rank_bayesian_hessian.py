@@ -160,3 +160,20 @@ def test_preconditioner_scales_degenerate_and_bad_form():
   np.testing.assert_allclose(bh.preconditioner_scales(np.array([4.0]), 0.5, "seed"), [0.5])
   with pytest.raises(ValueError, match="form"):
     bh.preconditioner_scales(np.array([1.0]), 1.0, "bogus")
+
+
+@pytest.mark.parametrize("n", [1, 30, 1009, 4096])
+def test_row_dots_gram_and_cross_match_numpy(n):
+  """The single-pass row products against numpy, for lengths that split into
+  16, 15 or 1 parts (prime), in float64 and float32."""
+  rng = np.random.default_rng(n)
+  a, b, v = rng.normal(size=(3, n)), rng.normal(size=(2, n)), rng.normal(size=n)
+  a[1] = 0.0                                            # an empty observation
+  np.testing.assert_allclose(bh._gram(list(a)), a @ a.T, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(bh._cross(list(a), list(b) + [v]),
+                             a @ np.vstack([b, v]).T, rtol=1e-12, atol=1e-12)
+  got32 = jax.jit(lambda x: bh._gram(list(x)))(a.astype(np.float32))
+  assert got32.dtype == np.float32
+  np.testing.assert_allclose(got32, a @ a.T, rtol=1e-5, atol=1e-4 * np.sqrt(n))
+  assert bh._row_dots(list(a), []).shape == (0,)
+  assert bh._gram([]).shape == (0, 0)

@@ -488,11 +488,15 @@ def probabilistic_preconditioning(
         nrm = jnp.linalg.norm(d)
         inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
         s_new = d * inv
-        # Row m written in place; a skipped observation rewrites the old row (a
-        # select over the whole buffer would materialise a copy of it).
-        dirs.append(s_buf.at[m].set(jnp.where(finite, s_new, s_buf[m])))
+        # Row m written in place (a select over the whole buffer would
+        # materialise a copy of it). Rows from num_observations on are zero in
+        # the posterior phase (the fit starts the buffers from zeros), so a
+        # skipped observation writes zeros, which leaves row m as it was
+        # without reading it (reading it copied the row: ~1 ms per leaf).
+        zero = jnp.zeros((), s_buf.dtype)
+        dirs.append(s_buf.at[m].set(jnp.where(finite, s_new, zero)))
         res.append(r_buf.at[m].set(jnp.where(
-            finite, y * inv - s_new / leaf_scalar(state.alpha, i), r_buf[m])))
+            finite, y * inv - s_new / leaf_scalar(state.alpha, i), zero)))
       skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
       # A non-finite observation is retaken on the next batch, at most
       # MAX_POSTERIOR_RETAKES times in a row: a degenerate estimate (e.g. no
