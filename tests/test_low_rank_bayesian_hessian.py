@@ -9,6 +9,13 @@ import pytest
 from curvax.solvers import bayesian_hessian as bh
 
 
+@pytest.fixture(autouse=True, params=["matmul", "one-pass"])
+def _small_products(request, monkeypatch):
+  """Every test both ways of forming the small Gram products: matrix products
+  (short rows) and the single pass over the rows (long rows, forced here)."""
+  if request.param == "one-pass":
+    monkeypatch.setattr(bh, "_ROW_DOTS_MIN_SIZE", 0)
+
 def _setup(n=9, m_buf=4, m=3, seed=0, lam=0.3):
   rng = np.random.default_rng(seed)
   s = np.zeros((m_buf, n))
@@ -162,18 +169,22 @@ def test_preconditioner_scales_degenerate_and_bad_form():
     bh.preconditioner_scales(np.array([1.0]), 1.0, "bogus")
 
 
+@pytest.mark.parametrize("row_dots", [True, False], ids=["one-pass", "matmul"])
 @pytest.mark.parametrize("n", [1, 30, 1009, 4096])
-def test_row_dots_gram_and_cross_match_numpy(n):
-  """The single-pass row products against numpy, for lengths that split into
-  16, 15 or 1 parts (prime), in float64 and float32."""
+def test_block_products_match_numpy(n, row_dots, monkeypatch):
+  """The small Gram products against numpy, both ways of computing them (one
+  pass over rows split into 16, 15 or 1 parts, or matrix products), float64
+  and float32, with an empty row, a single-row block and a symmetric block."""
+  monkeypatch.setattr(bh, "_ROW_DOTS_MIN_SIZE", 0 if row_dots else 10 ** 9)
   rng = np.random.default_rng(n)
-  a, b, v = rng.normal(size=(3, n)), rng.normal(size=(2, n)), rng.normal(size=n)
-  a[1] = 0.0                                            # an empty observation
-  np.testing.assert_allclose(bh._gram(list(a)), a @ a.T, rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(bh._cross(list(a), list(b) + [v]),
-                             a @ np.vstack([b, v]).T, rtol=1e-12, atol=1e-12)
-  got32 = jax.jit(lambda x: bh._gram(list(x)))(a.astype(np.float32))
+  a, b, v = rng.normal(size=(3, n)), rng.normal(size=(2, n)), rng.normal(size=(1, n))
+  a[1] = 0.0
+  aa, ab, av, bb = bh._products([a, b, v], [(0, 0), (0, 1), (0, 2), (1, 1)])
+  for got, want in ((aa, a @ a.T), (ab, a @ b.T), (av, a @ v.T), (bb, b @ b.T)):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  got32 = jax.jit(lambda x: bh._products([x], [(0, 0)])[0])(a.astype(np.float32))
   assert got32.dtype == np.float32
   np.testing.assert_allclose(got32, a @ a.T, rtol=1e-5, atol=1e-4 * np.sqrt(n))
   assert bh._row_dots(list(a), []).shape == (0,)
-  assert bh._gram([]).shape == (0, 0)
+  empty, = bh._products([a[:0]], [(0, 0)])
+  assert empty.shape == (0, 0)

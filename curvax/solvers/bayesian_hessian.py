@@ -48,6 +48,10 @@ Array = jax.Array
 
 FORMS = ("inverse", "seed")
 
+# `_products` reads the rows once (`_row_dots`) when they are at least this
+# long and there are at most this many pairs; else it uses matrix products.
+_ROW_DOTS_MIN_SIZE = 2 ** 18
+_ROW_DOTS_MAX_PAIRS = 128
 # Parts of the n entries that `_row_dots` reduces separately (then sums).
 _DOT_PARTS = 16
 
@@ -55,13 +59,8 @@ _DOT_PARTS = 16
 def _row_dots(rows: Sequence[Array], pairs: Sequence[Tuple[int, int]]) -> Array:
   r"""``[rows[i] . rows[j] for (i, j) in pairs]``, every row read once.
 
-  The Gram matrices here are ``(M, n) x (n, M)`` products with small ``M`` and
-  large ``n``. XLA:CPU runs them as matrix products at a fraction of memory
-  speed (mnist_mlp's first layer, ``n = 784000``, ``M = 5``: ``S S'`` and
-  ``S Delta'`` 4.7 ms each); all the pairs as one variadic reduction over
-  ``_DOT_PARTS`` equal parts of the entries (summed afterwards) read each row
-  once, on every core: ``S S'``, ``S Delta'`` and ``S'g`` together 3.5 ms
-  instead of 11.5.
+  One variadic reduction over ``_DOT_PARTS`` equal parts of the entries
+  (summed afterwards), which XLA:CPU runs on every core at memory speed.
   """
   dtype = jnp.result_type(*rows)
   if not pairs:
@@ -75,22 +74,33 @@ def _row_dots(rows: Sequence[Array], pairs: Sequence[Tuple[int, int]]) -> Array:
   return jnp.sum(jnp.stack(sums), axis=1)
 
 
-def _gram(rows: Sequence[Array]) -> Array:
-  """The ``(R, R)`` Gram matrix of ``R`` rows, each product computed once."""
-  r = len(rows)
-  if not r:
-    return jnp.zeros((0, 0), jnp.result_type(float))
-  i, j = np.triu_indices(r)
-  upper = jnp.zeros((r, r), jnp.result_type(*rows)).at[i, j].set(
-      _row_dots(rows, list(zip(i.tolist(), j.tolist()))))
-  return upper + jnp.triu(upper, 1).T
+def _products(blocks: Sequence[Array], wanted: Sequence[Tuple[int, int]]) -> list:
+  r"""``[blocks[p] @ blocks[q].T for (p, q) in wanted]`` for row blocks ``(m, n)``.
 
-
-def _cross(a: Sequence[Array], b: Sequence[Array]) -> Array:
-  """The ``(len(a), len(b))`` matrix of products of rows ``a`` with rows ``b``."""
-  na, nb = len(a), len(b)
-  pairs = [(i, na + j) for i in range(na) for j in range(nb)]
-  return _row_dots(list(a) + list(b), pairs).reshape(na, nb)
+  The Gram matrices here are ``(M, n) x (n, M)`` with small ``M`` and large
+  ``n``, which XLA:CPU runs as matrix products at a fraction of memory speed
+  once the rows leave the cache (mnist_mlp's first layer, ``n = 784000``,
+  ``M = 5``: ``S S'`` 4.3 ms, the 10-row Gram of the rank-k build 25 ms). For
+  long rows and few pairs all of them come from one pass over the rows
+  (`_row_dots`): 1.0 and 5.1 ms; ``S Delta'`` with ``S'g`` 3.5 ms instead of 9.
+  Shorter rows (below about ``2^18`` entries) are faster as matrix products.
+  """
+  offsets = np.cumsum([0] + [b.shape[0] for b in blocks])
+  index = {}                     # (row, row) -> position; symmetric blocks once
+  layouts = []
+  for p, q in wanted:
+    layout = np.empty((blocks[p].shape[0], blocks[q].shape[0]), int)
+    for i in range(layout.shape[0]):
+      for j in range(layout.shape[1]):
+        a, b = offsets[p] + i, offsets[q] + j
+        key = (min(a, b), max(a, b)) if p == q else (a, b)
+        layout[i, j] = index.setdefault(key, len(index))
+    layouts.append(layout)
+  n = blocks[0].shape[1]
+  if n >= _ROW_DOTS_MIN_SIZE and 0 < len(index) <= _ROW_DOTS_MAX_PAIRS:
+    values = _row_dots([r for b in blocks for r in b], list(index))
+    return [values[layout] for layout in layouts]
+  return [blocks[p] @ blocks[q].T for p, q in wanted]
 
 
 def observation_mask(directions: Array, num_observed: Optional[Array] = None) -> Array:
@@ -118,7 +128,7 @@ def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: A
   ``B = (1/alpha) I + w^2 Delta' C S``. Unobserved or empty rows get an
   identity block (their residual rows are zero, so they contribute nothing).
   """
-  gram = _gram(list(directions))
+  gram, = _products([directions], [(0, 0)])
   # Mask the (M, M) Gram matrix, not the (M, n) directions (no n-sized copy);
   # the mask of `observation_mask` from its diagonal (no second pass over S).
   mask = _mask(jnp.diagonal(gram), num_observed)
@@ -133,7 +143,7 @@ def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: A
 def posterior_matvec(v: Array, directions: Array, residuals: Array, coefficients: Array,
                      alpha: Array, prior_scale: Array) -> Array:
   r"""``B v = v / alpha + w^2 X S' v`` with ``X = Delta' C`` — the posterior mean (B3)."""
-  sv = _cross(list(directions), [v])[:, 0]
+  sv = _products([directions, v[None]], [(0, 1)])[0][:, 0]
   return v / alpha + jnp.square(prior_scale) * ((coefficients @ sv) @ residuals)
 
 
@@ -147,9 +157,9 @@ def posterior_inverse_matvec(g: Array, directions: Array, residuals: Array,
   """
   w2 = jnp.square(prior_scale)
   m = directions.shape[0]
-  products = _cross(list(directions), list(residuals) + [g])   # one pass over S, Delta, g
-  sx = products[:, :m] @ coefficients                    # S'X, (M, M)
-  sg = products[:, m]                                    # S'g, (M,)
+  s_delta, s_g = _products([directions, residuals, g[None]], [(0, 1), (0, 2)])
+  sx = s_delta @ coefficients                            # S'X, (M, M)
+  sg = s_g[:, 0]                                         # S'g, (M,)
   z = jnp.linalg.solve(jnp.eye(m, dtype=sx.dtype) + alpha * w2 * sx, sg)
   # ``x @ Delta`` rather than ``Delta' @ x``: see `low_rank_precondition`.
   return alpha * g - jnp.square(alpha) * w2 * ((coefficients @ z) @ residuals)
@@ -188,9 +198,7 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   dtype = directions.dtype
   # X' = C' Delta (M x n) is never formed either: its Gram blocks come from
   # those of the stored rows, X'X = C'(Delta Delta')C and X'S = C'(Delta S').
-  # The three Gram blocks in one pass over Delta and S.
-  blocks = _gram(list(residuals) + list(directions))     # [Delta; S] [Delta; S]'
-  g_dd, g_ds, g_ss = blocks[:m, :m], blocks[:m, m:], blocks[m:, m:]
+  g_dd, g_ds, g_ss = _products([residuals, directions], [(0, 0), (0, 1), (1, 1)])
   g_xx = coefficients.T @ g_dd @ coefficients
   g_xs = coefficients.T @ g_ds
   gram = jnp.block([[g_xx, g_xs], [g_xs.T, g_ss]])       # A'A, (2M, 2M)
@@ -215,7 +223,7 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   u = jnp.stack([sum(a[i, j] * residuals[i] + b[i, j] * directions[i] for i in range(m))
                  for j in range(k)]) if k else jnp.zeros((0, n), dtype)
   # (U U')^{-1/2} U: exact orthonormality of the rows (zero rows stay zero).
-  lam, w = jnp.linalg.eigh(_gram(list(u)))
+  lam, w = jnp.linalg.eigh(_products([u], [(0, 0)])[0])
   ok = lam > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(jnp.max(lam), 1.0)
   inv_sqrt = (w * jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, lam, 1.0)), 0.0)) @ w.T
   return inv_sqrt @ u, sigma[:k]
