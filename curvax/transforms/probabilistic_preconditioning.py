@@ -65,7 +65,8 @@ Choices (the spec leaves them open):
   rank-k estimate uses the observations gathered so far; a preconditioning step
   with a non-finite update (with the default inner optimizer: a non-finite
   gradient, seen in the ``k`` projections ``U_j'g`` per leaf, or learning
-  rate) returns zeros, keeps the inner state and is counted too. A prior fit with
+  rate; a step entry that overflows from finite values is zeroed alone, not
+  counted) returns zeros, keeps the inner state and is counted too. A prior fit with
   non-finite or zero ``alpha``/``w`` restarts the round and is counted in
   ``num_failed_fits``. Negative average curvature ``sum v'u < 0`` (the seed
   code would then step uphill with a negative learning rate) uses ``|sum v'u|``
