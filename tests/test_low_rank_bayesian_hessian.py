@@ -16,6 +16,7 @@ def _small_products(request, monkeypatch):
   if request.param == "one-pass":
     monkeypatch.setattr(bh, "_ROW_DOTS_MIN_SIZE", 0)
 
+
 def _setup(n=9, m_buf=4, m=3, seed=0, lam=0.3):
   rng = np.random.default_rng(seed)
   s = np.zeros((m_buf, n))
