@@ -18,9 +18,10 @@ first layer holds 59 % of the FLOPs and its input has no tangent): gradient
 forward), debiased ~2.0x, interval ~1.1x debiased / ~1.06x biased.
 The seed (PyTorch + curvlinops) paid about 70x per alpha step (Table 4.1).
 
-Floors measured on XLA:CPU (2 cores): a hand-written step with the same JVP
-and no bookkeeping is ~1.46x (so biased <= 1.4 is below the arithmetic here);
-the non-finite guard every curvax transform keeps (a reduction over the
+Floors, printed as their own lines: "biased, arithmetic only" is a hand-written
+step with the same JVP (`quadratic_step_size`) and nothing else (no state, no
+schedule, no non-finite guard; ~1.46x on XLA:CPU, 2 cores: biased <= 1.4 is
+below the arithmetic here); the non-finite guard every curvax transform keeps (a reduction over the
 update before it may be applied) costs what ``optax.apply_if_finite`` costs,
 printed as its own line (~1.1-1.2x): that is the floor of the interval mode's
 steps without curvature. Both settings of glibc's allocator are printed
@@ -74,6 +75,16 @@ def make_batch(key, n=128):
           jax.random.randint(ky, (n,), 0, SIZES[-1]))
 
 
+def alpha_step_only(inner, apply_fn, loss):
+  """``alpha* d`` on ``batch`` and nothing else: the arithmetic of the biased mode."""
+  def update_fn(grads, state, params=None, *, batch=None, **unused):
+    del unused
+    d, state = inner.update(grads, state, params)
+    alpha = curvax.curvature.quadratic_step_size(apply_fn, loss, params, d, batch).alpha
+    return jax.tree.map(lambda x: alpha * x, d), state
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
 def make_step(tx, loss_fn, needs_batches):
   @jax.jit
   def step(params, state, batch, eval_batch):
@@ -106,6 +117,7 @@ def main():
       "bare + optax.apply_if_finite": (optax.apply_if_finite(make_inner(), 10), False),
       "biased every step": (css(make_inner(), mlp_apply, loss, learning_rate=lr,
                                 debias=False), True),
+      "biased, arithmetic only": (alpha_step_only(make_inner(), mlp_apply, loss), True),
       "debiased every step": (css(make_inner(), mlp_apply, loss, learning_rate=lr), True),
       "interval 100/10 debiased": (css(make_inner(), mlp_apply, loss, learning_rate=lr,
                                        mode="interval", interval=100, num_estimates=10), True),
