@@ -20,12 +20,13 @@ The seed (PyTorch + curvlinops) paid about 70x per alpha step (Table 4.1).
 
 Floors, printed as their own lines: "biased, arithmetic only" is a hand-written
 step with the same JVP (`quadratic_step_size`) and nothing else (no state, no
-schedule, no non-finite guard; ~1.46x on XLA:CPU, 2 cores: biased <= 1.4 is
-below the arithmetic here); the non-finite guard every curvax transform keeps (a reduction over the
-update before it may be applied) costs what ``optax.apply_if_finite`` costs,
-printed as its own line (~1.1-1.2x): that is the floor of the interval mode's
-steps without curvature. Both settings of glibc's allocator are printed
-(benchmarks/_allocator.py); this step's scratch is small, so they agree.
+schedule, no non-finite guard; ~1.39-1.46x on XLA:CPU, 2 cores: biased <= 1.4
+is at or below the arithmetic here); the non-finite guard every curvax
+transform keeps (a reduction over the update before it may be applied) costs
+what ``optax.apply_if_finite`` costs (~1.1-1.2x): that is the floor of the
+interval mode's steps without curvature. Both settings of glibc's allocator
+are printed (benchmarks/_allocator.py); this step's scratch is small, so they
+agree.
 
 Timings are medians over repeats of blocks of steps, interleaving the variants,
 so machine noise hits all of them alike. Usage:

@@ -20,7 +20,7 @@ earlier version of this script measured against that slower baseline, and its
 ratios read ~15% low. Both speeds of the SGD step still occur within one run on
 this machine, so the ratio of the fastest epochs is printed beside the medians.)
 
-A reference row, "SGD + fixed rank-2 (arithmetic)", times plain SGD whose
+A reference row, "floor: fixed rank-2 + SGD", times plain SGD whose
 gradient goes through a FIXED rank-2 preconditioner per leaf (random
 orthonormal rows, the transform's own `low_rank_coefficients` and
 `low_rank_precondition`): the arithmetic of a preconditioned step and nothing
@@ -157,7 +157,7 @@ def phase_costs(make_step, configs, params0, batches, rounds=6, round_len=20):
 
 
 _PP_KWARGS = {}
-REFERENCE = "SGD + fixed rank-2 (arithmetic)"
+REFERENCE = "floor: fixed rank-2 + SGD"
 
 
 def main():
