@@ -51,6 +51,7 @@ import optax
 import optax.tree_utils as otu
 
 from curvax import _checks
+from curvax._buffers import own_buffers
 from curvax.diagnostics import step_quality as alpha_lib
 from curvax.diagnostics import curvature as curv_lib
 from curvax.diagnostics import gradient_tests
@@ -309,7 +310,7 @@ def monitor(inner: optax.GradientTransformation,
 
   def init_fn(params):
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
-    return MonitorState(
+    return own_buffers(MonitorState(
         inner_state=inner.init(params),
         count=jnp.zeros((), jnp.int32),
         tracked=jnp.zeros((), bool),
@@ -322,7 +323,7 @@ def monitor(inner: optax.GradientTransformation,
         last_update=otu.tree_zeros_like(params) if need_alpha else (),
         alpha_start=jnp.zeros((5,), dtype),
         key=jax.random.PRNGKey(seed),
-        eigenvector=otu.tree_zeros_like(params) if "hess_max_ev" in want else ())
+        eigenvector=otu.tree_zeros_like(params) if "hess_max_ev" in want else ()))
 
   def compute(grads, new_updates, params, batch, state, key):
     """All requested instruments at ``theta_t`` on ``batch``.

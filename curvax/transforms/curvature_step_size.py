@@ -10,6 +10,7 @@ import optax
 import optax.tree_utils as otu
 
 from curvax import _checks
+from curvax._buffers import own_buffers
 from curvax.curvature.quadratic_step_size import (quadratic_step_size,
                                                    step_size_from_parts,
                                                    step_size_is_defined)
@@ -252,14 +253,14 @@ def curvature_step_size(
     nan = jnp.full((), jnp.nan, dtype)
     zero = jnp.zeros((), jnp.int32)
     eta0 = jnp.asarray(lr_fn(jnp.zeros((), jnp.int32)), dtype)
-    return CurvatureStepSizeState(
+    return own_buffers(CurvatureStepSizeState(
         count=zero, inner_state=inner.init(params), alpha=nan, alpha_absolute=nan,
         numerator=nan, denominator=nan, eval_loss=nan, biased_numerator=nan,
         biased_denominator=nan, hybrid=nan, cos_batch=nan, cos_eval=nan,
         direction_norm=nan, learning_rate=eta0, held_learning_rate=eta0,
         scale=jnp.ones((), dtype), computed=jnp.zeros((), bool),
         estimates=jnp.full((num_slots,), jnp.nan, dtype), num_computed=zero,
-        num_negative=zero, num_undefined=zero, num_nonfinite=zero)
+        num_negative=zero, num_undefined=zero, num_nonfinite=zero))
 
   def clip_lr(lr):
     return lr if clip is None else jnp.clip(lr, clip[0], clip[1])

@@ -10,6 +10,7 @@ import optax
 import optax.tree_utils as otu
 
 from curvax import _checks
+from curvax._buffers import own_buffers
 from curvax import curvature as curvature_lib
 from curvax import solvers
 from curvax.losses import as_loss, objective
@@ -180,12 +181,12 @@ def hessian_free(
         else jnp.float32
     zero = jnp.zeros((), dtype)
     int0 = jnp.zeros((), jnp.int32)
-    return HessianFreeState(
+    return own_buffers(HessianFreeState(
         count=int0, damping=jnp.asarray(initial_damping, dtype), rho=zero,
         cg_iterations=int0, cg_status=int0, chosen_iterate=int0, chosen_iteration=int0,
         alpha=zero, loss_before=zero, loss_after=zero,
         warm_start=otu.tree_zeros_like(params), nonfinite=jnp.asarray(False),
-        nonfinite_count=int0)
+        nonfinite_count=int0))
 
   def curvature_matvec(params, batch):
     if curvature == "ggn":

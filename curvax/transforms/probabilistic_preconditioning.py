@@ -82,6 +82,7 @@ import jax.numpy as jnp
 import optax
 
 from curvax import _checks
+from curvax._buffers import own_buffers
 from curvax.curvature import hessian_matvec
 from curvax.solvers import bayesian_hessian as bh
 
@@ -336,7 +337,8 @@ def probabilistic_preconditioning(
 
   def init_fn(params):
     leaves, _, _, num_groups, dtype = _layout(params)
-    # Every field gets its own buffer, so that the state can be donated to jit.
+    # Every field gets its own buffer, so that the state can be donated to jit
+    # (the inner state too: `own_buffers`).
     zeros_g = lambda: jnp.zeros((num_groups,), dtype)
     lr0 = zeros_g() if learning_rate is None else zeros_g() + jnp.asarray(learning_rate, dtype)
     izero = lambda: jnp.zeros([], jnp.int32)
@@ -352,7 +354,7 @@ def probabilistic_preconditioning(
         sum_vu=zeros_g(), sum_uu=zeros_g(), sum_vv=zeros_g(),
         sum_directions=optax.tree_utils.tree_zeros_like(params),
         sum_products=optax.tree_utils.tree_zeros_like(params),
-        inner_state=inner.init(params),
+        inner_state=own_buffers(inner.init(params)),
         num_skipped=izero(), num_failed_fits=izero(), num_negative_curvature=izero(),
         posterior_retakes=izero())
 
