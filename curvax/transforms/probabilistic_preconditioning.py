@@ -520,7 +520,15 @@ def probabilistic_preconditioning(
       state = state._replace(**dict(zip(post_fields, carry)))
 
     # -------------------------------------------------------- precondition
-    in_precondition = phase == PRECONDITION
+    # ``phase == PRECONDITION``, read through the conds' ``round_step`` (which is
+    # ``>= apply_start`` throughout the preconditioning phase; no cond changes
+    # it there): the step, and so the caller's in-place parameter update, then
+    # depends on the conds whose branches read ``params`` (the Hessian-vector
+    # products). Without that data dependency XLA cannot order those reads
+    # before the update and may copy parameters on every step to protect them
+    # (AdaptiveSGD on mnist_mlp, XLA:CPU: three kernels, 4.3 MB, precondition-
+    # phase step 1.21 -> 1.14x SGD).
+    in_precondition = (phase == PRECONDITION) & (state.round_step >= apply_start)
     starting = in_precondition & (state.round_step == apply_start)
 
     def build(state):
