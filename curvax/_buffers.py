@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -23,3 +23,25 @@ def own_buffers(tree: T) -> T:
   """
   return jax.tree_util.tree_map(
       lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
+
+
+def ordered_after(tree: T, values: Any) -> T:
+  """``tree``, unchanged, computed after every array in ``values``.
+
+  XLA orders operations by their data dependencies only. When a transform's
+  ``lax.cond`` reads ``params`` (e.g. a Jacobian-vector product on tracked
+  steps) while the update it returns does not depend on that cond, XLA cannot
+  order the read before the caller's in-place ``params + update`` and copies
+  the parameters on every step to protect it. Multiplying ``tree`` by a one
+  computed from ``values`` (``1 + 0 * v`` with ``v`` a finite float taken from
+  each array) adds that dependency at no cost: the product fuses into the
+  parameter update, and ``x * 1`` is ``x`` exactly (infinities and NaNs
+  included). Floating-point leaves only.
+  """
+  firsts = [jnp.ravel(v)[0].astype(jnp.float32) for v in jax.tree_util.tree_leaves(values)
+            if isinstance(v, jax.Array) and v.size]
+  if not firsts:
+    return tree
+  v = sum(jnp.where(jnp.isfinite(x), x, 0.0) for x in firsts)
+  one = 1.0 + 0.0 * v        # XLA does not fold x * 0 for floats (NaN, inf)
+  return jax.tree_util.tree_map(lambda x: x * one.astype(x.dtype), tree)

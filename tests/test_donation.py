@@ -17,7 +17,7 @@ import pytest
 
 import curvax
 from curvax import diagnostics as dg
-from curvax._buffers import own_buffers
+from curvax._buffers import ordered_after, own_buffers
 
 LOSS = curvax.losses.softmax_cross_entropy
 
@@ -101,3 +101,19 @@ def test_own_buffers_copies_shared_and_aliased_leaves():
   assert len(set(pointers)) == 3
   np.testing.assert_array_equal(out["a"], x)
   np.testing.assert_array_equal(out["b"], x)
+
+
+@pytest.mark.parametrize("value", [jnp.asarray(2.5), jnp.asarray([jnp.nan, 1.0]),
+                                   jnp.asarray(jnp.inf), jnp.arange(3, dtype=jnp.int32)])
+def test_ordered_after_returns_the_tree_bit_for_bit_and_depends_on_the_values(value):
+  tree = {"a": jnp.asarray([1.5, -0.0, jnp.inf, -jnp.inf, jnp.nan]), "b": jnp.ones((2, 2))}
+  out = jax.jit(ordered_after)(tree, value)
+  for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(tree)):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint64 if x.dtype == np.float64
+                                                     else np.uint32),
+                                  np.asarray(y).view(np.uint64 if y.dtype == np.float64
+                                                     else np.uint32))
+  # The values feed the computation (a dependency XLA cannot drop), not just pass by.
+  jaxpr = jax.make_jaxpr(ordered_after)(tree, value).jaxpr
+  value_var = jaxpr.invars[-1]
+  assert any(value_var in eqn.invars for eqn in jaxpr.eqns)

@@ -51,7 +51,7 @@ import optax
 import optax.tree_utils as otu
 
 from curvax import _checks
-from curvax._buffers import own_buffers
+from curvax._buffers import ordered_after, own_buffers
 from curvax.diagnostics import step_quality as alpha_lib
 from curvax.diagnostics import curvature as curv_lib
 from curvax.diagnostics import gradient_tests
@@ -450,6 +450,14 @@ def monitor(inner: optax.GradientTransformation,
             lambda: state.alpha)
       alpha_step = jnp.where(finish, count - 1, state.alpha_step)
       alpha_fresh = finish
+    if not always_tracked:
+      # The conds above read ``params`` and ``state.last_update``; made to
+      # depend on them (`ordered_after`), the update is computed after them,
+      # and so are the caller's in-place parameter update and the in-place
+      # store of the update below. Without that data dependency XLA copied the
+      # parameters and the stored update (params-sized, each) on every step.
+      new_updates = ordered_after(new_updates, (diagnostics, start, alpha))
+    if need_alpha:
       last_update = jax.lax.cond(
           is_tracked, lambda: otu.tree_cast_like(new_updates, state.last_update),
           lambda: state.last_update)
