@@ -27,11 +27,12 @@ def _apply(params, x):
 
 
 def _problem():
-  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
   params = {"w1": 0.5 * jax.random.normal(k1, (3, 4)), "b1": jnp.zeros((4,)),
             "w2": 0.5 * jax.random.normal(k2, (4, 3))}
-  batches = [(jax.random.normal(k, (8, 3)), jax.random.randint(k, (8,), 0, 3))
-             for k in jax.random.split(k3, 4)]
+  keys = jax.random.split(k3, 8)
+  batches = [(jax.random.normal(keys[2 * i], (8, 3)),
+              jax.random.randint(keys[2 * i + 1], (8,), 0, 3)) for i in range(4)]
   return params, batches
 
 
