@@ -450,13 +450,13 @@ def monitor(inner: optax.GradientTransformation,
             lambda: state.alpha)
       alpha_step = jnp.where(finish, count - 1, state.alpha_step)
       alpha_fresh = finish
-    if not always_tracked:
-      # The conds above read ``params`` and ``state.last_update``; made to
-      # depend on them (`ordered_after`), the update is computed after them,
-      # and so are the caller's in-place parameter update and the in-place
-      # store of the update below. Without that data dependency XLA copied the
-      # parameters and the stored update (params-sized, each) on every step.
-      new_updates = ordered_after(new_updates, (diagnostics, start, alpha))
+    # The instruments (in conds, unless every step is tracked) read ``params``
+    # and ``state.last_update``; made to depend on their results
+    # (`ordered_after`), the update is computed after them, and so are the
+    # caller's in-place parameter update and the in-place store of the update
+    # below. Without that data dependency XLA copied the parameters and the
+    # stored update (params-sized, each) on every step.
+    new_updates = ordered_after(new_updates, (diagnostics, start, alpha))
     if need_alpha:
       last_update = jax.lax.cond(
           is_tracked, lambda: otu.tree_cast_like(new_updates, state.last_update),
