@@ -10,7 +10,13 @@ Alpha is requested, which needs the loss and slope at the step's end point).
 Tracking every step (``every=1``), there is no ``lax.cond``: the per-example pass
 shares its forward and backward pass with the training step's gradient under
 ``jit`` (see `curvax.curvature.flax_layers`), and Alpha's end point comes with
-it as one more projection instead of a JVP.
+it as one more projection instead of a JVP. One caveat on XLA:CPU: a step's
+scratch buffer is sized for its largest branch (here the tracked one) and
+allocated on every execution; glibc maps blocks of hundreds of MB afresh each
+time, so untracked steps then page-fault their working memory (a raw
+mnist_mlp-shaped MLP on the ``vmap`` path: 788 MB, untracked steps ~1.8x SGD;
+3c3d on the fast path: ~1.0x). An allocator that caches large blocks avoids it
+(e.g. tcmalloc; see benchmarks/_allocator.py).
 
 Per-example quantities come from one `curvax.curvature.per_example_statistics`
 call per tracked step (the BackPACK-style fast path for Flax Dense/Conv models,
