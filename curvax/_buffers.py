@@ -1,4 +1,11 @@
-"""Optimizer states that can be donated to ``jax.jit``."""
+"""Optimizer states and updates that XLA can donate and apply in place.
+
+`own_buffers` gives an ``init`` state no shared or parameter-aliasing buffers;
+`ordered_after` makes an update depend on the conds that read ``params``. (Where
+the update already depends on a cond's output, as probabilistic
+preconditioning's phase test reads its ``round_step``, that dependency does the
+same job with nothing added.)
+"""
 
 from __future__ import annotations
 
