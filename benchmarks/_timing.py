@@ -44,3 +44,26 @@ def interleaved_medians(fns, repeats: int = 5, settle=None) -> dict:
       jax.block_until_ready(fn())
       times[k].append(time.perf_counter() - t)
   return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def host_time_per_call(step, carry, *args, calls: int = 50):
+  """Median seconds from calling ``step(*carry, *args)`` until it returns.
+
+  ``step`` is a jitted training step returning its new ``carry`` (e.g.
+  ``(params, state)``); every call starts with its inputs ready. Under
+  asynchronous dispatch the call returns before the computation ends, so this
+  is the host's share of a step: flattening the arguments, launching the
+  executable (one buffer-table entry per allocation), wrapping every output
+  leaf. A GPU hides it behind its own compute only when the step's device time
+  is longer; on a small model it can set the step rate. Returns ``(seconds,
+  carry)`` (the carry advanced by ``calls + 1`` steps).
+  """
+  carry = step(*carry, *args)
+  jax.block_until_ready(carry)
+  times = []
+  for _ in range(calls):
+    t = time.perf_counter()
+    carry = step(*carry, *args)
+    times.append(time.perf_counter() - t)
+    jax.block_until_ready(carry)
+  return float(np.median(times)), carry

@@ -20,13 +20,23 @@ The seed (PyTorch + curvlinops) paid about 70x per alpha step (Table 4.1).
 
 Floors, printed as their own lines: "biased, arithmetic only" is a hand-written
 step with the same JVP (`quadratic_step_size`) and nothing else (no state, no
-schedule, no non-finite guard; ~1.39-1.46x on XLA:CPU, 2 cores: biased <= 1.4
-is at or below the arithmetic here); the non-finite guard every curvax
-transform keeps (a reduction over the update before it may be applied) costs
-what ``optax.apply_if_finite`` costs (~1.1-1.2x): that is the floor of the
-interval mode's steps without curvature. Both settings of glibc's allocator
-are printed (benchmarks/_allocator.py); this step's scratch is small, so they
-agree.
+schedule, no non-finite guard; ~1.5x on XLA:CPU, 2 cores); the non-finite
+guard every curvax transform keeps (a reduction over the update before it may
+be applied) costs what ``optax.apply_if_finite`` costs (~1.1-1.15x): that is
+the floor of the interval mode's steps without curvature. Both settings of
+glibc's allocator are printed (benchmarks/_allocator.py); this step's scratch
+is small, so they agree.
+
+Every step donates its parameters and optimizer state, as a training loop
+should (and `curvax.problems.run` does): the bare step then updates in place.
+Without donation every step allocates fresh outputs, which glibc maps anew
+(~450 page faults per bare step): 0.45-0.55 ms more per step for every
+variant alike, so the ratios of earlier versions of
+this script (no donation) read 0.1-0.2 lower: biased 1.45-1.47x, debiased
+1.74-1.77x, interval 1.14-1.18x against 1.58x, 1.94x, 1.22x donated (one
+run each). The last lines print the host time per call (see
+benchmarks/_timing.py: ``host_time_per_call``): what a GPU must hide behind
+its compute.
 
 Timings are medians over repeats of blocks of steps, interleaving the variants,
 so machine noise hits all of them alike. Usage:
@@ -37,6 +47,7 @@ so machine noise hits all of them alike. Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -48,6 +59,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import curvax  # noqa: E402  (the checkout's curvax, not an installed copy)
+from _timing import host_time_per_call  # noqa: E402  (benchmarks/_timing.py)
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
 
 SIZES = (784, 1000, 500, 100, 10)
@@ -87,7 +99,10 @@ def alpha_step_only(inner, apply_fn, loss):
 
 
 def make_step(tx, loss_fn, needs_batches):
-  @jax.jit
+  # Parameters and state donated, as a training loop (and curvax.problems.run)
+  # would: XLA updates them in place instead of allocating fresh outputs (which
+  # glibc maps anew: hundreds of page faults per step of the bare optimizer).
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, batch, eval_batch):
     grads = jax.grad(loss_fn)(params, batch)
     if needs_batches:
@@ -131,7 +146,7 @@ def main():
   runs = {}
   for name, (tx, needs) in variants.items():
     step = make_step(tx, loss_fn, needs)
-    params, state = params0, tx.init(params0)
+    params, state = jax.tree.map(jnp.copy, (params0, tx.init(params0)))
     params, state = step(params, state, batches[0], batches[1])  # compile
     jax.block_until_ready(params)
     runs[name] = [step, params, state]
@@ -170,6 +185,12 @@ def main():
   measure("default allocator")
   if _allocator.cache_large_blocks():
     measure("glibc caching large blocks (see benchmarks/_allocator.py)")
+  print("host time per call (until the jitted step returns; asynchronous dispatch):")
+  for name, run in runs.items():
+    seconds, (run[1], run[2]) = host_time_per_call(run[0], (run[1], run[2]), batches[0],
+                                                   batches[2])
+    leaves = len(jax.tree_util.tree_leaves((run[1], run[2])))
+    print(f"  {name:30s} {1e3 * seconds:6.3f} ms/call   ({leaves} arrays in and out)")
   state = runs["interval 100/10 debiased"][2]
   print(f"(interval mode computed curvature on {int(state.num_computed)} of "
         f"{int(state.count)} steps)")
