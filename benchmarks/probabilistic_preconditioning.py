@@ -27,7 +27,18 @@ orthonormal rows, the transform's own `low_rank_coefficients` and
 else (no estimation rounds, no state machine, no non-finite guard), the floor
 that the full algorithm's preconditioned steps can approach on this device.
 
-Synthetic data of the right shapes (the timing does not depend on the values).
+The epochs do not wait for each step (as a training loop would not), so the host
+runs ahead of the computation. In that mode only (0 faults when every step is
+waited for), glibc mapped this transform's 21 MiB scratch afresh on some runs
+and not on others (SGD's is 3.7 MiB): on 2 cores, the same code gave 0-4 page
+faults per step and PreconditionedSGD 1.32-1.41x in one run, 860-1030 faults
+and 1.62-1.66x in another. Compare runs by their page-fault column. The last
+rows print the host time per call (benchmarks/_timing.py:
+``host_time_per_call``), ~6.5 us per array passed in and out on this machine:
+the PP step moves 80 (SGD 8), which a GPU has to hide behind a step that may
+be shorter.
+
+Fashion-MNIST batches when installed, else synthetic ones of the same shapes.
 Each configuration runs whole epochs of jitted steps (one compiled step, a
 Python loop over batches already on the device); the ratios are medians over
 repeats measured in one run. Usage: python benchmarks/probabilistic_preconditioning.py
