@@ -118,3 +118,34 @@ def test_ordered_after_returns_the_tree_bit_for_bit_and_depends_on_the_values(va
   jaxpr = jax.make_jaxpr(ordered_after)(tree, value).jaxpr
   value_var = jaxpr.invars[-1]
   assert any(value_var in eqn.invars for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_steps_inside_one_jitted_loop_match_steps_called_one_by_one(name):
+  # docs/performance.md advises running several steps per call (fori_loop over a
+  # stack of batches) when the host's time per call exceeds the device's step.
+  params, batches = _problem()
+  tx = TRANSFORMS[name]()
+  plain = _step(tx, False)
+  xs = jnp.stack([b[0] for b in batches])
+  ys = jnp.stack([b[1] for b in batches])
+  num_steps = 6
+
+  def body(t, carry):
+    p, s = carry
+    batch = (xs[t % 4], ys[t % 4])
+    eval_batch = (xs[(t + 1) % 4], ys[(t + 1) % 4])
+    grads = jax.grad(_OBJ)(p, batch)
+    updates, s = tx.update(grads, s, p, batch=batch, eval_batch=eval_batch)
+    return optax.apply_updates(p, updates), s
+
+  many = jax.jit(lambda p, s: jax.lax.fori_loop(0, num_steps, body, (p, s)),
+                 donate_argnums=(0, 1))
+  p, s = many(jax.tree_util.tree_map(jnp.copy, params), tx.init(params))
+  p_ref, s_ref = params, tx.init(params)
+  for t in range(num_steps):
+    p_ref, s_ref = plain(p_ref, s_ref, batches[t % 4], batches[(t + 1) % 4])
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), (p, s), (p_ref, s_ref))
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(p),
+                                                     jax.tree_util.tree_leaves(params)))
