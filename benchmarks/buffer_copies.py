@@ -34,32 +34,14 @@ import argparse
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import curvax
+from probabilistic_preconditioning import mlp_apply, mlp_init  # benchmarks/: the same MLP
 
 _COPY = re.compile(r"=\s*(\w+)\[([0-9,]*)\]\S*\s+copy\(")
 _ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1}
-
-
-def mlp_init(key, sizes=(784, 1000, 500, 100, 10)):
-  params = {}
-  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-    key, k = jax.random.split(key)
-    params[f"dense_{i}"] = {"kernel": 0.03 * jax.random.normal(k, (a, b)),
-                            "bias": jnp.zeros((b,))}
-  return params
-
-
-def mlp_apply(params, x):
-  n = len(params)
-  for i in range(n):
-    x = x @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
 
 
 def large_copies(compiled_text: str, min_elements: int):
