@@ -67,3 +67,13 @@ def host_time_per_call(step, carry, *args, calls: int = 50):
     times.append(time.perf_counter() - t)
     jax.block_until_ready(carry)
   return float(np.median(times)), carry
+
+
+def print_host_times(runs, *args, width: int = 36) -> None:
+  """Prints `host_time_per_call` for each ``name -> [step, params, state]`` in
+  ``runs`` (advancing their params and state), with the arrays each call moves."""
+  print("host time per call (until the jitted step returns; asynchronous dispatch):")
+  for name, run in runs.items():
+    seconds, (run[1], run[2]) = host_time_per_call(run[0], (run[1], run[2]), *args)
+    arrays = len(jax.tree_util.tree_leaves((run[1], run[2])))
+    print(f"  {name:{width}s} {1e3 * seconds:6.3f} ms/call   ({arrays} arrays in and out)")

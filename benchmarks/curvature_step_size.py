@@ -31,10 +31,9 @@ Every step donates its parameters and optimizer state, as a training loop
 should (and `curvax.problems.run` does): the bare step then updates in place.
 Without donation every step allocates fresh outputs, which glibc maps anew
 (~450 page faults per bare step): 0.45-0.55 ms more per step for every
-variant alike, so the ratios of earlier versions of
-this script (no donation) read 0.1-0.2 lower: biased 1.45-1.47x, debiased
-1.74-1.77x, interval 1.14-1.18x against 1.58x, 1.94x, 1.22x donated (one
-run each). The last lines print the host time per call (see
+variant alike, so the ratios of earlier versions of this script (no
+donation) read 0.1-0.2 lower: biased 1.45-1.47x, debiased 1.74-1.77x,
+interval 1.14-1.18x against 1.58x, 1.94x, 1.22x donated (one run each). The last lines print the host time per call (see
 benchmarks/_timing.py: ``host_time_per_call``): what a GPU must hide behind
 its compute.
 
@@ -59,7 +58,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import curvax  # noqa: E402  (the checkout's curvax, not an installed copy)
-from _timing import host_time_per_call  # noqa: E402  (benchmarks/_timing.py)
+from _timing import print_host_times  # noqa: E402  (benchmarks/_timing.py)
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
 
 SIZES = (784, 1000, 500, 100, 10)
@@ -185,12 +184,7 @@ def main():
   measure("default allocator")
   if _allocator.cache_large_blocks():
     measure("glibc caching large blocks (see benchmarks/_allocator.py)")
-  print("host time per call (until the jitted step returns; asynchronous dispatch):")
-  for name, run in runs.items():
-    seconds, (run[1], run[2]) = host_time_per_call(run[0], (run[1], run[2]), batches[0],
-                                                   batches[2])
-    leaves = len(jax.tree_util.tree_leaves((run[1], run[2])))
-    print(f"  {name:30s} {1e3 * seconds:6.3f} ms/call   ({leaves} arrays in and out)")
+  print_host_times(runs, batches[0], batches[2], width=30)
   state = runs["interval 100/10 debiased"][2]
   print(f"(interval mode computed curvature on {int(state.num_computed)} of "
         f"{int(state.count)} steps)")

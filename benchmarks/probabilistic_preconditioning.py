@@ -60,7 +60,7 @@ import curvax
 from curvax.solvers import bayesian_hessian as bh
 
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
-from _timing import host_time_per_call  # noqa: E402  (benchmarks/_timing.py)
+from _timing import print_host_times  # noqa: E402  (benchmarks/_timing.py)
 
 
 def mlp_init(key, sizes=(784, 1000, 500, 100, 10)):
@@ -245,17 +245,13 @@ def main():
     measure("glibc caching large blocks (like a GPU runtime's caching allocator; "
             "see benchmarks/_allocator.py)")
   phase_costs(make_step, configs, params0, batches)
-  print("host time per call (until the jitted step returns; asynchronous dispatch):")
-  for name, run in runners.items():
-    seconds, (run[1], run[2]) = host_time_per_call(run[0], (run[1], run[2]), batches[0])
-    leaves = len(jax.tree_util.tree_leaves((run[1], run[2])))
-    print(f"  {name:36s} {1e3 * seconds:6.3f} ms/call   ({leaves} arrays in and out)")
   for name, run in runners.items():
     if name not in _PP_KWARGS:
       continue
     st = run[2]
     print(f"  {name}: alpha={np.asarray(st.alpha)} skipped={int(st.num_skipped)} "
           f"restarts={int(st.num_restarts)}")
+  print_host_times(runners, batches[0])
 
 
 if __name__ == "__main__":
