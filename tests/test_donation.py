@@ -54,13 +54,15 @@ TRANSFORMS = {
 }
 
 
+def _train_step(tx, params, state, batch, eval_batch):
+  grads = jax.grad(_OBJ)(params, batch)
+  updates, state = tx.update(grads, state, params, batch=batch, eval_batch=eval_batch)
+  return optax.apply_updates(params, updates), state
+
+
 def _step(tx, donate):
-  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
-  def step(params, state, batch, eval_batch):
-    grads = jax.grad(_OBJ)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch, eval_batch=eval_batch)
-    return optax.apply_updates(params, updates), state
-  return step
+  return jax.jit(functools.partial(_train_step, tx),
+                 donate_argnums=(0, 1) if donate else ())
 
 
 def _buffers(tree):
@@ -132,12 +134,7 @@ def test_steps_inside_one_jitted_loop_match_steps_called_one_by_one(name):
   num_steps = 6
 
   def body(t, carry):
-    p, s = carry
-    batch = (xs[t % 4], ys[t % 4])
-    eval_batch = (xs[(t + 1) % 4], ys[(t + 1) % 4])
-    grads = jax.grad(_OBJ)(p, batch)
-    updates, s = tx.update(grads, s, p, batch=batch, eval_batch=eval_batch)
-    return optax.apply_updates(p, updates), s
+    return _train_step(tx, *carry, (xs[t % 4], ys[t % 4]), (xs[(t + 1) % 4], ys[(t + 1) % 4]))
 
   many = jax.jit(lambda p, s: jax.lax.fori_loop(0, num_steps, body, (p, s)),
                  donate_argnums=(0, 1))
