@@ -193,6 +193,26 @@ def test_nonpositive_curvature_hand_case():
   np.testing.assert_allclose(res.x, 0.5 * np.ones(3))
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+def test_abs_variant_tracks_the_quadratic_model_past_negative_curvature(precondition):
+  # After an "abs" step along negative curvature, p'r != r'z: phi must still be
+  # 0.5 x'Ax - b'x of the true (indefinite) A at every iterate it reports.
+  d = jnp.array([2.0, -1.0, 3.0, 0.5, -0.25, 1.5], jnp.float64)
+  b = jnp.linspace(0.5, 1.5, 6, dtype=jnp.float64)
+  m = jnp.linspace(1.0, 2.0, 6, dtype=jnp.float64)
+  res = solvers.cg(lambda v: d * v, b, max_iter=5, tol=0.0, martens_criterion=False,
+                   nonpositive_curvature="abs",
+                   preconditioner=(lambda r: r / m) if precondition else None)
+  assert int(res.iterations) == 5
+  phi = lambda x: 0.5 * jnp.vdot(x, d * x) - jnp.vdot(b, x)  # noqa: E731
+  np.testing.assert_allclose(res.phi, phi(res.x), rtol=1e-10)
+  stored = res.iterate_steps[:int(res.num_iterates)]
+  for slot, step in enumerate(stored):
+    x = jax.tree.map(lambda a: a[slot], res.iterates)
+    np.testing.assert_allclose(res.phi_history[int(step)], phi(x), rtol=1e-10)
+    np.testing.assert_allclose(res.iterate_phis[slot], phi(x), rtol=1e-10)
+
+
 def test_nonfinite_matvec_stops():
   res = solvers.cg(lambda v: v * jnp.nan, jnp.ones(3))
   assert int(res.status) == CGStatus.NONFINITE

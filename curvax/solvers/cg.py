@@ -102,8 +102,11 @@ def cg(matvec: Callable[[Any], Any],
      r_{i+1} = r_i - \alpha_i A p_i,\ \beta_i = \frac{r_{i+1}' z_{i+1}}{r_i' z_i},\
      p_{i+1} = z_{i+1} + \beta_i p_i.
 
-  The quadratic model ``phi(x) = 0.5 x'Ax - b'x`` is tracked for free as
-  ``phi(x_i) = -0.5 x_i'(b + r_i)`` (since ``A x_i = b - r_i``). For
+  The quadratic model ``phi(x) = 0.5 x'Ax - b'x`` is tracked along the way:
+  ``phi(x_0) = -0.5 x_0'(b + r_0)`` (since ``A x_0 = b - r_0``), then
+  ``phi(x_{i+1}) = phi(x_i) - alpha_i p_i'r_i + alpha_i^2 p_i'Ap_i / 2`` with
+  ``p_i'r_i = r_i'z_i`` in CG (no extra pass) and measured by a dot product in
+  the ``"abs"`` variant, where it differs after a negative-curvature step. For
   Hessian-free, ``A`` is the damped curvature and ``b = -g``, so ``phi`` is the
   model's predicted change of the loss.
 
@@ -215,9 +218,13 @@ def cg(matvec: Callable[[Any], Any],
     beta = rz_new / jnp.where(s["rz"] != 0, s["rz"], 1.0)
     p_new = otu.tree_add_scale(z_new, beta, p)
     i_new = i + 1
-    # phi(x + alpha p) = phi(x) - alpha p'r + alpha^2 p'Ap / 2, with p'r = r'z in
-    # (preconditioned) CG: no pass over the vectors.
-    phi_new = s["phis"][i] - alpha * s["rz"] + 0.5 * alpha ** 2 * pap
+    # phi(x + alpha p) = phi(x) - alpha p'r + alpha^2 p'Ap / 2. In (preconditioned)
+    # CG p'r = r'z, since each step minimises phi along the previous direction,
+    # so no pass over the vectors is needed. An "abs" step along a direction of
+    # negative curvature is no such minimisation (afterwards p'r_new = 2 r'z),
+    # so that variant measures p'r.
+    pr = otu.tree_vdot(p, r).real if nonpositive_curvature == "abs" else s["rz"]
+    phi_new = s["phis"][i] - alpha * pr + 0.5 * alpha ** 2 * pap
 
     # Martens (2010, sec. 4.4) relative progress over a window of k iterations.
     k = jnp.maximum(martens_min_window,
