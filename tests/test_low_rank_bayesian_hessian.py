@@ -75,9 +75,14 @@ def test_masking_ignores_rows_beyond_num_observed():
                              bh.posterior_inverse_matvec(g, s2, d2, c2, alpha, w))
 
 
-@pytest.mark.parametrize("n,rank", [(9, 2), (9, 3), (3, 2)])
-def test_low_rank_factors_are_top_singular_pairs(n, rank):
-  s, d, alpha, w, lam, m = _setup(n=n, m=3)
+@pytest.mark.parametrize("n,rank,alpha", [(9, 2, None), (9, 3, None), (3, 2, None),
+                                          (3, 3, None), (2, 2, None), (3, 2, 0.5)])
+def test_low_rank_factors_are_top_singular_pairs(n, rank, alpha):
+  # n < 2M (fewer parameters than two per observation, e.g. a bias): the span
+  # of [X S] is all of R^n. The cases (3, 3) and (3, 2, alpha=0.5) put 1/alpha
+  # above a true singular value of B, which a prior slot would displace.
+  s, d, alpha_, w, lam, m = _setup(n=n, m=3)
+  alpha = alpha_ if alpha is None else alpha
   c = bh.posterior_coefficients(s, w, lam, m)
   u, sigma = bh.low_rank_factors(s, d, c, alpha, w, rank)
   b = _dense_b(s, d, alpha, w, lam, m)

@@ -179,9 +179,12 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   the three Gram blocks of the stored rows (``Delta Delta'``, ``Delta S'``,
   ``S S'``; ``X = Delta' C`` is not formed) and ``U' = (T U_K[:, :k])' A'``. Directions with ``mu <= sqrt(eps) max(mu)``
   (columns of ``A`` within about ``eps^{1/4}`` of the span of the others,
-  e.g. fewer parameters than ``2M``) are dropped from ``Z``: their share of
-  ``K`` is the prior's ``1/alpha`` and their row of ``U`` is zero, which leaves
-  that direction unpreconditioned. A last symmetric re-orthonormalisation
+  e.g. fewer parameters than ``2M``) are dropped from ``Z``. While ``A`` spans
+  less than ``R^n``, a dropped slot's share of ``K`` is the prior's ``1/alpha``
+  (B's value outside the span) and its row of ``U`` is zero, which leaves that
+  direction unpreconditioned; beyond the ``n - rank(A)`` dimensions outside
+  the span (``n < 2M``) a dropped slot gets ``0``, so it cannot displace a
+  true singular value. A last symmetric re-orthonormalisation
   of the ``k`` rows (``U <- (UU')^{-1/2} U``, a ``k x k`` Gram) removes the
   Gram matrix's rounding from their orthonormality.
 
@@ -210,7 +213,13 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   zx = t.T @ gram[:, :m]                                 # Z'X, (2M, M)
   zs = t.T @ gram[:, m:]                                 # Z'S, (2M, M)
   p = 2 * m
-  k_mat = jnp.eye(p, dtype=dtype) / alpha + jnp.square(prior_scale) * (zx @ zs.T)
+  # A dropped slot stands for a direction outside span[X, S], where B is the
+  # prior's (1/alpha) I -- but only n - rank(A) such directions exist: with
+  # fewer parameters than 2M (a small bias) the span is all of R^n, and a
+  # 1/alpha there would be a fake singular value displacing a true one.
+  outside = jnp.cumsum(~keep) <= n - jnp.sum(keep)
+  k_mat = (jnp.diag(jnp.where(keep | outside, 1.0 / alpha, 0.0).astype(dtype))
+           + jnp.square(prior_scale) * (zx @ zs.T))
   u_k, sigma, _ = jnp.linalg.svd(k_mat)
   k = min(rank, n, p)
   coef = t @ u_k[:, :k]                                  # U = A coef, (2M, k)
