@@ -6,7 +6,7 @@ inside a compiled step and report bad input with a message that names the proble
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,45 @@ def require_kwarg(value: Any, name: str, transform: str) -> Any:
         f"{transform}.update needs the keyword argument `{name}`: call "
         f"update(grads, state, params, {name}=(inputs, targets)).")
   return value
+
+
+def require_callable(value: Any, name: str, transform: str,
+                     static_args: Sequence[str]) -> Any:
+  """``value`` if callable, else a TypeError (optax.inject_hyperparams turns a
+  function argument not listed in ``static_args`` into a schedule and passes
+  the constructor its value, a number)."""
+  if not callable(value):
+    raise TypeError(
+        f"{transform}: `{name}` must be a function; got {type(value).__name__}. "
+        f"With optax.inject_hyperparams, list it in static_args (which would "
+        f"otherwise treat it as a schedule), e.g. static_args={tuple(static_args)}.")
+  return value
+
+
+def static_int(value: Any, name: str, transform: str, minimum: int,
+               static_args: Sequence[str]) -> int:
+  """``value`` as a Python int of at least ``minimum``, or a clear error.
+
+  For constructor arguments that size arrays or unroll loops. Under
+  ``optax.inject_hyperparams`` every int argument (defaults included) arrives
+  as a traced array unless listed in ``static_args``: the error says so.
+  """
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{transform}: `{name}` must be a static Python int (it fixes array shapes); "
+        f"got a traced value. With optax.inject_hyperparams, list it in static_args, "
+        f"e.g. static_args={tuple(static_args)}.")
+  if isinstance(value, bool):
+    raise TypeError(f"{transform}: `{name}` must be an int; got {value!r}.")
+  try:
+    as_int = int(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{transform}: `{name}` must be an int; got {value!r}.") from None
+  if as_int != value:
+    raise TypeError(f"{transform}: `{name}` must be an int; got {value!r}.")
+  if as_int < minimum:
+    raise ValueError(f"{transform}: `{name}` must be >= {minimum}; got {as_int}.")
+  return as_int
 
 
 def tree_all_finite(tree: Any) -> jax.Array:

@@ -238,6 +238,24 @@ def test_every_step_fallbacks_and_warmup():
   assert len(_calls) == 6  # warm-up step computed nothing
 
 
+def test_finite_proposal_that_overflows_when_rescaled_is_zeroed_and_counted():
+  # float32, a nearly flat model (tiny d'Gd) and a steep linear regulariser
+  # (large d'g): d is finite, alpha* is finite and positive, alpha* d is inf.
+  apply = lambda p, x: 1e-15 * (x @ p["w"])  # noqa: E731
+  reg = lambda p: 1e10 * jnp.sum(p["w"])  # noqa: E731
+  params = {"w": jnp.ones((2, 1), jnp.float32)}
+  batch = (jnp.ones((4, 2), jnp.float32), jnp.zeros((4, 1), jnp.float32))
+  g = jax.grad(curvax.losses.objective(apply, MSE, reg))(params, batch)
+  tx = curvature_step_size(optax.sgd(1e-3), apply, MSE, learning_rate=1e-3,
+                           debias=False, regularizer=reg)
+  u, state = jax.jit(lambda s: tx.update(g, s, params, batch=batch))(tx.init(params))
+  assert np.isfinite(float(state.alpha_absolute)) and float(state.alpha_absolute) > 0
+  with np.errstate(over="ignore"):  # the step in float32: alpha* times d = -1e-3 g
+    assert not np.any(np.isfinite(state.alpha * np.float32(-1e-3) * np.asarray(g["w"])))
+  np.testing.assert_array_equal(u["w"], 0.0)
+  assert int(state.num_nonfinite) == 1
+
+
 def test_nonfinite_proposal_is_zeroed_and_counted():
   params, batch = _quadratic_problem(0)
   tx = curvature_step_size(optax.adam(0.1), linear_apply, MSE, debias=False)
@@ -279,13 +297,52 @@ def test_chain_jit_unknown_kwargs_and_inject_hyperparams():
   u, state = step(g, state, batch, eval_batch)
   chex.assert_trees_all_close(u, u_ref, rtol=1e-12)
 
-  # inject_hyperparams on the transform itself: callables must be static.
-  make = optax.inject_hyperparams(curvature_step_size, static_args=("inner", "apply_fn", "loss"))
+  # inject_hyperparams on the transform itself, under jit: the functions and
+  # num_estimates are static (STATIC_ARGS); warmup_steps, interval and the
+  # learning rate are injected (traced) hyperparameters.
+  make = optax.inject_hyperparams(curvature_step_size,
+                                  static_args=curvature_step_size.STATIC_ARGS)
   tx2 = make(optax.sgd(0.1), linear_apply, MSE, learning_rate=0.1)
   s2 = tx2.init(params)
-  u2, s2 = tx2.update(g, s2, params, batch=batch, eval_batch=eval_batch)
+  assert set(s2.hyperparams) == {"learning_rate", "warmup_steps", "interval"}
+  u2, s2 = jax.jit(tx2.update)(g, s2, params, batch=batch, eval_batch=eval_batch)
   chex.assert_trees_all_close(u2, u_ref, rtol=1e-12)
   assert float(s2.hyperparams["learning_rate"]) == pytest.approx(0.1)
+
+
+def test_interval_mode_under_inject_hyperparams_follows_the_injected_schedule():
+  # warmup_steps and interval injected (traced): the schedule is the one of a
+  # plain transform with the same numbers, step by step.
+  params, batch = _quadratic_problem(0)
+  _, eval_batch = _quadratic_problem(1)
+  kw = dict(mode="interval", warmup_steps=1, interval=3, num_estimates=2)
+  plain = curvature_step_size(optax.sgd(0.05), linear_apply, MSE, learning_rate=0.05, **kw)
+  injected = optax.inject_hyperparams(
+      curvature_step_size, static_args=curvature_step_size.STATIC_ARGS)(
+          optax.sgd(0.05), linear_apply, MSE, learning_rate=0.05, **kw)
+  loss_fn = curvax.losses.objective(linear_apply, MSE)
+
+  def run(tx):
+    @jax.jit
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss_fn)(p, batch), s, p, batch=batch, eval_batch=eval_batch)
+      return optax.apply_updates(p, u), s
+    p, s, computed = params, tx.init(params), []
+    for _ in range(8):
+      p, s = step(p, s)
+      computed.append(bool((s.inner_state if hasattr(s, "hyperparams") else s).computed))
+    return p, computed
+
+  p_ref, computed_ref = run(plain)
+  p_inj, computed_inj = run(injected)
+  assert computed_ref == [False, True, True, False, True, True, False, True]
+  assert computed_inj == computed_ref
+  chex.assert_trees_all_close(p_inj, p_ref, rtol=1e-12)
+  unlisted = optax.inject_hyperparams(curvature_step_size, static_args=(
+      "inner", "apply_fn", "loss"))(optax.sgd(0.05), linear_apply, MSE, **kw)
+  with pytest.raises(TypeError, match="`num_estimates` must be a static Python int"):
+    jax.jit(unlisted.update)(params, unlisted.init(params), params, batch=batch,
+                             eval_batch=eval_batch)
 
 
 def test_clear_errors():

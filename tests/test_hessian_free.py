@@ -154,6 +154,33 @@ def test_chain_inject_hyperparams_apply_if_finite_and_unknown_kwargs():
   assert bool(state.last_finite)
 
 
+def test_inject_hyperparams_with_static_args_and_a_regularizer():
+  # inject_hyperparams binds every default, and takes any function it is not
+  # told about for a schedule: STATIC_ARGS keeps the regularizer and the
+  # buffer sizes static; the floats are injected.
+  params, batch, eval_batch = _teacher_batches(n=16)
+  reg = curvax.losses.l2_regularizer(1e-2)
+  loss_fn = curvax.losses.objective(ref.mlp_apply, mse, reg)
+  g = jax.grad(loss_fn)(params, batch)
+  plain = hessian_free(ref.mlp_apply, mse, regularizer=reg, cg_max_iter=7)
+  u_ref, _ = plain.update(g, plain.init(params), params, batch=batch, eval_batch=eval_batch)
+  injected = optax.inject_hyperparams(hessian_free, static_args=hessian_free.STATIC_ARGS)(
+      ref.mlp_apply, mse, regularizer=reg, cg_max_iter=7)
+  state = injected.init(params)
+  assert "cg_max_iter" not in state.hyperparams and "initial_damping" in state.hyperparams
+  u, state = jax.jit(injected.update)(g, state, params, batch=batch, eval_batch=eval_batch)
+  chex.assert_trees_all_close(u, u_ref, rtol=1e-10)
+  # Without listing them: errors that say what to do.
+  with pytest.raises(TypeError, match="`regularizer` must be a function.*static_args"):
+    optax.inject_hyperparams(hessian_free, static_args=("apply_fn", "loss"))(
+        ref.mlp_apply, mse, regularizer=reg).init(params)
+  unlisted = optax.inject_hyperparams(hessian_free, static_args=("apply_fn", "loss"))(
+      ref.mlp_apply, mse, cg_max_iter=7)
+  with pytest.raises(TypeError, match="`cg_max_iter` must be a static Python int.*static_args"):
+    jax.jit(unlisted.update)(g, unlisted.init(params), params, batch=batch,
+                             eval_batch=eval_batch)
+
+
 def test_value_fn_replaces_eval_batch():
   params, batch, eval_batch = _teacher_batches(n=16)
   g = jax.grad(_LOSS_FN)(params, batch)
@@ -222,6 +249,32 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="microbatch_size"):
     hessian_free(ref.mlp_apply, mse, microbatch_size=3).update(
         g, state, params, batch=batch, eval_batch=eval_batch)
+  with pytest.raises(TypeError, match="`eval_batch`.*or, instead, `value_fn`"):
+    tx.update(g, state, params, batch=batch)
+  # eval_batch is chunked too: the error names it.
+  with pytest.raises(ValueError, match="microbatch_size=4 .* size of `eval_batch` \\(6"):
+    hessian_free(ref.mlp_apply, mse, microbatch_size=4).update(
+        g, state, params, batch=batch, eval_batch=jax.tree.map(lambda a: a[:6], eval_batch))
+  # A state from other parameters.
+  narrower = ref.mlp_params(jax.random.PRNGKey(0), d_hidden=3)
+  with pytest.raises(ValueError, match="`state.warm_start` must be shaped like `params`"):
+    tx.update(g, tx.init(narrower), params, batch=batch, eval_batch=eval_batch)
+
+
+def test_fisher_preconditioner_with_pytree_inputs():
+  # Inputs as a dict (accepted everywhere else): the per-example gradients of
+  # the Fisher diagonal must slice every leaf.
+  params, batch, eval_batch = _teacher_batches(n=8)
+  g = jax.grad(_LOSS_FN)(params, batch)
+  as_dict = lambda b: ({"x": b[0]}, b[1])  # noqa: E731
+  kw = dict(preconditioner="fisher", cg_max_iter=5)
+  tx = hessian_free(ref.mlp_apply, mse, **kw)
+  tx_dict = hessian_free(lambda p, x: ref.mlp_apply(p, x["x"]), mse, **kw)
+  u, s = tx.update(g, tx.init(params), params, batch=batch, eval_batch=eval_batch)
+  u_dict, s_dict = tx_dict.update(g, tx_dict.init(params), params, batch=as_dict(batch),
+                                  eval_batch=as_dict(eval_batch))
+  chex.assert_trees_all_close(u_dict, u, rtol=1e-12)
+  assert int(s_dict.cg_iterations) == int(s.cg_iterations)
 
 
 @pytest.mark.parametrize("where", ["eval_targets", "grads", "batch_inputs"])

@@ -14,7 +14,7 @@ Array = jax.Array
 
 
 def microbatch_mean(fn: Callable[[Any], Any], batch: Any,
-                    microbatch_size: Optional[int]) -> Any:
+                    microbatch_size: Optional[int], *, batch_name: str = "batch") -> Any:
   r"""``fn(batch)`` for a batch-mean ``fn``, computed chunk by chunk.
 
   For any ``fn`` that is a mean over the examples of its batch (plus terms
@@ -36,18 +36,19 @@ def microbatch_mean(fn: Callable[[Any], Any], batch: Any,
     fn: ``batch -> pytree`` (a loss, a gradient, a curvature product ...).
     batch: ``(inputs, targets)`` with a leading batch axis.
     microbatch_size: chunk size ``m``; must divide the batch size.
+    batch_name: what the error message calls ``batch`` (e.g. ``"eval_batch"``).
 
   Raises:
     ValueError: if ``microbatch_size`` does not divide the batch size.
   """
-  inputs, targets = _checks.check_batch(batch)
+  inputs, targets = _checks.check_batch(batch, batch_name)
   n = _checks.batch_size((inputs, targets))
   if microbatch_size is None or microbatch_size == n:
     return fn((inputs, targets))
   if int(microbatch_size) != microbatch_size or microbatch_size <= 0 or n % microbatch_size:
     raise ValueError(
-        f"microbatch_size={microbatch_size} must be a positive divisor of the batch "
-        f"size {n}.")
+        f"microbatch_size={microbatch_size} must be a positive divisor of the size "
+        f"of `{batch_name}` ({n} examples).")
   m = int(microbatch_size)
   chunks = jax.tree.map(
       lambda a: jnp.swapaxes(jnp.reshape(a, (m, n // m) + jnp.shape(a)[1:]), 0, 1),

@@ -20,6 +20,12 @@ Array = jax.Array
 
 _NAME = "curvature_step_size"
 
+#: Arguments to list in ``optax.inject_hyperparams(..., static_args=...)``: the
+#: functions (which inject_hyperparams would take for schedules) and the
+#: interval mode's ``num_estimates``, which sizes an array. ``warmup_steps``,
+#: ``interval``, ``learning_rate`` and the floats may be injected.
+STATIC_ARGS = ("inner", "apply_fn", "loss", "regularizer", "num_estimates")
+
 
 class CurvatureStepSizeState(NamedTuple):
   """State of `curvature_step_size`: everything a researcher logs.
@@ -62,7 +68,8 @@ class CurvatureStepSizeState(NamedTuple):
       ``every_step`` mode).
     num_computed, num_negative, num_undefined: counts over all curvature steps
       of computed, negative and undefined ``alpha*``.
-    num_nonfinite: updates zeroed because the inner proposal was not finite.
+    num_nonfinite: updates zeroed because the step ``(lr / eta_t) d`` was not
+      finite (a non-finite inner proposal, or an overflowing rescaling).
   """
   count: Array
   inner_state: Any
@@ -180,9 +187,12 @@ def curvature_step_size(
   finite) or a negative one is never applied. The step then uses the held
   learning rate: the last applied one (in ``every_step`` mode; at the first
   step that is ``eta_0``, i.e. the inner step unchanged) or the current median
-  (``interval`` mode). ``clip=(lo, hi)`` bounds the absolute learning rate that
-  is applied. A non-finite inner proposal is never applied: the update is zeroed
-  and ``num_nonfinite`` counts it. The inner state still advances (selecting
+  (``interval`` mode). ``clip=(lo, hi)`` bounds the learning rates that come
+  from ``alpha*`` (each step's, or the interval mode's median); warm-up steps
+  and the steps before the first usable estimate run the inner optimizer's
+  own ``eta_t``, unclipped. A non-finite step (a non-finite inner proposal, or a finite one
+  that overflows when rescaled) is never applied: the update is zeroed and
+  ``num_nonfinite`` counts it. The inner state still advances (selecting
   the old one would cost a pass over the optimizer state every step): wrap the
   whole optimizer in ``optax.apply_if_finite`` to skip such steps entirely.
 
@@ -213,8 +223,8 @@ def curvature_step_size(
     interval: interval mode: window length ``I`` (>= ``num_estimates``).
     num_estimates: interval mode: consecutive estimates ``N`` per window.
     positive_only: interval mode: median over the positive estimates only.
-    clip: optional ``(lo, hi)``, ``0 <= lo <= hi``, bounds of the applied
-      absolute learning rate.
+    clip: optional ``(lo, hi)``, ``0 <= lo <= hi``, bounds of the absolute
+      learning rates derived from ``alpha*``.
     regularizer: optional ``r(params) -> scalar`` of the objective.
     diagnostics: measure ``direction_norm``, ``cos_batch`` and (debiasing)
       ``biased_numerator`` (reductions over the parameters, each about as
@@ -224,6 +234,11 @@ def curvature_step_size(
       ``cos_eval``). Off by default: they cost time. Without them these
       fields are NaN (``hybrid`` equals ``alpha`` when not debiasing).
 
+  Under ``optax.inject_hyperparams`` pass
+  ``static_args=curvature_step_size.STATIC_ARGS`` (the functions and
+  ``num_estimates``, which sizes an array); ``learning_rate``,
+  ``warmup_steps``, ``interval`` and the floats may then be injected.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
     params, *, batch, eval_batch=None, **extra_args)`` (unknown keywords are
@@ -231,10 +246,16 @@ def curvature_step_size(
   """
   if mode not in ("every_step", "interval"):
     raise ValueError(f"{_NAME}: mode must be 'every_step' or 'interval'; got {mode!r}.")
-  if int(warmup_steps) < 0:
+  # warmup_steps and interval are only compared with the step count, so they
+  # may be traced (optax.inject_hyperparams); they are checked when concrete.
+  if not isinstance(warmup_steps, jax.core.Tracer) and int(warmup_steps) < 0:
     raise ValueError(f"{_NAME}: warmup_steps must be >= 0; got {warmup_steps}.")
+  # A traced warmup_steps (injected) may be anything: keep the cond then.
+  no_warmup = not isinstance(warmup_steps, jax.core.Tracer) and int(warmup_steps) == 0
+  num_slots = 1
   if mode == "interval":
-    if int(num_estimates) < 1 or int(interval) < int(num_estimates):
+    num_slots = _checks.static_int(num_estimates, "num_estimates", _NAME, 1, STATIC_ARGS)
+    if not isinstance(interval, jax.core.Tracer) and int(interval) < num_slots:
       raise ValueError(
           f"{_NAME}: interval mode needs 1 <= num_estimates <= interval; got "
           f"num_estimates={num_estimates}, interval={interval}.")
@@ -242,11 +263,12 @@ def curvature_step_size(
     lo, hi = clip
     if not 0 <= lo <= hi:
       raise ValueError(f"{_NAME}: clip must be (lo, hi) with 0 <= lo <= hi; got {clip}.")
+  _checks.require_callable(apply_fn, "apply_fn", _NAME, STATIC_ARGS)
+  if regularizer is not None:
+    _checks.require_callable(regularizer, "regularizer", _NAME, STATIC_ARGS)
   loss = as_loss(loss)
   inner = optax.with_extra_args_support(inner)
   lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
-  num_slots = int(num_estimates) if mode == "interval" else 1
-  warmup_steps = int(warmup_steps)
 
   def init_fn(params):
     dtype = _float_dtype(params)
@@ -325,7 +347,7 @@ def curvature_step_size(
     def skip(_):
       return _Measurement(*([jnp.full((), jnp.nan, dtype)] * len(_Measurement._fields)))
 
-    if mode == "every_step" and warmup_steps == 0:
+    if mode == "every_step" and no_warmup:
       d, inner_state = propose()
       meas = measure(d)  # every step computes: no cond needed
     else:
@@ -340,7 +362,6 @@ def curvature_step_size(
         d, s = propose()
         return d, s, skip(None)
       d, inner_state, meas = jax.lax.cond(compute, with_measure, without, None)
-    finite = _checks.tree_all_finite(d)
 
     defined = step_size_is_defined(meas.numerator, meas.denominator)
     alpha = step_size_from_parts(meas.numerator, meas.denominator)
@@ -368,8 +389,11 @@ def curvature_step_size(
                                      clip_lr(median), held))
     scale = jnp.where(eta != 0, lr / jnp.where(eta != 0, eta, 1), 0).astype(dtype)
 
-    new_updates = jax.tree.map(
-        lambda x: jnp.where(finite, scale.astype(x.dtype) * x, jnp.zeros_like(x)), d)
+    # The guard checks the step itself: a finite d times a finite, usable
+    # learning rate can still overflow (the seed saw alpha* above 1e14).
+    step = jax.tree.map(lambda x: scale.astype(x.dtype) * x, d)
+    finite = _checks.tree_all_finite(step)
+    new_updates = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), step)
 
     def keep(new, old):
       return jnp.where(compute, new, old)

@@ -19,6 +19,11 @@ Array = jax.Array
 
 _NAME = "hessian_free"
 
+#: Arguments to list in ``optax.inject_hyperparams(..., static_args=...)``: the
+#: functions (which inject_hyperparams would take for schedules) and the
+#: integers that size buffers. Every float may be injected.
+STATIC_ARGS = ("apply_fn", "loss", "regularizer", "cg_max_iter", "microbatch_size")
+
 
 class HessianFreeState(NamedTuple):
   """State of `hessian_free`; every field is meant for logging.
@@ -141,17 +146,18 @@ def hessian_free(
     cg_max_iter, cg_tol, cg_decay_x0, martens_criterion, martens_eps,
       nonpositive_curvature: CG (see `curvax.solvers.cg`). ``cg_max_iter=None``
       means 250 (Martens 2010); it sizes buffers, so it must be a Python int
-      (with ``optax.inject_hyperparams`` list it in ``static_args`` when you
-      pass it; the ``None`` default keeps it out of the injected ones).
+      (see ``STATIC_ARGS`` below).
     preconditioner: None or ``"fisher"``; preconditioner_exponent its ``xi``.
     use_cg_backtracking: CG backtracking on/off.
     use_linesearch, linesearch_initial_step, linesearch_c, linesearch_beta,
       linesearch_max_reductions: Armijo line search.
-    microbatch_size: chunk size for loss and curvature evaluations.
+    microbatch_size: chunk size for loss and curvature evaluations; it must
+      divide the sizes of ``batch`` and ``eval_batch``.
 
-  Under ``optax.inject_hyperparams`` list ``apply_fn`` and ``loss`` (and any
-  integer that sizes the computation you pass: ``cg_max_iter``,
-  ``microbatch_size``) in ``static_args``; every float switch may be injected.
+  Under ``optax.inject_hyperparams`` pass ``static_args=hessian_free.STATIC_ARGS``
+  (the functions ``apply_fn``, ``loss``, ``regularizer`` and the integers
+  ``cg_max_iter``, ``microbatch_size`` that size buffers); every float may be
+  injected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates,
@@ -166,12 +172,14 @@ def hessian_free(
   if nonpositive_curvature not in ("stop", "abs"):
     raise ValueError(f"{_NAME}: nonpositive_curvature must be 'stop' or 'abs'; got "
                      f"{nonpositive_curvature!r}.")
-  if cg_max_iter is None:
-    cg_max_iter = 250
-  if isinstance(cg_max_iter, jax.core.Tracer) or isinstance(microbatch_size, jax.core.Tracer):
-    raise TypeError(
-        f"{_NAME}: cg_max_iter and microbatch_size must be Python ints; with "
-        "optax.inject_hyperparams list them in static_args.")
+  cg_max_iter = _checks.static_int(250 if cg_max_iter is None else cg_max_iter,
+                                   "cg_max_iter", _NAME, 0, STATIC_ARGS)
+  if microbatch_size is not None:
+    microbatch_size = _checks.static_int(microbatch_size, "microbatch_size", _NAME, 1,
+                                         STATIC_ARGS)
+  _checks.require_callable(apply_fn, "apply_fn", _NAME, STATIC_ARGS)
+  if regularizer is not None:
+    _checks.require_callable(regularizer, "regularizer", _NAME, STATIC_ARGS)
   loss = as_loss(loss)
   loss_fn = objective(apply_fn, loss, regularizer)
   data_loss_fn = objective(apply_fn, loss)
@@ -207,7 +215,8 @@ def hessian_free(
 
   def fisher_diagonal(params, batch):
     def per_example(p, x, y):
-      return loss(apply_fn(p, x[None]), y[None])[0]
+      one = lambda a: a[None]  # noqa: E731  (inputs and targets may be pytrees)
+      return loss(apply_fn(p, jax.tree.map(one, x)), jax.tree.map(one, y))[0]
     per_grad = jax.vmap(jax.grad(per_example), in_axes=(None, 0, 0))
 
     def chunk_fisher(chunk):
@@ -223,13 +232,19 @@ def hessian_free(
     batch = _checks.require_kwarg(batch, "batch", _NAME)
     batch = _checks.check_batch(batch, "batch")
     _checks.check_tree_like(updates, params, "updates", "params")
-    if eval_batch is not None or value_fn is None:
-      eval_batch = _checks.require_kwarg(eval_batch, "eval_batch", _NAME)
+    _checks.check_tree_like(state.warm_start, params, "state.warm_start", "params")
+    if eval_batch is None and value_fn is None:
+      raise TypeError(
+          f"{_NAME}.update needs the keyword argument `eval_batch`: a second batch "
+          "(inputs, targets), disjoint from `batch`, on which damping, backtracking "
+          "and the line search evaluate the loss; or, instead, `value_fn`, a "
+          "function of params giving that loss.")
+    if eval_batch is not None:
       eval_batch = _checks.check_batch(eval_batch, "eval_batch")
 
       def eval_loss(p):
         return solvers.microbatch_mean(lambda c: loss_fn(p, c), eval_batch,
-                                       microbatch_size)
+                                       microbatch_size, batch_name="eval_batch")
     else:
       if not callable(value_fn):
         raise TypeError(f"{_NAME}: value_fn must be a function of params.")

@@ -161,22 +161,7 @@ class ProbabilisticPreconditioningState(NamedTuple):
 
 
 def _static_int(value: Any, name: str, minimum: int) -> int:
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(
-        f"{_NAME}: `{name}` must be a static Python int (it fixes array shapes); got a "
-        f"traced value. With optax.inject_hyperparams, list it in static_args, e.g. "
-        f"static_args={STATIC_ARGS}.")
-  if isinstance(value, bool):
-    raise TypeError(f"{_NAME}: `{name}` must be an int; got {value!r}.")
-  try:
-    as_int = int(value)
-  except (TypeError, ValueError):
-    raise TypeError(f"{_NAME}: `{name}` must be an int; got {value!r}.") from None
-  if as_int != value:
-    raise TypeError(f"{_NAME}: `{name}` must be an int; got {value!r}.")
-  if as_int < minimum:
-    raise ValueError(f"{_NAME}: `{name}` must be >= {minimum}; got {as_int}.")
-  return as_int
+  return _checks.static_int(value, name, _NAME, minimum, STATIC_ARGS)
 
 
 def _group_ids(params: Any, groups: Any) -> Tuple[Tuple[int, ...], int]:
