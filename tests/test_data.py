@@ -41,8 +41,9 @@ def write_mnist_like(folder, n_train=60, n_test=20, gz=True, seed=0):
 
 @pytest.fixture
 def no_system_data(tmp_path, monkeypatch):
-  """Hide $CURVAX_DATA and the system location."""
+  """Hide $CURVAX_DATA, ~/.curvax_data and the system location."""
   monkeypatch.delenv("CURVAX_DATA", raising=False)
+  monkeypatch.setattr(data, "DEFAULT_ROOT", str(tmp_path / "default"))
   monkeypatch.setattr(data, "SYSTEM_ROOT", str(tmp_path / "system"))
   return tmp_path
 
@@ -59,6 +60,28 @@ def test_idx_roundtrip(tmp_path, gz):
   (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
   with pytest.raises(ValueError, match="not an IDX file"):
     data.read_idx(str(tmp_path / "bad"))
+
+
+def test_truncated_or_corrupt_gzip_names_the_file(no_system_data):
+  """An interrupted download: a ValueError naming the file and the remedy, not a bare EOFError."""
+  folder = no_system_data / "mine" / "mnist"
+  write_mnist_like(str(folder))
+  path = folder / "train-images-idx3-ubyte.gz"
+  whole = path.read_bytes()
+  path.write_bytes(whole[:len(whole) // 2])
+  with pytest.raises(ValueError, match="delete it and download it again") as info:
+    data.load("mnist", str(no_system_data / "mine"))
+  assert str(path) in str(info.value) and "truncated" in str(info.value)
+  assert isinstance(info.value.__cause__, EOFError)
+  path.write_bytes(b"not gzip at all")   # gzip.BadGzipFile, an OSError
+  with pytest.raises(ValueError, match="delete it and download it again") as info:
+    data.read_idx(str(path))
+  assert str(path) in str(info.value)
+  path.write_bytes(whole[:10] + b"\xff" * 40)   # a gzip header, then a broken deflate stream
+  with pytest.raises(ValueError, match="delete it and download it again"):
+    data.read_idx(str(path))
+  with pytest.raises(FileNotFoundError):   # a missing file is not reported as corrupt
+    data.read_idx(str(folder / "missing.gz"))
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -104,9 +127,11 @@ def test_missing_data_names_every_place_searched(no_system_data, monkeypatch):
     p.data("train")
   msg = str(info.value)
   for place in (no_system_data / "mine" / "cifar-100", no_system_data / "mine",
-                no_system_data / "env" / "cifar-100", no_system_data / "system" / "cifar-100"):
+                no_system_data / "env" / "cifar-100", no_system_data / "default" / "cifar-100",
+                no_system_data / "system" / "cifar-100"):
     assert str(place) in msg
   assert "cifar-100-python.tar.gz" in msg and "download('cifar-100')" in msg
+  assert f"downloads into {no_system_data / 'env' / 'cifar-100'}" in msg
   assert isinstance(info.value, FileNotFoundError)
 
 
@@ -178,14 +203,17 @@ def test_svhn_mat_files(no_system_data):
   for split, n in (("train", 15), ("test", 5)):
     x = rng.randint(0, 256, (32, 32, 3, n)).astype(np.uint8)
     y = rng.randint(1, 11, (n, 1)).astype(np.uint8)   # 10 means digit 0
+    y[:3, 0] = (10, 1, 10)   # certainly some 10s (and a 1, which stays)
     sio.savemat(str(root / f"{split}_32x32.mat"), {"X": x, "y": y})
-    expected[split] = (x.transpose(3, 0, 1, 2), np.where(y[:, 0] == 10, 0, y[:, 0]))
+    expected[split] = (x.transpose(3, 0, 1, 2), y[:, 0])   # raw labels 1..10
   out = data.load("svhn", str(no_system_data / "mine"))
   for split in ("train", "test"):
+    raw = expected[split][1]
     np.testing.assert_array_equal(out[split][0], expected[split][0])
-    np.testing.assert_array_equal(out[split][1], expected[split][1])
-  assert 0 in out["train"][1] or 0 in out["test"][1] or 10 not in expected["train"][1]
-  assert out["train"][1].max() <= 9
+    np.testing.assert_array_equal(out[split][1][:3], [0, 1, 0])
+    np.testing.assert_array_equal(out[split][1], raw % 10)   # 10 -> 0, 1..9 unchanged
+    assert out[split][1].dtype == np.int32 and 10 not in out[split][1]
+    assert (out[split][1] == 0).sum() == (raw == 10).sum() >= 2
 
 
 def test_download_verifies_checksums(no_system_data, monkeypatch):
@@ -215,6 +243,32 @@ def test_download_verifies_checksums(no_system_data, monkeypatch):
   with pytest.raises(IOError, match="checksum mismatch"):
     data.download("toy", str(no_system_data / "dl"))
   assert not os.path.exists(os.path.join(folder, "a.bin"))
+
+
+def test_download_without_data_dir_is_found(tmp_path, monkeypatch):
+  """Neither data_dir nor $CURVAX_DATA: download() fills ~/.curvax_data/<name>, which
+  find() and problems.get search; with $CURVAX_DATA set, $CURVAX_DATA/<name>."""
+  home = tmp_path / "home"
+  home.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.delenv("CURVAX_DATA", raising=False)
+  monkeypatch.setattr(data, "SYSTEM_ROOT", str(tmp_path / "system"))
+  src = tmp_path / "src"
+  arrays = write_mnist_like(str(src))
+  urls = [((src / f).as_uri(), data._md5(str(src / f))) for f in sorted(os.listdir(src))]
+  monkeypatch.setitem(data.DATASETS, "mnist", dict(data.DATASETS["mnist"], urls=urls))
+  expected = home / ".curvax_data" / "mnist"
+  with pytest.raises(problems.DataNotFoundError) as info:
+    data.find("mnist")
+  assert f"downloads into {expected}" in str(info.value) and str(expected) in str(info.value)
+  assert data.download("mnist_logreg") == str(expected)   # a problem name works too
+  assert sorted(os.listdir(expected)) == sorted(os.listdir(src))
+  assert data.find("mnist") == str(expected)
+  np.testing.assert_array_equal(problems.get("mnist_logreg").data("test")[1], arrays["t10k"][1])
+  env = tmp_path / "env"
+  monkeypatch.setenv("CURVAX_DATA", str(env))
+  assert data.download("mnist") == str(env / "mnist")
+  assert data.find("mnist") == str(env / "mnist")   # $CURVAX_DATA comes first
 
 
 def test_real_fashion_mnist_files():

@@ -55,8 +55,9 @@ def test_cli_run_and_plot_quadratic_several_optimizers(tmp_path, capsys):
   text = capsys.readouterr().out
   assert "epoch 2" in text and "wrote" in text
   runs = problems.plot.load_results(out)
-  assert set(runs["quadratic_deep"]) == {"sgd (learning_rate=0.0158)",
-                                         "adam (b1=0.9, b2=0.999, eps=1e-08, learning_rate=0.0398)"}
+  assert {k: len(v) for k, v in runs["quadratic_deep"].items()} == {
+      "sgd (learning_rate=0.0158), batch_size=128, num_epochs=2": 2,
+      "adam (b1=0.9, b2=0.999, eps=1e-08, learning_rate=0.0398), batch_size=128, num_epochs=2": 2}
   with open(glob.glob(os.path.join(out, "**", "*.json"), recursive=True)[0]) as f:
     r = json.load(f)
   assert "test_accuracies" not in r   # no accuracy on the quadratic (DeepOBS drops the key)
@@ -64,6 +65,80 @@ def test_cli_run_and_plot_quadratic_several_optimizers(tmp_path, capsys):
   png = str(tmp_path / "q.png")
   assert cli.main(["plot", out, "--out", png]) == 0 and os.path.getsize(png) > 10_000
   assert cli.main(["list"]) == 0 and "hessian_free" in capsys.readouterr().out
+
+
+def _write_result(folder, problem, seed, batch_size=128, num_epochs=1, name="sgd",
+                  hyperparams=None, **extra):
+  """A minimal results JSON in DeepOBS's layout (no training)."""
+  hyperparams = {"learning_rate": 0.01} if hyperparams is None else hyperparams
+  setting = f"num_epochs__{num_epochs}__batch_size__{batch_size}" + "".join(
+      f"__{k}__{v}" for k, v in sorted(hyperparams.items()))
+  path = os.path.join(folder, problem, name, setting, f"random_seed__{seed}__x.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  losses = [1.0 + seed, 0.5 + seed, 0.2][:num_epochs + 1]
+  r = dict(testproblem=problem, batch_size=batch_size, num_epochs=num_epochs, random_seed=seed,
+           optimizer_name=name, optimizer_hyperparams=hyperparams, test_losses=losses,
+           train_losses=losses, eval_epochs=list(range(num_epochs + 1)), **extra)
+  with open(path, "w") as f:
+    json.dump(r, f)
+
+
+def test_plot_groups_runs_by_full_setting(tmp_path):
+  """Only runs differing in the seed alone are averaged: batch size and epochs separate settings."""
+  out = str(tmp_path / "res")
+  for seed in (0, 1):
+    _write_result(out, "quadratic_deep", seed)
+  _write_result(out, "quadratic_deep", 0, batch_size=32)
+  _write_result(out, "quadratic_deep", 0, num_epochs=2)
+  _write_result(out, "quadratic_deep", 2, weight_decay=0.002)   # DeepOBS override
+  _write_result(out, "quadratic_deep", 3, weight_decay=None)    # curvax: problem's own
+  runs = problems.plot.load_results(out)["quadratic_deep"]
+  assert {k: sorted(r["random_seed"] for r in v) for k, v in runs.items()} == {
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1": [0, 1, 3],
+      "sgd (learning_rate=0.01), batch_size=32, num_epochs=1": [0],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=2": [0],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1, weight_decay=0.002": [2]}
+  assert problems.plot.plot(out) == [os.path.join(out, "quadratic_deep.png")]
+
+
+def test_plot_one_png_for_several_problems_is_an_error(tmp_path, capsys):
+  out = str(tmp_path / "res")
+  _write_result(out, "quadratic_deep", 0)
+  _write_result(out, "two_d_beale", 0)
+  png = str(tmp_path / "all.png")
+  with pytest.raises(ValueError, match="2 problems .*quadratic_deep, two_d_beale.*folder"):
+    problems.plot.plot(out, png)
+  assert cli.main(["plot", out, "--out", png]) == 2
+  err = capsys.readouterr().err
+  assert not os.path.exists(png)
+  assert err.count("\n") == 1 and "error:" in err and "2 problems" in err
+  figures = str(tmp_path / "figures")
+  assert cli.main(["plot", out, "--out", figures]) == 0
+  assert sorted(os.listdir(figures)) == ["quadratic_deep.png", "two_d_beale.png"]
+
+
+def test_plot_cli_without_results_is_a_one_line_error(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  for folder in (tmp_path / "empty", tmp_path / "missing"):
+    assert cli.main(["plot", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"no curvax/DeepOBS results JSON files under {folder}" in err
+
+
+def test_runner_rejects_nonpositive_log_every_and_eval_batch_size():
+  """Checked before anything is built or compiled (log_every=0 used to divide by zero
+  after compiling, eval_batch_size=0 silently became the batch size)."""
+  for kw, match in ((dict(log_every=0), "log_every must be a positive"),
+                    (dict(log_every=-3), "log_every must be a positive"),
+                    (dict(eval_batch_size=0), "eval_batch_size must be a positive"),
+                    (dict(eval_batch_size=-1), "eval_batch_size must be a positive"),
+                    (dict(eval_every=0), "eval_every must be a positive")):
+    with pytest.raises(ValueError, match=match):
+      problems.run("no_such_problem", "sgd", epochs=1, verbose=False, **kw)
+  with pytest.raises(KeyError):   # the checks pass: the problem is looked up
+    problems.run("no_such_problem", "sgd", epochs=1, verbose=False, log_every=1,
+                 eval_batch_size=1, eval_every=1)
 
 
 def test_divergence_stops_cleanly_and_is_recorded(tmp_path):

@@ -50,7 +50,9 @@ def main(argv=None) -> int:
   r.add_argument("--quiet", action="store_true")
   p = sub.add_parser("plot", help="plot learning curves of the results under a folder")
   p.add_argument("folder")
-  p.add_argument("--out", default=None, help="folder (or .png with one problem)")
+  p.add_argument("--out", default=None,
+                 help="folder for one <problem>.png per problem (default: FOLDER), or a "
+                      ".png file name if FOLDER holds results of one problem only")
   sub.add_parser("list", help="list problems and optimizers")
   args = parser.parse_args(argv)
 
@@ -61,7 +63,12 @@ def main(argv=None) -> int:
     return 0
   if args.command == "plot":
     from curvax.problems.plot import plot  # pylint: disable=import-outside-toplevel
-    for path in plot(args.folder, args.out):
+    try:
+      paths = plot(args.folder, args.out)
+    except (FileNotFoundError, ValueError) as e:   # no results, or --out x.png for several
+      print(f"{parser.prog} plot: error: {e}", file=sys.stderr)
+      return 2
+    for path in paths:
       print(f"wrote {path}")
     return 0
   if args.devices is not None and args.devices > 1:

@@ -11,12 +11,13 @@ Readers for the standard distribution formats, all returning NumPy arrays
   ``scipy.io.loadmat``; SVHN's label 10 means digit 0): `read_svhn`.
 
 Files are looked up, in this order, in ``data_dir`` (the argument of
-`curvax.problems.get`) and ``data_dir/<name>``, in ``$CURVAX_DATA/<name>``, and
-in the system location ``/usr/share/datasets/<name>`` (where Debian's
-``dataset-fashion-mnist`` package installs Fashion-MNIST). A missing data set
-raises `DataNotFoundError`, which names every place searched and how to get the
-files; `download` fetches them (with checksum verification) for users with
-internet access.
+`curvax.problems.get`) and ``data_dir/<name>``, in ``$CURVAX_DATA/<name>``, in
+``~/.curvax_data/<name>`` (where `download` puts files when neither
+``data_dir`` nor ``$CURVAX_DATA`` is given), and in the system location
+``/usr/share/datasets/<name>`` (where Debian's ``dataset-fashion-mnist``
+package installs Fashion-MNIST). A missing data set raises `DataNotFoundError`,
+which names every place searched and how to get the files; `download` fetches
+them (with checksum verification) for users with internet access.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 SYSTEM_ROOT = "/usr/share/datasets"
 ENV_VAR = "CURVAX_DATA"
+# Where `download` puts data sets when neither data_dir nor $CURVAX_DATA is
+# given (``~`` is expanded when used); also searched by `find`.
+DEFAULT_ROOT = "~/.curvax_data"
 
 Split = Tuple[np.ndarray, np.ndarray]
 
@@ -95,14 +100,31 @@ class DataNotFoundError(FileNotFoundError):
   """A data set's files are in none of the places searched."""
 
 
+def download_root(data_dir: Optional[str] = None) -> str:
+  """The folder `download` puts data sets in (each in a ``<name>`` subfolder).
+
+  ``data_dir`` if given, else ``$CURVAX_DATA`` if set, else ``~/.curvax_data``
+  (`DEFAULT_ROOT`, expanded).
+  """
+  return data_dir or os.environ.get(ENV_VAR) or os.path.expanduser(DEFAULT_ROOT)
+
+
 def search_paths(name: str, data_dir: Optional[str] = None) -> List[str]:
-  """The folders searched for data set ``name``, in order."""
+  """The folders searched for data set ``name``, in order.
+
+  ``data_dir/<name>`` and ``data_dir`` (if given), ``$CURVAX_DATA/<name>`` (if
+  set), ``~/.curvax_data/<name>`` (`download`'s default) and
+  ``/usr/share/datasets/<name>``.
+  """
   paths = []
   if data_dir is not None:
     paths += [os.path.join(data_dir, name), data_dir]
   env = os.environ.get(ENV_VAR)
   if env:
     paths.append(os.path.join(env, name))
+  default = os.path.join(os.path.expanduser(DEFAULT_ROOT), name)
+  if default not in paths:
+    paths.append(default)
   paths.append(os.path.join(SYSTEM_ROOT, name))
   return paths
 
@@ -128,8 +150,9 @@ def find(name: str, data_dir: Optional[str] = None) -> str:
   raise DataNotFoundError(
       f"Data set '{name}' not found. Looked for {wanted} in:\n{where}\n"
       f"To get it: run `python -c \"import curvax.problems as p; p.download('{name}')\"` "
-      f"(downloads into $CURVAX_DATA/{name}, or pass data_dir=...), or put the "
-      f"files in one of the folders above, or set ${ENV_VAR} to a folder holding "
+      f"(downloads into {os.path.join(download_root(), name)}: ${ENV_VAR}/{name} if "
+      f"${ENV_VAR} is set, else {DEFAULT_ROOT}/{name}; or pass data_dir=...), or put "
+      f"the files in one of the folders above, or set ${ENV_VAR} to a folder holding "
       f"'{name}/'.{hint}")
 
 
@@ -152,10 +175,22 @@ def read_idx(path: str) -> np.ndarray:
 
   Header: two zero bytes, a type code (0x08 = ubyte, ...), the number of
   dimensions ``d``, then ``d`` big-endian int32 sizes; the data follows in C order.
+
+  Raises:
+    ValueError: naming ``path``, if the file is not IDX, is truncated, or (for
+      ``.gz``) is not a complete gzip stream (e.g. an interrupted download).
   """
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  with open(path, "rb") as fh:
+    if path.endswith(".gz"):
+      try:
+        with gzip.GzipFile(fileobj=fh) as f:
+          raw = f.read()
+      except (EOFError, OSError, zlib.error) as e:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and "
+            f"download it again (curvax.problems.download).") from e
+    else:
+      raw = fh.read()
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(f"{path} is not an IDX file (bad magic {raw[:4]!r}).")
   ndim = raw[3]
@@ -164,7 +199,8 @@ def read_idx(path: str) -> np.ndarray:
   offset = 4 + 4 * ndim
   count = int(np.prod(shape)) if shape else 1
   if len(raw) - offset < count * dtype.itemsize:
-    raise ValueError(f"{path} is truncated: header says {shape}.")
+    raise ValueError(f"{path} is truncated: header says {shape}; delete it and "
+                     f"download it again (curvax.problems.download).")
   data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
   return data.reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -288,9 +324,10 @@ def download(name: str, data_dir: Optional[str] = None) -> str:
   """Downloads data set ``name`` and verifies each file's MD5 checksum.
 
   Files go to ``data_dir/<name>`` (default ``$CURVAX_DATA/<name>``, else
-  ``~/.curvax_data/<name>``); files already there with the right checksum are
-  kept. ``name`` is a data set ('fashion-mnist', 'mnist', 'cifar-10',
-  'cifar-100', 'svhn') or a problem name ('fmnist_mlp', ...). Returns the folder.
+  ``~/.curvax_data/<name>``, see `download_root`), all of which `find`
+  searches; files already there with the right checksum are kept. ``name`` is a
+  data set ('fashion-mnist', 'mnist', 'cifar-10', 'cifar-100', 'svhn') or a
+  problem name ('fmnist_mlp', ...). Returns the folder.
 
   Raises:
     IOError: if a downloaded file's checksum does not match (the file is removed).
@@ -298,8 +335,7 @@ def download(name: str, data_dir: Optional[str] = None) -> str:
   name = DATASET_OF_PROBLEM.get(name, name)
   if name not in DATASETS:
     raise KeyError(f"unknown data set '{name}'; known: {sorted(DATASETS)}")
-  root = data_dir or os.environ.get(ENV_VAR) or os.path.expanduser("~/.curvax_data")
-  folder = os.path.join(root, name)
+  folder = os.path.join(download_root(data_dir), name)
   os.makedirs(folder, exist_ok=True)
   for url, md5 in DATASETS[name]["urls"]:
     path = os.path.join(folder, url.rsplit("/", 1)[-1])

@@ -3,9 +3,11 @@
 For each test problem found under a results folder, one PNG: rows test loss,
 train(-eval) loss and, for classification problems, test and train accuracy
 (DeepOBS's performance plot, seed 001 Fig. 5.2); the left column against epochs,
-the right one against training wall time. One colour per optimizer setting; the
-line is the mean over seeds, the band the 25-75% quantiles across seeds (runs
-that stopped early contribute to the points they reached).
+the right one against training wall time. One colour per setting (optimizer,
+hyperparameters, batch size, number of epochs and, if set, weight decay: what
+DeepOBS's setting folders separate); the line is the mean over the setting's
+seeds, the band the 25-75% quantiles across seeds (runs that stopped early
+contribute to the points they reached).
 """
 
 from __future__ import annotations
@@ -22,8 +24,29 @@ ROWS = (("test_losses", "test loss"), ("train_losses", "train loss"),
         ("test_accuracies", "test accuracy"), ("train_accuracies", "train accuracy"))
 
 
+def setting_label(r: dict) -> str:
+  """A run's setting as a label: ``'sgd (learning_rate=0.01), batch_size=128, num_epochs=2'``.
+
+  Runs share a label exactly when they share optimizer name, hyperparameters,
+  batch size, number of epochs and weight decay (fields missing from ``r`` are
+  left out), i.e. when they differ only in their seed.
+  """
+  hp = r.get("optimizer_hyperparams") or {}
+  label = str(r.get("optimizer_name", "?"))
+  if hp:
+    label += " (" + ", ".join(f"{k}={v}" for k, v in sorted(hp.items())) + ")"
+  setting = [f"{k}={r[k]}" for k in ("batch_size", "num_epochs") if r.get(k) is not None]
+  if r.get("weight_decay"):
+    setting.append(f"weight_decay={r['weight_decay']}")
+  return ", ".join([label] + setting)
+
+
 def load_results(folder: str) -> Dict[str, Dict[str, List[dict]]]:
-  """``{problem: {setting label: [run, ...]}}`` for every results JSON under ``folder``."""
+  """``{problem: {setting label: [run, ...]}}`` for every results JSON under ``folder``.
+
+  Runs are grouped by `setting_label`: only runs that differ in nothing but
+  their seed are averaged together.
+  """
   runs = collections.defaultdict(lambda: collections.defaultdict(list))
   for path in sorted(glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)):
     try:
@@ -33,11 +56,7 @@ def load_results(folder: str) -> Dict[str, Dict[str, List[dict]]]:
       continue
     if not isinstance(r, dict) or "testproblem" not in r or "test_losses" not in r:
       continue
-    hp = r.get("optimizer_hyperparams") or {}
-    label = r.get("optimizer_name", "?")
-    if hp:
-      label += " (" + ", ".join(f"{k}={v}" for k, v in sorted(hp.items())) + ")"
-    runs[r["testproblem"]][label].append(r)
+    runs[r["testproblem"]][setting_label(r)].append(r)
   return runs
 
 
@@ -52,8 +71,14 @@ def _stack(curves: List[List[Optional[float]]]) -> np.ndarray:
 def plot(folder: str, out: Optional[str] = None) -> List[str]:
   """Draws one PNG per problem found under ``folder``; returns the written paths.
 
-  ``out`` is a folder for the PNGs (default: ``folder``) or, with one problem, a
-  ``.png`` file name.
+  ``out`` is a folder (default: ``folder``) that receives ``<problem>.png`` for
+  each problem, or a file name ending in ``.png``, allowed only when ``folder``
+  holds results of a single problem.
+
+  Raises:
+    FileNotFoundError: if there are no results JSON files under ``folder``.
+    ValueError: if ``out`` ends in ``.png`` and there are several problems (they
+      would overwrite each other).
   """
   # A bare Figure draws with Agg whatever pyplot's backend is: no global
   # backend switch (which would silence plt.show() in a user's notebook).
@@ -62,6 +87,11 @@ def plot(folder: str, out: Optional[str] = None) -> List[str]:
   runs = load_results(folder)
   if not runs:
     raise FileNotFoundError(f"no curvax/DeepOBS results JSON files under {folder}.")
+  single_file = out is not None and out.lower().endswith(".png")
+  if single_file and len(runs) > 1:
+    raise ValueError(f"out={out!r} is a single .png file, but there are results of "
+                     f"{len(runs)} problems under {folder} ({', '.join(sorted(runs))}); "
+                     f"pass a folder instead to get one <problem>.png each.")
   written = []
   for problem, settings in sorted(runs.items()):
     rows = [(k, t) for k, t in ROWS
@@ -94,7 +124,7 @@ def plot(folder: str, out: Optional[str] = None) -> List[str]:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(problem)
     fig.tight_layout()
-    if out is not None and out.endswith(".png"):
+    if single_file:
       path = out
     else:
       os.makedirs(out or folder, exist_ok=True)

@@ -125,8 +125,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       (`curvax.problems.optimizers.names()`), built with ``hyperparams``.
     epochs: number of epochs (default: the problem's DeepOBS budget).
     seed: seeds initialisation, shuffling, augmentation, dropout.
-    log_every: mini-batch loss / optimizer-state logging interval, in steps.
-    eval_batch_size: size of ``eval_batch`` (default: the batch size).
+    log_every: mini-batch loss / optimizer-state logging interval, in steps (>= 1).
+    eval_batch_size: size of ``eval_batch`` (>= 1; default: the batch size).
     out: a folder; the results JSON goes to DeepOBS's layout
       ``out/<problem>/<optimizer>/<setting>/random_seed__<seed>__<time>.json``.
     hyperparams: recorded in the JSON (and used to build a named optimizer).
@@ -144,7 +144,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     time_budget: stop once this many seconds of training time (compilation and
       evaluation excluded) have passed, then evaluate (``status='stopped'``).
       Each step is then waited for, so the check is exact to one step.
-    eval_every: also evaluate every ``eval_every`` steps, not only at the end of
+    eval_every: also evaluate every ``eval_every`` (>= 1) steps, not only at the end of
       each epoch (``eval_steps``/``eval_epochs`` say where).
     callback: called after every evaluation as ``callback(step, params,
       model_state, opt_state, record)`` (e.g. to keep checkpoints).
@@ -163,6 +163,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     optimizer state holds a `curvax.diagnostics.monitor`, its records (one per
     tracked step, `curvax.diagnostics.merge`d) are under ``'diagnostics'``.
   """
+  if log_every < 1:
+    raise ValueError(f"log_every must be a positive number of steps, got {log_every}.")
+  if eval_every is not None and eval_every < 1:
+    raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}.")
+  if eval_batch_size is not None and eval_batch_size < 1:
+    raise ValueError(f"eval_batch_size must be a positive number of examples (or None for "
+                     f"the batch size), got {eval_batch_size}.")
   if isinstance(problem, str):
     problem = problems_lib.get(problem)
   hyperparams = dict(hyperparams or {})
@@ -182,8 +189,6 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     params = jax.tree.map(jnp.asarray, init_params)
   if init_model_state is not None:
     model_state = init_model_state
-  if eval_every is not None and eval_every < 1:
-    raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}.")
   opt_state = tx.init(params)
   monitored = _monitored(opt_state)
 
@@ -192,7 +197,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     x_all, y_all = x_all[:train_size], y_all[:train_size]
   n = int(y_all.shape[0])
   b = problem.batch_size
-  e = eval_batch_size or b
+  e = b if eval_batch_size is None else eval_batch_size
   if b + e > n:
     raise ValueError(f"training set of {n} examples is too small for a batch of {b} "
                      f"and a disjoint eval_batch of {e}.")
