@@ -32,6 +32,10 @@ def test_end_to_end_fmnist_mlp_sgd_json_and_plot(tmp_path):
   with open(files[0]) as f:
     r = json.load(f)
   assert r["testproblem"] == "fmnist_mlp" and r["status"] == "stopped" and r["steps"] == 30
+  # DeepOBS's keys (spec 2.6), which its analyzer reads.
+  for key in ("batch_size", "num_epochs", "random_seed", "weight_decay", "optimizer_name",
+              "optimizer_hyperparams", "analyzable_training_params"):
+    assert key in r, key
   for key in ("train_losses", "valid_losses", "test_losses", "train_accuracies",
               "test_accuracies", "wall_times", "eval_epochs"):
     assert len(r[key]) == 2, key

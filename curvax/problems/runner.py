@@ -244,6 +244,9 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       "testproblem": problem.name, "batch_size": b, "num_epochs": epochs,
       "random_seed": seed, "weight_decay": problem.weight_decay,
       "optimizer_name": optimizer_name, "optimizer_hyperparams": hyperparams,
+      # DeepOBS's key for a runner-side learning-rate schedule (lr_sched_epochs,
+      # lr_sched_factors); curvax's optimizers carry their schedules inside.
+      "analyzable_training_params": {},
       "train_losses": [], "valid_losses": [], "test_losses": [],
       "train_accuracies": [], "valid_accuracies": [], "test_accuracies": [],
       "minibatch_train_losses": [], "minibatch_steps": [], "optimizer_state": {},
