@@ -120,3 +120,23 @@ def test_fast_path_diag_ggn_equals_vmap_path_and_explicit():
     np.testing.assert_allclose(flat(exact_fast), np.diag(g), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(flat(exact_fast), flat(exact_vmap), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(flat(mc_fast), flat(mc_vmap), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_fast_path_diag_ggn_keyword_inputs_and_lifted_transforms(case):
+  """diag_ggn on Dense layers called with ``inputs=``, under nn.remat /
+  nn.checkpoint and under nn.map_variables: "auto" equals the vmap path (the
+  fast path for the first, a fallback for the others); "layers" raises for the
+  others."""
+  from test_per_example import LIFTED_OR_KEYWORD, _linen_problem  # pylint: disable=g-import-not-at-top
+  module, unsupported = LIFTED_OR_KEYWORD[case]
+  apply_fn, loss, params, batch = _linen_problem(module, "softmax_cross_entropy", (3,), n=5)
+  methods = ["vmap", "auto"] if unsupported else ["vmap", "auto", "layers"]
+  slow, *others = jax.jit(lambda p, b: [diagonals.diag_ggn(apply_fn, loss, p, b, method=m,
+                                                           chunk_size=None)
+                                        for m in methods])(params, batch)
+  for got in others:
+    np.testing.assert_allclose(flat(got), flat(slow), rtol=1e-9, atol=1e-12)
+  if unsupported:
+    with pytest.raises(ValueError, match=unsupported):
+      diagonals.diag_ggn(apply_fn, loss, params, batch, method="layers")

@@ -78,6 +78,35 @@ def test_vivit_monte_carlo_factor_and_masking():
     eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 7)
 
 
+def test_vivit_default_threshold_keeps_small_accurate_float32_eigenvalues():
+  """float32, D = 10^5 (a linear model): the default threshold is the round-off
+  level ``max(NK, sqrt D) eps lam_max`` (~4e-5 lam_max here), so an accurate
+  eigenvalue at ~0.3% of ``lam_max`` is returned valid; the worst-case level
+  ``D eps lam_max`` (~1.2% of ``lam_max``) masked it."""
+  n, d_in, c = 2, 20_000, 5
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, d_in)) / np.sqrt(d_in)
+  x = x.at[1].multiply(0.05)  # the second example: ~400x smaller curvature
+  apply_fn = lambda p, xx: xx @ p["w"]
+  loss = LOSSES["mean_squared_error"]
+
+  def run(dtype):
+    params = {"w": jnp.zeros((d_in, c), dtype)}
+    batch = (x.astype(dtype), jnp.zeros((n, c), dtype))
+    return jax.jit(lambda p, b: eigen.ggn_eigenpairs(apply_fn, loss, p, b, n * c,
+                                                      chunk_size=None))(params, batch)
+
+  res, ref = run(jnp.float32), run(jnp.float64)
+  assert res.eigenvalues.dtype == jnp.float32
+  lam_ref = np.asarray(ref.eigenvalues)
+  assert np.all(ref.valid) and lam_ref[-1] < 0.01 * lam_ref[0]
+  assert np.all(res.valid)
+  # Accurate to the eigh round-off ~ eps lam_max: ~0.2% of the smallest here.
+  np.testing.assert_allclose(res.eigenvalues, lam_ref, rtol=1e-6,
+                             atol=20 * np.finfo(np.float32).eps * lam_ref[0])
+  e = _rows(res.eigenvectors).astype(np.float64)
+  np.testing.assert_allclose(e @ e.T, np.eye(n * c), atol=1e-4)
+
+
 def test_lanczos_matches_eigh():
   apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
   loss_fn = curvax.losses.objective(apply_fn, loss)
@@ -188,9 +217,38 @@ def test_lanczos_invariant_subspace_and_errors():
   d = jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
   # Start in a 2-dimensional invariant subspace: breakdown after two steps.
   res = eigen.lanczos(lambda v: d * v, jnp.array([1.0, 1.0, 0, 0, 0]), 4)
+  assert int(res.iterations) == 2
   np.testing.assert_allclose(res.ritz_values[:2], [3.0, 2.0], rtol=1e-12)
-  assert np.all(np.isfinite(res.ritz_values))
+  assert np.all(np.isnan(res.ritz_values[2:]))
+  assert np.all(_rows(res.ritz_vectors)[2:] == 0)
   with pytest.raises(ValueError, match="num_iterations"):
     eigen.lanczos(lambda v: v, d, 0)
   with pytest.raises(ValueError, match="matvec"):
     eigen.lanczos(lambda v: v[:2], d, 2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_lanczos_without_a_tolerance_reports_no_spurious_ritz_values_after_a_breakdown(dtype):
+  """Diagonal matrices with 2 and 3 distinct eigenvalues: the Krylov space is
+  invariant after 2 and 3 steps. The Ritz values are the distinct eigenvalues
+  (eigvalsh), then NaN, rather than zeros from a zero-padded tridiagonal matrix
+  (which came out on top for the negative definite one)."""
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-12
+  neg = -jnp.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], dtype)
+  top = eigen.top_eigenvalues(lambda v: neg * v, jnp.zeros(6, dtype), jax.random.PRNGKey(0),
+                              1, 5)
+  np.testing.assert_allclose(top, np.linalg.eigvalsh(np.diag(neg))[-1:], rtol=rtol)
+  res = eigen.lanczos(lambda v: neg * v, jnp.ones(6, dtype), 5)
+  assert int(res.iterations) == 2
+  np.testing.assert_allclose(res.ritz_values[:2], [-1.0, -2.0], rtol=rtol)
+
+  spd = jnp.array([1.0, 1.0, 1.0, 2.0, 2.0, 3.0], dtype)
+  res = eigen.lanczos(lambda v: spd * v, jnp.ones(6, dtype) + 0.01 * jnp.arange(6, dtype=dtype), 5)
+  assert int(res.iterations) == 3
+  np.testing.assert_allclose(res.ritz_values[:3],
+                             np.unique(np.linalg.eigvalsh(np.diag(spd)))[::-1], rtol=rtol)
+  assert np.all(np.isnan(res.ritz_values[3:]))
+  x = _rows(res.ritz_vectors)
+  np.testing.assert_allclose(x[:3] * np.asarray(spd), res.ritz_values[:3, None] * x[:3],
+                             atol=10 * rtol)
+  assert np.all(x[3:] == 0)

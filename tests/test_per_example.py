@@ -173,6 +173,65 @@ def test_fast_path_falls_back_for_parameters_outside_dense_and_conv():
   np.testing.assert_allclose(flat(auto.second_moment), np.mean(g ** 2, 0), **TOL)
 
 
+class _LinenKeywordInput(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(jnp.tanh(nn.Dense(4)(inputs=x)))
+
+
+class _TanhDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(nn.Dense(4)(x))
+
+
+class _LinenRemat(nn.Module):
+  """Dense layers under nn.remat (an ancestor) and nn.checkpoint (the layer)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.remat(_TanhDense)()(x)
+    return nn.Dense(3)(jnp.tanh(nn.checkpoint(nn.Dense)(4)(x)))
+
+
+class _LinenMapVariables(nn.Module):
+  """A Dense whose parameters are scaled on the way in (no trace of its own)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scaled = nn.map_variables(nn.Dense, "params", init=True,
+                              trans_in_fn=lambda v: jax.tree_util.tree_map(lambda a: 3 * a, v))
+    return nn.Dense(3)(jnp.tanh(scaled(4)(x)))
+
+
+LIFTED_OR_KEYWORD = [(_LinenKeywordInput(), None),
+                     (_LinenRemat(), "lifted Flax transform"),
+                     (_LinenMapVariables(), "not the parameter passed in")]
+
+
+@pytest.mark.parametrize("module,unsupported", LIFTED_OR_KEYWORD)
+def test_fast_path_keyword_inputs_and_lifted_transforms(module, unsupported):
+  """A Dense called with ``inputs=`` takes the fast path; Dense layers under
+  nn.remat/nn.checkpoint (whose values are tracers of their own trace) or
+  nn.map_variables make "auto" fall back to vmap and "layers" raise, instead
+  of an IndexError, an UnexpectedTracerError or wrong statistics."""
+  apply_fn, loss, params, batch = _linen_problem(module, "softmax_cross_entropy", (3,), n=5)
+  methods = ["vmap", "auto"] if unsupported else ["vmap", "auto", "layers"]
+
+  @jax.jit
+  def run(params, batch, d):
+    return [pe.per_example_statistics(apply_fn, loss, params, batch, method=m, chunk_size=None,
+                                      return_gradients=True, direction=d) for m in methods]
+
+  slow, *others = run(params, batch, _random_like(params, 3))
+  for got in others:
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(slow)):
+      np.testing.assert_allclose(a, b, **TOL)
+  if unsupported:
+    with pytest.raises(ValueError, match=unsupported):
+      pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
+
+
 def test_fast_path_needs_a_linen_wrapper():
   apply_fn, loss, params, batch = problem("mlp", "mean_squared_error")
   with pytest.raises(ValueError, match="from_linen"):

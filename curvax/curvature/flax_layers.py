@@ -30,8 +30,11 @@ it). Then, per layer:
   block of examples at a time (`REDUCE_BLOCK_ELEMENTS`).
 
 The fast path applies only when every parameter belongs to exactly one
-Dense/Conv call; otherwise (shared layers, custom ``self.param``s, other layer
-types) `layer_statistics` returns None and callers fall back to ``vmap``.
+Dense/Conv call, made outside lifted Flax transforms and on the parameters
+themselves; otherwise (shared layers, custom ``self.param``s, other layer
+types, layers under ``nn.remat``/``nn.checkpoint``, ``nn.scan``,
+``nn.map_variables``...) `layer_statistics` returns None and callers fall back
+to ``vmap`` (``method="layers"``: a ValueError saying why).
 """
 
 from __future__ import annotations
@@ -129,25 +132,68 @@ def _layer_types():
 
 
 def _forward(apply: LinenApply, params, inputs, perturbations):
-  """Runs the model recording (path, layer, input, output shape) per layer call."""
+  """Runs the model recording (path, layer, input, output shape) per layer call.
+
+  Returns ``(outputs, records, unsupported)``; ``unsupported`` lists why a layer
+  call could not be recorded (the fast path then does not apply, `_plan`):
+
+  * a call inside a lifted Flax transform (``nn.remat``/``nn.checkpoint``,
+    ``nn.scan``, ``nn.vmap``, ``nn.jit``..., on the layer, an ancestor or a
+    method): it runs under a JAX trace of its own, detected as a trace other
+    than the one ``apply`` runs under, and its input and output are tracers of
+    that trace, which must not leave it (recording them raised
+    ``UnexpectedTracerError``). Such calls run unchanged, unrecorded and
+    unperturbed;
+  * a call whose input is neither positional nor the keyword ``inputs``;
+  * a call whose kernel or bias is not the parameter leaf at its path (e.g.
+    ``nn.map_variables`` transforms them on the way in): the per-layer formulas
+    would give gradients with respect to the transformed values.
+  """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from flax.core import tracers  # pylint: disable=g-import-not-at-top
   records = []
+  unsupported = []
   layer_types = _layer_types()
+  base_trace = tracers.current_trace()
+  leaves = {_key_tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or type(module) not in layer_types:
       return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
     key = "/".join(module.path)
-    records.append((key, tuple(module.path), module, args[0], y.shape, y.dtype))
+    if tracers.current_trace() != base_trace:
+      unsupported.append(
+          f"layer {key!r} is called inside a lifted Flax transform (nn.remat/"
+          "nn.checkpoint, nn.scan, nn.vmap, nn.jit, ...), whose values cannot be "
+          "recorded outside it.")
+      return next_fun(*args, **kwargs)
+    if args:
+      x = args[0]
+    elif "inputs" in kwargs:
+      x = kwargs["inputs"]
+    else:
+      unsupported.append(f"layer {key!r} is called without its input as the first "
+                         "positional argument or the keyword `inputs`.")
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    path = tuple(module.path)
+    for name in ("kernel", "bias"):
+      leaf = leaves.get(path + (name,))
+      if (leaf is not None and module.has_variable("params", name)
+          and module.get_variable("params", name) is not leaf):
+        unsupported.append(
+            f"the {name} of layer {key!r} is not the parameter passed in (a lifted "
+            "transform such as nn.map_variables changes it).")
+        return y
+    records.append((key, path, module, x, y.shape, y.dtype))
     if perturbations is not None:
       y = y + perturbations[key]
     return y
 
   with nn.intercept_methods(interceptor):
     outputs = apply(params, inputs)
-  return outputs, records
+  return outputs, records, unsupported
 
 
 def _key_tuple(path) -> Tuple[str, ...]:
@@ -197,15 +243,19 @@ def _plan(apply, params, inputs, strict, what="per-example"):
     return fail(unwrapped)
   apply, params, wrap = unwrapped
   found = []
+  unsupported = []
 
   def probe(p, x):
-    _, records = _forward(apply, p, x, None)
+    _, records, why = _forward(apply, p, x, None)
+    unsupported.extend(why)
     found.extend((key, path, module.clone(parent=None), shape, dtype)
                  for key, path, module, _, shape, dtype in records)
     return 0.0
 
   jax.eval_shape(probe, params, inputs)
 
+  if unsupported:
+    return fail(unsupported[0])
   keys = [f[0] for f in found]
   if len(set(keys)) != len(keys):
     return fail("a Dense/Conv layer is called more than once (shared weights).")
@@ -270,7 +320,7 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
   perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
 
   def batch_mean(p, perts):
-    outputs, records = _forward(apply_fn, p, inputs, perts)
+    outputs, records, _ = _forward(apply_fn, p, inputs, perts)
     values = loss(outputs, targets)
     return jnp.mean(values), (values, {r[0]: r[3] for r in records})
 
@@ -415,7 +465,7 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
   perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
 
   def forward(perts):
-    outputs, records = _forward(apply_fn, params, inputs, perts)
+    outputs, records, _ = _forward(apply_fn, params, inputs, perts)
     return outputs, {r[0]: r[3] for r in records}
 
   _, vjp, acts = jax.vjp(forward, perturbations, has_aux=True)
