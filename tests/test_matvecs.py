@@ -72,6 +72,46 @@ def test_plain_callable_loss_gives_same_ggn():
   np.testing.assert_allclose(flat(auto), flat(exact), rtol=1e-9, atol=1e-11)
 
 
+def _explicit_matrix(matvec, params):
+  """The matrix of a matvec on pytrees, column by column (unit vectors)."""
+  flat_p, unravel = ravel_pytree(params)
+  return jnp.stack([flat(matvec(unravel(e))) for e in jnp.eye(flat_p.size)], axis=1)
+
+
+def test_plain_callable_not_convex_in_outputs_gives_one_psd_ggn():
+  """ggn_matvec, diag_ggn and ggn_eigenpairs agree on J' [H_n]_+ J for sum(sin(f - y))."""
+  def sin_loss(o, t):
+    return jnp.sum(jnp.sin(o - t), axis=-1)
+  apply_fn, _, params, (x, y) = problem("mlp", "mean_squared_error", n=4)
+  batch = (x, y)
+  g = _explicit_matrix(curvax.curvature.ggn_matvec(apply_fn, sin_loss, params, batch), params)
+  np.testing.assert_allclose(g, g.T, atol=1e-12)
+  eig = jnp.linalg.eigvalsh(g)
+  assert float(eig[0]) > -1e-10  # PSD, although the loss has negative curvature
+  np.testing.assert_allclose(
+      jnp.diag(g), flat(curvax.curvature.diag_ggn(apply_fn, sin_loss, params, batch)),
+      rtol=1e-9, atol=1e-12)
+  pairs = curvax.curvature.ggn_eigenpairs(apply_fn, sin_loss, params, batch, 2)
+  np.testing.assert_allclose(pairs.eigenvalues, eig[::-1][:2], rtol=1e-8)
+
+
+def test_plain_callable_with_dict_targets():
+  def weighted(o, t):
+    return t["w"] * 0.5 * jnp.sum((o - t["y"]) ** 2, -1)
+  apply_fn, mse, params, (x, y) = problem("mlp", "mean_squared_error", n=4)
+  targets = {"y": y, "w": jnp.ones(4)}
+  v = _random_like(params, 9)
+  np.testing.assert_allclose(
+      flat(curvax.curvature.ggn_matvec(apply_fn, weighted, params, (x, targets))(v)),
+      flat(curvax.curvature.ggn_matvec(apply_fn, mse, params, (x, y))(v)), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(
+      flat(curvax.curvature.diag_ggn(apply_fn, weighted, params, (x, targets))),
+      flat(curvax.curvature.diag_ggn(apply_fn, mse, params, (x, y))), rtol=1e-9, atol=1e-12)
+  step = curvax.curvature.quadratic_step_size(apply_fn, weighted, params, v, (x, targets))
+  expected = curvax.curvature.quadratic_step_size(apply_fn, mse, params, v, (x, y))
+  np.testing.assert_allclose(flat(step), flat(expected), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["ggn", "hessian", "fisher"])
 def test_matvecs_vmap_over_vectors_and_jit_once(kind):
   apply_fn, loss, params, batch = problem("mlp", "mean_squared_error")
@@ -120,6 +160,19 @@ def test_ggn_is_differentiable():
   np.testing.assert_allclose(jnp.vdot(flat(g), flat(d)), fd, rtol=1e-6)
 
 
+def test_plain_callable_ggn_is_differentiable():
+  """grad of v' G v through the autodiff loss's projected output Hessian (whose
+  zero eigenvalue for cross-entropy makes eigh's and sqrt's derivatives NaN)."""
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  v = _random_like(params, 6)
+
+  def quad(p, l):
+    return jnp.vdot(flat(v), flat(curvax.curvature.ggn_matvec(apply_fn, l, p, batch)(v)))
+
+  np.testing.assert_allclose(flat(jax.grad(quad)(params, lambda o, t: loss(o, t))),
+                             flat(jax.grad(quad)(params, loss)), rtol=1e-9, atol=1e-12)
+
+
 def test_bad_inputs_raise_clear_errors():
   apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
   with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
@@ -160,3 +213,12 @@ def test_default_l2_skips_flax_biases():
   reg = curvax.losses.l2_regularizer(2.0)
   params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
   np.testing.assert_allclose(reg(params), 4.0)
+
+
+def test_default_l2_skips_nnx_biases():
+  from flax import nnx
+  model = nnx.Linear(3, 2, bias_init=nnx.initializers.ones, param_dtype=jnp.float64,
+                     rngs=nnx.Rngs(0))
+  _, params = curvax.flax_utils.from_nnx(model)
+  reg = curvax.losses.l2_regularizer(2.0)
+  np.testing.assert_allclose(reg(params), jnp.sum(model.kernel[...] ** 2), rtol=1e-12)

@@ -54,14 +54,17 @@ def l2_regularizer(weight: float, predicate: Optional[Callable[[Any, Array], boo
   This is DeepOBS's (TensorFlow's ``l2_regularizer``) convention; its Hessian is
   ``weight * I`` on the selected leaves. ``predicate(path, leaf)`` selects the
   leaves (``path`` a ``jax.tree_util`` key path); by default every leaf whose
-  last key is not named ``bias`` (Flax's convention) is penalised.
+  parameter name is not ``bias`` (Flax's convention) is penalised. The name is
+  the last key of the path once the keys of a variable wrapper are skipped:
+  NNX parameters (`curvax.flax_utils.from_nnx`) end in
+  ``['bias'].value`` (a trailing ``GetAttrKey('value')``), and a wrapper
+  flattened without keys adds a ``FlattenedIndexKey``; for Linen's plain
+  dicts the name is the last key itself.
   """
   if predicate is None:
     def predicate(path, leaf):
       del leaf
-      last = path[-1] if path else None
-      name = getattr(last, "key", getattr(last, "name", None))
-      return name != "bias"
+      return _parameter_name(path) != "bias"
 
   def regularizer(params):
     total = 0.0
@@ -71,3 +74,27 @@ def l2_regularizer(weight: float, predicate: Optional[Callable[[Any, Array], boo
     return 0.5 * weight * total
 
   return regularizer
+
+
+_WRAPPER_ATTRS = ("value", "raw_value")
+
+
+def _parameter_name(path) -> Any:
+  """The name of the parameter at ``path``, skipping trailing variable-wrapper keys.
+
+  ``GetAttrKey('value')`` / ``GetAttrKey('raw_value')`` (NNX ``Variable``'s
+  payload) and ``FlattenedIndexKey`` (a node flattened without keys) name the
+  wrapper, not the parameter, so the first other key from the end is used:
+  its ``key`` (dict), ``name`` (attribute) or ``idx`` (sequence); ``None`` for
+  an empty path.
+  """
+  for key in reversed(path):
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+      continue
+    if isinstance(key, jax.tree_util.GetAttrKey) and key.name in _WRAPPER_ATTRS:
+      continue
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return getattr(key, attr)
+    return None
+  return None

@@ -10,10 +10,22 @@ import jax.numpy as jnp
 from curvax.losses.base import Loss
 
 
+def _is_integer(targets):
+  return jnp.issubdtype(jnp.result_type(targets), jnp.integer)
+
+
 def _soft_targets(outputs, targets):
-  if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+  if _is_integer(targets):
     return jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
   return targets.astype(outputs.dtype)
+
+
+def _mass(outputs, targets):
+  """``t = sum_c y_c`` per example, ``(N, 1)``: 1 for a label in ``[0, C)``, NaN outside."""
+  if _is_integer(targets):
+    valid = (targets >= 0) & (targets < outputs.shape[-1])
+    return jnp.where(valid, 1.0, jnp.nan).astype(outputs.dtype)[:, None]
+  return jnp.sum(targets, -1, keepdims=True).astype(outputs.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +47,13 @@ class SoftmaxCrossEntropy(Loss):
     ``(S R)(S R)' = H``): a diagonal GGN back-propagates ``C - 1`` columns, not ``C``;
   * Monte-Carlo root: columns ``(onehot(c_m) - p) / sqrt(M)`` for
     ``c_m ~ Cat(p)`` (Eq. 5.9), the gradients at labels drawn from the model.
+
+  An integer label outside ``[0, C)`` (e.g. ``-1`` or ``C``) makes the value,
+  the gradient (also the autodiff one of the value), the Hessian product and
+  both square roots NaN for that example (its mass ``t`` is NaN), so curvax's
+  non-finite guards report it rather than train on a wrapped or dropped label.
+  The check is a cheap elementwise ``where`` on device: no host sync, fine
+  under ``jit``.
   """
 
   def check_targets(self, outputs, targets):
@@ -57,26 +76,25 @@ class SoftmaxCrossEntropy(Loss):
   def __call__(self, outputs, targets):
     self.check_targets(outputs, targets)
     logp = jax.nn.log_softmax(outputs, axis=-1)
-    if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
-      return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    if _is_integer(targets):
+      # Clipped index, then scaled by the mass (1, or NaN for a bad label) so
+      # that the value and its autodiff gradient are NaN, not wrapped/zero.
+      labels = jnp.clip(targets, 0, outputs.shape[-1] - 1)
+      picked = jnp.take_along_axis(logp, labels[:, None], axis=-1)
+      return -(_mass(outputs, targets) * picked)[:, 0]
     return -jnp.sum(targets * logp, axis=-1)
 
   def grad(self, outputs, targets):
     self.check_targets(outputs, targets)
     y = _soft_targets(outputs, targets)
     p = jax.nn.softmax(outputs, axis=-1)
-    return jnp.sum(y, -1, keepdims=True) * p - y
-
-  def _mass(self, outputs, targets):
-    if jnp.issubdtype(jnp.result_type(targets), jnp.integer):
-      return jnp.ones(outputs.shape[:1] + (1,), outputs.dtype)
-    return jnp.sum(targets, -1, keepdims=True).astype(outputs.dtype)
+    return _mass(outputs, targets) * p - y
 
   def hvp(self, outputs, targets, tangents):
     self.check_targets(outputs, targets)
     p = jax.nn.softmax(outputs, axis=-1)
     hu = p * tangents - p * jnp.sum(p * tangents, -1, keepdims=True)
-    return self._mass(outputs, targets) * hu
+    return _mass(outputs, targets) * hu
 
   def sqrt_hessian(self, outputs, targets):
     self.check_targets(outputs, targets)
@@ -94,7 +112,7 @@ class SoftmaxCrossEntropy(Loss):
       u = last * (jax.nn.one_hot(c - 1, c, dtype=p.dtype) - p)
       # S R = S - 2 (S w) w' / (w'w), its first C - 1 columns; 2 / w'w = 1 / (1 + sqrt(p_c)).
       s = s[:, :, :-1] - (u / (1.0 + last))[:, :, None] * w[:, None, :-1]
-    return jnp.sqrt(self._mass(outputs, targets))[:, :, None] * s
+    return jnp.sqrt(_mass(outputs, targets))[:, :, None] * s
 
   def sqrt_hessian_sampled(self, key, outputs, targets, num_samples=1):
     self.check_targets(outputs, targets)
@@ -103,7 +121,7 @@ class SoftmaxCrossEntropy(Loss):
                                shape=(num_samples,) + outputs.shape[:1])  # (M, N)
     onehot = jax.nn.one_hot(c, outputs.shape[-1], dtype=outputs.dtype)  # (M, N, C)
     s = jnp.moveaxis(onehot - p[None], 0, -1)  # (N, C, M)
-    scale = jnp.sqrt(self._mass(outputs, targets) / num_samples)
+    scale = jnp.sqrt(_mass(outputs, targets) / num_samples)
     return scale[:, :, None] * s
 
 
