@@ -176,6 +176,71 @@ def test_alpha_exact_on_noise_free_quadratic(tau1, want):
   np.testing.assert_allclose(got, want, atol=1e-9)
 
 
+def _exact_alpha(f0, f1, df0, df1, *var_tau):
+  """Alpha of the normal equations solved in exact rational arithmetic."""
+  from fractions import Fraction  # pylint: disable=g-import-not-at-top
+  *var, t = [Fraction(float(v)) for v in var_tau]
+  var = [v if v else Fraction(1e-10) for v in var]
+  phi = [[1, 0, 0], [1, t, t * t], [0, 1, 0], [0, 1, 2 * t]]
+  y = [Fraction(float(v)) for v in (f0, f1, df0, df1)]
+  a = [[sum(phi[k][i] * phi[k][j] / var[k] for k in range(4)) for j in range(3)]
+       + [sum(phi[k][i] * y[k] / var[k] for k in range(4))] for i in range(3)]
+  for i in range(3):  # Gaussian elimination, then back substitution
+    for r in range(i + 1, 3):
+      a[r] = [x - a[r][i] / a[i][i] * z for x, z in zip(a[r], a[i])]
+  w = [Fraction(0)] * 3
+  for i in (2, 1, 0):
+    w[i] = (a[i][3] - sum(a[i][c] * w[c] for c in range(i + 1, 3))) / a[i][i]
+  return -1.0 if w[2] <= 0 else float(t / (-w[1] / (2 * w[2])) - 1)
+
+
+def test_alpha_float32_agrees_with_the_exact_fit():
+  """JAX's default float32: the normal equations square the condition number
+  of the whitened rows (short steps, variances over decades) and gave NaN or
+  wrong alphas; the closed-form fit is within a few eps (1 + |alpha|)^2 of the
+  exact fit (alpha = -g1_hat / g0_hat: a relative error eps in g0_hat is
+  eps |alpha| in alpha), and within 1e-12 in float64 (the old float64 normal
+  equations: 6e-6 on this sweep). Cases: zero variances, late-phase steps of a
+  float32 monitor run (NaN and a 60x error before), a random sweep."""
+  cases = [(2.3, 2.29, -1.0, -0.9, 0.0, 0.0, 1.0, 1.0, 0.01),
+           (2.3, 2.25, -1.0, -0.2, 0.5, 0.0, 1.0, 1.0, 0.1),
+           (8.37814699e-04, 3.30059675e-06, -8.97669779e-03, -3.26379055e-07,
+            2.13684645e-05, 1.01899676e-11, 2.56924741e-03, 1.64214053e-13, 0.0179533958),
+           (7.89238366e-04, 2.62259669e-06, -6.57733909e-03, -3.94173182e-07,
+            1.98221565e-05, 8.56038056e-12, 1.38414389e-03, 1.75690033e-12, 0.0131546781),
+           (0.00183577, 8.02780739e-06, -0.0163, 3.09656309e-06, 0.00010746,
+            3.32398673e-10, 0.00850186, 4.24535480e-10, 0.0326000033)]
+  rng = np.random.default_rng(1)
+  n = 200
+  tau = 10 ** rng.uniform(-4, 0, n)
+  var = 10 ** rng.uniform(-8, 1, (4, n))
+  curv = 10 ** rng.uniform(-1, 3, n)
+  slope = -(10 ** rng.uniform(-3, 1, n))
+  f0 = rng.uniform(0, 3, n)
+  noise = 0.1 * rng.normal(size=(3, n)) * np.sqrt(var[1:])
+  f1 = f0 + slope * tau + 0.5 * curv * tau ** 2 + noise[0]
+  obs = np.stack([f0, f1, slope + noise[1], slope + curv * tau + noise[2], *var, tau])
+  obs = np.concatenate([np.asarray(cases).T, obs], axis=1).astype(np.float32)
+  want = np.array([_exact_alpha(*col) for col in obs.T])
+  fit = jax.jit(jax.vmap(dg.alpha_from_fit))
+  got = fit(*jnp.asarray(obs, jnp.float32))
+  assert got.dtype == jnp.float32
+  err = np.abs(np.asarray(got, np.float64) - want)
+  eps = np.finfo(np.float32).eps
+  assert np.all(err <= 10 * eps * (1 + np.abs(want)) ** 2), (np.nanmax(err), np.isnan(err).sum())
+  np.testing.assert_allclose(fit(*jnp.asarray(obs, jnp.float64)), want, rtol=1e-12)
+  # zero variances, exact data: the float32 fit is exact to rounding
+  f = lambda t: (t - 1.0) ** 2
+  for tau1 in (0.5, 0.01):
+    args = [f(0.0), f(tau1), -2.0, 2 * (tau1 - 1.0), 0.0, 0.0, 0.0, 0.0, tau1]
+    got = dg.alpha_from_fit(*[jnp.float32(x) for x in args])
+    np.testing.assert_allclose(got, tau1 - 1.0, rtol=1e-5)
+  # NaN observations give NaN, as a failed fit; a zero step -1
+  nan = dg.alpha_from_fit(*[jnp.float32(x) for x in (1.0, np.nan, -1, 1, 1, 1, 1, 1, 1)])
+  assert np.isnan(nan) and nan.dtype == jnp.float32
+  assert float(dg.alpha_from_fit(*[jnp.float32(x) for x in (1, 1, -1, 1, 1, 1, 1, 1, 0)])) == -1
+
+
 def _linear_mse_problem(n=8, seed=0):
   """Linear model + MSE: the loss is an exact quadratic in the parameters."""
   key = jax.random.PRNGKey(seed)
@@ -503,6 +568,63 @@ def test_bin_index_keeps_the_sign_of_tiny_values_in_float32():
   np.testing.assert_array_equal(dg.counts_1d(x[:1]), np.eye(100, dtype=int)[49])
   idx = jax.jit(lambda v: dg.histograms.bin_index(v, 100, (-2.0, 2.0)))(x)
   np.testing.assert_array_equal(idx, [49, 50, 50, 50, 49, 50, 99, 99, 0])
+
+
+def test_counts_drop_nan_and_clamp_inf_like_numpy():
+  """NaN entries are not counted (np.histogram with a range drops them; they
+  used to land in bin 0), +-inf clamp into the edge bins; in 2-D a pair with a
+  NaN in either coordinate is dropped."""
+  rng = np.random.default_rng(3)
+  g = rng.normal(scale=1.5, size=(3, 4, 5))
+  g.flat[rng.choice(g.size, 12, replace=False)] = [np.nan] * 8 + [np.inf, -np.inf] * 2
+  theta = rng.normal(scale=1.5, size=(4, 5))
+  theta.flat[[1, 7]] = np.nan
+  idx = dg.histograms.bin_index(jnp.asarray([np.nan, np.inf, -np.inf, 0.5]), 12, (-2.0, 2.0))
+  np.testing.assert_array_equal(idx, [12, 11, 0, 7])
+  got = jax.jit(lambda x: dg.counts_1d(x, 12, (-2.0, 2.0)))(g)
+  want, _ = np.histogram(np.clip(g, -2.0, 2.0 - 1e-12), 12, (-2.0, 2.0))
+  np.testing.assert_array_equal(got, want)
+  assert int(got.sum()) == g.size - 8
+  gg, tt = g.ravel(), np.broadcast_to(theta, g.shape).ravel()
+  keep = ~np.isnan(gg) & ~np.isnan(tt)
+  got2 = jax.jit(lambda x, t: dg.counts_2d(x, t, (8, 10), (-1.0, 1.0), (-2.0, 2.0)))(g, theta)
+  want2, _, _ = np.histogram2d(np.clip(gg[keep], -1.0, 1.0 - 1e-12),
+                               np.clip(tt[keep], -2.0, 2.0 - 1e-12), (8, 10),
+                               ((-1.0, 1.0), (-2.0, 2.0)))
+  np.testing.assert_array_equal(got2, want2)
+
+
+@pytest.mark.parametrize("shape,dtype", [((4, 7, 3), np.float32), ((5, 3, 6), np.float64)])
+def test_counts_outer_with_nonfinite_factors_equal_counts_of_the_products(shape, dtype):
+  """Dense kernels' fast path, NaN / +-inf / 0 factors (a diverging run) and
+  NaN parameters: the same counts as the formed products (NaN products,
+  inf * 0 included, dropped; +-inf in the edge bins) and as numpy."""
+  rng = np.random.default_rng(sum(shape))
+  n, i, j = shape
+  a, b = rng.normal(size=(n, i)), rng.normal(size=(n, j))
+  for x in (a, b):
+    u = rng.uniform(size=x.shape)
+    x[u < 0.3] = np.nan
+    x[(u >= 0.3) & (u < 0.4)] = np.inf
+    x[(u >= 0.4) & (u < 0.45)] = -np.inf
+    x[(u >= 0.45) & (u < 0.55)] = 0.0
+  a, b = a.astype(dtype), b.astype(dtype)
+  theta = rng.normal(scale=1.5, size=(i, j)).astype(dtype)
+  theta[0, 1] = np.nan
+  with np.errstate(invalid="ignore"):
+    prods = np.einsum("ni,nj->nij", a, b).astype(np.float64)
+  got = jax.jit(lambda a, b: dg.counts_1d_outer(a, b, 9, (-2.0, 2.0), tile=(3, 4)))(a, b)
+  keep = ~np.isnan(prods)
+  want, _ = np.histogram(np.clip(prods[keep], -2.0, 2.0 - 1e-12), 9, (-2.0, 2.0))
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got, dg.counts_1d(jnp.asarray(prods.astype(dtype)), 9))
+  got2 = jax.jit(lambda a, b, t: dg.counts_2d_outer(a, b, t, (5, 6), tile=(3, 4)))(a, b, theta)
+  th = np.broadcast_to(theta, prods.shape).astype(np.float64)
+  keep &= ~np.isnan(th)
+  want2, _, _ = np.histogram2d(np.clip(prods[keep], -1.0, 1.0 - 1e-12),
+                               np.clip(th[keep], -2.0, 2.0 - 1e-12), (5, 6),
+                               ((-1.0, 1.0), (-2.0, 2.0)))
+  np.testing.assert_array_equal(got2, want2)
 
 
 def test_counts_outer_reject_mismatched_factors():

@@ -4,7 +4,10 @@ Dangel, thesis, App. C.3.4 (Eqs. C.12, C.13); spec diagnostics.md §3.3.
 GradHist1d bins all ``B * D`` unscaled per-example gradient entries ``g_ij``
 (100 bins on ``(-2, 2)`` as in Cockpit's code); GradHist2d bins the pairs
 ``(g_ij, theta_j)`` (40 bins on ``(-1, 1)`` for ``g``, 50 on ``(-2, 2)`` for
-``theta``). Values outside the range are clamped into the edge bins. Bins are
+``theta``). Values outside the range, ``+-inf`` included, are clamped into the
+edge bins; NaN entries (and pairs with a NaN ``g_ij`` or ``theta_j``) are not
+counted, as ``np.histogram`` with a range drops them: a diverging run shows
+fewer entries, not a spike at an edge. Bins are
 found by index arithmetic and counted with a scatter-add (``jnp.bincount`` with
 a static length; no sort or search), so counts are jittable and the bin layout
 is static. XLA:CPU's scatter costs ~2-3 ns per entry whatever the indices, so
@@ -40,7 +43,8 @@ def _anchor(bins: int, value_range: Tuple[float, float]) -> Tuple[int, float]:
 
 
 def bin_index(x: Array, bins: int, value_range: Tuple[float, float]) -> Array:
-  """Bin of each entry of ``x``: ``floor((x - lo) / width)``, clamped to ``[0, bins)``.
+  """Bin of each entry of ``x``: ``floor((x - lo) / width)``, clamped to ``[0, bins)``
+  (``+-inf`` too); ``bins``, an index every caller drops, for NaN.
 
   Computed as ``k + floor((x - c) / width)`` with ``c = lo + k * width`` the edge
   nearest to 0 (`_anchor`), the same bins with exact signs near 0.
@@ -48,8 +52,9 @@ def bin_index(x: Array, bins: int, value_range: Tuple[float, float]) -> Array:
   lo, hi = value_range
   k, c = _anchor(bins, value_range)
   idx = jnp.floor((x - jnp.asarray(c, x.dtype)) * (bins / (hi - lo))) + k
-  # clamped before the conversion: float -> int32 of huge values is undefined
-  return jnp.clip(idx, 0, bins - 1).astype(jnp.int32)
+  # clamped before the conversion: float -> int32 of huge values (and NaN) is undefined
+  idx = jnp.clip(idx, 0, bins - 1)
+  return jnp.where(jnp.isnan(idx), bins, idx).astype(jnp.int32)
 
 
 def bin_edges(bins: int, value_range: Tuple[float, float]) -> Array:
@@ -86,7 +91,8 @@ def _counts(idx: Array, size: int) -> Array:
 
 def counts_1d(g: Array, bins: int = 100,
               value_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
-  """``(bins,)`` int32 counts of the entries of one array (edge bins clamp).
+  """``(bins,)`` int32 counts of the entries of one array (edge bins clamp, NaN
+  dropped).
 
   Uniform bins by index arithmetic (`bin_index`), then a scatter-add of pairs
   of entries (`_counts`), no sort or search.
@@ -228,6 +234,36 @@ def _prefix_counts(a_sorted: Array, order: Array, b: Array, h: Array, tile: Tupl
   return jax.lax.fori_loop(0, n_blocks, block, jnp.zeros((size,), jnp.int32))
 
 
+def _nonfinite_products(a: Array, b: Array, pair) -> Tuple[Array, Array, Array]:
+  """``(all, +inf, -inf)``: the entries of ``a_n b_n'`` with a non-finite factor,
+  and those of them whose product is ``+inf`` / ``-inf`` (the rest are NaN: a
+  NaN factor, or ``inf * 0``); ``pair(x, y) = sum_n`` of the products of the
+  indicators ``x[n, i] y[n, j]``, summed over ``(i, j)`` or per ``(i, j)``."""
+  def classes(x):
+    fin = jnp.isfinite(x)
+    return fin, x == jnp.inf, x == -jnp.inf, fin & (x > 0), fin & (x < 0)
+
+  fin_a, pinf_a, ninf_a, pos_a, neg_a = classes(a)
+  fin_b, pinf_b, ninf_b, pos_b, neg_b = classes(b)
+  # one pair() per sign over the four (class of a, class of b) combinations
+  cat = lambda *xs: jnp.concatenate(xs, axis=0)
+  left = cat(pinf_a, ninf_a, pos_a, neg_a)
+  plus = pair(left, cat(pinf_b | pos_b, ninf_b | neg_b, pinf_b, ninf_b))
+  minus = pair(left, cat(ninf_b | neg_b, pinf_b | pos_b, ninf_b, pinf_b))
+  every = pair(jnp.ones_like(fin_a), jnp.ones_like(fin_b)) - pair(fin_a, fin_b)
+  return every, plus, minus
+
+
+def _finite(x: Array) -> Array:
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def _if_nonfinite(a: Array, b: Array, fn, shape) -> Array:
+  """``fn()`` if ``a`` or ``b`` has a non-finite entry, else int32 zeros of ``shape``."""
+  return jax.lax.cond(~(jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))), fn,
+                      lambda: jnp.zeros(shape, jnp.int32))
+
+
 def counts_1d_outer(a: Array, b: Array, bins: int = 100,
                     value_range: Tuple[float, float] = (-2.0, 2.0), *,
                     tile: Tuple[int, int] = (2048, 64)) -> Array:
@@ -243,16 +279,25 @@ def counts_1d_outer(a: Array, b: Array, bins: int = 100,
   length ``h_nj`` (found by bisection): the rest are counted from prefix sums
   of the signs of ``a_n``, ``O(N (I + J) log I)``, and only the prefixes, in
   tiles of ``tile = (rows, columns)`` entries, are binned and scatter-added
-  like `counts_1d`. The counts equal `counts_1d(einsum("ni,nj->nij", a, b))`
-  (the same products, the same `bin_index`), except that a product which
-  underflows to ``-0.0`` counts by its sign (factors are assumed finite: the
-  order of NaNs is undefined). On 3c3d's first Dense layer (batch 128, 75M
+  like `counts_1d`. Non-finite factors are set to 0 for all that (their
+  entries land in the bin of 0) and their entries are then moved by count:
+  out of that bin, ``+-inf`` products into the edge bins, NaN ones (a NaN
+  factor, ``inf * 0``) dropped. The counts equal
+  `counts_1d(einsum("ni,nj->nij", a, b))` (the same products, the same
+  `bin_index`), except that a product which underflows to ``-0.0`` counts by
+  its sign. On 3c3d's first Dense layer (batch 128, 75M
   entries) 1-4% of the entries are in prefixes: 16 ms against 270 ms for
   `counts_1d` of the formed products (XLA:CPU, 2 cores).
   """
   dtype = jnp.result_type(a, b)
   k_neg, k_zero, t = _near_zero_bins(bins, value_range, dtype)
-  a, b, _, a_sorted, order, h = _outer_prefixes(a, b, t, tile)
+  a_in, b_in = a, b
+  a, b, _, a_sorted, order, h = _outer_prefixes(_finite(a), _finite(b), t, tile)
+  row_sums = lambda x: jnp.sum(x.reshape(-1, a.shape[0], x.shape[-1]), axis=2,
+                               dtype=jnp.int32)
+  pair = lambda x, y: jnp.sum(row_sums(x) * row_sums(y), dtype=jnp.int32)
+  every, plus, minus = _if_nonfinite(  # O(N (I + J)), no scatter
+      a_in, b_in, lambda: jnp.stack(_nonfinite_products(a_in, b_in, pair)), (3,))
   m = a.shape[1]
   # Entries after the prefix: negative iff a and b have opposite signs.
   zero = jnp.zeros((a.shape[0], 1), jnp.int32)
@@ -264,17 +309,21 @@ def counts_1d_outer(a: Array, b: Array, bins: int = 100,
   n_cold = jnp.sum(m - h, dtype=jnp.int32)
   counts = _prefix_counts(a_sorted, order, b, h, tile, bins,
                           lambda v, i, j: bin_index(v, bins, value_range))
-  return counts.at[k_neg].add(n_neg).at[k_zero].add(n_cold - n_neg)
+  counts = counts.at[k_neg].add(n_neg).at[k_zero].add(n_cold - n_neg - every)
+  return counts.at[bins - 1].add(plus).at[0].add(minus)
 
 
 def counts_2d(g: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
               grad_range: Tuple[float, float] = (-1.0, 1.0),
               param_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
-  """``(bins_g, bins_theta)`` counts of ``(g[n, j], theta[j])``; ``g``: ``(n,) + theta.shape``."""
+  """``(bins_g, bins_theta)`` counts of ``(g[n, j], theta[j])``; ``g``: ``(n,) + theta.shape``;
+  a pair with a NaN is dropped."""
   bg, bt = bins
   ig = bin_index(g, bg, grad_range)
   it = jnp.broadcast_to(bin_index(theta, bt, param_range), g.shape)
-  return _counts(ig * bt + it, bg * bt).reshape(bg, bt)
+  # a NaN in either coordinate (bin index bg or bt) drops the pair
+  return _counts(jnp.where((ig == bg) | (it == bt), bg * bt, ig * bt + it),
+                 bg * bt).reshape(bg, bt)
 
 
 def counts_2d_outer(a: Array, b: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
@@ -292,25 +341,29 @@ def counts_2d_outer(a: Array, b: Array, theta: Array, bins: Tuple[int, int] = (4
   ``sum_n [a_ni < 0][b_nj > 0] + [a_ni > 0][b_nj < 0]``, two ``(I x N) (N x J)``
   products of sign indicators; summed per ``theta``-bin (one scatter over the
   ``I x J`` parameters) minus the negative entries binned one by one, that gives
-  the negative entries near 0 of each ``theta``-bin. Equal to `counts_2d` of
-  the formed products, up to products that underflow to ``-0.0`` (counted by
-  sign).
+  the negative entries near 0 of each ``theta``-bin. Non-finite factors as in
+  `counts_1d_outer` (their corrections per parameter, only if there are any:
+  three more such products), a NaN ``theta_ij`` drops its entries. Equal to
+  `counts_2d` of the formed products, up to products that underflow to
+  ``-0.0`` (counted by sign).
   """
   bg, bt = bins
   k_neg, k_zero, t = _near_zero_bins(bg, grad_range, jnp.result_type(a, b))
   shape = (a.shape[-1], b.shape[-1])
-  a, b, swapped, a_sorted, order, h = _outer_prefixes(a, b, t, tile)
+  a_in, b_in = a, b
+  a, b, swapped, a_sorted, order, h = _outer_prefixes(_finite(a), _finite(b), t, tile)
   if theta.shape != shape:
     raise ValueError(f"`theta` must have shape (I, J) = {shape}; got {theta.shape}.")
   n = a.shape[0]
-  t_bin = bin_index(theta, bt, param_range)
-  if swapped:
-    t_bin = t_bin.T
+  t_bin_ij = bin_index(theta, bt, param_range)   # bt (dropped) for NaN
+  t_bin = t_bin_ij.T if swapped else t_bin_ij
+  size = bg * bt * 2
 
-  def index(v, i, j):  # (gradient bin, theta bin, negative)
-    return (bin_index(v, bg, grad_range) * bt + t_bin[i, j]) * 2 + (v < 0)
+  def index(v, i, j):  # (gradient bin, theta bin, negative); products of finite factors
+    tb = t_bin[i, j]
+    return jnp.where(tb == bt, size, (bin_index(v, bg, grad_range) * bt + tb) * 2 + (v < 0))
 
-  hot = _prefix_counts(a_sorted, order, b, h, tile, bg * bt * 2, index).reshape(bg, bt, 2)
+  hot = _prefix_counts(a_sorted, order, b, h, tile, size, index).reshape(bg, bt, 2)
   f32 = lambda x: x.astype(jnp.float32)
   neg_all = f32(a < 0).T @ f32(b > 0) + f32(a > 0).T @ f32(b < 0)   # exact below 2^24
   # int32 throughout: jnp.sum of int32 is int64 under jax_enable_x64
@@ -320,7 +373,15 @@ def counts_2d_outer(a: Array, b: Array, theta: Array, bins: Tuple[int, int] = (4
   near_0 = (n * jnp.bincount(t_bin.reshape(-1), length=bt).astype(jnp.int32)
             - jnp.sum(hot, axis=(0, 2), dtype=jnp.int32))
   counts = jnp.sum(hot, axis=2, dtype=jnp.int32)
-  return counts.at[k_neg].add(neg_near_0).at[k_zero].add(near_0 - neg_near_0)
+  counts = counts.at[k_neg].add(neg_near_0).at[k_zero].add(near_0 - neg_near_0)
+
+  def nonfinite():  # (3, bt): entries with a non-finite factor, +inf and -inf ones
+    pair = lambda x, y: jnp.round(f32(x).T @ f32(y)).astype(jnp.int32)
+    per_param = jnp.stack(_nonfinite_products(a_in, b_in, pair)).reshape(3, -1)
+    return jax.vmap(lambda c: jax.ops.segment_sum(c, t_bin_ij.reshape(-1), bt))(per_param)
+
+  every, plus, minus = _if_nonfinite(a_in, b_in, nonfinite, (3, bt))
+  return counts.at[k_zero].add(-every).at[bg - 1].add(plus).at[0].add(minus)
 
 
 def gradient_histogram(per_example_grads: Any, bins: int = 100,
