@@ -254,6 +254,25 @@ def test_update_jits_once_across_phases_and_skips():
   assert _TRACES.get(key, 0) - before == (0 if before else 1)
 
 
+@pytest.mark.parametrize("kwargs,expected", [
+    ({}, 3),                                                   # prior, posterior, build
+    ({"inner": optax.sgd(0.1, momentum=0.9)}, 3),              # reset inside the build's
+    ({"precondition": False}, 1),                              # OnlyAdaptive: prior only
+    ({"num_observations": 1, "rank": 1}, 1),                   # no posterior phase
+])
+def test_number_of_conds_per_step(kwargs, expected):
+  # Every step runs each lax.cond of the update (taken or not), and on a GPU
+  # each one waits for the host to read its predicate (~40 us on an H200): the
+  # fit, the inner state's reset and (without posterior observations) the
+  # build share a branch instead of adding conds.
+  params = {"x": jnp.ones(N)}
+  tx = probabilistic_preconditioning(SINGLE, **{"prior_iterations": 2, **kwargs})
+  grads = jax.tree.map(jnp.ones_like, params)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p, batch=BATCH))(
+      grads, tx.init(params), params)
+  assert sum(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns) == expected
+
+
 def test_chain_and_unknown_kwargs_and_inject_hyperparams():
   params = {"x": jnp.ones(N)}
   g = jax.grad(SINGLE)(params, BATCH)

@@ -121,8 +121,10 @@ class ProbabilisticPreconditioningState(NamedTuple):
       rank-k Hessian estimate (L1) (its eigenvalue estimates).
     eigenvectors: per leaf, ``U``'s ``k`` rows ``(n,)`` (L1), a tuple of arrays (not
       one ``(k, n)`` array: rows sliced out of it were copied every step).
-    directions: per leaf, ``S`` as rows ``(M, n)`` (unit-norm observed directions).
-    residuals: per leaf, ``Delta = Y - S / alpha`` as rows ``(M, n)`` (B2).
+    directions: per leaf, ``S`` as rows ``(M, n)`` (unit-norm observed
+      directions; zero during the prior phase, which spends no observation).
+    residuals: per leaf, ``Delta = Y - S / alpha`` as rows ``(M, n)`` (B2; zero
+      during the prior phase).
     sum_vu, sum_uu, sum_vv: (G,) prior sums of v'u, ||u||^2, ||v||^2.
     sum_directions: sum of the prior directions v_i (shaped like params).
     sum_products: sum of the prior products u_i = H_i v_i (shaped like params).
@@ -368,9 +370,10 @@ def probabilistic_preconditioning(
       return per_group[gids[i]]
 
     # Structure (cost): one flat sequence of two-way conds, one per estimation
-    # phase (and one for the fit and one for the rank-k build; the cheap
-    # preconditioning step is computed outside them, see below), each passing through only
-    # the fields it may change. A single lax.switch over the whole state, or
+    # phase (the fit runs in the prior's, selected by where) and one for the
+    # rank-k build; the cheap preconditioning step is computed outside them,
+    # see below. Each passes through only the fields it may change. A single
+    # lax.switch over the whole state, or
     # conds nested in pass-through branches, make XLA copy every buffer passing
     # through (S, Delta, U, the prior sums: ~(2M + k + 2) x params) on every
     # step; flat two-way conds over donated buffers update them in place, so a
@@ -402,18 +405,15 @@ def probabilistic_preconditioning(
 
     prior_fields = ("sum_vu", "sum_uu", "sum_vv", "sum_directions", "sum_products",
                     "round_step", "num_skipped")
-    carry = tuple(getattr(state, f) for f in prior_fields)
-    carry, do_fit = jax.lax.cond(phase == PRIOR, prior_step,
-                                 lambda c: (c, jnp.zeros([], bool)), carry)
-    state = state._replace(**dict(zip(prior_fields, carry)))
 
     # ------------------------------------------------------------------ fit
     fit_fields = ("alpha", "prior_scale", "noise_scale", "learning_rate",
                   "num_negative_curvature", "directions", "residuals", "num_observations",
                   "round_step", "num_failed_fits")
 
-    def fit(state):
-      # (P1), (P2), (P3).
+    def fit(state, do_fit):
+      # (P1), (P2), (P3), on the prior phase's last step (``do_fit``); the
+      # fields are returned unchanged on its other steps.
       # Negative average curvature (a saddle region of a non-convex loss): use
       # |sum v'u|, the curvature's magnitude, and count it (num_negative_curvature).
       negative = jnp.any(state.sum_vu < 0)
@@ -432,27 +432,35 @@ def probabilistic_preconditioning(
       new = state._replace(alpha=alpha, prior_scale=w, noise_scale=lam, learning_rate=lr,
                            num_negative_curvature=state.num_negative_curvature
                            + negative.astype(jnp.int32))
+      failed = state._replace(round_step=jnp.zeros_like(state.round_step),
+                              num_observations=jnp.zeros_like(state.num_observations),
+                              num_failed_fits=state.num_failed_fits + 1)
+      # Selected with where, not a nested cond (see "Structure").
+      small = tuple(f for f in fit_fields if f not in ("directions", "residuals"))
+      out = {f: jax.tree.map(lambda a, b, c: jnp.where(do_fit, jnp.where(valid, a, b), c),
+                             getattr(new, f), getattr(failed, f), getattr(state, f))
+             for f in small}
       if estimate:
         # (O1): first observation from the prior means, with (B2) Delta = Y - S / alpha.
+        # In the prior phase S and Delta hold nothing that is read (the last
+        # round's observations are spent), so every prior step writes them
+        # outright, zeros with row 0 the observation on a successful fit: one
+        # write, where a select would read and write both buffers.
+        write = do_fit & valid
         dirs, res = [], []
         for i, (sv, su, buf) in enumerate(zip(sum_v, sum_u, state.directions)):
           nrm = jnp.linalg.norm(sv / num_prior)
           inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
           s1 = -(sv / num_prior) * inv
           y1 = -(su / num_prior) * inv
-          dirs.append(jnp.zeros_like(buf).at[0].set(s1))
-          res.append(jnp.zeros_like(buf).at[0].set(y1 - s1 / leaf_scalar(alpha, i)))
-        new = new._replace(directions=tuple(dirs), residuals=tuple(res), num_observations=one)
-      failed = state._replace(round_step=jnp.zeros_like(state.round_step),
-                              num_observations=jnp.zeros_like(state.num_observations),
-                              num_failed_fits=state.num_failed_fits + 1)
-      # Selected with where, not a nested cond (rare step; see "Structure").
-      return tuple(jax.tree.map(lambda a, b: jnp.where(valid, a, b), getattr(new, f),
-                                getattr(failed, f)) for f in fit_fields)
+          zero = jnp.zeros((), buf.dtype)
+          dirs.append(jnp.zeros_like(buf).at[0].set(jnp.where(write, s1, zero)))
+          res.append(jnp.zeros_like(buf).at[0].set(
+              jnp.where(write, y1 - s1 / leaf_scalar(alpha, i), zero)))
+        out.update(directions=tuple(dirs), residuals=tuple(res),
+                   num_observations=jnp.where(write, one, out["num_observations"]))
+      return state._replace(**out)
 
-    carry = jax.lax.cond(do_fit, fit, lambda s: tuple(getattr(s, f) for f in fit_fields),
-                         state)
-    state = state._replace(**dict(zip(fit_fields, carry)))
 
     # ------------------------------------------------------------ posterior
     post_fields = ("directions", "residuals", "num_observations", "round_step", "num_skipped",
@@ -499,11 +507,6 @@ def probabilistic_preconditioning(
               round_step.astype(state.round_step.dtype), skipped,
               jnp.where(give_up, 0, retakes).astype(jnp.int32))
 
-    if estimate:
-      carry = jax.lax.cond(phase == POSTERIOR, posterior_step,
-                           lambda s: tuple(getattr(s, f) for f in post_fields), state)
-      state = state._replace(**dict(zip(post_fields, carry)))
-
     # -------------------------------------------------------- precondition
     # ``phase == PRECONDITION``, read through the conds' ``round_step`` (which is
     # ``>= apply_start`` throughout the preconditioning phase; no cond changes
@@ -513,9 +516,6 @@ def probabilistic_preconditioning(
     # before the update and may copy parameters on every step to protect them
     # (AdaptiveSGD on mnist_mlp, XLA:CPU: three kernels, 4.3 MB, precondition-
     # phase step 1.21 -> 1.14x SGD).
-    in_precondition = (phase == PRECONDITION) & (state.round_step >= apply_start)
-    starting = in_precondition & (state.round_step == apply_start)
-
     def build(state):
       # (L1) per leaf.
       vecs, vals = [], []
@@ -530,12 +530,50 @@ def probabilistic_preconditioning(
         vals.append(jnp.where(ok, sigma, 1.0))
       return tuple(vecs), tuple(vals)
 
-    if estimate:
-      vecs, vals = jax.lax.cond(starting, build, lambda s: (s.eigenvectors, s.eigenvalues),
-                                state)
-      state = state._replace(eigenvectors=vecs, eigenvalues=vals)
-    inner_state = jax.lax.cond(starting, lambda s: inner.init(params), lambda s: s,
-                               state.inner_state)
+    # The conds. GPU runtimes sync with the host for each lax.cond (its
+    # predicate is read on the host: ~40 us per cond on an H200, measured), and
+    # the preconditioning phase runs all of them untaken, so there are as few
+    # as the structure allows: the prior phase's (the fit selected inside it by
+    # where), the posterior's, and the build's (with the inner state's reset).
+    # Building inside the posterior branch (after the last observation), as the
+    # prior branch does below where there are no observations, made XLA copy S
+    # and Delta on every posterior step (the build read the rows just written
+    # in place), and a branch that built from S and Delta as they came in,
+    # before writing, made it copy them on every step: kept apart.
+    finish_in_prior = not estimate or num_obs == 1    # no posterior phase
+    prior_out = prior_fields + tuple(f for f in fit_fields if f not in prior_fields)
+    build_out = ("eigenvectors", "eigenvalues", "inner_state")
+    if finish_in_prior:
+      prior_out += build_out
+
+    def build_and_reset(state):
+      vecs, vals = build(state) if estimate else (state.eigenvectors, state.eigenvalues)
+      return vecs, vals, inner.init(params)
+
+    def prior_branch(state):
+      carry, do_fit = prior_step(tuple(getattr(state, f) for f in prior_fields))
+      state = fit(state._replace(**dict(zip(prior_fields, carry))), do_fit)
+      if finish_in_prior:   # the round's last estimation step: (L1) and the reset
+        done = state.round_step == apply_start
+        state = state._replace(**dict(zip(build_out, jax.tree.map(
+            lambda a, b: jnp.where(done, a, b), build_and_reset(state),
+            tuple(getattr(state, f) for f in build_out)))))
+      return tuple(getattr(state, f) for f in prior_out)
+
+    def unchanged(fields):
+      return lambda state: tuple(getattr(state, f) for f in fields)
+
+    def cond(pred, branch, fields, state):
+      return state._replace(**dict(zip(fields, jax.lax.cond(pred, branch, unchanged(fields),
+                                                            state))))
+
+    state = cond(phase == PRIOR, prior_branch, prior_out, state)
+    if not finish_in_prior:
+      state = cond(phase == POSTERIOR, posterior_step, post_fields, state)
+      starting = (phase == PRECONDITION) & (state.round_step == apply_start)
+      state = cond(starting, build_and_reset, build_out, state)
+    inner_state = state.inner_state
+    in_precondition = (phase == PRECONDITION) & (state.round_step >= apply_start)
 
     # Computed on every step and selected with ``where``, not in a cond: the
     # step is a few elementwise passes (plus the inner optimizer's), so XLA
