@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -77,3 +78,19 @@ def print_host_times(runs, *args, width: int = 36) -> None:
     seconds, (run[1], run[2]) = host_time_per_call(run[0], (run[1], run[2]), *args)
     arrays = len(jax.tree_util.tree_leaves((run[1], run[2])))
     print(f"  {name:{width}s} {1e3 * seconds:6.3f} ms/call   ({arrays} arrays in and out)")
+
+
+def steps_in_one_call(body, num_steps: int):
+  """``num_steps`` training steps as ONE jitted, donated call (a ``fori_loop``).
+
+  ``body(t, params, state, data) -> (params, state)`` is one step, picking its
+  batch(es) out of ``data`` (stacked batches) by the step index ``t``. Returns
+  ``run(params, state, data) -> (params, state)``. Against one call per step
+  this takes the host's per-call work (argument and output handling, launch)
+  out of the step rate, which on a GPU and a small model can dominate it; it is
+  what docs/performance.md recommends there.
+  """
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def run(params, state, data):
+    return jax.lax.fori_loop(0, num_steps, lambda t, c: body(t, *c, data), (params, state))
+  return run

@@ -37,10 +37,17 @@ interval 1.14-1.18x against 1.58x, 1.94x, 1.22x donated (one run each). The last
 benchmarks/_timing.py: ``host_time_per_call``): what a GPU must hide behind
 its compute.
 
+Then (``--one-call``, the default) each block of steps once more as ONE jitted
+call (``lax.fori_loop``): no per-step host work. On an H200 (2026-11-27) the
+bare step took 0.15-0.16 ms per call and 0.085 ms in a loop; per call biased
+1.8-2.4x, debiased 1.8-2.4x, interval 2.2-3.0x (46 arrays per call against 25,
+and the interval mode's cond syncs with the host); in a loop 2.0x / 2.3x /
+1.7-1.9x, the arithmetic alone 1.7x: see docs/performance.md.
+
 Timings are medians over repeats of blocks of steps, interleaving the variants,
 so machine noise hits all of them alike. Usage:
 
-  python benchmarks/curvature_step_size.py [--inner nadamw|sgd] [--repeats 7]
+  python benchmarks/curvature_step_size.py [--inner nadamw|sgd] [--repeats 7] [--no-one-call]
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import curvax  # noqa: E402  (the checkout's curvax, not an installed copy)
-from _timing import print_host_times  # noqa: E402  (benchmarks/_timing.py)
+from _timing import print_host_times, steps_in_one_call  # noqa: E402  (benchmarks/_timing.py)
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
 
 SIZES = (784, 1000, 500, 100, 10)
@@ -97,11 +104,7 @@ def alpha_step_only(inner, apply_fn, loss):
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
-def make_step(tx, loss_fn, needs_batches):
-  # Parameters and state donated, as a training loop (and curvax.problems.run)
-  # would: XLA updates them in place instead of allocating fresh outputs (which
-  # glibc maps anew: hundreds of page faults per step of the bare optimizer).
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+def step_fn(tx, loss_fn, needs_batches):
   def step(params, state, batch, eval_batch):
     grads = jax.grad(loss_fn)(params, batch)
     if needs_batches:
@@ -112,12 +115,33 @@ def make_step(tx, loss_fn, needs_batches):
   return step
 
 
+def make_step(tx, loss_fn, needs_batches):
+  # Parameters and state donated, as a training loop (and curvax.problems.run)
+  # would: XLA updates them in place instead of allocating fresh outputs (which
+  # glibc maps anew: hundreds of page faults per step of the bare optimizer).
+  return functools.partial(jax.jit, donate_argnums=(0, 1))(
+      step_fn(tx, loss_fn, needs_batches))
+
+
+def make_block_call(tx, loss_fn, needs_batches, num_steps):
+  """``num_steps`` steps as one jitted call; batches i % 2 and 2 + i % 2 of
+  the stacked four, as the per-call loop uses them."""
+  one = step_fn(tx, loss_fn, needs_batches)
+
+  def body(t, params, state, data):
+    pick = lambda i: jax.tree.map(lambda a: a[i], data)  # noqa: E731
+    return one(params, state, pick(t % 2), pick(2 + t % 2))
+  return steps_in_one_call(body, num_steps)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--inner", default="nadamw", choices=("nadamw", "sgd"))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=100, help="steps per timed block "
                       "(a multiple of 100, so interval mode sees whole intervals)")
+  parser.add_argument("--one-call", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time each block of steps as one jitted call (fori_loop)")
   args = parser.parse_args()
 
   loss = curvax.losses.softmax_cross_entropy
@@ -179,11 +203,38 @@ def main():
             f"{'' if target is None else f'<= {target}':>7s} "
             f"{faults[name] / (args.repeats * args.steps):11.0f}")
 
+  def measure_one_call():
+    # Each block of steps one jitted call (fori_loop): no per-step host work.
+    stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
+    calls = {}
+    for name, (tx, needs) in variants.items():
+      call = make_block_call(tx, loss_fn, needs, args.steps)
+      params, state = call(*jax.tree.map(jnp.copy, (params0, tx.init(params0))), stacked)
+      jax.block_until_ready(params)
+      calls[name] = [call, params, state]
+    times = {name: [] for name in variants}
+    for _ in range(args.repeats):
+      for name, run in calls.items():
+        start = time.perf_counter()
+        run[1], run[2] = run[0](run[1], run[2], stacked)
+        jax.block_until_ready(run[1])
+        times[name].append((time.perf_counter() - start) / args.steps)
+    bare = np.median(times["bare"])
+    print(f"{args.steps} steps per jitted call (lax.fori_loop; no per-step host work):")
+    for name in variants:
+      med = np.median(times[name])
+      target = targets.get(name)
+      print(f"  {name:30s} {1e3 * med:9.3f} {med / bare:7.3f} "
+            f"{np.min(times[name]) / np.min(times['bare']):9.3f} "
+            f"{'' if target is None else f'<= {target}':>7s}")
+
   print(f"curvature_step_size on {jax.devices()[0].platform}: MLP {'-'.join(map(str, SIZES))}, "
         f"batch 128, float32, inner={args.inner}, {args.repeats} repeats x {args.steps} steps")
   measure("default allocator")
   if _allocator.cache_large_blocks():
     measure("glibc caching large blocks (see benchmarks/_allocator.py)")
+  if args.one_call:
+    measure_one_call()
   print_host_times(runs, batches[0], batches[2], width=30)
   state = runs["interval 100/10 debiased"][2]
   print(f"(interval mode computed curvature on {int(state.num_computed)} of "

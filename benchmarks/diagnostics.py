@@ -24,7 +24,13 @@ and reports, as ratios to a plain jitted SGD step (gradient + update):
 * every 64th step: ``(tracked + after + 62 * untracked) / 64``, amortised.
 
 Cockpit's published figures (thesis Fig. C.8 / 7.6b, GPU, CIFAR-10 3c3d):
-every step 1.5x / 2.0x / 21x, every 64th step 1.0x / 1.0x / 1.3x.
+every step 1.5x / 2.0x / 21x, every 64th step 1.0x / 1.0x / 1.3x. The first
+GPU run (one H200, 2026-11-27, plain step 1.0 ms) gave every step 11x / 33x
+(15x with ``:mc``) / 56x, every 64th 2.2x / 2.8x / 3.8x, untracked steps
+2.1-3.0x: far from Cockpit's there (on 2 CPU cores: 1.5x / 5.5x / 14x and
+1.0x / 1.1x / 1.3x). Not yet split up; suspects: the untracked steps' 2-3 conds
+(each a host sync on XLA:GPU) and, tracked, the histograms' scatter-adds into
+100 bins (atomics on a GPU): try ``--presets economy-grad_hist_1d``.
 
 Timings are medians over ``--repeats`` rounds; each round times every step kind
 of a preset and the plain step once, in turn (the same input state each time),

@@ -38,11 +38,18 @@ rows print the host time per call (benchmarks/_timing.py:
 the PP step moves 80 (SGD 8), which a GPU has to hide behind a step that may
 be shorter.
 
+Then (``--one-call``, the default) each epoch once more as ONE jitted call, a
+``lax.fori_loop`` over its steps: no per-step host work. On an H200 (synthetic
+data, 2026-11-27) one call per step gave PreconditionedSGD 9-11x SGD (host time
+per call 0.7-1.2 ms against SGD's 0.1 ms, and its conds' host syncs; floor row
+1.3-1.8x), one call per epoch 3.5-3.9x (floor 1.3-1.4x, OnlyAdaptiveSGD 1.6-1.7x):
+see docs/performance.md.
+
 Fashion-MNIST batches when installed, else synthetic ones of the same shapes.
 Each configuration runs whole epochs of jitted steps (one compiled step, a
 Python loop over batches already on the device); the ratios are medians over
 repeats measured in one run. Usage: python benchmarks/probabilistic_preconditioning.py
-[--epochs-per-repeat 1] [--repeats 5] [--steps 469]
+[--repeats 5] [--steps 469] [--no-one-call]
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ import curvax
 from curvax.solvers import bayesian_hessian as bh
 
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
-from _timing import print_host_times  # noqa: E402  (benchmarks/_timing.py)
+from _timing import print_host_times, steps_in_one_call  # noqa: E402  (benchmarks/_timing.py)
 
 
 def mlp_init(key, sizes=(784, 1000, 500, 100, 10)):
@@ -176,6 +183,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=469)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--one-call", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time each epoch as one jitted call (fori_loop)")
   args = parser.parse_args()
 
   loss_fn = curvax.losses.objective(mlp_apply, curvax.losses.softmax_cross_entropy)
@@ -195,15 +204,25 @@ def main():
   configs[REFERENCE] = optax.chain(fixed_low_rank_preconditioner(jax.random.PRNGKey(2)),
                                    optax.sgd(0.01))
 
-  def make_step(tx):
-    # Donating params and state lets XLA update the estimation buffers in place
-    # (without it every step copies S, Delta and the prior sums: ~(2M + 4) x params).
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step_fn(tx):
     def step(params, state, batch):
       grads = jax.grad(loss_fn)(params, batch)
       updates, state = tx.update(grads, state, params, batch=batch)
       return optax.apply_updates(params, updates), state
     return step
+
+  def make_step(tx):
+    # Donating params and state lets XLA update the estimation buffers in place
+    # (without it every step copies S, Delta and the prior sums: ~(2M + 4) x params).
+    return functools.partial(jax.jit, donate_argnums=(0, 1))(step_fn(tx))
+
+  stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
+
+  def make_epoch_call(tx):
+    one = step_fn(tx)
+    return steps_in_one_call(
+        lambda t, p, s, data: one(p, s, jax.tree.map(lambda a: a[t % num_distinct], data)),
+        steps)
 
   def epoch(step, params, state):
     for t in range(steps):
@@ -238,12 +257,37 @@ def main():
             f"(fastest/fastest {np.min(times[name]) / fastest:5.2f}x)   "
             f"{faults[name] / (args.repeats * steps):7.0f} page faults/step")
 
+  def measure_one_call():
+    # Each epoch one jitted call (fori_loop over the steps): no per-step host
+    # work, so this is the step rate the device alone allows.
+    calls = {}
+    for name, tx in configs.items():
+      call = make_epoch_call(tx)
+      params, state = call(jax.tree.map(jnp.copy, params0), tx.init(params0), stacked)
+      jax.block_until_ready(params)
+      calls[name] = [call, params, state]
+    times = {name: [] for name in configs}
+    for _ in range(args.repeats):
+      for name, run in calls.items():
+        t0 = time.perf_counter()
+        run[1], run[2] = run[0](run[1], run[2], stacked)
+        jax.block_until_ready(run[1])
+        times[name].append(time.perf_counter() - t0)
+    base = np.median(times["SGD (lr 0.01)"])
+    print("each epoch ONE jitted call (lax.fori_loop over its steps; no per-step host work):")
+    for name in configs:
+      t = np.median(times[name])
+      print(f"  {name:36s} {t:8.3f} s/epoch   {t / base:5.2f}x SGD   "
+            f"(fastest/fastest {np.min(times[name]) / np.min(times['SGD (lr 0.01)']):5.2f}x)")
+
   print(f"device: {jax.devices()[0].device_kind}; {data_name} data; {steps} steps/epoch, "
         f"batch 128, median of {args.repeats} epochs")
   measure("default allocator")
   if _allocator.cache_large_blocks():
     measure("glibc caching large blocks (like a GPU runtime's caching allocator; "
             "see benchmarks/_allocator.py)")
+  if args.one_call:
+    measure_one_call()
   phase_costs(make_step, configs, params0, batches)
   for name, run in runners.items():
     if name not in _PP_KWARGS:
