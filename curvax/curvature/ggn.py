@@ -24,9 +24,9 @@ def ggn_matvec(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
 
   (Schraudolph 2002; Martens 2010; Dangel, thesis, Eq. 3.13b). ``G`` is the
   Hessian of the loss of the model linearised at ``params`` (Eq. 3.16), and
-  positive semi-definite: curvax's losses are convex in the outputs, and for a
-  plain callable loss ``H_n`` is the projection of its output Hessian on the
-  positive semi-definite cone (`curvax.losses.AutodiffLoss`).
+  positive semi-definite for losses convex in the outputs (all of curvax's; a
+  plain callable that is not gives the indefinite ``J'HJ`` here, see
+  `curvax.losses.AutodiffLoss`).
 
   The model is linearised once here (``jax.linearize`` +
   ``jax.linear_transpose``), so each call of the returned function costs one

@@ -13,10 +13,9 @@ value it provides, per example and with respect to the outputs:
 
 These are what the generalised Gauss-Newton ``G = (1/N) sum_n J_n' H_n J_n``
 (Schraudolph 2002; Martens 2010) needs: curvax never forms ``H_n`` for a
-product, it only applies it. ``H_n`` here is the output curvature the GGN
-uses: the Hessian for curvax's losses (all convex in the outputs); for a plain
-callable (`AutodiffLoss`) its projection ``[H_n]_+`` on the positive
-semi-definite cone, so that every method of a loss refers to one matrix.
+product, it only applies it. curvax's losses are convex in the outputs, so
+``H_n`` is positive semi-definite and all methods refer to it; for a plain
+callable (`AutodiffLoss`) see there for a loss that is not convex.
 
 Conventions for square roots: ``sqrt_hessian`` returns an array of shape
 ``outputs.shape + (K,)``: column ``k`` of example ``n`` is ``S_n[..., k]``, laid
@@ -82,12 +81,10 @@ class Loss(abc.ABC):
   def hessian(self, outputs: Array, targets: Array) -> Array:
     """Dense per-example ``S_n S_n'``, shape ``(N, C, C)`` with ``C = prod(outputs.shape[1:])``.
 
-    This is the output curvature that `hvp`, the square roots and hence every
-    GGN in curvax use: the true output Hessian ``hess_f l(f_n, y_n)`` for
-    curvax's losses (convex in the outputs), and for a plain callable
-    (`AutodiffLoss`) its projection ``[H_n]_+`` on the positive semi-definite
-    cone, which differs from the Hessian where the loss is not convex in the
-    outputs. Meant for tests and small output dimensions.
+    The output Hessian ``hess_f l(f_n, y_n)`` for a loss convex in the outputs
+    (all of curvax's); for a plain callable that is not, its projection
+    ``[H_n]_+`` on the positive semi-definite cone (see `AutodiffLoss`). Meant
+    for tests and small output dimensions.
     """
     s = self.sqrt_hessian(outputs, targets)
     n = s.shape[0]
@@ -99,63 +96,26 @@ def _flatten_outputs(x: Array) -> Array:
   return x.reshape(x.shape[0], -1)
 
 
-@jax.custom_jvp
-def _psd_part(h: Array) -> Array:
-  """``[h]_+ = Q diag(max(lam, 0)) Q'`` for a symmetric ``h = Q diag(lam) Q'``, ``(C, C)``.
-
-  Its JVP is the Daleckii-Krein formula ``d[h]_+ = Q (F o (Q' dh Q)) Q'`` with
-  the divided differences ``F_ij = (f(lam_i) - f(lam_j)) / (lam_i - lam_j)`` of
-  ``f = max(., 0)``, and ``F_ij = f'(lam_i) = [lam_i > 0]`` where
-  ``lam_i = lam_j``. Every ``F_ij`` lies in ``[0, 1]`` (1 for two positive
-  eigenvalues, 0 for two non-positive ones), so repeated eigenvalues, for
-  which the JVP of ``eigh`` is NaN, are harmless.
-  """
-  lam, q = jnp.linalg.eigh(h)
-  return (q * jnp.maximum(lam, 0.0)) @ q.T
-
-
-@_psd_part.defjvp
-def _psd_part_jvp(primals, tangents):
-  (h,), (dh,) = primals, tangents
-  lam, q = jnp.linalg.eigh(h)
-  f = jnp.maximum(lam, 0.0)
-  diff = lam[:, None] - lam[None, :]
-  same = diff == 0
-  positive = jnp.broadcast_to(lam[:, None] > 0, diff.shape).astype(lam.dtype)
-  divided = jnp.where(same, positive, (f[:, None] - f[None, :]) / jnp.where(same, 1.0, diff))
-  dsym = 0.5 * (dh + dh.T)
-  return (q * f) @ q.T, q @ (divided * (q.T @ dsym @ q)) @ q.T
-
-
 @dataclasses.dataclass(frozen=True)
 class AutodiffLoss(Loss):
   """Wraps a plain callable ``fn(outputs, targets) -> (N,)`` as a `Loss`.
 
-  The gradient comes from autodiff of the per-example loss. The curvature is
-  the generalised Gauss-Newton one: with the per-example output Hessian
-  ``H_n = Q diag(lam) Q'`` (autodiff, then an eigendecomposition), every
-  curvature method uses its projection on the positive semi-definite cone
+  Gradient and Hessian-vector products come from autodiff of the per-example
+  loss: ``hvp`` is forward-over-reverse, ``O(C)`` per example with ``C =
+  prod(outputs.shape[1:])`` (no ``C x C`` matrix: a VAE's 800 outputs cost one
+  more pass, not 800). The square roots need the ``C x C`` output Hessian
+  ``H_n = Q diag(lam) Q'`` (``C`` autodiff products and an eigendecomposition,
+  ``O(C^3)`` per example): ``S_n = Q diag(sqrt(max(lam, 0))) Q'``, and the
+  sampled factor is ``S_n eps / sqrt(M)`` with ``eps ~ N(0, I)``.
 
-      ``[H_n]_+ = Q diag(max(lam, 0)) Q' = S_n S_n'``,
-      ``S_n = Q diag(sqrt(max(lam, 0))) Q'``,
-
-  so that a GGN built from this loss is positive semi-definite (Schraudolph
-  2002; what CG needs) and ``hvp`` (``[H_n]_+ u_n``, used by
-  `ggn_matvec` and `quadratic_step_size`), ``sqrt_hessian`` (diagonals,
-  eigenpairs), ``sqrt_hessian_sampled`` (``S_n eps / sqrt(M)``,
-  ``eps ~ N(0, I)``) and `hessian` all refer to the same matrix. For a loss
-  convex in the outputs ``[H_n]_+ = H_n``, the exact output Hessian; otherwise
-  the negative curvature of the loss is dropped (the true Hessian of the
-  objective is `curvax.curvature.hessian_matvec`'s business).
-
-  Cost: each method forms the ``C x C`` output Hessian of every example (``C``
-  autodiff Hessian-vector products, ``C = prod(outputs.shape[1:])``) and its
-  eigendecomposition, ``O(C^3)`` per example, ``hvp`` included. Within one
-  jitted computation whose products share the outputs (CG's ``while_loop``
-  over `ggn_matvec`) the factorisation is loop-invariant and XLA normally
-  hoists it, so it is paid once per solve rather than per product. That is
-  cheap for tens of outputs and acceptable for a hundred; for larger ``C``
-  subclass `Loss` with closed forms, as the built-in losses do.
+  For a loss convex in the outputs (cross-entropies, squared errors, the VAE's
+  reconstruction + KL) ``S_n S_n' = H_n``, and every method refers to the same
+  matrix. For one that is not, ``S_n S_n' = [H_n]_+``, the projection on the
+  positive semi-definite cone, while ``hvp`` applies ``H_n`` itself: then
+  `ggn_matvec` and `quadratic_step_size` use the true, indefinite ``J'HJ``,
+  and `diag_ggn`, `ggn_eigenpairs` and `hessian` its PSD counterpart ``J'[H]_+J``.
+  (Projecting in ``hvp`` too would cost the ``O(C^3)`` factorisation on every
+  product.) Subclass `Loss` to choose another convention or closed forms.
 
   ``fn`` must treat examples independently (it is evaluated one example at a
   time through ``vmap``). ``targets`` may be an array or a pytree of arrays
@@ -203,16 +163,10 @@ class AutodiffLoss(Loss):
     return jax.vmap(one)(self._hessian_flat(outputs, targets))
 
   def hvp(self, outputs, targets, tangents):
-    """``[H_n]_+ u_n`` (``= S_n S_n' u_n``), shaped like ``outputs``.
-
-    Applies ``[H_n]_+`` itself rather than ``S_n (S_n' u_n)``: the same matrix,
-    but differentiable w.r.t. the outputs (hence the parameters, e.g.
-    ``grad`` of ``v' G v``) where the square root's is not (``sqrt`` at the
-    zero eigenvalues); see `_psd_part`.
-    """
-    p = jax.vmap(_psd_part)(self._hessian_flat(outputs, targets))
-    u = _flatten_outputs(tangents).astype(p.dtype)
-    return jnp.einsum("ncd,nd->nc", p, u).reshape(tangents.shape)
+    """``H_n u_n`` by forward-over-reverse autodiff: ``O(C)``, no ``C x C`` matrix."""
+    def one(o, t, u):
+      return jax.jvp(lambda o_: jax.grad(self._single)(o_, t), (o,), (u,))[1]
+    return jax.vmap(one)(outputs, targets, tangents)
 
   def sqrt_hessian(self, outputs, targets):
     s = self._sqrt_flat(outputs, targets)
