@@ -152,7 +152,7 @@ def test_objective_is_batch_mean():
 def test_softmax_root_is_exact_when_one_class_takes_all_the_mass(dominant):
   # p_c -> 1 for the class the Householder reflection pivots on (the last) or
   # another: the (C - 1)-column root stays exact in float32 (no 0 / 0).
-  outputs = jnp.zeros((2, C), jnp.float32).at[:, dominant].set(jnp.array([30.0, 8.0]))
+  outputs = jnp.zeros((2, C), jnp.float32).at[:, dominant].set(jnp.array([30.0, 8.0], jnp.float32))
   labels = jnp.array([1, dominant])
   loss = curvax.losses.softmax_cross_entropy
   s = loss.sqrt_hessian(outputs, labels)
