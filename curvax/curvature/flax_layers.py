@@ -150,11 +150,14 @@ def _forward(apply: LinenApply, params, inputs, perturbations):
     would give gradients with respect to the transformed values.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from flax.core import tracers  # pylint: disable=g-import-not-at-top
+  try:  # Flax's own helper over JAX's trace-state API (flax.core.tracers, Flax 0.10+)
+    from flax.core.tracers import current_trace  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover  (without it lifted transforms go undetected)
+    current_trace = lambda: None  # noqa: E731
   records = []
   unsupported = []
   layer_types = _layer_types()
-  base_trace = tracers.current_trace()
+  base_trace = current_trace()
   leaves = {_key_tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -162,7 +165,7 @@ def _forward(apply: LinenApply, params, inputs, perturbations):
     if context.method_name != "__call__" or type(module) not in layer_types:
       return next_fun(*args, **kwargs)
     key = "/".join(module.path)
-    if tracers.current_trace() != base_trace:
+    if current_trace() != base_trace:
       unsupported.append(
           f"layer {key!r} is called inside a lifted Flax transform (nn.remat/"
           "nn.checkpoint, nn.scan, nn.vmap, nn.jit, ...), whose values cannot be "
