@@ -94,3 +94,19 @@ def steps_in_one_call(body, num_steps: int):
   def run(params, state, data):
     return jax.lax.fori_loop(0, num_steps, lambda t, c: body(t, *c, data), (params, state))
   return run
+
+
+def time_carried_calls(runs, *args, repeats: int) -> dict:
+  """Wall times of ``repeats`` rounds of calls ``run[0](run[1], run[2], *args)``
+  for each ``name -> [call, params, state]`` in ``runs``, interleaved (every
+  round calls each once, in turn, so machine noise hits all alike); each call
+  is waited for and advances that run's params and state. Returns ``{name:
+  [seconds, ...]}``."""
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run[1], run[2] = run[0](run[1], run[2], *args)
+      jax.block_until_ready(run[1])
+      times[name].append(time.perf_counter() - start)
+  return times

@@ -42,7 +42,9 @@ call (``lax.fori_loop``): no per-step host work. On an H200 (2026-11-27) the
 bare step took 0.15-0.16 ms per call and 0.085 ms in a loop; per call biased
 1.8-2.4x, debiased 1.8-2.4x, interval 2.2-3.0x (46 arrays per call against 25,
 and the interval mode's cond syncs with the host); in a loop 2.0x / 2.3x /
-1.7-1.9x, the arithmetic alone 1.7x: see docs/performance.md.
+1.7-1.9x, the arithmetic alone 1.7x: see docs/performance.md. (On XLA:CPU the
+loop rows vary from run to run, a loop body runs slower than a top-level step,
+jax-ml/jax#12868: read them on a GPU.)
 
 Timings are medians over repeats of blocks of steps, interleaving the variants,
 so machine noise hits all of them alike. Usage:
@@ -65,7 +67,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import curvax  # noqa: E402  (the checkout's curvax, not an installed copy)
-from _timing import print_host_times, steps_in_one_call  # noqa: E402  (benchmarks/_timing.py)
+from _timing import (print_host_times, steps_in_one_call,  # noqa: E402  (benchmarks/_timing.py)
+                     time_carried_calls)
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
 
 SIZES = (784, 1000, 500, 100, 10)
@@ -212,13 +215,8 @@ def main():
       params, state = call(*jax.tree.map(jnp.copy, (params0, tx.init(params0))), stacked)
       jax.block_until_ready(params)
       calls[name] = [call, params, state]
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-      for name, run in calls.items():
-        start = time.perf_counter()
-        run[1], run[2] = run[0](run[1], run[2], stacked)
-        jax.block_until_ready(run[1])
-        times[name].append((time.perf_counter() - start) / args.steps)
+    times = {name: [t / args.steps for t in ts] for name, ts in
+             time_carried_calls(calls, stacked, repeats=args.repeats).items()}
     bare = np.median(times["bare"])
     print(f"{args.steps} steps per jitted call (lax.fori_loop; no per-step host work):")
     for name in variants:

@@ -43,7 +43,8 @@ Then (``--one-call``, the default) each epoch once more as ONE jitted call, a
 data, 2026-11-27) one call per step gave PreconditionedSGD 9-11x SGD (host time
 per call 0.7-1.2 ms against SGD's 0.1 ms, and its conds' host syncs; floor row
 1.3-1.8x), one call per epoch 3.5-3.9x (floor 1.3-1.4x, OnlyAdaptiveSGD 1.6-1.7x):
-see docs/performance.md.
+see docs/performance.md. (On XLA:CPU a loop body runs slower than a top-level
+step, jax-ml/jax#12868: read those rows on a GPU.)
 
 Fashion-MNIST batches when installed, else synthetic ones of the same shapes.
 Each configuration runs whole epochs of jitted steps (one compiled step, a
@@ -67,7 +68,8 @@ import curvax
 from curvax.solvers import bayesian_hessian as bh
 
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
-from _timing import print_host_times, steps_in_one_call  # noqa: E402  (benchmarks/_timing.py)
+from _timing import (print_host_times, steps_in_one_call,  # noqa: E402  (benchmarks/_timing.py)
+                     time_carried_calls)
 
 
 def mlp_init(key, sizes=(784, 1000, 500, 100, 10)):
@@ -266,13 +268,7 @@ def main():
       params, state = call(jax.tree.map(jnp.copy, params0), tx.init(params0), stacked)
       jax.block_until_ready(params)
       calls[name] = [call, params, state]
-    times = {name: [] for name in configs}
-    for _ in range(args.repeats):
-      for name, run in calls.items():
-        t0 = time.perf_counter()
-        run[1], run[2] = run[0](run[1], run[2], stacked)
-        jax.block_until_ready(run[1])
-        times[name].append(time.perf_counter() - t0)
+    times = time_carried_calls(calls, stacked, repeats=args.repeats)
     base = np.median(times["SGD (lr 0.01)"])
     print("each epoch ONE jitted call (lax.fori_loop over its steps; no per-step host work):")
     for name in configs:
