@@ -209,6 +209,21 @@ def test_plain_callable_accepts_pytree_targets():
     loss.check_targets(outputs, jnp.zeros((N + 1, C)))
 
 
+@pytest.mark.parametrize("dtype,classes", [(jnp.int8, 200), (jnp.uint8, 300), (jnp.int16, 40000)])
+def test_softmax_narrow_integer_labels_with_many_classes(dtype, classes):
+  # The class count does not fit the label dtype: compared or clipped in that
+  # dtype it would wrap and make valid labels NaN.
+  loss = curvax.losses.softmax_cross_entropy
+  outputs = jax.random.normal(jax.random.PRNGKey(0), (3, classes))
+  labels = np.array([0, 1, 100], np.int64)
+  wide = jnp.asarray(labels, jnp.int32)
+  narrow = jnp.asarray(labels, dtype)
+  np.testing.assert_allclose(loss(outputs, narrow), loss(outputs, wide), rtol=1e-12)
+  np.testing.assert_allclose(loss.grad(outputs, narrow), loss.grad(outputs, wide), rtol=1e-12)
+  u = jnp.ones_like(outputs)
+  np.testing.assert_allclose(loss.hvp(outputs, narrow, u), loss.hvp(outputs, wide, u),
+                             rtol=1e-12)
+
 @pytest.mark.parametrize("bad", [-1, C])
 @pytest.mark.parametrize("jit", [False, True])
 def test_softmax_out_of_range_labels_give_nan(bad, jit):

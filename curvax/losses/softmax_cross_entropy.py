@@ -14,15 +14,24 @@ def _is_integer(targets):
   return jnp.issubdtype(jnp.result_type(targets), jnp.integer)
 
 
+def _labels(targets):
+  """Integer labels at least as wide as int32: compared with (or clipped to) the
+  class count ``C``, an int8 / uint8 / int16 label would see ``C`` wrapped."""
+  if jnp.iinfo(jnp.result_type(targets)).bits < 32:
+    return targets.astype(jnp.int32)
+  return targets
+
+
 def _soft_targets(outputs, targets):
   if _is_integer(targets):
-    return jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
+    return jax.nn.one_hot(_labels(targets), outputs.shape[-1], dtype=outputs.dtype)
   return targets.astype(outputs.dtype)
 
 
 def _mass(outputs, targets):
   """``t = sum_c y_c`` per example, ``(N, 1)``: 1 for a label in ``[0, C)``, NaN outside."""
   if _is_integer(targets):
+    targets = _labels(targets)
     valid = (targets >= 0) & (targets < outputs.shape[-1])
     return jnp.where(valid, 1.0, jnp.nan).astype(outputs.dtype)[:, None]
   return jnp.sum(targets, -1, keepdims=True).astype(outputs.dtype)
@@ -79,7 +88,7 @@ class SoftmaxCrossEntropy(Loss):
     if _is_integer(targets):
       # Clipped index, then scaled by the mass (1, or NaN for a bad label) so
       # that the value and its autodiff gradient are NaN, not wrapped/zero.
-      labels = jnp.clip(targets, 0, outputs.shape[-1] - 1)
+      labels = jnp.clip(_labels(targets), 0, outputs.shape[-1] - 1)
       picked = jnp.take_along_axis(logp, labels[:, None], axis=-1)
       return -(_mass(outputs, targets) * picked)[:, 0]
     return -jnp.sum(targets * logp, axis=-1)
