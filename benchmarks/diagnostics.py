@@ -102,7 +102,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--every", type=int, default=64)
+  ap.add_argument("--every", type=int, default=64,
+                  help="k of 'every k-th step' (>= 3: the untracked step timed is k + 2)")
   ap.add_argument("--presets", default="economy,business,business:mc,full")
   ap.add_argument("--chunk-size", type=int, default=None)
   ap.add_argument("--curvature", default="diag_ggn", choices=["diag_ggn", "diag_ggn_mc"])
@@ -114,6 +115,9 @@ def main():
   ap.add_argument("--cache-allocator", action="store_true",
                   help="cache large malloc blocks (benchmarks/_allocator.py)")
   args = ap.parse_args()
+  if args.every < 3:
+    ap.error("--every must be >= 3: the step after a tracked one (k + 1) and an untracked "
+             "one (k + 2) are timed, and with k < 3 the latter is tracked too")
   if args.cache_allocator and not _allocator.cache_large_blocks():
     print("(could not change glibc's allocator settings)")
 
