@@ -147,20 +147,14 @@ class AutodiffLoss(Loss):
   def grad(self, outputs, targets):
     return jax.vmap(jax.grad(self._single))(outputs, targets)
 
-  def _hessian_flat(self, outputs, targets):
-    """Per-example symmetrised autodiff output Hessians ``H_n``: ``(N, C, C)``."""
+  def _sqrt_flat(self, outputs, targets):
+    """Per-example ``S_n`` (``S_n S_n' = [H_n]_+``) on flattened outputs: ``(N, C, C)``."""
     def one(o, t):
       shape = o.shape
       h = jax.hessian(lambda z: self._single(z.reshape(shape), t))(o.reshape(-1))
-      return 0.5 * (h + h.T)
-    return jax.vmap(one)(outputs, targets)
-
-  def _sqrt_flat(self, outputs, targets):
-    """Per-example ``S_n`` (``S_n S_n' = [H_n]_+``) on flattened outputs: ``(N, C, C)``."""
-    def one(h):
-      lam, q = jnp.linalg.eigh(h)
+      lam, q = jnp.linalg.eigh(0.5 * (h + h.T))
       return (q * jnp.sqrt(jnp.maximum(lam, 0.0))) @ q.T
-    return jax.vmap(one)(self._hessian_flat(outputs, targets))
+    return jax.vmap(one)(outputs, targets)
 
   def hvp(self, outputs, targets, tangents):
     """``H_n u_n`` by forward-over-reverse autodiff: ``O(C)``, no ``C x C`` matrix."""
