@@ -313,3 +313,72 @@ def test_runner_records_monitor_diagnostics():
   assert [d["step"] for d in r["diagnostics"]] == [0, 4, 8]   # updates 0, ..., 8
   assert all(np.isfinite(d["loss"]) and d["grad_norm"] > 0 for d in r["diagnostics"])
   assert all("alpha" in d for d in r["diagnostics"][:2])   # known one update later
+
+
+@pytest.mark.parametrize("monitored", [False, True])
+def test_several_steps_per_call_give_the_one_step_per_call_run(monitored):
+  # One epoch of quadratic_deep is 7 steps: with 3 steps per call and eval_every=5 the
+  # calls are 3+2 | 2 (eval) + ... of several lengths, the remainders of length 1 included.
+  p = problems.get("quadratic_deep")
+
+  def make():
+    tx = probe_transform()
+    if monitored:
+      from curvax import diagnostics  # pylint: disable=import-outside-toplevel
+      tx = diagnostics.monitor(tx, p.apply_fn, p.loss, "economy", every=3)
+    return tx
+
+  kw = dict(epochs=3, log_every=2, eval_every=5, max_steps=19, verbose=False)
+  one = problems.run(p, make(), **kw)
+  several = problems.run(p, make(), steps_per_call=3, **kw)
+  assert several["steps"] == one["steps"] == 19
+  for key in ("minibatch_steps", "eval_steps", "eval_epochs", "optimizer_state", "status"):
+    assert several[key] == one[key], key
+  for key in ("minibatch_train_losses", "train_losses", "test_losses"):
+    np.testing.assert_allclose(several[key], one[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               several["params"], one["params"])
+  if monitored:
+    assert [d["step"] for d in several["diagnostics"]] == [d["step"] for d in one["diagnostics"]]
+    assert [d["step"] for d in one["diagnostics"]] == [0, 3, 6, 9, 12, 15, 18]
+    for a, b in zip(several["diagnostics"], one["diagnostics"]):
+      assert a.keys() == b.keys()
+      np.testing.assert_allclose([a[k] for k in ("loss", "grad_norm", "alpha") if k in a],
+                                 [b[k] for k in ("loss", "grad_norm", "alpha") if k in b],
+                                 rtol=1e-4)
+
+
+def test_steps_per_call_stop_early_on_divergence_and_rejects_bad_values():
+  r = problems.run("two_d_rosenbrock", "sgd", hyperparams={"learning_rate": 1.0}, epochs=3,
+                   log_every=2, steps_per_call=4, verbose=False)
+  assert r["status"] == "diverged" and r["steps"] < 78 and len(r["test_losses"]) == 1
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match="steps_per_call"):
+      problems.run("quadratic_deep", "sgd", epochs=1, steps_per_call=bad, verbose=False)
+
+
+def test_every_call_length_is_compiled_before_training(monkeypatch):
+  # Calls of lengths 3, 2 and 1 (7 steps per epoch, eval_every=5, max_steps=17): all
+  # compile before the timed loop, none inside it.
+  compiled, called = [], set()
+  real_jit = jax.jit
+
+  def counting_jit(fun, *args, **kwargs):
+    jitted = real_jit(fun, *args, **kwargs)
+
+    class Wrapped:
+      def __call__(self, *a, **k):
+        if getattr(fun, "__name__", "") != "<lambda>":   # not the permutation
+          called.add(getattr(fun, "keywords", {}).get("count", 1))
+        return jitted(*a, **k)
+
+      def lower(self, *a, **k):
+        compiled.append(getattr(fun, "keywords", {}).get("count", 1))
+        return jitted.lower(*a, **k)
+    return Wrapped()
+
+  monkeypatch.setattr(jax, "jit", counting_jit)
+  r = problems.run("quadratic_deep", "sgd", epochs=3, eval_every=5, max_steps=17,
+                   steps_per_call=3, verbose=False)
+  assert r["steps"] == 17
+  assert sorted(compiled) == [1, 2, 3] and called == {1, 2, 3}

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
   r.add_argument("--eval-size", type=int, default=None, help="evaluate on a subset")
   r.add_argument("--devices", type=int, default=None,
                  help="data-parallel over the first N devices (on CPU: N virtual devices)")
+  r.add_argument("--steps-per-call", type=int, default=1,
+                 help="steps per jitted call (lax.scan; helps small models on a GPU)")
   r.add_argument("--quiet", action="store_true")
   p = sub.add_parser("plot", help="plot learning curves of the results under a folder")
   p.add_argument("folder")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
                  log_every=args.log_every, eval_batch_size=args.eval_batch_size,
                  out=args.out, hyperparams=hp, max_steps=args.max_steps,
                  train_size=args.train_size, eval_size=args.eval_size, mesh=mesh,
-                 verbose=not args.quiet)
+                 steps_per_call=args.steps_per_call, verbose=not args.quiet)
     if result["status"] == "diverged":
       status = 1
   return status

@@ -15,7 +15,9 @@ augments it, computes the training-mode loss and gradient, and calls
 ``eval_batch_size`` examples that follow a random offset after the batch in the
 epoch's permutation. Plain optax optimizers get these keywords through
 ``optax.with_extra_args_support``. Batch-norm statistics are threaded outside
-the optimizer: it only sees the trainable ``{'params': ...}``.
+the optimizer: it only sees the trainable ``{'params': ...}``. With
+``steps_per_call=K`` one jitted call runs K such steps (``lax.scan``) and
+returns what the host logs of each of them.
 
 Scalar fields of NamedTuples in the optimizer state (damping, alpha, rho, CG
 iterations, ...) are recorded at every log step under ``optimizer_state``.
@@ -23,6 +25,7 @@ iterations, ...) are recorded at every log step under ``optimizer_state``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -116,6 +119,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         time_budget: Optional[float] = None, eval_every: Optional[int] = None,
         callback: Optional[Callable[..., None]] = None,
         mesh: Optional[jax.sharding.Mesh] = None,
+        steps_per_call: int = 1,
         verbose: bool = True) -> Dict[str, Any]:
   """Trains ``optimizer`` on ``problem`` and returns (and optionally writes) the results.
 
@@ -155,6 +159,15 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       its examples of a batch locally: only indices move); batch means become
       all-reduces inside the step. Batch sizes must be divisible by the number
       of devices along that axis. See docs/multi_device.md.
+    steps_per_call: run up to this many steps inside ONE jitted call (a
+      ``lax.scan`` over the steps; the host then pays its per-call cost once per
+      call, the remedy for small models on a GPU, see docs/performance.md). The
+      results are those of one call per step: the mini-batch losses, optimizer
+      state scalars and monitor records of every step come back stacked. A call
+      ends early at the end of an epoch, at ``eval_every`` and ``max_steps``;
+      each distinct length compiles once, so choose them multiples of it.
+      ``time_budget`` is checked after each call. On XLA:CPU a loop body can run
+      slower than a top-level step (jax-ml/jax#12868): keep 1 there.
     verbose: print progress.
 
   Returns:
@@ -165,6 +178,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   """
   if log_every < 1:
     raise ValueError(f"log_every must be a positive number of steps, got {log_every}.")
+  if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be a positive int, got {steps_per_call!r}.")
   if eval_every is not None and eval_every < 1:
     raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}.")
   if eval_batch_size is not None and eval_batch_size < 1:
@@ -240,6 +255,58 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   step_jit = jax.jit(step, donate_argnums=(0,))
   perm_jit = jax.jit(lambda k: jax.random.permutation(k, n))
 
+  def steps(carry, x, y, perm, i0, step0, *, count):
+    """``count`` steps in one program; returns what the host logs of each."""
+    def body(carry, j):
+      carry, loss = step(carry, x, y, perm, i0 + j, step0 + j)
+      mon = None
+      if monitored:   # the fields `curvax.diagnostics.record` reads, nothing params-sized
+        from curvax.diagnostics import records  # pylint: disable=import-outside-toplevel
+        mon = records.find_state(carry[2])._replace(
+            inner_state=(), count=(), init_params=(), last_update=(), alpha_start=(),
+            key=(), eigenvector=())
+      return carry, (loss, loggable_state(carry[2]), mon)
+    return jax.lax.scan(body, carry, jnp.arange(count))
+
+  steps_jits: Dict[int, Callable[..., Any]] = {}
+
+  def call_length(i, global_step):
+    """Steps in the call that starts at step ``i`` of an epoch."""
+    count = min(steps_per_call, steps_per_epoch - i)
+    if max_steps is not None:
+      count = min(count, max_steps - global_step)
+    if eval_every is not None:
+      count = min(count, eval_every - global_step % eval_every)
+    return count
+
+  def call_lengths():
+    """The lengths of all calls of the run (if it runs to the end): each compiles once."""
+    if steps_per_call == 1:
+      return {1}
+    # An epoch's calls depend only on where it starts relative to eval_every, unless
+    # max_steps ends it: simulate each such epoch once.
+    lengths, starts, global_step = set(), set(), 0
+    for _ in range(epochs):
+      if max_steps is not None and global_step >= max_steps:
+        break
+      start = global_step % eval_every if eval_every is not None else 0
+      if start in starts and (max_steps is None or global_step + steps_per_epoch < max_steps):
+        global_step += steps_per_epoch
+        continue
+      starts.add(start)
+      i = 0
+      while i < steps_per_epoch and (max_steps is None or global_step < max_steps):
+        count = call_length(i, global_step)
+        lengths.add(count)
+        i += count
+        global_step += count
+    return lengths or {1}
+
+  def steps_jit(count):
+    if count not in steps_jits:
+      steps_jits[count] = jax.jit(functools.partial(steps, count=count), donate_argnums=(0,))
+    return steps_jits[count]
+
   record: Dict[str, Any] = {
       "testproblem": problem.name, "batch_size": b, "num_epochs": epochs,
       "random_seed": seed, "weight_decay": problem.weight_decay,
@@ -275,31 +342,40 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
 
   t_compile = time.perf_counter()
   carry = jax.tree.map(jnp.copy, (params, model_state, opt_state))
+  if steps_per_call > 1:
+    # A loop's carry keeps its types: start from the dtypes that a step returns (a
+    # state may settle, e.g. an int32 counter that a step returns as int64).
+    settled = jax.eval_shape(step, carry, x_all, y_all, jnp.arange(n), 0, 0)[0]
+    carry = jax.tree.map(lambda a, t: a.astype(t.dtype), carry, settled)
   if mesh is not None:
     carry, x_all, y_all = sharding.replicate((carry, x_all, y_all), mesh)
   perm0 = perm_jit(jax.random.fold_in(k_perm, 1))
   # Compile outside the timed loop (the jit cache keeps it; calling step_jit, not the
   # AOT executable, tolerates optimizer states whose dtypes settle after one step).
-  step_jit.lower(carry, x_all, y_all, perm0, 0, 0).compile()
+  for count in sorted(call_lengths()):
+    (step_jit if count == 1 else steps_jit(count)).lower(
+        carry, x_all, y_all, perm0, 0, 0).compile()
   record["compile_time"] = time.perf_counter() - t_compile
 
   m = evaluate(0, 0.0)
   say(f"[{problem.name} / {optimizer_name} / seed {seed}] epoch 0: "
       + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
-  pending = []   # (step, loss array, state scalars) not yet read back
+  # (call number, step, loss, state scalars, index into them or None) not yet read back
+  pending = []
+  calls = 0
   train_time, global_step = 0.0, 0
   tty = verbose and sys.stdout.isatty()
 
   def flush(upto_all: bool):
-    """Reads back logged values (all, or all but the newest) and checks divergence."""
-    keep = 0 if upto_all else 1
-    while len(pending) > keep:
-      s, loss, scalars = pending.pop(0)
-      value = float(loss)
+    """Reads back logged values (all, or all but the newest call's) and checks divergence."""
+    while pending and (upto_all or pending[0][0] != calls):
+      _, s, loss, scalars, j = pending.pop(0)
+      pick = (lambda a: np.asarray(a).item()) if j is None else (lambda a: np.asarray(a)[j].item())
+      value = float(pick(loss))
       record["minibatch_train_losses"].append(value)
       record["minibatch_steps"].append(s)
       for k, v in scalars.items():
-        record["optimizer_state"].setdefault(k, []).append(np.asarray(v).item())
+        record["optimizer_state"].setdefault(k, []).append(pick(v))
       if not math.isfinite(value):
         return f"non-finite mini-batch training loss ({value}) at step {s}"
     return None
@@ -335,20 +411,39 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   for epoch in range(1, epochs + 1):
     perm = perm_jit(jax.random.fold_in(k_perm, epoch))
     t_start = time.perf_counter()
-    for i in range(steps_per_epoch):
-      carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step)
-      global_step += 1
-      if monitored:
-        diagnostics.append(_diagnostics_record(carry[2]))
-      if global_step % log_every == 0 or global_step == 1:
-        # The previous logged loss is long computed: reading it does not stall.
-        pending.append((global_step, loss, loggable_state(carry[2])))
+    i = 0
+    while i < steps_per_epoch:
+      count = call_length(i, global_step)
+      calls += 1
+      first = global_step
+      if count == 1:
+        carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step)
+        logged, mons = None, None
+      else:
+        carry, (losses, logged, mons) = steps_jit(count)(carry, x_all, y_all, perm, i, global_step)
+        loss = losses[-1]
+        if monitored:
+          mons = jax.device_get(mons)
+      i += count
+      global_step += count
+      for j in range(count):
+        s = first + j + 1
+        if monitored:
+          diagnostics.append(_diagnostics_record(
+              carry[2] if mons is None else jax.tree.map(lambda a: a[j], mons)))  # pylint: disable=cell-var-from-loop
+        if s % log_every == 0 or s == 1:
+          if logged is None:
+            pending.append((calls, s, loss, loggable_state(carry[2]), None))
+          else:
+            pending.append((calls, s, losses, logged, j))
+      if pending and pending[-1][0] == calls:
+        # The previous call's losses are long computed: reading them does not stall.
         reason = flush(upto_all=False)
         if reason is not None:
           stop = ("diverged", reason)
           break
         if tty:
-          say(f"\repoch {epoch}/{epochs} step {i + 1}/{steps_per_epoch} "
+          say(f"\repoch {epoch}/{epochs} step {i}/{steps_per_epoch} "
               f"loss {record['minibatch_train_losses'][-1]:.4g}" if
               record["minibatch_train_losses"] else "", end="")
       if max_steps is not None and global_step >= max_steps:
@@ -359,7 +454,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         if train_time + time.perf_counter() - t_start >= time_budget:
           stop = ("stopped", f"time_budget={time_budget}s reached")
           break
-      if eval_every is not None and global_step % eval_every == 0 and i + 1 < steps_per_epoch:
+      if eval_every is not None and global_step % eval_every == 0 and i < steps_per_epoch:
         if tty:
           say("")
         reason = end_stretch(t_start)
