@@ -125,3 +125,28 @@ def test_one_forward_mode_pass_no_backward_pass():
   n_dots = str(jaxpr).count("dot_general")
   assert n_dots == 5, n_dots
   assert "transpose" not in str(jaxpr)
+
+
+def test_mixed_precision_direction_is_taken_in_the_parameters_dtype():
+  # optax.adam(mu_dtype=float32) on bfloat16 parameters proposes float32 updates.
+  import optax  # pylint: disable=import-outside-toplevel
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]  # noqa: E731
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {"w": jax.random.normal(k1, (3, 4), jnp.bfloat16),
+            "v": jax.random.normal(k2, (4, 2), jnp.bfloat16)}
+  batch = (jax.random.normal(k3, (5, 3), jnp.bfloat16), jnp.zeros((5, 2), jnp.bfloat16))
+  d32 = jax.tree.map(lambda p: -0.1 * jnp.ones(p.shape, jnp.float32), params)
+  reg = curvax.losses.l2_regularizer(1e-2)
+  loss = curvax.losses.mean_squared_error
+  got = curvax.curvature.quadratic_step_size(apply_fn, loss, params, d32, batch,
+                                             regularizer=reg)
+  want = curvax.curvature.quadratic_step_size(
+      apply_fn, loss, params, jax.tree.map(lambda d: d.astype(jnp.bfloat16), d32), batch,
+      regularizer=reg)
+  assert np.isfinite(float(got.alpha)) and float(got.denominator) > 0
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  tx = curvax.transforms.curvature_step_size(optax.adam(1e-2, mu_dtype=jnp.float32), apply_fn,
+                                             loss, learning_rate=1e-2, debias=False)
+  grads = jax.grad(curvax.losses.objective(apply_fn, loss))(params, batch)
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)
+  assert np.isfinite(float(state.alpha))

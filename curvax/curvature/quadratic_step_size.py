@@ -18,7 +18,7 @@ class QuadraticStepSize(NamedTuple):
 
   Attributes:
     alpha: ``-numerator / denominator``, the minimiser of
-      ``h(a) = L + a d'g + a^2/2 d'Gd`` (Dangel et al., seed 004 Eqs. 3.2-3.3);
+      ``h(a) = L + a d'g + a^2/2 d'Gd`` (Suckrow 2025, seed 004 Eqs. 3.2-3.3);
       NaN where it is undefined (``denominator <= 0`` or either part not finite).
       Negative where ``d`` is not a descent direction on this batch.
     numerator: the directional slope ``d'g`` (gradient of the objective, batch
@@ -57,6 +57,15 @@ def step_size_from_parts(numerator: Array, denominator: Array) -> Array:
   return jnp.where(defined, -numerator / safe_den, jnp.full_like(numerator, jnp.nan))
 
 
+def _in_params_dtypes(direction: Any, params: Any) -> Any:
+  """``direction`` cast leaf by leaf to its parameter's dtype, as `jax.jvp` needs.
+
+  Mixed precision gives such pairs, e.g. ``optax.adam(mu_dtype=jnp.float32)`` on
+  bfloat16 parameters returns float32 updates (which ``optax.apply_updates`` casts).
+  """
+  return jax.tree.map(lambda d, p: jnp.asarray(d, jnp.result_type(p)), direction, params)
+
+
 def directional_terms(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
                       direction: Any, batch: Any) -> Tuple[Array, Array, Array]:
   r"""Per-example ``(l_n, d'g_n, d'G_n d)`` along ``direction`` from ONE JVP.
@@ -70,6 +79,7 @@ def directional_terms(apply_fn: Callable[[Any, Any], Array], loss: Any, params: 
   loss = as_loss(loss)
   inputs, targets = _checks.check_batch(batch)
   _checks.check_tree_like(direction, params, "direction")
+  direction = _in_params_dtypes(direction, params)
   outputs, u = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (direction,))
   loss.check_targets(outputs, targets)
   n = outputs.shape[0]
@@ -125,6 +135,8 @@ def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params
   numerator = jnp.mean(slopes)        # d'g = (1/N) sum_n u_n' grad_f l_n   (no backward pass)
   denominator = jnp.mean(curvatures)  # d'Gd = (1/N) sum_n u_n' H_n u_n   (no GGN matvec)
   if regularizer is not None:
+    direction = _in_params_dtypes(direction, params)
+
     def slope_of_r(p):
       return jax.jvp(regularizer, (p,), (direction,))
     (r_value, r_slope), (_, r_curvature) = jax.jvp(

@@ -152,7 +152,7 @@ def curvature_step_size(
   the minimiser of the quadratic model along ``d`` is
 
   .. math:: \alpha^* = -\frac{d^\top g}{d^\top G d}
-     \quad\text{(Dangel et al., seed 004 Eqs. 3.2-3.3),}
+     \quad\text{(Suckrow 2025, seed 004 Eqs. 3.2-3.3),}
 
   the *relative* step (a factor on ``eta_t``); ``alpha* eta_t`` is the
   *absolute* step, the learning rate the method proposes. Debiasing (seed 004
@@ -189,8 +189,9 @@ def curvature_step_size(
   step that is ``eta_0``, i.e. the inner step unchanged) or the current median
   (``interval`` mode). ``clip=(lo, hi)`` bounds the learning rates that come
   from ``alpha*`` (each step's, or the interval mode's median); warm-up steps
-  and the steps before the first usable estimate run the inner optimizer's
-  own ``eta_t``, unclipped. A non-finite step (a non-finite inner proposal, or a finite one
+  run the inner optimizer's own ``eta_t``, and until the first usable estimate
+  the step keeps the last warm-up learning rate (``eta_0`` without warm-up),
+  held constant and unclipped. A non-finite step (a non-finite inner proposal, or a finite one
   that overflows when rescaled) is never applied: the update is zeroed and
   ``num_nonfinite`` counts it. The inner state still advances (selecting
   the old one would cost a pass over the optimizer state every step): wrap the
