@@ -53,7 +53,9 @@ def top_eigenvalue(matvec: Callable[[Any], Any], params: Any, key: Array, *,
   power iteration it returns the eigenvalue of largest *magnitude* (with its
   sign). A ``lax.while_loop``: one product per iteration.
 
-  Only used while `curvax.curvature` offers no Lanczos; see the monitor.
+  Cockpit's method, kept as a pure function; the monitor's HessMaxEV uses
+  Lanczos instead (`curvax.curvature.top_eigenpairs`: the algebraically
+  largest eigenvalue, warm-started, fewer products).
   """
   v0 = otu.tree_random_like(key, params, jax.random.uniform)
   v0 = otu.tree_scale(1.0 / otu.tree_norm(v0), v0)

@@ -47,7 +47,11 @@ def bin_index(x: Array, bins: int, value_range: Tuple[float, float]) -> Array:
   (``+-inf`` too); ``bins``, an index every caller drops, for NaN.
 
   Computed as ``k + floor((x - c) / width)`` with ``c = lo + k * width`` the edge
-  nearest to 0 (`_anchor`), the same bins with exact signs near 0.
+  nearest to 0 (`_anchor`), the same bins with exact signs near 0. A value
+  exactly on an interior edge (to rounding) may land in the bin below it, where
+  ``np.histogram`` corrects its index with two more comparisons per entry
+  against the edges: not done here, this runs on every per-example gradient
+  entry of a tracked step.
   """
   lo, hi = value_range
   k, c = _anchor(bins, value_range)
