@@ -115,8 +115,32 @@ def test_search_order_data_dir_then_env_then_system(no_system_data, monkeypatch)
   write_mnist_like(str(env / "fashion-mnist"), seed=2)
   monkeypatch.setenv("CURVAX_DATA", str(env))
   assert data.find("fashion-mnist") == str(env / "fashion-mnist")
-  write_mnist_like(str(mine), seed=3)   # data_dir itself also counts
-  assert data.find("fashion-mnist", str(mine)) == str(mine)
+  write_mnist_like(str(mine / "fashion-mnist"), seed=3)
+  assert data.find("fashion-mnist", str(mine)) == str(mine / "fashion-mnist")
+
+
+def test_mnist_files_in_data_dir_itself_are_no_fashion_mnist(no_system_data):
+  """MNIST and Fashion-MNIST share file names: only data_dir/<name> identifies them."""
+  mine, system = no_system_data / "mine", no_system_data / "system"
+  write_mnist_like(str(mine), seed=3)   # an MNIST copy right in data_dir
+  write_mnist_like(str(system / "fashion-mnist"), n_train=70, seed=1)
+  assert data.find("fashion-mnist", str(mine)) == str(system / "fashion-mnist")
+  p = problems.get("fmnist_logreg", data_dir=str(mine))
+  assert p.num_examples("train") + p.num_examples("valid") == 70
+  with pytest.raises(problems.DataNotFoundError) as info:
+    data.find("mnist", str(mine))
+  msg = str(info.value)
+  assert f"  - {mine / 'mnist'}\n" in msg and f"  - {mine}\n" not in msg
+  assert f"{mine} itself holds files of these names" in msg
+  assert f"move them to {mine / 'mnist'}" in msg
+  write_mnist_like(str(mine / "mnist"), seed=4)
+  assert data.find("mnist", str(mine)) == str(mine / "mnist")
+  # Data sets with file names of their own are still found in data_dir itself.
+  flat = no_system_data / "flat"
+  flat.mkdir()
+  for f in ("cifar-10-python.tar.gz", "train_32x32.mat", "test_32x32.mat"):
+    (flat / f).write_bytes(b"")
+  assert data.find("cifar-10", str(flat)) == data.find("svhn", str(flat)) == str(flat)
 
 
 def test_missing_data_names_every_place_searched(no_system_data, monkeypatch):

@@ -41,7 +41,9 @@ def main(argv=None) -> int:
   r.add_argument("--eval-batch-size", type=int, default=None)
   r.add_argument("--log-every", type=int, default=10)
   r.add_argument("--out", default="results")
-  r.add_argument("--data-dir", default=None)
+  r.add_argument("--data-dir", default=None,
+                 help="folder holding <data set>/ (e.g. fashion-mnist/), where "
+                      "curvax.problems.download(name, DATA_DIR) puts it")
   r.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
   r.add_argument("--train-size", type=int, default=None, help="use a training subset")
   r.add_argument("--eval-size", type=int, default=None, help="evaluate on a subset")

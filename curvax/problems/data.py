@@ -10,14 +10,19 @@ Readers for the standard distribution formats, all returning NumPy arrays
 * SVHN's ``train_32x32.mat`` / ``test_32x32.mat`` (MATLAB v5, read with
   ``scipy.io.loadmat``; SVHN's label 10 means digit 0): `read_svhn`.
 
-Files are looked up, in this order, in ``data_dir`` (the argument of
-`curvax.problems.get`) and ``data_dir/<name>``, in ``$CURVAX_DATA/<name>``, in
-``~/.curvax_data/<name>`` (where `download` puts files when neither
-``data_dir`` nor ``$CURVAX_DATA`` is given), and in the system location
-``/usr/share/datasets/<name>`` (where Debian's ``dataset-fashion-mnist``
-package installs Fashion-MNIST). A missing data set raises `DataNotFoundError`,
-which names every place searched and how to get the files; `download` fetches
-them (with checksum verification) for users with internet access.
+Files are looked up, in this order, in ``data_dir/<name>`` (``data_dir`` is the
+argument of `curvax.problems.get`; `download` puts files there) and, for data
+sets whose file names are their own (CIFAR, SVHN), in ``data_dir`` itself; in
+``$CURVAX_DATA/<name>``, in ``~/.curvax_data/<name>`` (where `download` puts
+files when neither ``data_dir`` nor ``$CURVAX_DATA`` is given), and in the
+system location ``/usr/share/datasets/<name>`` (where Debian's
+``dataset-fashion-mnist`` package installs Fashion-MNIST). MNIST and
+Fashion-MNIST share their file names, so a folder of such files is taken for
+the data set it is named after only: ``data_dir`` itself is not searched for
+them (a ``data_dir`` holding MNIST would otherwise be read as Fashion-MNIST). A
+missing data set raises `DataNotFoundError`, which names every place searched
+and how to get the files; `download` fetches them (with checksum verification)
+for users with internet access.
 """
 
 from __future__ import annotations
@@ -109,16 +114,27 @@ def download_root(data_dir: Optional[str] = None) -> str:
   return data_dir or os.environ.get(ENV_VAR) or os.path.expanduser(DEFAULT_ROOT)
 
 
+def _shares_file_names(name: str) -> bool:
+  """Whether another data set has files of the same names (MNIST and Fashion-MNIST)."""
+  mine = {f for alts in DATASETS[name]["files"] for f in alts}
+  return any(mine & {f for alts in spec["files"] for f in alts}
+             for other, spec in DATASETS.items() if other != name)
+
+
 def search_paths(name: str, data_dir: Optional[str] = None) -> List[str]:
   """The folders searched for data set ``name``, in order.
 
-  ``data_dir/<name>`` and ``data_dir`` (if given), ``$CURVAX_DATA/<name>`` (if
-  set), ``~/.curvax_data/<name>`` (`download`'s default) and
+  ``data_dir/<name>`` (if given) and ``data_dir`` itself unless ``name``'s
+  files have the names of another data set's (MNIST and Fashion-MNIST: only the
+  folder's name tells them apart), ``$CURVAX_DATA/<name>`` (if set),
+  ``~/.curvax_data/<name>`` (`download`'s default) and
   ``/usr/share/datasets/<name>``.
   """
   paths = []
   if data_dir is not None:
-    paths += [os.path.join(data_dir, name), data_dir]
+    paths.append(os.path.join(data_dir, name))
+    if not _shares_file_names(name):
+      paths.append(data_dir)
   env = os.environ.get(ENV_VAR)
   if env:
     paths.append(os.path.join(env, name))
@@ -147,6 +163,12 @@ def find(name: str, data_dir: Optional[str] = None) -> str:
   wanted = ", ".join(" or ".join(alts) for alts in spec["files"])
   where = "\n".join(f"  - {p}" for p in paths)
   hint = f"\n{spec['hint']}" if spec["hint"] else ""
+  if (data_dir is not None and data_dir not in paths and os.path.isdir(data_dir)
+      and _complete(data_dir, spec["files"])):
+    hint += (f"\n{data_dir} itself holds files of these names but is not searched for "
+             f"'{name}': other data sets have the same file names, so only a folder named "
+             f"'{name}' identifies them. If they are '{name}', move them to "
+             f"{os.path.join(data_dir, name)}.")
   raise DataNotFoundError(
       f"Data set '{name}' not found. Looked for {wanted} in:\n{where}\n"
       f"To get it: run `python -c \"import curvax.problems as p; p.download('{name}')\"` "

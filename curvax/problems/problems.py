@@ -250,9 +250,11 @@ def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
     name: e.g. ``'quadratic_deep'``, ``'fmnist_mlp'``, ``'cifar100_allcnnc'``.
     batch_size: overrides DeepOBS's default batch size.
     seed: default seed of `Problem.batches` (the runner takes its own).
-    data_dir: searched first for the data files (then ``$CURVAX_DATA``,
-      ``~/.curvax_data`` and ``/usr/share/datasets``, see
-      `curvax.problems.data.search_paths`); nothing is read until data are
+    data_dir: searched first for the data files, in ``data_dir/<data set>``
+      (e.g. ``data_dir/fashion-mnist``, where `curvax.problems.download` puts
+      them; CIFAR and SVHN files also directly in ``data_dir``), then
+      ``$CURVAX_DATA``, ``~/.curvax_data`` and ``/usr/share/datasets``, see
+      `curvax.problems.data.search_paths`; nothing is read until data are
       first used.
     conv_impl: how the convolutional models (2c2d, 3c3d, All-CNN-C, WRN)
       compute their convolutions, see `curvax.layers.conv_class`: ``'auto'``
