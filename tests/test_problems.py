@@ -60,6 +60,17 @@ def test_deepobs_defaults():
   assert problems.get("fmnist_mlp", batch_size=32).batch_size == 32
 
 
+@pytest.mark.parametrize("name", ["quadratic_deep", "two_d_beale", "fmnist_mlp"])
+def test_batch_size_must_be_none_or_a_positive_int(name):
+  """0 used to mean the default silently; negative or fractional sizes failed later in JAX."""
+  for bad in (0, -100, 2.5, True, "32"):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+      problems.get(name, batch_size=bad)
+  p = problems.get(name, batch_size=np.int64(7))
+  assert p.batch_size == 7 and type(p.batch_size) is int
+  assert problems.get(name, batch_size=None).batch_size == 128
+
+
 def test_initialisations_follow_deepobs():
   logreg = problems.get("fmnist_logreg").init(jax.random.PRNGKey(0))["params"]
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(logreg))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Callable, Dict, Optional
 
 import flax.linen as nn
@@ -248,7 +249,8 @@ def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
 
   Args:
     name: e.g. ``'quadratic_deep'``, ``'fmnist_mlp'``, ``'cifar100_allcnnc'``.
-    batch_size: overrides DeepOBS's default batch size.
+    batch_size: overrides DeepOBS's default batch size (a positive int; None
+      for the default).
     seed: default seed of `Problem.batches` (the runner takes its own).
     data_dir: searched first for the data files, in ``data_dir/<data set>``
       (e.g. ``data_dir/fashion-mnist``, where `curvax.problems.download` puts
@@ -263,6 +265,14 @@ def get(name: str, *, batch_size: Optional[int] = None, seed: int = 0,
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+  if batch_size is not None:
+    # `batch_size or default` below would silently turn 0 into the default, and a
+    # negative or fractional size fails deep inside JAX at the first batch.
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1):
+      raise ValueError(f"batch_size must be a positive int (or None for DeepOBS's "
+                       f"default), got {batch_size!r}.")
+    batch_size = int(batch_size)
   if name == "quadratic_deep":
     return _quadratic_deep(batch_size, seed, data_dir)
   if name in synthetic.TWO_D:
