@@ -243,6 +243,42 @@ def test_batch_norm_state_is_threaded_outside_the_optimizer():
   assert set(r["params"]) == {"params"}
 
 
+def _tiny_classification_problem(n=200):
+  """Logistic regression on random 28x28 images; train_eval is the head of train."""
+  p = _flax_problem("tiny_logreg", models.LogReg(), (28, 28, 1),
+                    problems.problems.softmax_cross_entropy, batch_size=8, num_epochs=1,
+                    dataset="mnist", data_dir=None, preprocess=_mnist_pre)
+  rng = np.random.RandomState(0)
+  x = rng.randint(0, 256, (n + 80, 28, 28, 1)).astype(np.uint8)
+  y = rng.randint(0, 10, n + 80).astype(np.int32)
+  p.load_data = lambda: {"train": (x[:n], y[:n]), "train_eval": (x[:100], y[:100]),
+                         "valid": (x[n:n + 40], y[n:n + 40]), "test": (x[n + 40:], y[n + 40:])}
+  return p
+
+
+def test_train_size_reports_train_metrics_of_the_examples_trained_on():
+  """With train_size=k, train_losses/train_accuracies are those of the first k examples
+  of train_eval (the head of the training split), not mostly of held-out ones."""
+  p = _tiny_classification_problem()
+
+  def train_eval(r, k):
+    return p.evaluate(r["params"], splits=("train_eval", "test"), max_examples=k)
+
+  r = problems.run(p, optax.sgd(0.5), epochs=20, train_size=24, eval_batch_size=8,
+                   verbose=False)
+  m = train_eval(r, 24)
+  assert r["train_losses"][-1] == pytest.approx(m["train_eval_loss"], rel=1e-6)
+  assert r["train_accuracies"][-1] == pytest.approx(m["train_eval_accuracy"]) == 1.0
+  assert train_eval(r, None)["train_eval_accuracy"] < 0.6   # 76 examples never trained on
+  # eval_size caps it further (and still caps the other splits), alone as before.
+  for kw, k in ((dict(train_size=24, eval_size=10), 10), (dict(eval_size=30), 30),
+                (dict(train_size=500), None)):
+    r = problems.run(p, optax.sgd(0.5), epochs=1, eval_batch_size=8, verbose=False, **kw)
+    m = train_eval(r, k)
+    assert r["train_losses"][-1] == pytest.approx(m["train_eval_loss"], rel=1e-6), kw
+    assert r["test_losses"][-1] == pytest.approx(m["test_loss"], rel=1e-6), kw
+
+
 def test_registry_baselines_use_deepobs_tuned_learning_rates():
   p = problems.get("fmnist_2c2d")
   for name, lr in (("sgd", 1.58e-1), ("momentum", 2.51e-3), ("adam", 2.51e-4)):

@@ -136,7 +136,10 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     hyperparams: recorded in the JSON (and used to build a named optimizer).
     optimizer_name: recorded name (default: the registered name, else 'custom').
     max_steps: stop after this many steps (smoke runs); a final evaluation follows.
-    train_size: train on the first ``train_size`` training examples only.
+    train_size: train on the first ``train_size`` training examples only; the
+      train metrics (``train_losses``, ``train_accuracies``) are then those of
+      the first ``min(train_size, eval_size)`` examples of ``train_eval`` (the
+      head of the training split), i.e. of examples trained on.
     eval_size: evaluate on the first ``eval_size`` examples of each split only.
     line_search_args: also pass ``value``, ``grad`` and ``value_fn`` (optax's
       line-search keywords; ``value_fn`` is the eval-mode objective on ``batch``).
@@ -322,8 +325,16 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       "status": "running", "stop_reason": None,
   }
 
+  # train_eval is the head of the training split (`Problem`): with a training subset,
+  # only its first n examples were trained on, so only those count as "train".
+  train_eval_size = eval_size if train_size is None else (
+      n if eval_size is None else min(n, eval_size))
+
   def evaluate(step_count, train_time):
-    m = problem.evaluate(params, model_state=model_state, max_examples=eval_size)
+    m = problem.evaluate(params, model_state=model_state, splits=("train_eval",),
+                         max_examples=train_eval_size)
+    m.update(problem.evaluate(params, model_state=model_state, splits=("valid", "test"),
+                              max_examples=eval_size))
     record["train_losses"].append(m["train_eval_loss"])
     record["valid_losses"].append(m["valid_loss"])
     record["test_losses"].append(m["test_loss"])
