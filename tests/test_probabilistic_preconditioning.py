@@ -277,7 +277,7 @@ def test_chain_and_unknown_kwargs_and_inject_hyperparams():
   params = {"x": jnp.ones(N)}
   g = jax.grad(SINGLE)(params, BATCH)
   chained = optax.chain(optax.clip(1e6), probabilistic_preconditioning(
-      SINGLE, prior_iterations=2, num_observations=2, learning_rate=0.05, unknown_option=1))
+      SINGLE, prior_iterations=2, num_observations=2, learning_rate=0.05))
   injected = optax.inject_hyperparams(probabilistic_preconditioning,
                                       static_args=STATIC_ARGS)(
       SINGLE, prior_iterations=2, num_observations=2, learning_rate=0.05)
@@ -459,6 +459,11 @@ def test_bad_arguments():
     mk(inner=optax.sgd)
   with pytest.raises(TypeError, match="loss_fn"):
     probabilistic_preconditioning(None)
+  # Unknown options are errors, not silently the defaults (the seed's own names
+  # included: lr, est_rank, weight_decay; or a misspelling).
+  for name in ("lr", "est_rank", "num_observation", "weight_decay"):
+    with pytest.raises(TypeError, match=name):
+      mk(**{name: 1})
   tx = mk(prior_iterations=2, num_observations=2)
   params = {"x": jnp.ones(N)}
   state = tx.init(params)

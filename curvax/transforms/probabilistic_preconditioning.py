@@ -219,7 +219,6 @@ def probabilistic_preconditioning(
     form: str = "inverse",
     noise_estimate: str = "unbiased",
     groups: Any = None,
-    **unused_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""de Roos & Hennig's probabilistic preconditioner around an inner optimizer.
 
@@ -265,19 +264,21 @@ def probabilistic_preconditioning(
     groups: ``None`` (one group), ``"leaf"`` (one group per leaf), a callable
       ``(path, leaf) -> label`` or a pytree of labels shaped like params; each
       group gets its own ``alpha``, ``w``, ``lam`` and learning rate.
-    **unused_kwargs: ignored.
+
+  Unknown keyword arguments raise ``TypeError`` (as for `hessian_free` and
+  `curvature_step_size`): a misspelt option, or one of the seed's names
+  (``lr``, ``est_rank``, ``weight_decay``), is an error, not silently the default.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
     params, *, batch, **extra_args)`` needs ``params`` and ``batch`` (the batch
-    the gradient ``updates`` was computed on). Unknown keywords are ignored
-    (``optax.chain`` forwards them all) except that they are passed on to the
-    inner transformation.
+    the gradient ``updates`` was computed on). ``update`` accepts other keywords
+    (``optax.chain`` forwards every keyword to every member) and passes them on
+    to the inner transformation.
 
   With ``optax.inject_hyperparams`` list `STATIC_ARGS` (``loss_fn`` and the
   integer sizes) in ``static_args``; ``learning_rate`` can then be injected.
   """
-  del unused_kwargs
   if not callable(loss_fn):
     raise TypeError(f"{_NAME}: loss_fn must be a callable loss_fn(params, batch); got "
                     f"{type(loss_fn).__name__}.")
