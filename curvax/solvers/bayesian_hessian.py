@@ -15,9 +15,14 @@ spec's order, and every docstring cites the labels:
 * (B1) ``B0 = (1/alpha) I`` (curvax's choice, the prior mean everywhere);
 * (B2) ``Delta = Y - B0 S`` (residuals of the observations under the prior);
 * (B3) ``X = Delta (w^2 S'S + lam^2 diag(S'S))^{-1}``, posterior mean
-  ``B = B0 + w^2 X S'`` — the prior ``vec(B) ~ N(vec(B0), W (x) W)``,
-  ``W = w I``, likelihood ``Y = B S + noise`` with covariance
-  ``lam I (x) diag(S'S)``;
+  ``B = B0 + w^2 X S'`` — exact Gaussian conditioning of the prior
+  ``vec(B) ~ N(vec(B0), W (x) W)``, ``W = w I``, on the likelihood
+  ``Y = B S + E`` whose noise ``E`` has covariance ``lam^2 I (x) diag(S'S)``
+  (each of E's n rows ``~ N(0, lam^2 diag(S'S))``: ``lam`` is the noise's
+  standard deviation per unit-norm observation). The spec's prose says
+  ``lam I (x) diag(S'S)``; its formula (B3), which the seed code also
+  computes, and which this module implements, is the ``lam^2`` one. (P3)
+  estimates ``lam`` as a gradient variance, so it enters here squared;
 * (W1) ``B^{-1} g = alpha g - alpha^2 w^2 X (I + alpha w^2 S'X)^{-1} S' g``
   (Woodbury; ``S'X``, not the seed code's ``X'S``);
 * (L1) ``Z`` an orthonormal basis of span[X, S], ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``,

@@ -29,7 +29,10 @@ Per group of leaves (sums over ``i`` and over the group's leaves):
 * (P3) ``lam = (sum ||v_i||^2 - ||sum v_i||^2 / P) / (P - 1)`` — the unbiased
   gradient-noise estimate (``noise_estimate="unbiased"``, curvax's default), or
   the seed code's ``|sum ||v_i||^2 - ||sum v_i||^2| / P``
-  (``noise_estimate="seed"``; it measures the squared mean gradient).
+  (``noise_estimate="seed"``; it measures the squared mean gradient). Either
+  is a squared-gradient quantity, and (B3) uses it as the noise's standard
+  deviation: the likelihood's covariance is ``lam^2 I (x) diag(S'S)`` (see
+  `curvax.solvers.bayesian_hessian`).
 
 Per leaf (own ``S``, ``Delta``, ``U``, ``sigma``; block-diagonal model, but each
 leaf's ``y`` is its block row of the whole network's ``H d``):
@@ -45,9 +48,23 @@ Choices (the spec leaves them open):
 
 * ``form="inverse"`` (C2) is the default: the step is the inverse of the
   rank-k estimate applied to the gradient, ``alpha (I - UU') + U diag(1/sigma)
-  U'``, which is what a preconditioner should be and is invariant to the scale
-  of the objective. ``form="seed"`` (C1) reproduces the seed's code and
-  experiments (``sigma^{-1/2}`` on the top directions, then learning rate alpha).
+  U'``, which is what a preconditioner should be. When ``lam = 0`` (no
+  gradient noise under the unbiased (P3), e.g. the same batch on every step;
+  the seed's estimate is not 0 then) it is invariant to the scale of the
+  objective: for ``c f`` (``c > 0``) ``alpha -> alpha / c``,
+  ``w -> c w``, ``sigma -> c sigma`` and the step is unchanged. With noise it
+  is not: ``lam`` (P3, a gradient variance) scales like ``c^2``, so ``lam^2``
+  in (B3) like ``c^4`` against ``w^2 S'S`` like ``c^2``, and the noise's
+  weight in the posterior grows with the objective's scale.
+  ``form="seed"`` (C1) is the seed's preconditioner: ``sigma^{-1/2}`` on the
+  top directions, then learning rate alpha. It is not the seed code step for
+  step, even with ``noise_estimate="seed"`` (its P3): curvax uses
+  ``B0 = (1/alpha) I`` throughout (the seed code takes ``I`` in the first
+  observation's residual, ``alpha I`` in the later ones and ``(1/alpha) I``
+  in the rank-k estimate), ``S'X`` in (W1) (the seed code ``X'S``), the
+  unit-norm directions in every Gram matrix of (B3) (the seed code puts the
+  unnormalised ``||d||^2`` on the diagonal), and the exact rank-k estimate (L1)
+  (the seed code: scipy's iterative ``svds``).
 * ``groups=None``: one group (the PyTorch class's default single parameter
   group, the paper's global step size); ``groups="leaf"`` gives every leaf its
   own alpha, w, lam; or pass labels (see ``groups``).
@@ -231,7 +248,9 @@ def probabilistic_preconditioning(
 
   The seed's variants (chapter 4, Table 4.1):
 
-  * PreconditionedSGD: the defaults (``form="seed"`` to reproduce the seed exactly).
+  * PreconditionedSGD: the defaults (``form="seed", noise_estimate="seed"`` for
+    the seed's preconditioner and noise estimate; the module docstring lists
+    where curvax still differs from the seed code).
   * AdaptiveSGD: ``precondition=False, estimate_preconditioner=True`` (builds the
     preconditioner, does not apply it).
   * OnlyAdaptiveSGD: ``precondition=False`` (the posterior phase is skipped too;
