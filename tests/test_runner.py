@@ -28,9 +28,12 @@ def test_end_to_end_fmnist_mlp_sgd_json_and_plot(tmp_path):
   files = sorted(glob.glob(os.path.join(out, "**", "*.json"), recursive=True))
   assert len(files) == 2
   assert os.path.relpath(files[0], out).startswith(
-      "fmnist_mlp/sgd/num_epochs__1__batch_size__128__learning_rate__0.2/random_seed__0__")
+      "fmnist_mlp/sgd/num_epochs__1__batch_size__128__learning_rate__0.2__train_size__6400"
+      "__eval_size__1000__max_steps__30/random_seed__0__")
   with open(files[0]) as f:
     r = json.load(f)
+  assert (r["train_size"], r["full_train_size"], r["eval_size"], r["max_steps"]) == (
+      6400, 50000, 1000, 30)
   assert r["testproblem"] == "fmnist_mlp" and r["status"] == "stopped" and r["steps"] == 30
   # DeepOBS's keys (spec 2.6), which its analyzer reads.
   for key in ("batch_size", "num_epochs", "random_seed", "weight_decay", "optimizer_name",
@@ -96,13 +99,45 @@ def test_plot_groups_runs_by_full_setting(tmp_path):
   _write_result(out, "quadratic_deep", 0, num_epochs=2)
   _write_result(out, "quadratic_deep", 2, weight_decay=0.002)   # DeepOBS override
   _write_result(out, "quadratic_deep", 3, weight_decay=None)    # curvax: problem's own
+  # The runner's settings, where not the defaults (older files lack some fields).
+  full = dict(train_size=1000, full_train_size=1000, eval_size=None, max_steps=None)
+  _write_result(out, "quadratic_deep", 4, eval_batch_size=128, **full)
+  _write_result(out, "quadratic_deep", 5, eval_batch_size=64, **full)
+  _write_result(out, "quadratic_deep", 6, **{**full, "train_size": 256})
+  _write_result(out, "quadratic_deep", 7, **{**full, "eval_size": 100})
+  _write_result(out, "quadratic_deep", 8, **{**full, "max_steps": 3})
+  _write_result(out, "quadratic_deep", 9, eval_batch_size=64, train_size=256,
+                full_train_size=1000, eval_size=100, max_steps=3)
   runs = problems.plot.load_results(out)["quadratic_deep"]
   assert {k: sorted(r["random_seed"] for r in v) for k, v in runs.items()} == {
-      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1": [0, 1, 3],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1": [0, 1, 3, 4],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1, eval_batch_size=64": [5],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1, train_size=256": [6],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1, eval_size=100": [7],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1, max_steps=3": [8],
+      "sgd (learning_rate=0.01), batch_size=128, num_epochs=1, train_size=256, eval_size=100, "
+      "eval_batch_size=64, max_steps=3": [9],
       "sgd (learning_rate=0.01), batch_size=32, num_epochs=1": [0],
       "sgd (learning_rate=0.01), batch_size=128, num_epochs=2": [0],
       "sgd (learning_rate=0.01), batch_size=128, num_epochs=1, weight_decay=0.002": [2]}
   assert problems.plot.plot(out) == [os.path.join(out, "quadratic_deep.png")]
+
+
+def test_runs_of_other_runner_settings_get_their_own_setting_folder(tmp_path):
+  """train_size, eval_size, eval_batch_size and max_steps change what a run trains or
+  reports: runs that differ in them are filed (and plotted) apart, not as seeds."""
+  out = str(tmp_path / "res")
+  kw = dict(epochs=1, out=out, verbose=False, hyperparams={"learning_rate": 0.01})
+  base = "num_epochs__1__batch_size__128__learning_rate__0.01"
+  for extra, suffix in ((dict(), ""), (dict(train_size=5000, eval_batch_size=128), ""),
+                        (dict(train_size=256), "__train_size__256"),
+                        (dict(eval_size=100, eval_batch_size=64, max_steps=3),
+                         "__eval_size__100__eval_batch_size__64__max_steps__3")):
+    r = problems.run("quadratic_deep", "sgd", **kw, **extra)
+    assert os.path.relpath(os.path.dirname(r["path"]), out) == os.path.join(
+        "quadratic_deep", "sgd", base + suffix), extra
+  runs = problems.plot.load_results(out)["quadratic_deep"]
+  assert sorted(len(v) for v in runs.values()) == [1, 1, 2]
 
 
 def test_plot_one_png_for_several_problems_is_an_error(tmp_path, capsys):

@@ -5,7 +5,9 @@ train(-eval) loss and, for classification problems, test and train accuracy
 (DeepOBS's performance plot, seed 001 Fig. 5.2); the left column against epochs,
 the right one against training wall time. One colour per setting (optimizer,
 hyperparameters, batch size, number of epochs and, if set, weight decay: what
-DeepOBS's setting folders separate); the line is the mean over the setting's
+DeepOBS's setting folders separate; and the runner's training subset, evaluation
+subset, eval_batch size and step limit where they are not the defaults, see
+`curvax.problems.runner.runner_settings`); the line is the mean over the setting's
 seeds, the band the 25-75% quantiles across seeds (runs that stopped early
 contribute to the points they reached).
 """
@@ -20,6 +22,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from curvax.problems.runner import runner_settings
+
 ROWS = (("test_losses", "test loss"), ("train_losses", "train loss"),
         ("test_accuracies", "test accuracy"), ("train_accuracies", "train accuracy"))
 
@@ -28,8 +32,11 @@ def setting_label(r: dict) -> str:
   """A run's setting as a label: ``'sgd (learning_rate=0.01), batch_size=128, num_epochs=2'``.
 
   Runs share a label exactly when they share optimizer name, hyperparameters,
-  batch size, number of epochs and weight decay (fields missing from ``r`` are
-  left out), i.e. when they differ only in their seed.
+  batch size, number of epochs, weight decay and the runner's non-default
+  ``train_size``, ``eval_size``, ``eval_batch_size`` and ``max_steps``
+  (`curvax.problems.runner.runner_settings`, e.g. ``..., train_size=256``;
+  fields missing from ``r`` are left out), i.e. when they differ only in their
+  seed.
   """
   hp = r.get("optimizer_hyperparams") or {}
   label = str(r.get("optimizer_name", "?"))
@@ -38,6 +45,7 @@ def setting_label(r: dict) -> str:
   setting = [f"{k}={r[k]}" for k in ("batch_size", "num_epochs") if r.get(k) is not None]
   if r.get("weight_decay"):
     setting.append(f"weight_decay={r['weight_decay']}")
+  setting += [f"{k}={v}" for k, v in runner_settings(r).items()]
   return ", ".join([label] + setting)
 
 

@@ -86,13 +86,46 @@ def _diagnostics_record(opt_state: Any) -> Dict[str, Any]:
   return records.record(opt_state)
 
 
-def _setting_folder(num_epochs, batch_size, weight_decay, hyperparams):
+def _setting_folder(num_epochs, batch_size, weight_decay, hyperparams, settings=None):
+  """DeepOBS's setting folder name, ``num_epochs__2__batch_size__128__learning_rate__0.01``.
+
+  ``settings`` (curvax's runner options that change what a run trains or
+  reports, `runner_settings`, e.g. ``{'train_size': 256}``) follow in the same
+  ``key__value`` style, those that are None left out: runs of one folder differ
+  only in their seed.
+  """
   parts = [f"num_epochs__{num_epochs}", f"batch_size__{batch_size}"]
   if weight_decay:
     parts.append(f"weight_decay__{weight_decay}")
   for k in sorted(hyperparams):
     parts.append(f"{k}__{hyperparams[k]}")
+  for k, v in (settings or {}).items():
+    if v is not None:
+      parts.append(f"{k}__{v}")
   return "__".join(parts)
+
+
+def runner_settings(record: Dict[str, Any]) -> Dict[str, Any]:
+  """The runner options of a results record that differ from their defaults.
+
+  ``train_size`` (when a strict subset of the training split was used),
+  ``eval_size``, ``eval_batch_size`` (when not the batch size) and
+  ``max_steps``, in that order; records that lack a field (older files) leave
+  it out. The setting folder and `curvax.problems.plot.setting_label` show
+  these next to DeepOBS's settings.
+  """
+  out = {}
+  full = record.get("full_train_size")
+  if full is not None and record.get("train_size") is not None and record["train_size"] < full:
+    out["train_size"] = record["train_size"]
+  if record.get("eval_size") is not None:
+    out["eval_size"] = record["eval_size"]
+  e, b = record.get("eval_batch_size"), record.get("batch_size")
+  if e is not None and b is not None and e != b:
+    out["eval_batch_size"] = e
+  if record.get("max_steps") is not None:
+    out["max_steps"] = record["max_steps"]
+  return out
 
 
 def _jsonable(x):
@@ -132,7 +165,10 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     log_every: mini-batch loss / optimizer-state logging interval, in steps (>= 1).
     eval_batch_size: size of ``eval_batch`` (>= 1; default: the batch size).
     out: a folder; the results JSON goes to DeepOBS's layout
-      ``out/<problem>/<optimizer>/<setting>/random_seed__<seed>__<time>.json``.
+      ``out/<problem>/<optimizer>/<setting>/random_seed__<seed>__<time>.json``;
+      ``<setting>`` also names ``train_size`` (if a strict subset), ``eval_size``,
+      ``eval_batch_size`` (if not the batch size) and ``max_steps`` when set
+      (`runner_settings`), so that a folder holds only runs that differ in the seed.
     hyperparams: recorded in the JSON (and used to build a named optimizer).
     optimizer_name: recorded name (default: the registered name, else 'custom').
     max_steps: stop after this many steps (smoke runs); a final evaluation follows.
@@ -211,6 +247,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   monitored = _monitored(opt_state)
 
   x_all, y_all = problem.data("train")
+  full_train_size = int(y_all.shape[0])
   if train_size is not None:
     x_all, y_all = x_all[:train_size], y_all[:train_size]
   n = int(y_all.shape[0])
@@ -321,7 +358,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       "train_accuracies": [], "valid_accuracies": [], "test_accuracies": [],
       "minibatch_train_losses": [], "minibatch_steps": [], "optimizer_state": {},
       "eval_steps": [], "eval_epochs": [], "wall_times": [],
-      "eval_batch_size": e, "train_size": n, "steps_per_epoch": steps_per_epoch,
+      "eval_batch_size": e, "train_size": n, "full_train_size": full_train_size,
+      "eval_size": eval_size, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
       "status": "running", "stop_reason": None,
   }
 
@@ -495,7 +533,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   record = _jsonable(record)
   if out is not None:
     folder = os.path.join(out, problem.name, optimizer_name,
-                          _setting_folder(epochs, b, problem.weight_decay, hyperparams))
+                          _setting_folder(epochs, b, problem.weight_decay, hyperparams,
+                                          runner_settings(record)))
     os.makedirs(folder, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d-%H-%M-%S")
     path = os.path.join(folder, f"random_seed__{seed}__{stamp}.json")
