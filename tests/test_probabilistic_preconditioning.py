@@ -340,8 +340,10 @@ def test_preconditioning_step_guard_sees_every_non_finite_gradient_entry(inner, 
   params = {"x": jnp.ones(n, dtype)}
   state = tx.init(params)
   rows = (jnp.eye(n, dtype=dtype)[0], jnp.eye(n, dtype=dtype)[1])   # zero at entries 2, 3
+  # A state as after a fit (with prior sums: a group with none is inactive).
   state = state._replace(phase=jnp.asarray(PRECONDITION, jnp.int32),
                          round_step=jnp.asarray(10, jnp.int32),
+                         sum_vv=jnp.ones_like(state.sum_vv), sum_uu=jnp.ones_like(state.sum_uu),
                          alpha=jnp.ones_like(state.alpha),
                          eigenvectors=(rows,), eigenvalues=(jnp.asarray([2.0, 4.0], dtype),))
   batch = (jnp.ones((2, 1), dtype), jnp.zeros((2, 1), dtype))
@@ -399,6 +401,72 @@ def test_failed_fit_restarts_round_and_negative_curvature_uses_magnitude():
   g = -np.asarray(jax.grad(SINGLE)({"x": jnp.ones(N)}, BATCH)["x"])     # H = -A1
   np.testing.assert_allclose(states[-1].alpha, [g @ A1 @ g / np.sum((A1 @ g) ** 2)],
                              rtol=1e-10)
+
+
+@pytest.mark.parametrize("groups,learning_rate", [
+    ("leaf", None), ({"lin": "l", "unused": "u", "x": "x", "z": "z"}, 0.05)])
+def test_inactive_groups_do_not_fail_the_fit_nor_change_the_active_ones(groups, learning_rate):
+  """Groups with no observed signal are inactive (module docstring): "unused"
+  is not in the loss (zero gradient and curvature: P1 and P2 are 0/0); "lin"
+  enters linearly (a gradient, no curvature: P1 is 0/0); "z" has no signal in
+  the prior phase and, afterwards, a gradient and a coupling to "x". None of
+  them fails the fit, steps (learning rate 0, also a fixed one) or spends an
+  observation, and "x" trains exactly as it does alone (z stays 0, so x's
+  gradient has no z term, and H d none while d_z = 0): 30 noisy steps over
+  3 restarts."""
+  n, p_it, m_obs, restart = 4, 3, 2, 8
+  a, _ = _spd(n, np.linspace(1.0, 6.0, n), seed=4)
+  rng = np.random.default_rng(5)
+  e = rng.normal(size=(n, n))
+  e = 0.3 * (e + e.T)
+  b = rng.normal(size=n)
+  # inputs [[c, flag]], targets [shift]: a different batch every step; flag 0
+  # in each round's prior phase.
+  batches = [(jnp.asarray([[0.5 * rng.normal(), float(t % restart >= p_it)]]),
+              jnp.asarray(0.2 * rng.normal(size=(1, n)))) for t in range(30)]
+
+  def loss_x(params, batch):
+    c, x = batch[0][0, 0], params["x"]
+    return 0.5 * x @ (a + c * e) @ x - (b + batch[1][0]) @ x
+
+  def loss_all(params, batch):
+    c, flag, x, z = batch[0][0, 0], batch[0][0, 1], params["x"], params["z"]
+    return (loss_x(params, batch) + (1.0 + c) * jnp.sum(params["lin"])
+            + flag * (jnp.sum(z) + 0.7 * z @ x[:2]))
+
+  x0 = jnp.asarray(rng.normal(size=n))
+  kw = dict(prior_iterations=p_it, num_observations=m_obs, rank=2, restart_every=restart,
+            learning_rate=learning_rate)
+  tx_all = probabilistic_preconditioning(loss_all, groups=groups, **kw)
+  tx_x = probabilistic_preconditioning(loss_x, **kw)
+  params = {"lin": jnp.ones(2), "unused": jnp.ones(3), "x": x0, "z": jnp.zeros(2)}
+  inactive = ("lin", "unused", "z")
+  ix = 2                                      # leaves (= groups) in order lin, unused, x, z
+  out, states, updates = _run(tx_all, loss_all, params, 30, batches)
+  _, ref_states, ref_updates = _run(tx_x, loss_x, {"x": x0}, 30, batches)
+  assert int(states[-1].num_failed_fits) == 0 and int(states[-1].num_restarts) == 3
+  moved = 0
+  for st, u, ref, ref_u in zip(states, updates, ref_states, ref_updates):
+    np.testing.assert_allclose(u["x"], ref_u["x"], rtol=1e-12, atol=1e-15)
+    moved += float(jnp.max(jnp.abs(u["x"]))) > 0
+    for f in ("alpha", "prior_scale", "noise_scale", "learning_rate"):
+      np.testing.assert_allclose(getattr(st, f)[ix], getattr(ref, f)[0], rtol=1e-12)
+    np.testing.assert_allclose(st.directions[ix], ref.directions[0], rtol=1e-12, atol=1e-15)
+    for name in inactive:
+      assert not np.any(np.asarray(u[name])), name
+  # 4 preconditioned steps in each full round of 8, 2 in the last 6 steps.
+  assert moved == 3 * 4 + 2
+  for name in inactive:
+    np.testing.assert_array_equal(out[name], params[name])
+  st = states[-1]
+  # Placeholders alpha = w = 1, lam = 0, learning rate 0; no observation.
+  others = [0, 1, 3]
+  np.testing.assert_array_equal(np.asarray(st.alpha)[others], 1.0)
+  np.testing.assert_array_equal(np.asarray(st.prior_scale)[others], 1.0)
+  np.testing.assert_array_equal(np.asarray(st.noise_scale)[others], 0.0)
+  np.testing.assert_array_equal(np.asarray(st.learning_rate)[others], 0.0)
+  for i in others:
+    assert not np.any(np.asarray(st.directions[i])) and not np.any(np.asarray(st.residuals[i]))
 
 
 @pytest.mark.slow

@@ -84,10 +84,21 @@ Choices (the spec leaves them open):
   gradient, seen in the ``k`` projections ``U_j'g`` per leaf, or learning
   rate; a step entry that overflows from finite values is zeroed alone, not
   counted) returns zeros, keeps the inner state and is counted too. A prior fit with
-  non-finite or zero ``alpha``/``w`` restarts the round and is counted in
+  non-finite or zero ``alpha``/``w`` in an active group (below), or with no
+  active group at all, restarts the round and is counted in
   ``num_failed_fits``. Negative average curvature ``sum v'u < 0`` (the seed
   code would then step uphill with a negative learning rate) uses ``|sum v'u|``
   in (P1)/(P2) and is counted in ``num_negative_curvature``.
+* Inactive groups: a group whose prior phase observed no gradient
+  (``sum ||v_i||^2 = 0``, e.g. an unused or frozen parameter) or no curvature
+  (``sum ||u_i||^2 = 0``) has (P1) or (P2) ``0/0``. It is inactive for the
+  round: it does not fail the fit, takes the placeholders ``alpha = w = 1``,
+  ``lam = 0`` (finite, and no estimate), spends no observation (its rows of
+  ``S`` and ``Delta`` stay zero, its part of every active direction ``d`` of
+  (O2) is zero, so the other leaves' ``y = H d`` have no term from it) and
+  takes no step: its learning rate is 0 (also with a fixed
+  ``learning_rate``). The active groups are estimated and stepped exactly as
+  without it. The next round (``restart_every``) fits it afresh.
 """
 
 from __future__ import annotations
@@ -129,11 +140,12 @@ class ProbabilisticPreconditioningState(NamedTuple):
       observations (`POSTERIOR`), 2 preconditioned inner step (`PRECONDITION`).
     num_observations: posterior observations gathered in this round (m <= M).
     num_restarts: completed estimation rounds restarted by ``restart_every``.
-    alpha: (G,) per-group inverse curvature (P1) from the last fit.
-    prior_scale: (G,) per-group ``w`` (P2).
-    noise_scale: (G,) per-group ``lam`` (P3).
+    alpha: (G,) per-group inverse curvature (P1) from the last fit (1 for an
+      inactive group, see the module docstring).
+    prior_scale: (G,) per-group ``w`` (P2) (1 for an inactive group).
+    noise_scale: (G,) per-group ``lam`` (P3) (0 for an inactive group).
     learning_rate: (G,) learning rate the inner optimizer uses (alpha, or the
-      fixed ``learning_rate``).
+      fixed ``learning_rate``; 0 for an inactive group, which takes no step).
     eigenvalues: per leaf, the ``k`` top singular values ``sigma`` of the
       rank-k Hessian estimate (L1) (its eigenvalue estimates).
     eigenvectors: per leaf, ``U``'s ``k`` rows ``(n,)`` (L1), a tuple of arrays (not
@@ -147,8 +159,8 @@ class ProbabilisticPreconditioningState(NamedTuple):
     sum_products: sum of the prior products u_i = H_i v_i (shaped like params).
     inner_state: state of the inner optimizer.
     num_skipped: steps skipped because of non-finite values.
-    num_failed_fits: prior fits rejected (non-finite or zero alpha, w); each
-      restarts the round.
+    num_failed_fits: prior fits rejected (non-finite or zero alpha, w in an
+      active group, or no active group); each restarts the round.
     num_negative_curvature: prior fits with a negative sum v'u in some group
       (absolute values were used).
     posterior_retakes: consecutive non-finite posterior observations (reset by a
@@ -215,6 +227,15 @@ def _group_ids(params: Any, groups: Any) -> Tuple[Tuple[int, ...], int]:
       raise TypeError(f"{_NAME}: group labels must be hashable; got {label!r}.")
     ids.append(index.setdefault(label, len(index)))
   return tuple(ids), len(index)
+
+
+def _active_groups(sum_vv: Array, sum_uu: Array) -> Array:
+  """(G,) bool: groups whose prior phase observed gradient and curvature.
+
+  The others have ``sum ||v||^2 = 0`` or ``sum ||u||^2 = 0``, so (P2) or (P1)
+  is ``0/0`` (then ``sum v'u = 0`` too, by Cauchy-Schwarz): inactive.
+  """
+  return (sum_vv > 0) & (sum_uu > 0)
 
 
 def _group_sum(per_leaf: Sequence[Array], gids: Sequence[int], num_groups: int) -> Array:
@@ -436,9 +457,14 @@ def probabilistic_preconditioning(
       # fields are returned unchanged on its other steps.
       # Negative average curvature (a saddle region of a non-convex loss): use
       # |sum v'u|, the curvature's magnitude, and count it (num_negative_curvature).
+      # Inactive groups (no gradient or no curvature: P1 or P2 is 0/0) get
+      # the finite placeholders alpha = w = 1, lam = 0 and learning rate 0.
       negative = jnp.any(state.sum_vu < 0)
-      alpha = jnp.abs(state.sum_vu) / state.sum_uu
-      w = jnp.abs(state.sum_vu) / state.sum_vv
+      active = _active_groups(state.sum_vv, state.sum_uu)
+      one_g = jnp.ones_like(state.sum_vu)
+      alpha = jnp.where(active, jnp.abs(state.sum_vu) / jnp.where(active, state.sum_uu, one_g),
+                        one_g)
+      w = jnp.where(active, jnp.abs(state.sum_vu) / jnp.where(active, state.sum_vv, one_g), one_g)
       sum_v = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_directions)]
       sum_u = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_products)]
       norm_sum = _group_sum([jnp.vdot(s, s) for s in sum_v], gids, num_groups)
@@ -446,9 +472,11 @@ def probabilistic_preconditioning(
         lam = jnp.maximum((state.sum_vv - norm_sum / num_prior) / (num_prior - 1), 0.0)
       else:
         lam = jnp.abs(state.sum_vv - norm_sum) / num_prior
-      valid = jnp.all(jnp.isfinite(alpha) & jnp.isfinite(w) & jnp.isfinite(lam)
-                      & (alpha > 0) & (w > 0))
-      lr = alpha if learning_rate is None else jnp.zeros_like(alpha) + learning_rate
+      lam = jnp.where(active, lam, 0.0)
+      valid = jnp.any(active) & jnp.all(jnp.isfinite(alpha) & jnp.isfinite(w)
+                                        & jnp.isfinite(lam) & (alpha > 0) & (w > 0))
+      lr = jnp.where(active, alpha if learning_rate is None else learning_rate, 0.0).astype(
+          alpha.dtype)
       new = state._replace(alpha=alpha, prior_scale=w, noise_scale=lam, learning_rate=lr,
                            num_negative_curvature=state.num_negative_curvature
                            + negative.astype(jnp.int32))
@@ -466,6 +494,7 @@ def probabilistic_preconditioning(
         # round's observations are spent), so every prior step writes them
         # outright, zeros with row 0 the observation on a successful fit: one
         # write, where a select would read and write both buffers.
+        # An inactive group's leaves keep zero rows (an empty observation).
         write = do_fit & valid
         dirs, res = [], []
         for i, (sv, su, buf) in enumerate(zip(sum_v, sum_u, state.directions)):
@@ -474,9 +503,10 @@ def probabilistic_preconditioning(
           s1 = -(sv / num_prior) * inv
           y1 = -(su / num_prior) * inv
           zero = jnp.zeros((), buf.dtype)
-          dirs.append(jnp.zeros_like(buf).at[0].set(jnp.where(write, s1, zero)))
+          write_i = write & leaf_scalar(active, i)
+          dirs.append(jnp.zeros_like(buf).at[0].set(jnp.where(write_i, s1, zero)))
           res.append(jnp.zeros_like(buf).at[0].set(
-              jnp.where(write, y1 - s1 / leaf_scalar(alpha, i), zero)))
+              jnp.where(write_i, y1 - s1 / leaf_scalar(alpha, i), zero)))
         out.update(directions=tuple(dirs), residuals=tuple(res),
                    num_observations=jnp.where(write, one, out["num_observations"]))
       return state._replace(**out)
@@ -491,9 +521,14 @@ def probabilistic_preconditioning(
       coeffs = [bh.posterior_coefficients(s, leaf_scalar(state.prior_scale, i),
                                           leaf_scalar(state.noise_scale, i), m)
                 for i, s in enumerate(state.directions)]
-      # (O2): active direction d = B^{-1} g (W1), leaf by leaf.
-      d_flat = [bh.posterior_inverse_matvec(g, s, res, c, leaf_scalar(state.alpha, i),
-                                            leaf_scalar(state.prior_scale, i))
+      # (O2): active direction d = B^{-1} g (W1), leaf by leaf; zero on an
+      # inactive group's leaves, so H d, and every leaf's y, has no term
+      # from them (their rows stay zero: s = d / ||d|| with d = 0).
+      active = _active_groups(state.sum_vv, state.sum_uu)
+      d_flat = [jnp.where(leaf_scalar(active, i),
+                          bh.posterior_inverse_matvec(g, s, res, c, leaf_scalar(state.alpha, i),
+                                                      leaf_scalar(state.prior_scale, i)),
+                          jnp.zeros((), g.dtype))
                 for i, (g, s, res, c) in enumerate(
                     zip(g_flat, state.directions, state.residuals, coeffs))]
       y_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(hvp(unflat(d_flat)))]
@@ -612,8 +647,11 @@ def probabilistic_preconditioning(
       g_tilde = updates
     direction, new_inner = inner.update(g_tilde, inner_state, params, batch=batch,
                                         **extra_args)
+    # A fixed learning rate is live if injected; an inactive group's is 0
+    # (the fit's, and so state.learning_rate, already is with learning_rate=None).
     lr = (state.learning_rate if learning_rate is None
-          else jnp.zeros_like(state.learning_rate) + learning_rate)   # live if injected
+          else jnp.where(_active_groups(state.sum_vv, state.sum_uu), learning_rate,
+                         0.0).astype(state.learning_rate.dtype))
     step = [-leaf_scalar(lr, i).astype(d.dtype) * d
             for i, d in enumerate(treedef.flatten_up_to(direction))]
     if precondition and plain_inner:
