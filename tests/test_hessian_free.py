@@ -1,11 +1,14 @@
 """Tests for curvax.transforms.hessian_free and micro-batched evaluation."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import curvax
 from curvax import solvers
@@ -261,6 +264,39 @@ def test_clear_errors():
     tx.update(g, tx.init(narrower), params, batch=batch, eval_batch=eval_batch)
 
 
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(initial_damping=-1.0), "initial_damping must be >= 0"),
+    (dict(initial_damping=float("nan")), "initial_damping must be >= 0"),
+    # The damping update only multiplies: from 0 it could never grow.
+    (dict(initial_damping=0.0, min_damping=0.0),
+     "min_damping must be > 0 \\(0 < min_damping <= max_damping"),
+    (dict(min_damping=np.float32(-1e-3)), "min_damping must be > 0"),
+    (dict(min_damping=1.0, max_damping=0.1),
+     "min_damping must not exceed max_damping \\(0 < min_damping <= max_damping"),
+    (dict(max_damping=jnp.asarray(0.0)), "max_damping must be > 0"),
+    (dict(cg_tol=-1e-6), "cg_tol must be >= 0"),
+])
+def test_rejects_bad_damping_bounds_and_cg_tol(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    hessian_free(ref.mlp_apply, mse, **kwargs)
+  # inject_hyperparams passes the initial values to init as concrete arrays:
+  # checked there; inside update they are traced and not checked (the
+  # injected updates under jit in the tests above and below run that path).
+  injected = optax.inject_hyperparams(hessian_free, static_args=hessian_free.STATIC_ARGS)
+  with pytest.raises(ValueError, match=match):
+    injected(ref.mlp_apply, mse, **kwargs).init(ref.mlp_params(jax.random.PRNGKey(0)))
+
+
+def test_accepts_zero_initial_damping_and_boundary_values():
+  params = ref.mlp_params(jax.random.PRNGKey(0))
+  kw = dict(initial_damping=0.0, min_damping=0.5, max_damping=0.5, cg_tol=0.0)
+  assert float(hessian_free(ref.mlp_apply, mse, **kw).init(params).damping) == 0.0
+  injected = optax.inject_hyperparams(hessian_free, static_args=hessian_free.STATIC_ARGS)
+  state = injected(ref.mlp_apply, mse, **kw).init(params)
+  assert float(state.hyperparams["min_damping"]) == 0.5
+
+
 def test_fisher_preconditioner_with_pytree_inputs():
   # Inputs as a dict (accepted everywhere else): the per-example gradients of
   # the Fisher diagonal must slice every leaf.
@@ -332,3 +368,245 @@ def test_microbatched_hessian_free_equals_unchunked(curvature):
   chex.assert_trees_all_close(outs[0][0], outs[1][0], rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(outs[0][1].rho, outs[1][1].rho, rtol=1e-8)
   assert int(outs[0][1].cg_iterations) == int(outs[1][1].cg_iterations)
+
+
+# ----------------------------------------------------------------------------- one step vs numpy
+#
+# An independent reference for one whole step (spec, "One step k"): dense
+# curvature matrices from jax.hessian / jax.jacfwd (tests/reference.py), and
+# CG, the damping update, CG backtracking and the Armijo search written out in
+# numpy, nothing taken from curvax.solvers. The update and every field of the
+# new state are compared, from a state with a non-zero warm start.
+
+# Only the status codes come from curvax.
+_CG_MAX_ITER, _CG_MARTENS, _CG_RESIDUAL, _CG_NONPOSITIVE = (
+    solvers.CGStatus.MAX_ITER, solvers.CGStatus.MARTENS, solvers.CGStatus.RESIDUAL,
+    solvers.CGStatus.NONPOSITIVE_CURVATURE)
+
+
+def _np_iterate_grid(max_iter):
+  """The CG iterations ceil(1.3^j) <= max_iter whose iterates are kept."""
+  grid, j = [], 0
+  while np.ceil(1.3 ** j - 1e-9) <= max_iter:
+    step = int(np.ceil(1.3 ** j - 1e-9))
+    if step not in grid:
+      grid.append(step)
+    j += 1
+  return grid
+
+
+def _np_cg(a, b, x0, max_iter, tol, eps):
+  """Unpreconditioned CG on the dense ``a x = b`` with Martens' stopping test.
+
+  Returns the final iterate, its iteration, the status code, the kept iterates
+  ``[(iteration, x), ...]`` (the grid iterations reached, then the final one)
+  and the quadratic model ``phi(x) = x'ax/2 - b'x`` at the final iterate.
+  """
+  def phi(x):
+    return 0.5 * x @ a @ x - b @ x
+
+  grid = _np_iterate_grid(max_iter)
+  x = x0.copy()
+  r = b - a @ x
+  d = r.copy()
+  phis = [phi(x)]
+  kept = []
+  i = 0
+  if r @ r <= tol ** 2 * (b @ b):
+    status = _CG_RESIDUAL
+  elif max_iter == 0:
+    status = _CG_MAX_ITER
+  else:
+    while True:
+      ad = a @ d
+      curv = d @ ad
+      if curv <= 0:  # the iteration is not taken; x_i is returned
+        status = _CG_NONPOSITIVE
+        break
+      step = (r @ r) / curv
+      x = x + step * d
+      r_new = r - step * ad
+      d = r_new + (r_new @ r_new) / (r @ r) * d
+      r = r_new
+      i += 1
+      phis.append(phi(x))
+      if i in grid:
+        kept.append((i, x.copy()))
+      k = max(10, int(np.ceil(0.1 * i)))
+      if r @ r <= tol ** 2 * (b @ b):
+        status = _CG_RESIDUAL
+      elif i > k and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < k * eps:
+        status = _CG_MARTENS
+      elif i >= max_iter:
+        status = _CG_MAX_ITER
+      else:
+        continue
+      break
+  if not kept or kept[-1][0] != i:
+    kept.append((i, x.copy()))
+  return x, i, status, kept, phi(x)
+
+
+def _np_hessian_free_step(curv, g, eval_loss, damping, warm_start, *, cg_max_iter,
+                          cg_decay_x0=0.95, cg_tol=1e-5, martens_eps=5e-4,
+                          min_damping=1e-8, max_damping=1e8, linesearch_c=0.01,
+                          linesearch_beta=0.8, linesearch_max_reductions=20):
+  """One Hessian-free step on flat vectors; ``eval_loss(d) = L_eval(theta + d)``."""
+  a = curv + damping * np.eye(len(g))
+  p_final, iterations, status, kept, phi = _np_cg(
+      a, -g, cg_decay_x0 * warm_start, cg_max_iter, cg_tol, martens_eps)
+  # Levenberg-Marquardt with the damped model's prediction at the final iterate.
+  loss_before = eval_loss(np.zeros_like(g))
+  rho = (eval_loss(p_final) - loss_before) / phi if phi < 0 else -np.inf
+  new_damping = damping * (1.5 if rho < 0.25 else 2 / 3 if rho > 0.75 else 1.0)
+  new_damping = min(max(new_damping, min_damping), max_damping)
+  # CG backtracking: step back while the earlier kept iterate is better.
+  j = len(kept) - 1
+  while j > 0 and eval_loss(kept[j - 1][1]) < eval_loss(kept[j][1]):
+    j -= 1
+  p = kept[j][1]
+  # Armijo: alpha = 1, beta, beta^2, ... (at most max_reductions times), else 0.
+  alpha = 0.0
+  for reductions in range(linesearch_max_reductions + 1):
+    trial = linesearch_beta ** reductions
+    if eval_loss(trial * p) <= loss_before + linesearch_c * trial * (g @ p):
+      alpha = trial
+      break
+  return dict(
+      update=alpha * p, damping=new_damping, rho=rho, cg_iterations=iterations,
+      cg_status=status, chosen_iterate=j, chosen_iteration=kept[j][0], alpha=alpha,
+      loss_before=loss_before, loss_after=eval_loss(alpha * p), warm_start=p_final,
+      num_kept=len(kept))
+
+
+# Two compiled problems (the floats below are traced, so the cases share them):
+# softmax regression with the GGN and least squares with the (indefinite)
+# Hessian, both on a tiny MLP. Each case names what it pins down and the test
+# checks that the reference shows it, so no case can silently become vacuous.
+_STEP_PROBLEMS = {
+    "ggn": dict(loss_name="softmax_cross_entropy", curvature="ggn", cg_max_iter=8),
+    "hessian": dict(loss_name="mean_squared_error", curvature="hessian", cg_max_iter=250),
+}
+_STEP_DEFAULTS = dict(cg_decay_x0=0.95, min_damping=1e-8, linesearch_c=0.01,
+                      linesearch_max_reductions=20)
+_STEP_CASES = {
+    # rho > 3/4 lowers the damping; backtracking steps back from the final iterate.
+    "ggn_backtracks": dict(
+        problem="ggn", seed=0, damping=1.0,
+        expect=dict(backtracks=True, alpha=1.0, damping=2 / 3, status=_CG_RESIDUAL)),
+    # rho < 0 raises the damping; Armijo must shrink the step.
+    "ggn_armijo_shrinks": dict(
+        problem="ggn", seed=1, damping=1.0, cg_decay_x0=0.5,
+        expect=dict(alpha="shrinks", damping=1.5)),
+    # No step size is accepted: no update, the warm start is still the final
+    # CG iterate; the iteration budget ends CG.
+    "ggn_armijo_fails": dict(
+        problem="ggn", seed=1, damping=0.1,
+        expect=dict(alpha=0.0, damping=0.15, status=_CG_MAX_ITER)),
+    # rho > 3/4, the lowered damping is clamped to min_damping; c = 1/2 makes
+    # Armijo shrink a step that backtracking chose.
+    "ggn_clamped": dict(
+        problem="ggn", seed=0, damping=0.3, min_damping=0.25, linesearch_c=0.5,
+        expect=dict(backtracks=True, alpha="shrinks", damping=0.25)),
+    # Martens' test ends CG, backtracking steps back.
+    "hessian_martens": dict(
+        problem="hessian", seed=2, damping=1.0,
+        expect=dict(backtracks=True, alpha=1.0, status=_CG_MARTENS)),
+    # Negative curvature ends CG; Armijo (c = 1/2) shrinks.
+    "hessian_negative_curvature": dict(
+        problem="hessian", seed=1, damping=0.3, linesearch_c=0.5, cg_decay_x0=0.8,
+        expect=dict(alpha="shrinks", status=_CG_NONPOSITIVE)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _flat_step_tools(loss_name, curvature):
+  """Jitted ``(loss, gradient, curvature matrix)`` of the flat MLP parameters
+  ``w`` on a ``batch``, and ``unravel`` (flat vector to parameter pytree)."""
+  loss = ref.LOSSES[loss_name]
+  _, unravel = ravel_pytree(ref.mlp_params(jax.random.PRNGKey(0)))
+
+  def flat_loss(w, batch):
+    return jnp.mean(loss(ref.mlp_apply(unravel(w), batch[0]), batch[1]))
+
+  if curvature == "ggn":
+    def matrix(w, batch):
+      return ref.explicit_ggn(ref.mlp_apply, loss, unravel(w), batch)
+  else:
+    matrix = jax.hessian(flat_loss)
+  return jax.jit(flat_loss), jax.jit(jax.grad(flat_loss)), jax.jit(matrix), unravel
+
+
+@functools.partial(jax.jit, static_argnames=("loss_name", "curvature", "cg_max_iter"))
+def _traced_hf_update(g, state, params, batch, eval_batch, floats, *, loss_name, curvature,
+                      cg_max_iter):
+  """``hessian_free(...).update`` with the settings in ``floats`` traced, so that
+  the cases of one problem share one compilation."""
+  tx = hessian_free(ref.mlp_apply, ref.LOSSES[loss_name], curvature=curvature,
+                    cg_max_iter=cg_max_iter, **floats)
+  return tx.update(g, state, params, batch=batch, eval_batch=eval_batch)
+
+
+@pytest.mark.parametrize("case", list(_STEP_CASES))
+def test_one_step_and_state_match_numpy_reference(case):
+  cfg = dict(_STEP_CASES[case])
+  expect, seed, damping = cfg.pop("expect"), cfg.pop("seed"), cfg.pop("damping")
+  problem = _STEP_PROBLEMS[cfg.pop("problem")]
+  floats = {**_STEP_DEFAULTS, **cfg}
+  _, _, params, data = ref.problem("mlp", problem["loss_name"], n=16, seed=seed)
+  batch = jax.tree.map(lambda a: a[:8], data)
+  eval_batch = jax.tree.map(lambda a: a[8:], data)
+  flat_loss, flat_grad, matrix, unravel = _flat_step_tools(problem["loss_name"],
+                                                           problem["curvature"])
+  theta = ref.flat(params)
+  g = np.asarray(flat_grad(theta, batch))
+  warm_start = 0.1 * np.random.default_rng(seed).normal(size=g.shape)
+
+  want = _np_hessian_free_step(
+      np.asarray(matrix(theta, batch)), g, lambda d: float(flat_loss(theta + d, eval_batch)),
+      damping, warm_start, cg_max_iter=problem["cg_max_iter"], **floats)
+  if expect.get("backtracks"):
+    assert want["chosen_iterate"] < want["num_kept"] - 1
+  if expect.get("alpha") == "shrinks":
+    assert 0 < want["alpha"] < 1
+  elif "alpha" in expect:
+    assert want["alpha"] == expect["alpha"]
+  if "status" in expect:
+    assert want["cg_status"] == expect["status"]
+  if "damping" in expect:
+    np.testing.assert_allclose(want["damping"], expect["damping"], rtol=1e-15)
+
+  state = hessian_free(ref.mlp_apply, ref.LOSSES[problem["loss_name"]],
+                       initial_damping=damping).init(params)
+  state = state._replace(warm_start=unravel(jnp.asarray(warm_start)),
+                         count=jnp.asarray(4, jnp.int32),
+                         nonfinite_count=jnp.asarray(2, jnp.int32))
+  update, new = _traced_hf_update(unravel(jnp.asarray(g)), state, params, batch, eval_batch,
+                                  floats, **problem)
+  # Vectors to 1e-7 of their largest entry: CG's rounding differs from numpy's
+  # (20 iterations on the Hessian case leave ~1e-8 absolute differences).
+  for name, actual in (("update", update), ("warm_start", new.warm_start)):
+    np.testing.assert_allclose(ref.flat(actual), want[name], rtol=0, err_msg=name,
+                               atol=1e-7 * np.max(np.abs(want[name])))
+  for name in ("damping", "rho", "alpha", "loss_before", "loss_after"):
+    np.testing.assert_allclose(getattr(new, name), want[name], rtol=1e-7, err_msg=name)
+  for name in ("cg_iterations", "cg_status", "chosen_iterate", "chosen_iteration"):
+    assert int(getattr(new, name)) == want[name], name
+  assert int(new.count) == 5 and int(new.nonfinite_count) == 2 and not bool(new.nonfinite)
+  compared = set(want) - {"update", "num_kept"} | {"count", "nonfinite", "nonfinite_count"}
+  assert compared == set(new._fields)
+
+
+def test_zero_initial_damping_is_lifted_to_min_damping():
+  # An undamped first step; the clamp then lifts the damping, which the
+  # multiplicative update could not do from 0.
+  problem = _STEP_PROBLEMS["ggn"]
+  _, _, params, data = ref.problem("mlp", problem["loss_name"], n=16, seed=0)
+  batch, eval_batch = (jax.tree.map(lambda a: a[:8], data),
+                       jax.tree.map(lambda a: a[8:], data))
+  _, flat_grad, _, unravel = _flat_step_tools(problem["loss_name"], problem["curvature"])
+  g = unravel(flat_grad(ref.flat(params), batch))
+  tx = hessian_free(ref.mlp_apply, ref.LOSSES[problem["loss_name"]], initial_damping=0.0)
+  _, new = _traced_hf_update(g, tx.init(params), params, batch, eval_batch,
+                             {**_STEP_DEFAULTS, "min_damping": 1e-3}, **problem)
+  assert float(new.damping) == 1e-3 and not bool(new.nonfinite)

@@ -6,6 +6,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.tree_utils as otu
 
@@ -60,6 +61,48 @@ class HessianFreeState(NamedTuple):
   nonfinite_count: Array
 
 
+def _known(value: Any) -> Optional[np.ndarray]:
+  """``value`` as a float array if it is known when the transform is built.
+
+  None for a traced value: under ``jax.jit``, or a hyperparameter that
+  ``optax.inject_hyperparams`` passes in inside ``update``. (Its ``init`` passes
+  the initial values as concrete arrays, so those are checked there.)
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return np.asarray(value, dtype=float)
+
+
+def _check_damping_and_tol(initial_damping: Any, min_damping: Any, max_damping: Any,
+                           cg_tol: Any) -> None:
+  """Raises a ValueError for damping bounds or a CG tolerance that cannot work.
+
+  ``0 < min_damping <= max_damping``: the Levenberg-Marquardt update only
+  multiplies the damping, so a damping of 0 could never grow again; the clamp
+  to ``[min_damping, max_damping]`` needs a non-empty range. ``initial_damping
+  >= 0``; 0 is fine: the first step is undamped and the update's clamp lifts
+  the damping to ``min_damping`` after it. ``cg_tol >= 0``.
+  """
+  d0, lo, hi, tol = map(_known, (initial_damping, min_damping, max_damping, cg_tol))
+  if d0 is not None and not np.all(d0 >= 0):
+    raise ValueError(f"{_NAME}: initial_damping must be >= 0; got {initial_damping!r}.")
+  if lo is not None and not np.all(lo > 0):
+    raise ValueError(
+        f"{_NAME}: min_damping must be > 0 (0 < min_damping <= max_damping: the "
+        f"damping update only multiplies, so a damping of 0 could never grow); got "
+        f"min_damping={min_damping!r}.")
+  if hi is not None and not np.all(hi > 0):
+    raise ValueError(
+        f"{_NAME}: max_damping must be > 0 (0 < min_damping <= max_damping); got "
+        f"max_damping={max_damping!r}.")
+  if lo is not None and hi is not None and not np.all(lo <= hi):
+    raise ValueError(
+        f"{_NAME}: min_damping must not exceed max_damping (0 < min_damping <= "
+        f"max_damping); got min_damping={min_damping!r}, max_damping={max_damping!r}.")
+  if tol is not None and not np.all(tol >= 0):
+    raise ValueError(f"{_NAME}: cg_tol must be >= 0; got {cg_tol!r}.")
+
+
 def hessian_free(
     apply_fn: Callable[[Any, Any], Array],
     loss: Any,
@@ -93,7 +136,10 @@ def hessian_free(
 
   1. ``A = C + lambda I`` with ``C`` the GGN (``curvature="ggn"``, default) or
      the Hessian (``"hessian"``) of the batch-mean objective on ``B`` (plus the
-     regulariser's curvature); the model is linearised once per step.
+     regulariser's curvature). Without ``microbatch_size`` the model (for
+     ``"hessian"``, the gradient) is linearised once per step and every CG
+     product reuses that; with it, every curvature product re-linearises on
+     each chunk (see below).
   2. ``p_final = cg(A, -g, x0 = cg_decay_x0 * x_prev)`` (`curvax.solvers.cg`:
      Martens' relative-progress test, ``cg_max_iter``, residual ``cg_tol``; the
      iterates at ``ceil(1.3^j)`` are kept). Optional preconditioner
@@ -135,6 +181,10 @@ def hessian_free(
   With ``microbatch_size`` the loss values and curvature products are
   accumulated over chunks of that size (`curvax.solvers.microbatch_mean`),
   for batches too large to process at once; results equal the unchunked ones.
+  It trades compute for memory: no linearisation is kept between products,
+  so each curvature product runs the model's forward pass (for
+  ``"hessian"``, forward and backward) again on every chunk, instead of
+  once per step.
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> outputs``.
@@ -142,11 +192,15 @@ def hessian_free(
     curvature: ``"ggn"`` or ``"hessian"``.
     regularizer: optional ``r(params)`` added to the objective (value and
       curvature); its gradient must already be in ``updates``.
-    initial_damping, adapt_damping, min_damping, max_damping: damping.
+    initial_damping, adapt_damping, min_damping, max_damping: damping;
+      ``initial_damping >= 0`` (0: an undamped first step, after which, with
+      ``adapt_damping``, the clamp lifts the damping to ``min_damping``) and
+      ``0 < min_damping <= max_damping`` (the update only multiplies the
+      damping, so a damping of 0 would stay 0).
     cg_max_iter, cg_tol, cg_decay_x0, martens_criterion, martens_eps,
       nonpositive_curvature: CG (see `curvax.solvers.cg`). ``cg_max_iter=None``
       means 250 (Martens 2010); it sizes buffers, so it must be a Python int
-      (see ``STATIC_ARGS`` below).
+      (see ``STATIC_ARGS`` below). ``cg_tol >= 0``.
     preconditioner: None or ``"fisher"``; preconditioner_exponent its ``xi``.
     use_cg_backtracking: CG backtracking on/off.
     use_linesearch, linesearch_initial_step, linesearch_c, linesearch_beta,
@@ -157,7 +211,9 @@ def hessian_free(
   Under ``optax.inject_hyperparams`` pass ``static_args=hessian_free.STATIC_ARGS``
   (the functions ``apply_fn``, ``loss``, ``regularizer`` and the integers
   ``cg_max_iter``, ``microbatch_size`` that size buffers); every float may be
-  injected.
+  injected. The bounds above are checked on values known when the transform
+  is built (numbers, and the initial values ``inject_hyperparams`` passes to
+  ``init``); values traced inside ``update`` are not checked.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates,
@@ -172,6 +228,7 @@ def hessian_free(
   if nonpositive_curvature not in ("stop", "abs"):
     raise ValueError(f"{_NAME}: nonpositive_curvature must be 'stop' or 'abs'; got "
                      f"{nonpositive_curvature!r}.")
+  _check_damping_and_tol(initial_damping, min_damping, max_damping, cg_tol)
   cg_max_iter = _checks.static_int(250 if cg_max_iter is None else cg_max_iter,
                                    "cg_max_iter", _NAME, 0, STATIC_ARGS)
   if microbatch_size is not None:
