@@ -276,6 +276,13 @@ def test_clear_errors():
      "min_damping must not exceed max_damping \\(0 < min_damping <= max_damping"),
     (dict(max_damping=jnp.asarray(0.0)), "max_damping must be > 0"),
     (dict(cg_tol=-1e-6), "cg_tol must be >= 0"),
+    (dict(linesearch_beta=1.0), "linesearch_beta must satisfy 0 < linesearch_beta < 1"),
+    (dict(linesearch_c=-0.1), "linesearch_c must satisfy 0 < linesearch_c < 1"),
+    (dict(linesearch_initial_step=0.0), "linesearch_initial_step must satisfy 0 <"),
+    (dict(linesearch_max_reductions=-1), "linesearch_max_reductions must satisfy 0 <="),
+    (dict(cg_decay_x0=1.5), "cg_decay_x0 must satisfy 0 <= cg_decay_x0 <= 1"),
+    (dict(martens_eps=-1e-4), "martens_eps must satisfy 0 <="),
+    (dict(preconditioner_exponent=-0.75), "preconditioner_exponent must satisfy 0 <="),
 ])
 def test_rejects_bad_damping_bounds_and_cg_tol(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -290,7 +297,8 @@ def test_rejects_bad_damping_bounds_and_cg_tol(kwargs, match):
 
 def test_accepts_zero_initial_damping_and_boundary_values():
   params = ref.mlp_params(jax.random.PRNGKey(0))
-  kw = dict(initial_damping=0.0, min_damping=0.5, max_damping=0.5, cg_tol=0.0)
+  kw = dict(initial_damping=0.0, min_damping=0.5, max_damping=0.5, cg_tol=0.0,
+            cg_decay_x0=0.0, martens_eps=0.0, linesearch_max_reductions=0)
   assert float(hessian_free(ref.mlp_apply, mse, **kw).init(params).damping) == 0.0
   injected = optax.inject_hyperparams(hessian_free, static_args=hessian_free.STATIC_ARGS)
   state = injected(ref.mlp_apply, mse, **kw).init(params)

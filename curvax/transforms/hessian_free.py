@@ -103,6 +103,34 @@ def _check_damping_and_tol(initial_damping: Any, min_damping: Any, max_damping: 
     raise ValueError(f"{_NAME}: cg_tol must be >= 0; got {cg_tol!r}.")
 
 
+# name -> (bound, open?) below and above: the ranges in which the Armijo search and
+# the warm start do what they say (beta = 1 would never shrink the step; c >= 1
+# asks for more decrease than the linear model promises).
+_RANGES = {
+    "linesearch_c": ((0.0, True), (1.0, True)),
+    "linesearch_beta": ((0.0, True), (1.0, True)),
+    "linesearch_initial_step": ((0.0, True), (np.inf, False)),
+    "linesearch_max_reductions": ((0.0, False), (np.inf, False)),
+    "cg_decay_x0": ((0.0, False), (1.0, False)),
+    "martens_eps": ((0.0, False), (np.inf, False)),
+    "preconditioner_exponent": ((0.0, False), (np.inf, False)),
+}
+
+
+def _check_ranges(**values: Any) -> None:
+  """Raises a ValueError for a known value outside its range in `_RANGES`."""
+  for name, value in values.items():
+    v = _known(value)
+    if v is None:
+      continue
+    (lo, lo_open), (hi, hi_open) = _RANGES[name]
+    ok = (v > lo if lo_open else v >= lo) & (v < hi if hi_open else v <= hi)
+    if not np.all(ok):
+      lo_s = f"{lo:g} <" if lo_open else f"{lo:g} <="
+      hi_s = "" if hi == np.inf else (f" < {hi:g}" if hi_open else f" <= {hi:g}")
+      raise ValueError(f"{_NAME}: {name} must satisfy {lo_s} {name}{hi_s}; got {value!r}.")
+
+
 def hessian_free(
     apply_fn: Callable[[Any, Any], Array],
     loss: Any,
@@ -229,6 +257,11 @@ def hessian_free(
     raise ValueError(f"{_NAME}: nonpositive_curvature must be 'stop' or 'abs'; got "
                      f"{nonpositive_curvature!r}.")
   _check_damping_and_tol(initial_damping, min_damping, max_damping, cg_tol)
+  _check_ranges(linesearch_c=linesearch_c, linesearch_beta=linesearch_beta,
+                linesearch_initial_step=linesearch_initial_step,
+                linesearch_max_reductions=linesearch_max_reductions,
+                cg_decay_x0=cg_decay_x0, martens_eps=martens_eps,
+                preconditioner_exponent=preconditioner_exponent)
   cg_max_iter = _checks.static_int(250 if cg_max_iter is None else cg_max_iter,
                                    "cg_max_iter", _NAME, 0, STATIC_ARGS)
   if microbatch_size is not None:
