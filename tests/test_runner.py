@@ -453,3 +453,32 @@ def test_every_call_length_is_compiled_before_training(monkeypatch):
                    steps_per_call=3, verbose=False)
   assert r["steps"] == 17
   assert sorted(compiled) == [1, 2, 3] and called == {1, 2, 3}
+
+
+class _Consistency(NamedTuple):
+  value_gap: jax.Array
+  grad_gap: jax.Array
+
+
+def test_line_search_args_are_value_grad_and_value_fn_of_one_function():
+  # fmnist_vae has dropout and a random latent: value and grad are those of the
+  # training-mode objective with this step's key, so value_fn must be that one too.
+  def init(params):
+    del params
+    return _Consistency(jnp.zeros(()), jnp.zeros(()))
+
+  def update(grads, state, params=None, *, value, grad, value_fn, **extra):
+    del state, extra
+    v, g = jax.value_and_grad(value_fn)(params)
+    gap = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), g, grad)
+    return (jax.tree.map(lambda u: -1e-4 * u, grads),
+            _Consistency(jnp.abs(v - value) / jnp.abs(value), jnp.max(jnp.stack(
+                jax.tree_util.tree_leaves(gap)))))
+
+  p = problems.get("fmnist_vae", batch_size=16)
+  r = problems.run(p, optax.GradientTransformationExtraArgs(init, update), epochs=1,
+                   max_steps=3, log_every=1, train_size=256, eval_size=32,
+                   line_search_args=True, verbose=False)
+  s = r["optimizer_state"]
+  assert len(s["value_gap"]) == 3
+  assert max(s["value_gap"]) < 1e-6 and max(s["grad_gap"]) < 1e-5, s

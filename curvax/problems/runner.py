@@ -178,7 +178,9 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       head of the training split), i.e. of examples trained on.
     eval_size: evaluate on the first ``eval_size`` examples of each split only.
     line_search_args: also pass ``value``, ``grad`` and ``value_fn`` (optax's
-      line-search keywords; ``value_fn`` is the eval-mode objective on ``batch``).
+      line-search keywords): ``value_fn(p)`` is the objective whose ``value`` and
+      ``grad`` at ``params`` these are, the training-mode loss on ``batch`` with
+      this step's dropout key and the current batch-norm state.
     init_params: start from these parameters instead of ``problem.init`` (e.g.
       ``previous_result['params']`` to resume from a checkpoint); the optimizer
       state starts fresh.
@@ -280,8 +282,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         params, model_state, batch, k_drop)
     extra = {}
     if line_search_args:
+      # The function whose value and gradient these are: the training-mode objective
+      # with this step's dropout/latent key and batch statistics (an eval-mode
+      # value_fn disagreed with `value` and `grad` on dropout and VAE problems).
       extra = dict(value=loss, grad=grads,
-                   value_fn=lambda p: problem.loss_fn(p, batch))
+                   value_fn=lambda p: problem.train_loss(p, model_state, batch, k_drop)[0])
     updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
                                    eval_batch=eval_batch, **extra)
     params = optax.apply_updates(params, updates)
