@@ -3,6 +3,8 @@
 Noise-free quadratics with known Hessians give closed forms for every stage:
 the prior fit (P1-P2), the interpolation property of the posterior (B3), the
 rank-k preconditioner (L1, C1/C2); the state machine is checked step by step.
+A noisy quadratic (a different batch every step, so lam > 0) is compared with a
+dense numpy re-implementation of the spec's round (`_dense_round`).
 """
 
 from __future__ import annotations
@@ -498,6 +500,156 @@ def test_groups_labels_callable_seed_form_on_mlp():
     want = -float(st.learning_rate[i % 2]) * (gv + u_vec.T @ ((sigma ** -0.5 - 1.0)
                                                                * (u_vec @ gv)))
     np.testing.assert_allclose(np.ravel(updates[t][name]), want, rtol=1e-9, atol=1e-14)
+
+
+# A noisy quadratic with cross-leaf curvature: on batch (c, shift) the loss is
+# 0.5 x'(A + c E)x - (b + shift)'x, x the leaves a, b, c concatenated.
+NOISY_SIZES = {"a": 4, "b": 3, "c": 3}
+
+
+def _noisy_problem(seed=0, n=10, num_batches=10):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  a = q @ np.diag(np.logspace(0, 1.5, n)) @ q.T          # dense: leaves are coupled
+  e = rng.normal(size=(n, n))
+  e = 0.15 * (e + e.T)
+  b = rng.normal(size=n)
+  x0 = np.linalg.solve(a, b) + 0.05 * rng.normal(size=n)
+  batches = [(np.asarray([[0.5 * rng.normal()]]), rng.normal(size=(1, n)))
+             for _ in range(num_batches)]
+  return a, e, b, x0, batches
+
+
+def _dense_round(a, e, b, x0, batches, groups, p_it, m_obs, rank, form, noise_estimate,
+                 num_steps, lag=0):
+  """The spec's round in dense numpy, written from the spec, not from curvax.
+
+  ``groups``: leaf name -> label. ``lag``: the posterior observations (O2)
+  take their gradient and Hessian from batch ``t - lag`` (0: the step's own).
+  Returns alpha, w, lam per group (P1-P3), per leaf the observed S and
+  Delta = Y - S / alpha as rows (O1, O2, B2), U and sigma_1..sigma_{k+1}
+  (L1), and the steps from round step P + M - 1 on (C1/C2).
+  """
+  hess = lambda t: a + batches[t][0][0, 0] * e
+  grad = lambda x, t: hess(t) @ x - b - batches[t][1][0]
+  names = sorted(NOISY_SIZES)
+  ends = np.cumsum([NOISY_SIZES[k] for k in names])
+  part = {k: slice(end - NOISY_SIZES[k], end) for k, end in zip(names, ends)}
+  labels = list(dict.fromkeys(groups[k] for k in names))
+  gid = {k: labels.index(groups[k]) for k in names}
+  # Prior (P1-P3): v_i = g_i, u_i = H_i v_i at x0 on batches 0..P-1.
+  vs = [grad(x0, t) for t in range(p_it)]
+  us = [hess(t) @ v for t, v in enumerate(vs)]
+  vu, uu, vv, norm_sum = (np.zeros(len(labels)) for _ in range(4))
+  for k in names:
+    i, sl = gid[k], part[k]
+    vu[i] += sum(v[sl] @ u[sl] for v, u in zip(vs, us))
+    uu[i] += sum(u[sl] @ u[sl] for u in us)
+    vv[i] += sum(v[sl] @ v[sl] for v in vs)
+    norm_sum[i] += np.sum(sum(v[sl] for v in vs) ** 2)
+  alpha, w = vu / uu, vu / vv
+  if noise_estimate == "unbiased":
+    lam = (vv - norm_sum / p_it) / (p_it - 1)
+  else:
+    lam = np.abs(vv - norm_sum) / p_it
+  # (O1): the prior means.
+  gbar, ubar = sum(vs) / p_it, sum(us) / p_it
+  s_cols = {k: [-gbar[part[k]] / np.linalg.norm(gbar[part[k]])] for k in names}
+  y_cols = {k: [-ubar[part[k]] / np.linalg.norm(gbar[part[k]])] for k in names}
+
+  def posterior_mean(k):                 # (B1-B3), dense n_k x n_k
+    al, wk, lk = alpha[gid[k]], w[gid[k]], lam[gid[k]]
+    s, y = np.array(s_cols[k]).T, np.array(y_cols[k]).T
+    gram = wk ** 2 * s.T @ s + lk ** 2 * np.diag(np.diag(s.T @ s))
+    return np.eye(len(s)) / al + wk ** 2 * (y - s / al) @ np.linalg.inv(gram) @ s.T
+
+  # (O2): d = B^{-1} g per leaf (a dense solve), y = H d for the whole vector.
+  for t in range(p_it, p_it + m_obs - 1):
+    g = grad(x0, t - lag)
+    d = np.concatenate([np.linalg.solve(posterior_mean(k), g[part[k]]) for k in names])
+    y = hess(t - lag) @ d
+    for k in names:
+      norm = np.linalg.norm(d[part[k]])
+      s_cols[k].append(d[part[k]] / norm)
+      y_cols[k].append(y[part[k]] / norm)
+  # (L1): the top-k left singular pairs of the dense posterior mean (and
+  # sigma_{k+1}, to check that they are well defined).
+  factors = {}
+  for k in names:
+    u, sigma, _ = np.linalg.svd(posterior_mean(k))
+    factors[k] = (u[:, :rank], sigma[:rank + 1])
+  # (C1)/(C2) with learning rate alpha.
+  x, steps = x0.copy(), []
+  for t in range(p_it + m_obs - 1, num_steps):
+    g, step = grad(x, t), np.zeros_like(x)
+    for k in names:
+      (u, sigma), al, gk = factors[k], alpha[gid[k]], g[part[k]]
+      sigma = sigma[:rank]
+      c = 1.0 / (al * sigma) if form == "inverse" else sigma ** -0.5
+      step[part[k]] = -al * (gk - u @ (u.T @ gk) + u @ (c * (u.T @ gk)))
+    steps.append(step)
+    x = x + step
+  return dict(alpha=alpha, w=w, lam=lam, factors=factors, steps=steps,
+              s={k: np.array(s_cols[k]) for k in names},
+              delta={k: np.array(y_cols[k]) - np.array(s_cols[k]) / alpha[gid[k]]
+                     for k in names})
+
+
+@pytest.mark.parametrize("form,noise_estimate,two_groups", [
+    ("inverse", "unbiased", True), ("seed", "seed", False)])
+def test_noisy_batches_match_a_dense_reference_round(form, noise_estimate, two_groups):
+  """A different batch every step (so lam > 0 and the products differ by
+  batch): every stage equals `_dense_round`. The same batch on every step
+  gives lam = 0 (unbiased) and a symmetric S'Delta, under which ignoring lam,
+  a wrong (P3), or the seed code's X'S in (W1) go unnoticed."""
+  p_it, m_obs, rank, num_steps = 4, 3, 2, 10
+  a, e, b, x0, batches = _noisy_problem()
+  names = sorted(NOISY_SIZES)
+  labels = {"a": "g1", "b": "g2", "c": "g1"} if two_groups else dict.fromkeys(names, 0)
+  ref = _dense_round(a, e, b, x0, batches, labels, p_it, m_obs, rank, form, noise_estimate,
+                     num_steps)
+  a_j, e_j, b_j = jnp.asarray(a), jnp.asarray(e), jnp.asarray(b)
+
+  def loss_fn(params, batch):
+    x = jnp.concatenate([params[k] for k in names])
+    return 0.5 * x @ (a_j + batch[0][0, 0] * e_j) @ x - (b_j + batch[1][0]) @ x
+
+  tx = probabilistic_preconditioning(
+      loss_fn, prior_iterations=p_it, num_observations=m_obs, rank=rank, form=form,
+      noise_estimate=noise_estimate, groups=labels if two_groups else None)
+  ends = np.cumsum([NOISY_SIZES[k] for k in names])
+  params = {k: jnp.asarray(x0[end - NOISY_SIZES[k]:end]) for k, end in zip(names, ends)}
+  _, states, updates = _run(tx, loss_fn, params, num_steps,
+                            [tuple(map(jnp.asarray, bt)) for bt in batches])
+  fit, built = states[p_it - 1], states[p_it + m_obs - 1]
+  # (P1-P3); lam matters: lam^2 is 10-200 % of w^2 here.
+  np.testing.assert_allclose(fit.alpha, ref["alpha"], rtol=1e-12)
+  np.testing.assert_allclose(fit.prior_scale, ref["w"], rtol=1e-12)
+  np.testing.assert_allclose(fit.noise_scale, ref["lam"], rtol=1e-12)
+  assert np.all(ref["lam"] ** 2 > 0.1 * ref["w"] ** 2)
+  np.testing.assert_allclose(fit.learning_rate, ref["alpha"], rtol=1e-12)
+  for i, k in enumerate(names):
+    # (O1), (O2), (B2): the observed directions and residuals.
+    np.testing.assert_allclose(built.directions[i], ref["s"][k], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(built.residuals[i], ref["delta"][k], rtol=1e-9, atol=1e-10)
+    # (L1): sigma, and U up to signs (its projector).
+    u_ref, sigma_ref = ref["factors"][k]
+    assert sigma_ref[rank - 1] > 1.05 * sigma_ref[rank]      # U well defined
+    u = np.asarray(built.eigenvectors[i])
+    np.testing.assert_allclose(built.eigenvalues[i], sigma_ref[:rank], rtol=1e-9)
+    np.testing.assert_allclose(u.T @ u, u_ref @ u_ref.T, atol=1e-9)
+  # The observations use the step's own batch: the gradient and Hessian of the
+  # batch before give directions far from curvax's.
+  lagged = _dense_round(a, e, b, x0, batches, labels, p_it, m_obs, rank, form,
+                        noise_estimate, num_steps, lag=1)
+  for i, k in enumerate(names):
+    assert np.max(np.abs(np.asarray(built.directions[i])[1:] - lagged["s"][k][1:])) > 1e-2
+  # (C1)/(C2): no step while estimating, then the reference's steps.
+  for u in updates[:p_it + m_obs - 1]:
+    assert not any(np.any(np.asarray(x)) for x in u.values())
+  for u, want in zip(updates[p_it + m_obs - 1:], ref["steps"]):
+    got = np.concatenate([np.asarray(u[k]) for k in names])
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_bad_arguments():
