@@ -482,3 +482,18 @@ def test_line_search_args_are_value_grad_and_value_fn_of_one_function():
   s = r["optimizer_state"]
   assert len(s["value_gap"]) == 3
   assert max(s["value_gap"]) < 1e-6 and max(s["grad_gap"]) < 1e-5, s
+
+
+def test_registry_probabilistic_preconditioning_restarts_every_epoch_as_the_seed():
+  # quadratic_deep: 7 steps per epoch; a round of 3 prior + 2 posterior steps fits.
+  hp = dict(prior_iterations=3, num_observations=2)
+  r = problems.run("quadratic_deep", "probabilistic_preconditioning", hyperparams=hp,
+                   epochs=3, log_every=1, verbose=False)
+  assert r["optimizer_hyperparams"]["restart_every"] == 7
+  assert r["optimizer_state"]["num_restarts"][-1] == 3
+  assert r["optimizer_state"]["num_restarts"][6:8] == [1, 1]   # after steps 7 and 8
+  # Given explicitly, or an epoch too short for a round (10 + 5 default steps): as asked.
+  assert optimizers.build("probabilistic_preconditioning", problems.get("quadratic_deep"),
+                          steps_per_epoch=7, restart_every=None)[1] == {"restart_every": None}
+  assert optimizers.build("probabilistic_preconditioning", problems.get("quadratic_deep"),
+                          steps_per_epoch=7)[1] == {}

@@ -6,12 +6,12 @@ DeepOBS 1.1, 10 seeds) gives them, else a generic default; ``nadamw`` is
 optax's. The curvax transforms are built with their defaults from the problem's
 model, loss and regulariser; they are imported only when asked for.
 
-``build(name, problem, **hyperparams) -> (optimizer, hyperparams)``.
+``build(name, problem, *, steps_per_epoch=None, **hyperparams) -> (optimizer, hyperparams)``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import optax
 
@@ -69,8 +69,19 @@ def _curvature_step_size(problem, hp):
           dict(inner=inner_name, inner_learning_rate=inner_lr, **hp))
 
 
-def _probabilistic_preconditioning(problem, hp):
+def _probabilistic_preconditioning(problem, hp, steps_per_epoch=None):
+  """Restarts the estimation every epoch unless told otherwise, as the seed does.
+
+  (Not when an epoch is shorter than one estimation round: then never.)
+  """
   from curvax.transforms import probabilistic_preconditioning  # pylint: disable=import-outside-toplevel
+  if "restart_every" not in hp and steps_per_epoch is not None:
+    try:
+      return (probabilistic_preconditioning(problem.loss_fn, restart_every=steps_per_epoch, **hp),
+              dict(hp, restart_every=steps_per_epoch))
+    except ValueError as e:
+      if "restart_every" not in str(e):
+        raise
   return probabilistic_preconditioning(problem.loss_fn, **hp), dict(hp)
 
 
@@ -85,8 +96,15 @@ def names():
   return sorted(OPTIMIZERS)
 
 
-def build(name: str, problem: Any, **hyperparams) -> Tuple[optax.GradientTransformation, dict]:
-  """Returns ``(optimizer, hyperparams used)`` for registered optimizer ``name`` on ``problem``."""
+def build(name: str, problem: Any, *, steps_per_epoch: Optional[int] = None,
+          **hyperparams) -> Tuple[optax.GradientTransformation, dict]:
+  """Returns ``(optimizer, hyperparams used)`` for registered optimizer ``name`` on ``problem``.
+
+  ``steps_per_epoch`` (the runner passes it): probabilistic_preconditioning then
+  restarts its estimation every epoch (``restart_every``) unless given one.
+  """
   if name not in OPTIMIZERS:
     raise KeyError(f"unknown optimizer '{name}'; registered: {', '.join(names())}.")
+  if name == "probabilistic_preconditioning":
+    return _probabilistic_preconditioning(problem, dict(hyperparams), steps_per_epoch)
   return OPTIMIZERS[name](problem, dict(hyperparams))

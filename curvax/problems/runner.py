@@ -159,7 +159,9 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   Args:
     problem: a `Problem` or a problem name for `curvax.problems.get`.
     optimizer: any optax transformation, or a registered name
-      (`curvax.problems.optimizers.names()`), built with ``hyperparams``.
+      (`curvax.problems.optimizers.names()`), built with ``hyperparams`` (and
+      the run's steps per epoch, e.g. probabilistic_preconditioning's default
+      ``restart_every``).
     epochs: number of epochs (default: the problem's DeepOBS budget).
     seed: seeds initialisation, shuffling, augmentation, dropout.
     log_every: mini-batch loss / optimizer-state logging interval, in steps (>= 1).
@@ -228,10 +230,22 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
                      f"the batch size), got {eval_batch_size}.")
   if isinstance(problem, str):
     problem = problems_lib.get(problem)
+  x_all, y_all = problem.data("train")
+  full_train_size = int(y_all.shape[0])
+  if train_size is not None:
+    x_all, y_all = x_all[:train_size], y_all[:train_size]
+  n = int(y_all.shape[0])
+  b = problem.batch_size
+  e = b if eval_batch_size is None else eval_batch_size
+  if b + e > n:
+    raise ValueError(f"training set of {n} examples is too small for a batch of {b} "
+                     f"and a disjoint eval_batch of {e}.")
+  steps_per_epoch = n // b
   hyperparams = dict(hyperparams or {})
   if isinstance(optimizer, str):
     optimizer_name = optimizer_name or optimizer
-    optimizer, hyperparams = opt_lib.build(optimizer, problem, **hyperparams)
+    optimizer, hyperparams = opt_lib.build(optimizer, problem, steps_per_epoch=steps_per_epoch,
+                                           **hyperparams)
   optimizer_name = optimizer_name or "custom"
   tx = optax.with_extra_args_support(optimizer)
   epochs = problem.num_epochs if epochs is None else epochs
@@ -248,17 +262,6 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   opt_state = tx.init(params)
   monitored = _monitored(opt_state)
 
-  x_all, y_all = problem.data("train")
-  full_train_size = int(y_all.shape[0])
-  if train_size is not None:
-    x_all, y_all = x_all[:train_size], y_all[:train_size]
-  n = int(y_all.shape[0])
-  b = problem.batch_size
-  e = b if eval_batch_size is None else eval_batch_size
-  if b + e > n:
-    raise ValueError(f"training set of {n} examples is too small for a batch of {b} "
-                     f"and a disjoint eval_batch of {e}.")
-  steps_per_epoch = n // b
   place = lambda tree: tree  # noqa: E731
   if mesh is not None:
     axis = "data" if "data" in mesh.axis_names else mesh.axis_names[0]

@@ -293,7 +293,10 @@ def probabilistic_preconditioning(
     prior_iterations: ``P``, steps of prior statistics (>= 2 with the unbiased
       noise estimate, >= 1 with ``noise_estimate="seed"``), default 10.
     restart_every: restart the estimation every this many steps (>= the
-      estimation length + 1); ``None`` (default) never restarts.
+      estimation length + 1); ``None`` (default) never restarts. Counted from
+      the start of the round: an estimation step retaken after non-finite
+      values, and a failed fit (which starts a new round at once), push the
+      later restarts back. (`curvax.problems.run` passes the steps per epoch.)
     learning_rate: fixed learning rate (the seed's "tuned" variants), a float,
       or ``None`` (default) to use ``alpha`` (P1), re-estimated each round.
     precondition: apply the preconditioner (C1/C2) to the gradient.
