@@ -232,6 +232,65 @@ def test_fast_path_keyword_inputs_and_lifted_transforms(module, unsupported):
       pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
 
 
+class _LearnedQuery(nn.Module):
+  """A Dense on a batch-independent input (a learned query)."""
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.Dense(4)(jnp.ones((1, 2), x.dtype))
+    return nn.Dense(3)(x * q)
+
+
+class _TimeMajor(nn.Module):
+  """A Dense on a time-major (T, N, F) layout of (N, T, F) inputs."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(3)(jnp.swapaxes(x, 0, 1)))
+    return nn.Dense(3)(jnp.swapaxes(h, 0, 1).mean(1))
+
+
+class _PositionalGrid(nn.Module):
+  """A Dense on a batch-independent positional grid (T, 2) added to (N, T, F)."""
+
+  @nn.compact
+  def __call__(self, x):
+    t = jnp.arange(x.shape[1], dtype=x.dtype)
+    h = x + nn.Dense(x.shape[-1])(jnp.stack([t, t ** 2], 1))
+    return nn.Dense(3)(jnp.tanh(h).reshape(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("module,x_shape,layer", [
+    (_LearnedQuery(), (4,), "Dense_0"),
+    (_TimeMajor(), (6, 4), "Dense_0"),       # T == N: same shapes as batch-first
+    (_TimeMajor(), (2, 4), "Dense_0"),
+    (_PositionalGrid(), (3, 4), "Dense_0"),
+])
+def test_fast_path_needs_the_batch_on_axis_0_of_every_layer(module, x_shape, layer):
+  """Layers whose input or output does not carry the examples on axis 0 make
+  "auto" fall back to vmap (per-example statistics and the diagonal GGN equal
+  the vmap path's) and "layers" raise naming the layer, instead of wrong
+  values or a shape error."""
+  apply_fn, loss, params, batch = _linen_problem(module, "softmax_cross_entropy", x_shape)
+  with pytest.raises(ValueError, match=f"{layer}.*leading axis"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
+  with pytest.raises(ValueError, match=f"{layer}.*leading axis"):
+    curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method="layers")
+
+  @jax.jit
+  def run(params, batch):
+    return [(pe.per_example_statistics(apply_fn, loss, params, batch, method=m,
+                                       chunk_size=None),
+             curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method=m))
+            for m in ("auto", "vmap")]
+
+  auto, slow = run(params, batch)
+  for a, b in zip(jax.tree_util.tree_leaves(auto), jax.tree_util.tree_leaves(slow)):
+    np.testing.assert_allclose(a, b, **TOL)
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(auto[0].gradient_norms, np.linalg.norm(g, axis=1), **TOL)
+
+
 def test_fast_path_needs_a_linen_wrapper():
   apply_fn, loss, params, batch = problem("mlp", "mean_squared_error")
   with pytest.raises(ValueError, match="from_linen"):

@@ -31,7 +31,10 @@ it). Then, per layer:
 
 The fast path applies only when every parameter belongs to exactly one
 Dense/Conv call, made outside lifted Flax transforms and on the parameters
-themselves; otherwise (shared layers, custom ``self.param``s, other layer
+themselves, and every such call has the examples on the leading axis of its
+input and output (checked by tracing at batch sizes ``N`` and ``N + 1``: a Dense
+on a learned query, a positional grid or a time-major ``(T, N, F)`` input does
+not qualify); otherwise (shared layers, custom ``self.param``s, other layer
 types, layers under ``nn.remat``/``nn.checkpoint``, ``nn.scan``,
 ``nn.map_variables``...) `layer_statistics` returns None and callers fall back
 to ``vmap`` (``method="layers"``: a ValueError saying why).
@@ -247,18 +250,23 @@ def _plan(apply, params, inputs, strict, what="per-example"):
   apply, params, wrap = unwrapped
   found = []
   unsupported = []
+  input_shapes = {}
 
   def probe(p, x):
     _, records, why = _forward(apply, p, x, None)
     unsupported.extend(why)
-    found.extend((key, path, module.clone(parent=None), shape, dtype)
-                 for key, path, module, _, shape, dtype in records)
+    for key, path, module, a, shape, dtype in records:
+      found.append((key, path, module.clone(parent=None), shape, dtype))
+      input_shapes[key] = jnp.shape(a)
     return 0.0
 
   jax.eval_shape(probe, params, inputs)
 
   if unsupported:
     return fail(unsupported[0])
+  why = _batch_axis_problem(apply, params, inputs, found, input_shapes)
+  if why:
+    return fail(why)
   keys = [f[0] for f in found]
   if len(set(keys)) != len(keys):
     return fail("a Dense/Conv layer is called more than once (shared weights).")
@@ -272,6 +280,49 @@ def _plan(apply, params, inputs, strict, what="per-example"):
     return fail(f"parameters {['/'.join(m) for m in missing]} do not belong to "
                 "an nn.Dense or nn.Conv layer.")
   return apply, params, wrap, found, param_paths
+
+
+def _batch_axis_problem(apply, params, inputs, found, input_shapes):
+  """Why the recorded layers do not all carry the examples on axis 0, or None.
+
+  The per-layer formulas read example ``n``'s layer input and output gradient as
+  row ``n`` of ``A`` and ``B``. A layer applied to something without the batch
+  axis first (a learned query ``nn.Dense(k)(jnp.ones((1, d)))``, a positional
+  grid, a time-major ``(T, N, F)`` input) gives wrong statistics even when
+  ``T == N``. So the model is traced again (abstractly) at batch size ``N + 1``:
+  every recorded layer must have input and output leading dimension equal to
+  the batch size at both ``N`` and ``N + 1``.
+
+  A shape check: a layer input whose leading axis has the batch's size but whose
+  rows mix examples (e.g. a transpose followed by a reshape) is not detected.
+  """
+  leaves = jax.tree_util.tree_leaves(inputs)
+  if not leaves or any(jnp.ndim(leaf) == 0 for leaf in leaves):
+    return "the inputs have no leading batch axis."
+  n = jnp.shape(leaves[0])[0]
+  bigger = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct((n + 1,) + jnp.shape(a)[1:], jnp.result_type(a)),
+      inputs)
+  shapes = {}
+
+  def probe(p, x):
+    _, records, _ = _forward(apply, p, x, None)
+    shapes.update((key, (jnp.shape(a), shape)) for key, _, _, a, shape, _ in records)
+    return 0.0
+
+  try:
+    jax.eval_shape(probe, params, bigger)
+  except Exception as e:  # pylint: disable=broad-except
+    return (f"the model cannot be traced at batch size {n + 1} ({type(e).__name__}: "
+            f"{str(e)[:200]}), which the check that every layer sees the batch on axis 0 needs.")
+  for key, _, _, out_shape, _ in found:
+    for m, (a_shape, y_shape) in ((n, (input_shapes[key], out_shape)),
+                                  (n + 1, shapes.get(key, ((), ())))):
+      if a_shape[:1] != (m,) or y_shape[:1] != (m,):
+        return (f"layer {key!r} is not applied to the batch along the leading axis "
+                f"of its input and output (at batch size {m}: input {a_shape}, "
+                f"output {y_shape}).")
+  return None
 
 
 # Per-example gradient elements are formed at most this many at a time when a
