@@ -291,6 +291,51 @@ def test_fast_path_needs_the_batch_on_axis_0_of_every_layer(module, x_shape, lay
   np.testing.assert_allclose(auto[0].gradient_norms, np.linalg.norm(g, axis=1), **TOL)
 
 
+class _TiedDecoder(nn.Module):
+  """The encoder's kernel also decodes (tied weights), outside its layer call."""
+
+  @nn.compact
+  def __call__(self, x):
+    enc = nn.Dense(3)
+    h = jnp.tanh(enc(x))
+    return nn.Dense(3)(h @ enc.variables["params"]["kernel"].T) + h
+
+
+class _BiasReused(nn.Module):
+  """A layer's bias added to the output a second time."""
+
+  @nn.compact
+  def __call__(self, x):
+    last = nn.Dense(3)
+    return last(jnp.tanh(nn.Dense(4)(x))) * 2.0 + last.variables["params"]["bias"]
+
+
+@pytest.mark.parametrize("module,leaked", [(_TiedDecoder(), "Dense_0/kernel"),
+                                           (_BiasReused(), "Dense_0/bias")])
+def test_fast_path_falls_back_for_parameters_used_outside_their_layer(module, leaked):
+  """A parameter that reaches the outputs other than through its layer call
+  makes "auto" fall back to vmap and "layers" raise naming it, instead of
+  wrong second moments, norms and diagonal GGN (the mean was right)."""
+  apply_fn, loss, params, batch = _linen_problem(module, "softmax_cross_entropy", (4,))
+  with pytest.raises(ValueError, match=f"{leaked}.*other than through"):
+    pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
+  with pytest.raises(ValueError, match=f"{leaked}.*other than through"):
+    curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method="layers")
+
+  @jax.jit
+  def run(params, batch):
+    return [(pe.per_example_statistics(apply_fn, loss, params, batch, method=m,
+                                       chunk_size=None),
+             curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method=m))
+            for m in ("auto", "vmap")]
+
+  auto, slow = run(params, batch)
+  for a, b in zip(jax.tree_util.tree_leaves(auto), jax.tree_util.tree_leaves(slow)):
+    np.testing.assert_allclose(a, b, **TOL)
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(flat(auto[0].second_moment), np.mean(g ** 2, 0), **TOL)
+
+
 def test_fast_path_needs_a_linen_wrapper():
   apply_fn, loss, params, batch = problem("mlp", "mean_squared_error")
   with pytest.raises(ValueError, match="from_linen"):

@@ -31,13 +31,22 @@ it). Then, per layer:
 
 The fast path applies only when every parameter belongs to exactly one
 Dense/Conv call, made outside lifted Flax transforms and on the parameters
-themselves, and every such call has the examples on the leading axis of its
+themselves, every such call has the examples on the leading axis of its
 input and output (checked by tracing at batch sizes ``N`` and ``N + 1``: a Dense
 on a learned query, a positional grid or a time-major ``(T, N, F)`` input does
-not qualify); otherwise (shared layers, custom ``self.param``s, other layer
-types, layers under ``nn.remat``/``nn.checkpoint``, ``nn.scan``,
-``nn.map_variables``...) `layer_statistics` returns None and callers fall back
-to ``vmap`` (``method="layers"``: a ValueError saying why).
+not qualify), and no parameter reaches the outputs other than through its own
+layer call (checked on the jaxpr of a JVP in which each layer call sees its own
+parameters under ``stop_gradient``: tied weights such as a decoder
+``h @ dense.variables['params']['kernel'].T`` do not qualify); see
+`_trace_problem`. These checks trace the model abstractly once more when the
+fast path is planned, i.e. once per trace of the caller, not per step.
+Otherwise (shared layers, custom ``self.param``s, other layer types, layers
+under ``nn.remat``/``nn.checkpoint``, ``nn.scan``, ``nn.map_variables``, the
+cases above...) `layer_statistics` returns None and callers fall back to
+``vmap`` (``method="layers"``: a ValueError saying why). Not detected (as for
+the ``vmap`` path, per-example quantities assume that examples do not
+interact): a layer input whose leading axis has the batch's size but whose rows
+mix examples.
 """
 
 from __future__ import annotations
@@ -264,7 +273,7 @@ def _plan(apply, params, inputs, strict, what="per-example"):
 
   if unsupported:
     return fail(unsupported[0])
-  why = _batch_axis_problem(apply, params, inputs, found, input_shapes)
+  why = _trace_problem(apply, params, inputs, found, input_shapes)
   if why:
     return fail(why)
   keys = [f[0] for f in found]
@@ -282,19 +291,30 @@ def _plan(apply, params, inputs, strict, what="per-example"):
   return apply, params, wrap, found, param_paths
 
 
-def _batch_axis_problem(apply, params, inputs, found, input_shapes):
-  """Why the recorded layers do not all carry the examples on axis 0, or None.
+def _trace_problem(apply, params, inputs, found, input_shapes):
+  """Why the per-layer formulas would be wrong for this model, or None.
 
-  The per-layer formulas read example ``n``'s layer input and output gradient as
-  row ``n`` of ``A`` and ``B``. A layer applied to something without the batch
-  axis first (a learned query ``nn.Dense(k)(jnp.ones((1, d)))``, a positional
-  grid, a time-major ``(T, N, F)`` input) gives wrong statistics even when
-  ``T == N``. So the model is traced again (abstractly) at batch size ``N + 1``:
-  every recorded layer must have input and output leading dimension equal to
-  the batch size at both ``N`` and ``N + 1``.
+  One more abstract trace of the model (no computation), at batch size
+  ``N + 1``, checks the two assumptions of the formulas that the structure of
+  the recorded calls (`_plan`) does not show:
 
-  A shape check: a layer input whose leading axis has the batch's size but whose
-  rows mix examples (e.g. a transpose followed by a reshape) is not detected.
+  * the batch is on axis 0: example ``n``'s layer input and output gradient are
+    row ``n`` of ``A`` and ``B``. A layer applied to something without the
+    batch axis first (a learned query ``nn.Dense(k)(jnp.ones((1, d)))``, a
+    positional grid, a time-major ``(T, N, F)`` input) gives wrong statistics
+    even when ``T == N``; so every recorded layer must have input and output
+    leading dimension equal to the batch size at both ``N`` and ``N + 1``. A
+    shape check: a layer input whose leading axis has the batch's size but
+    whose rows mix examples (a transpose followed by a reshape) is not detected;
+  * the parameters reach the outputs only through their own layer call: the
+    gradient of a parameter that is also used elsewhere (a tied decoder
+    ``h @ dense.variables['params']['kernel'].T``) has terms the layer's
+    ``A``, ``B`` do not give. The model is traced as a JVP with respect to the
+    parameters in which every recorded layer uses ``stop_gradient`` of its own
+    parameters (`_outside_uses`); if the output tangent still depends on the
+    parameter tangent, some parameter has another way to the outputs. The
+    dependency walk over the jaxpr is conservative (an equation's outputs depend
+    on all its inputs), so it can only refuse too often, never accept wrongly.
   """
   leaves = jax.tree_util.tree_leaves(inputs)
   if not leaves or any(jnp.ndim(leaf) == 0 for leaf in leaves):
@@ -303,18 +323,12 @@ def _batch_axis_problem(apply, params, inputs, found, input_shapes):
   bigger = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct((n + 1,) + jnp.shape(a)[1:], jnp.result_type(a)),
       inputs)
-  shapes = {}
-
-  def probe(p, x):
-    _, records, _ = _forward(apply, p, x, None)
-    shapes.update((key, (jnp.shape(a), shape)) for key, _, _, a, shape, _ in records)
-    return 0.0
-
   try:
-    jax.eval_shape(probe, params, bigger)
+    shapes, leaked = _outside_uses(apply, params, bigger)
   except Exception as e:  # pylint: disable=broad-except
     return (f"the model cannot be traced at batch size {n + 1} ({type(e).__name__}: "
-            f"{str(e)[:200]}), which the check that every layer sees the batch on axis 0 needs.")
+            f"{str(e)[:200]}), which the check that every layer sees the batch on "
+            "axis 0 needs.")
   for key, _, _, out_shape, _ in found:
     for m, (a_shape, y_shape) in ((n, (input_shapes[key], out_shape)),
                                   (n + 1, shapes.get(key, ((), ())))):
@@ -322,7 +336,69 @@ def _batch_axis_problem(apply, params, inputs, found, input_shapes):
         return (f"layer {key!r} is not applied to the batch along the leading axis "
                 f"of its input and output (at batch size {m}: input {a_shape}, "
                 f"output {y_shape}).")
+  if leaked:
+    return (f"parameters {leaked} reach the outputs other than through their "
+            "layer's call (e.g. tied weights used outside the layer).")
   return None
+
+
+def _outside_uses(apply, params, inputs):
+  """``(shapes, leaked)`` from an abstract trace of the model at ``inputs``.
+
+  ``shapes``: ``{layer key: (input shape, output shape)}`` per recorded layer
+  call. ``leaked``: the ``'/'``-joined paths of the parameters whose tangent
+  reaches the output tangent of ``jax.jvp`` of the model with respect to the
+  parameters when every recorded layer call uses ``stop_gradient`` of its own
+  parameters (computed on the jaxpr from ``jax.make_jaxpr``: a variable depends
+  on a parameter if an equation producing it has an input that does).
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  layer_types = _layer_types()
+  shapes = {}
+  busy = []
+
+  def stopped(p, x):
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if busy or context.method_name != "__call__" or type(module) not in layer_types:
+        return next_fun(*args, **kwargs)
+      own = jax.tree_util.tree_map(jax.lax.stop_gradient,
+                                   dict(module.variables.get("params", {})))
+      busy.append(True)
+      try:  # the layer again, unbound, on the stopped parameters
+        y = module.clone(parent=None).apply({"params": own}, *args, **kwargs)
+      finally:
+        busy.pop()
+      a = args[0] if args else kwargs.get("inputs")
+      shapes["/".join(module.path)] = (jnp.shape(a), jnp.shape(y))
+      return y
+
+    with nn.intercept_methods(interceptor):
+      return apply(p, x)
+
+  def tangents(p, t, x):
+    return jax.jvp(lambda q: stopped(q, x), (p,), (t,))[1]
+
+  spec = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), params)
+  jaxpr = jax.make_jaxpr(tangents)(spec, spec, inputs).jaxpr
+  paths = ["/".join(_key_tuple(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  num = len(paths)
+  # Bit i: depends on the tangent of parameter i. Sub-jaxprs (pjit, scan, cond,
+  # custom rules) are not entered: all outputs of such an equation depend on
+  # all its inputs. Variables are compared by identity (literals never match).
+  deps = {id(v): 1 << i for i, v in enumerate(jaxpr.invars[num:2 * num])}
+  for eqn in jaxpr.eqns:
+    mask = 0
+    for v in eqn.invars:
+      mask |= deps.get(id(v), 0)
+    if mask:
+      for v in eqn.outvars:
+        deps[id(v)] = mask
+  mask = 0
+  for v in jaxpr.outvars:
+    mask |= deps.get(id(v), 0)
+  return shapes, [path for i, path in enumerate(paths) if mask >> i & 1]
 
 
 # Per-example gradient elements are formed at most this many at a time when a
