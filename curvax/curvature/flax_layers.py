@@ -477,6 +477,7 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
     a, b = acts[key], out_grads[key]
     names = [nm for nm in ("kernel", "bias") if path + (nm,) in flat_params]
     if a.ndim == 2 and b.ndim == 2 and type(module).__name__ == "Dense":
+      a, b = _promote(a, b, flat_params[path + ("kernel",)])
       a2, b2 = jnp.square(a), jnp.square(b)
       b2_rows = jnp.sum(b2, axis=1)
       sq_norms = sq_norms + jnp.sum(a2, axis=1) * b2_rows
@@ -524,6 +525,14 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
                   if reduce_fn is not None else None)
   return (values, wrap(mean), wrap(second_tree), sq_norms,
           wrap(grads_tree) if return_gradients else None, tuple(dots), reduced_tree)
+
+
+def _promote(a, b, kernel):
+  """A Dense layer's factors ``a``, ``b`` in the dtype of ``a``, ``b`` and its kernel
+  together: squares and products of, e.g., bfloat16 inputs of a float32 layer
+  are formed in float32, as its per-example gradients ``a_n b_n'`` are."""
+  dtype = jnp.result_type(a, b, kernel)
+  return a.astype(dtype), b.astype(dtype)
 
 
 def _per_example_layer(module, layer_params, a):
@@ -607,6 +616,7 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
     a, b = acts[key], out_grads[key]  # b: (K, N, ...)
     names = [nm for nm in ("kernel", "bias") if path + (nm,) in flat_params]
     if a.ndim == 2 and b.ndim == 3 and type(module).__name__ == "Dense":
+      a, b = _promote(a, b, flat_params[path + ("kernel",)])
       b2 = jnp.sum(jnp.square(b), axis=0)  # (N, out)
       diag[path + ("kernel",)] = jnp.square(a).T @ b2 / n
       if "bias" in names:
