@@ -485,7 +485,7 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
       kernel = flat_params[path + ("kernel",)]
       for j, fr in enumerate(flat_refs):
         dots[j] = dots[j] + jnp.sum((a @ fr[path + ("kernel",)]) * b, axis=1)
-      outer = lambda a_, b_: jnp.einsum("ni,no->nio", a_, b_)
+      outer = lambda a_, b_, k=kernel: jnp.einsum("ni,no->nio", a_, b_).astype(k.dtype)
       if return_gradients:
         grads[path + ("kernel",)] = outer(a, b)
       if reduce_outer_fn is not None:
@@ -498,10 +498,11 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
         second[path + ("bias",)] = jnp.mean(b2, axis=0)
         for j, fr in enumerate(flat_refs):
           dots[j] = dots[j] + b @ fr[path + ("bias",)]
+        bias = flat_params[path + ("bias",)]
         if return_gradients:
-          grads[path + ("bias",)] = b
+          grads[path + ("bias",)] = b.astype(bias.dtype)
         if reduce_fn is not None:
-          reduced[path + ("bias",)] = reduce_fn(b, flat_params[path + ("bias",)])
+          reduced[path + ("bias",)] = reduce_fn(b.astype(bias.dtype), bias)
       continue
     layer_params = {nm: flat_params[path + (nm,)] for nm in names}
     xs, layer_grads = _per_example_layer(module, layer_params, a)
@@ -518,9 +519,18 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
       if reduce_fn is not None:
         reduced[path + (nm,)] = reduce_fn(g, flat_params[path + (nm,)])
 
-  second_tree = jax.tree_util.tree_unflatten(treedef, [second[p] for p in param_paths])
-  grads_tree = (jax.tree_util.tree_unflatten(treedef, [grads[p] for p in param_paths])
-                if return_gradients else None)
+  # Results in the parameters' dtypes, as the vmap path gives them (its
+  # per-example gradients are): float64 inputs to a float32 model made the
+  # layer factors, and so these, float64.
+  def like_params(tree):
+    return jax.tree_util.tree_unflatten(
+        treedef, [tree[p].astype(flat_params[p].dtype) for p in param_paths])
+
+  second_tree = like_params(second)
+  grads_tree = like_params(grads) if return_gradients else None
+  norm_dtype = jnp.result_type(*flat_params.values())
+  sq_norms = sq_norms.astype(norm_dtype)
+  dots = [d.astype(jnp.result_type(norm_dtype, *fr.values())) for d, fr in zip(dots, flat_refs)]
   reduced_tree = (jax.tree_util.tree_unflatten(outer_treedef, [reduced[p] for p in param_paths])
                   if reduce_fn is not None else None)
   return (values, wrap(mean), wrap(second_tree), sq_norms,
@@ -645,4 +655,6 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
     for nm in names:
       diag[path + (nm,)] = sums[nm] / n
   treedef = jax.tree_util.tree_structure(params)
-  return wrap(jax.tree_util.tree_unflatten(treedef, [diag[p] for p in param_paths]))
+  # In the parameters' dtypes, as the vmap path gives it.
+  return wrap(jax.tree_util.tree_unflatten(
+      treedef, [diag[p].astype(flat_params[p].dtype) for p in param_paths]))
