@@ -13,6 +13,13 @@ The returned ``apply_fn`` is an ordinary callable (jit it, close over it, pass
 it to `curvax.curvature.ggn_matvec`). It also lets per-example statistics
 refuse batch norm (a ``batch_stats`` collection / ``nnx.BatchStat`` state) with
 a clear error, and lets Linen models use the per-layer fast path.
+
+Batch norm in inference mode normalises with stored running averages: the
+examples are then independent and per-example quantities (per-example
+gradients and their statistics, diagonal GGNs) well defined (ViViT puts batch
+norm in eval mode for them; Dangel, thesis, App. D.2.1). Declare it with
+``constant_batch_stats=True``; curvax cannot see from the variables alone
+whether a model uses its batch statistics or the batch's.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ __all__ = ["LinenApply", "NNXApply", "from_linen", "from_nnx", "nnx_update"]
 
 
 def from_linen(module: Any, variables: Mapping[str, Any],
-               apply_kwargs: Optional[Mapping[str, Any]] = None
+               apply_kwargs: Optional[Mapping[str, Any]] = None, *,
+               constant_batch_stats: bool = False
                ) -> Tuple[LinenApply, Any]:
   """Returns ``(apply_fn, params)`` for a Linen ``module`` and its ``variables``.
 
@@ -34,10 +42,18 @@ def from_linen(module: Any, variables: Mapping[str, Any],
     variables: the dict returned by ``module.init``; must hold ``'params'``.
     apply_kwargs: extra keyword arguments for ``module.apply`` (e.g.
       ``{'train': False}``), fixed for every call.
+    constant_batch_stats: declares that the model normalises with the
+      ``batch_stats`` in ``variables`` (batch norm in inference mode, e.g.
+      ``apply_kwargs={'train': False}``), so that per-example quantities are
+      computed instead of refused. ``nn.BatchNorm`` checks the declaration
+      itself: the collection is closed over as immutable, and a batch norm that
+      used the batch's statistics would update it and raise
+      ``ModifyScopeVariableError``.
 
   Raises:
     TypeError: if ``module`` is not a Linen module.
-    ValueError: if ``variables`` has no ``'params'`` collection.
+    ValueError: if ``variables`` has no ``'params'`` collection, or
+      ``constant_batch_stats`` with ``'mutable'`` in ``apply_kwargs``.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   if not isinstance(module, nn.Module):
@@ -48,27 +64,53 @@ def from_linen(module: Any, variables: Mapping[str, Any],
         "'params' collection; got "
         + (f"collections {sorted(variables)}." if isinstance(variables, Mapping)
            else f"{type(variables).__name__}."))
+  apply_kwargs = dict(apply_kwargs or {})
+  if constant_batch_stats and "mutable" in apply_kwargs:
+    raise ValueError("from_linen: constant_batch_stats=True declares the batch "
+                     "statistics constants, but apply_kwargs makes collections "
+                     f"mutable ({apply_kwargs['mutable']!r}).")
   collections = {k: v for k, v in variables.items() if k != "params"}
-  return LinenApply(module, collections, dict(apply_kwargs or {})), variables["params"]
+  return (LinenApply(module, collections, apply_kwargs, constant_batch_stats),
+          variables["params"])
 
 
-def from_nnx(model: Any) -> Tuple[NNXApply, Any]:
+def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXApply, Any]:
   """Returns ``(apply_fn, params)`` for an NNX module, ``params`` its ``nnx.Param`` state.
 
   ``apply_fn(params, inputs) = nnx.merge(graphdef, params, rest)(inputs)``: pure,
   so it can be jitted, vmapped and differentiated. The model object itself is
   not modified; use `nnx_update` to write new parameters back.
 
+  Args:
+    model: an ``nnx.Module``.
+    constant_batch_stats: declares that the model normalises with its stored
+      ``nnx.BatchStat`` running averages (after ``model.eval()``), so that
+      per-example quantities are computed instead of refused. Checked for
+      ``nnx.BatchNorm`` modules' ``use_running_average`` attribute, not for a
+      ``use_running_average=False`` passed when the model calls them.
+
   Raises:
     TypeError: if ``model`` is not an ``nnx.Module``.
+    ValueError: ``constant_batch_stats`` with an ``nnx.BatchNorm`` not in
+      inference mode.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if not isinstance(model, nnx.Module):
     raise TypeError(f"from_nnx expects a flax.nnx.Module; got {type(model).__name__}.")
+  if constant_batch_stats:
+    modules = (nnx.iter_modules(model) if hasattr(nnx, "iter_modules")
+               else model.iter_modules())
+    training = ["/".join(map(str, path)) for path, m in modules
+                if isinstance(m, nnx.BatchNorm) and not m.use_running_average]
+    if training:
+      raise ValueError(
+          f"from_nnx: constant_batch_stats=True, but batch norm {training} "
+          "normalises with batch statistics (use_running_average=False); call "
+          "model.eval() first.")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   import jax  # pylint: disable=g-import-not-at-top
   has_batch_stats = bool(jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat)))
-  return NNXApply(graphdef, rest, has_batch_stats), params
+  return NNXApply(graphdef, rest, has_batch_stats, constant_batch_stats), params
 
 
 def nnx_update(model: Any, params: Any) -> None:

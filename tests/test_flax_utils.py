@@ -114,6 +114,79 @@ def test_errors():
     curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)
 
 
+class _LinenEvalBatchNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.BatchNorm(use_running_average=not train, param_dtype=F64)(
+        nn.Dense(5, param_dtype=F64)(x))
+    return nn.Dense(3, param_dtype=F64)(jnp.tanh(h))
+
+
+class _NNXEvalBatchNorm(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 5, param_dtype=F64, rngs=rngs)
+    self.bn = nnx.BatchNorm(5, param_dtype=F64, rngs=rngs)
+    self.l2 = nnx.Linear(5, 3, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.bn(self.l1(x))))
+
+
+def _random_tree(tree, seed, positive=False):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  new = [jax.random.uniform(k, l.shape, F64, 0.5, 2.0) if positive
+         else jax.random.normal(k, l.shape, F64) for k, l in zip(keys, leaves)]
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_constant_batch_stats_allows_per_example_quantities(kind):
+  """Batch norm in inference mode (running averages): refused by default with a
+  message naming the option; with ``constant_batch_stats=True`` per-example
+  statistics and the diagonal GGN equal explicit float64 references (the
+  Jacobian of the loss vector over the whole batch, which would show any
+  coupling of the examples)."""
+  x, y = _data()
+  batch = (x, y)
+  loss = curvax.losses.softmax_cross_entropy
+  if kind == "linen":
+    module = _LinenEvalBatchNorm()
+    variables = dict(module.init(jax.random.PRNGKey(2), x, train=False))
+    stats = variables["batch_stats"]["BatchNorm_0"]
+    variables["batch_stats"] = {"BatchNorm_0": {
+        "mean": _random_tree(stats["mean"], 3), "var": _random_tree(stats["var"], 4, True)}}
+    variables["params"] = _random_tree(variables["params"], 5)
+    make = lambda **kw: flax_utils.from_linen(module, variables, {"train": False}, **kw)
+  else:
+    model = _NNXEvalBatchNorm(nnx.Rngs(2))
+    model.bn.mean = nnx.BatchStat(_random_tree(jnp.zeros(5, F64), 3))
+    model.bn.var = nnx.BatchStat(_random_tree(jnp.zeros(5, F64), 4, True))
+    with pytest.raises(ValueError, match="eval"):
+      flax_utils.from_nnx(model, constant_batch_stats=True)   # still in training mode
+    model.eval()
+    make = lambda **kw: flax_utils.from_nnx(model, **kw)
+  refused, params = make()
+  with pytest.raises(ValueError, match="constant_batch_stats=True"):
+    curvax.curvature.per_example_statistics(refused, loss, params, batch)
+  with pytest.raises(ValueError, match="constant_batch_stats=True"):
+    curvax.curvature.diag_ggn(refused, loss, params, batch)
+  apply_fn, params = make(constant_batch_stats=True)
+  grads = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  ggn = explicit_ggn(apply_fn, loss, params, batch)
+  got = curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)
+  diag = curvax.curvature.diag_ggn(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(flat(got.mean_gradient), grads.mean(0), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(flat(got.second_moment), np.mean(grads ** 2, 0), rtol=1e-9,
+                             atol=1e-12)
+  np.testing.assert_allclose(got.gradient_norms, np.linalg.norm(grads, axis=1), rtol=1e-9)
+  np.testing.assert_allclose(flat(diag), np.diag(ggn), rtol=1e-9, atol=1e-12)
+  if kind == "linen":
+    with pytest.raises(ValueError, match="mutable"):
+      flax_utils.from_linen(module, variables, {"train": False, "mutable": ["batch_stats"]},
+                            constant_batch_stats=True)
+
+
 def test_nnx_optimizer_forwards_batch_and_eval_batch_to_curvax_transforms():
   """nnx.Optimizer.update(model, grads, **kwargs) passes batch=/eval_batch= on
   to tx.update: the NNX model moves exactly as the functional update says."""

@@ -3,7 +3,8 @@ r"""Flax model wrappers and BackPACK's per-layer fast path for per-example stati
 `LinenApply` and `NNXApply` are the ``apply_fn`` objects built by
 `curvax.flax_utils`: plain callables ``apply_fn(params, inputs)`` that also
 remember the model, so that per-example statistics can (i) refuse models with
-batch norm and (ii) use per-layer contractions instead of ``vmap(grad)``.
+batch norm (unless declared in inference mode: ``constant_batch_stats``) and
+(ii) use per-layer contractions instead of ``vmap(grad)``.
 `LinenVariablesApply` is the same for an ``apply_fn(variables, inputs)`` that
 takes the Flax variables ``{'params': p}`` (`curvax.problems.Problem.apply_fn`).
 
@@ -64,9 +65,13 @@ Array = jax.Array
 
 BATCH_NORM_MESSAGE = (
     "per-example quantities are ill-defined for a model with batch norm "
-    "(collection 'batch_stats' present): batch statistics couple the examples "
-    "of a batch. Remove batch norm, or put it in inference mode and close over "
-    "its statistics in your own apply_fn.")
+    "normalising with batch statistics (collection 'batch_stats' / nnx.BatchStat "
+    "state present): they couple the examples of a batch. If the model normalises "
+    "with its stored running averages (inference mode: e.g. "
+    "from_linen(module, variables, apply_kwargs={'train': False}, "
+    "constant_batch_stats=True), or nnx model.eval() and "
+    "from_nnx(model, constant_batch_stats=True)), pass constant_batch_stats=True to "
+    "declare them constants; otherwise remove batch norm.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,10 +80,15 @@ class LinenApply:
 
   Calls ``module.apply({'params': params, **collections}, inputs, **kwargs)``;
   the non-``params`` collections are closed over (constants for curvature).
+  Per-example quantities are refused when ``collections`` holds
+  ``'batch_stats'``, unless ``constant_batch_stats`` declares that the model
+  normalises with them (batch norm in inference mode; see
+  `curvax.flax_utils.from_linen`).
   """
   module: Any
   collections: Mapping[str, Any]
   kwargs: Mapping[str, Any]
+  constant_batch_stats: bool = False
 
   def __call__(self, params, inputs):
     return self.module.apply({"params": params, **self.collections}, inputs,
@@ -86,7 +96,9 @@ class LinenApply:
 
   @property
   def per_example_unsupported(self) -> Optional[str]:
-    return BATCH_NORM_MESSAGE if "batch_stats" in self.collections else None
+    if "batch_stats" in self.collections and not self.constant_batch_stats:
+      return BATCH_NORM_MESSAGE
+    return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,11 +106,14 @@ class NNXApply:
   """``apply_fn(params, inputs)`` for a Flax NNX module split into graph and state.
 
   Calls ``nnx.merge(graphdef, params, rest)(inputs)``; ``rest`` (non-``Param``
-  state) is closed over.
+  state) is closed over. Per-example quantities are refused when the model has
+  ``nnx.BatchStat`` state, unless ``constant_batch_stats`` declares that it
+  normalises with it (see `curvax.flax_utils.from_nnx`).
   """
   graphdef: Any
   rest: Any
   has_batch_stats: bool = False
+  constant_batch_stats: bool = False
 
   def __call__(self, params, inputs):
     from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -106,7 +121,9 @@ class NNXApply:
 
   @property
   def per_example_unsupported(self) -> Optional[str]:
-    return BATCH_NORM_MESSAGE if self.has_batch_stats else None
+    if self.has_batch_stats and not self.constant_batch_stats:
+      return BATCH_NORM_MESSAGE
+    return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -100,7 +100,9 @@ def check_per_example_supported(apply_fn: Any) -> None:
   """Raises ValueError if ``apply_fn`` declares per-example quantities ill-defined.
 
   `curvax.flax_utils` wrappers set ``per_example_unsupported`` to a message when
-  the model carries batch statistics (batch norm couples the examples).
+  the model carries batch statistics (batch norm in training mode couples the
+  examples) not declared constant (``constant_batch_stats=True``: batch norm in
+  inference mode, see `curvax.flax_utils.from_linen`).
   """
   message = getattr(apply_fn, "per_example_unsupported", None)
   if message:
@@ -223,7 +225,8 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
       ``"layers"`` (fast path or a ValueError saying why not).
 
   Raises:
-    ValueError: batch norm (``batch_stats``) in a Flax model, an unknown
+    ValueError: batch norm (``batch_stats``) in a Flax model not declared
+      inference-mode (``constant_batch_stats=True`` of `curvax.flax_utils`), an unknown
       ``method``, a direction or reference not shaped like ``params``, or
       ``method="layers"`` on an unsupported model.
   """
