@@ -56,7 +56,8 @@ PaddingLike = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
 
 def _pads(padding: PaddingLike, spatial: Sequence[int], kernel: Sequence[int],
           strides: Sequence[int]):
-  """Explicit ``((lo, hi), ...)`` padding per spatial axis, as ``nn.Conv`` reads it."""
+  """Explicit ``((lo, hi), ...)`` padding per spatial axis, as ``nn.Conv`` reads it
+  (negative entries crop)."""
   nd = len(kernel)
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "VALID"):
@@ -77,8 +78,8 @@ class PatchConv(nn.Module):
   """``nn.Conv`` as patches @ kernel matrix (see the module docstring).
 
   Inputs are channels-last with one batch axis, ``(N, *spatial, C_in)``. The
-  fields mean what they mean for ``nn.Conv``; dilation, feature groups and
-  circular/causal padding are not supported.
+  fields mean what they mean for ``nn.Conv`` (negative explicit padding crops);
+  dilation, feature groups and circular/causal padding are not supported.
   """
   features: int
   kernel_size: Sequence[int]
@@ -150,8 +151,10 @@ def _window_slices(x: jax.Array, window: Tuple[int, ...], strides: Tuple[int, ..
                    pads, fill, what: str = "max_pool: window") -> list:
   """The ``prod(window)`` strided slices of ``x`` (``(N, *spatial, C)``) padded with
   ``fill``: slice ``j`` holds, at each output position, entry ``j`` (row-major) of
-  the window (`PatchConv`'s patches, `max_pool`'s candidates)."""
-  x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=fill)
+  the window (`PatchConv`'s patches, `max_pool`'s candidates). Negative padding
+  crops, as ``nn.Conv`` and ``lax.conv_general_dilated`` read it."""
+  config = [(0, 0, 0)] + [(int(lo), int(hi), 0) for lo, hi in pads] + [(0, 0, 0)]
+  x = lax.pad(x, jnp.asarray(fill, x.dtype), config)
   out = [(x.shape[1 + d] - window[d]) // strides[d] + 1 for d in range(len(window))]
   if min(out) < 1:
     raise ValueError(f"{what} {window} does not fit the padded input {x.shape[1:-1]}.")

@@ -31,6 +31,10 @@ TOL = dict(rtol=1e-10, atol=1e-12)
     ((2, 10, 3), dict(features=4, kernel_size=(4,), strides=3)),
     ((2, 4, 5, 4, 2), dict(features=3, kernel_size=(2, 3, 2))),
     ((2, 5, 5, 3), dict(features=4, kernel_size=(1, 1), strides=2)),
+    # Negative padding crops (as nn.Conv reads it).
+    ((2, 7, 6, 2), dict(features=3, kernel_size=(3, 2), padding=((-1, 1), (0, 0)))),
+    ((2, 7, 6, 2), dict(features=3, kernel_size=(3, 2), strides=(2, 1),
+                        padding=((-1, -2), (2, -1)))),
 ])
 def test_patch_conv_matches_nn_conv(x_shape, kwargs):
   kwargs = dict(kwargs, param_dtype=jnp.float64, bias_init=nn.initializers.normal(1.0))
@@ -156,6 +160,19 @@ def test_max_pool_matches_nn_max_pool_with_ties(x_shape, window, strides, paddin
   assert ours[0].shape == ref[0].shape
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_max_pool_negative_padding_crops():
+  """Negative padding crops (nn.max_pool's outputs; its gradient fails in JAX's
+  reduce_window transpose, so the reference crops by slicing)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 6, 2), jnp.float64)
+  pads = ((-1, 1), (1, -2))
+  ours = lambda x: max_pool(x, (2, 2), (1, 2), pads)
+  ref = lambda x: nn.max_pool(x[:, 1:, :-2], (2, 2), (1, 2), ((0, 1), (1, 0)))
+  np.testing.assert_allclose(ours(x), nn.max_pool(x, (2, 2), (1, 2), pads), **TOL)
+  f = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)
+  np.testing.assert_allclose(ours(x), ref(x), **TOL)
+  np.testing.assert_allclose(f(ours), f(ref), **TOL)
 
 
 def test_max_pool_fn_follows_conv_class():
