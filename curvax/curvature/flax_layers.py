@@ -290,9 +290,6 @@ def _plan(apply, params, inputs, strict, what="per-example"):
 
   if unsupported:
     return fail(unsupported[0])
-  why = _trace_problem(apply, params, inputs, found, input_shapes)
-  if why:
-    return fail(why)
   keys = [f[0] for f in found]
   if len(set(keys)) != len(keys):
     return fail("a Dense/Conv layer is called more than once (shared weights).")
@@ -305,6 +302,9 @@ def _plan(apply, params, inputs, strict, what="per-example"):
   if missing:
     return fail(f"parameters {['/'.join(m) for m in missing]} do not belong to "
                 "an nn.Dense or nn.Conv layer.")
+  why = _trace_problem(apply, params, inputs, found, input_shapes)
+  if why:
+    return fail(why)
   return apply, params, wrap, found, param_paths
 
 
