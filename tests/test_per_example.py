@@ -260,21 +260,12 @@ class _PositionalGrid(nn.Module):
     return nn.Dense(3)(jnp.tanh(h).reshape(h.shape[0], -1))
 
 
-@pytest.mark.parametrize("module,x_shape,layer", [
-    (_LearnedQuery(), (4,), "Dense_0"),
-    (_TimeMajor(), (6, 4), "Dense_0"),       # T == N: same shapes as batch-first
-    (_TimeMajor(), (2, 4), "Dense_0"),
-    (_PositionalGrid(), (3, 4), "Dense_0"),
-])
-def test_fast_path_needs_the_batch_on_axis_0_of_every_layer(module, x_shape, layer):
-  """Layers whose input or output does not carry the examples on axis 0 make
-  "auto" fall back to vmap (per-example statistics and the diagonal GGN equal
-  the vmap path's) and "layers" raise naming the layer, instead of wrong
-  values or a shape error."""
-  apply_fn, loss, params, batch = _linen_problem(module, "softmax_cross_entropy", x_shape)
-  with pytest.raises(ValueError, match=f"{layer}.*leading axis"):
+def _auto_falls_back_and_layers_raises(apply_fn, loss, params, batch, match):
+  """``method="layers"`` raises ``match``; "auto" equals "vmap" (statistics and
+  diagonal GGN). Returns the explicit per-example gradients and "auto"'s results."""
+  with pytest.raises(ValueError, match=match):
     pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
-  with pytest.raises(ValueError, match=f"{layer}.*leading axis"):
+  with pytest.raises(ValueError, match=match):
     curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method="layers")
 
   @jax.jit
@@ -287,7 +278,23 @@ def test_fast_path_needs_the_batch_on_axis_0_of_every_layer(module, x_shape, lay
   auto, slow = run(params, batch)
   for a, b in zip(jax.tree_util.tree_leaves(auto), jax.tree_util.tree_leaves(slow)):
     np.testing.assert_allclose(a, b, **TOL)
-  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  return explicit_per_example_grads_jacrev(apply_fn, loss, params, batch), auto
+
+
+@pytest.mark.parametrize("module,x_shape,layer", [
+    (_LearnedQuery(), (4,), "Dense_0"),
+    (_TimeMajor(), (6, 4), "Dense_0"),       # T == N: same shapes as batch-first
+    (_TimeMajor(), (2, 4), "Dense_0"),
+    (_PositionalGrid(), (3, 4), "Dense_0"),
+])
+def test_fast_path_needs_the_batch_on_axis_0_of_every_layer(module, x_shape, layer):
+  """Layers whose input or output does not carry the examples on axis 0 make
+  "auto" fall back to vmap (per-example statistics and the diagonal GGN equal
+  the vmap path's) and "layers" raise naming the layer, instead of wrong
+  values or a shape error."""
+  apply_fn, loss, params, batch = _linen_problem(module, "softmax_cross_entropy", x_shape)
+  g, auto = _auto_falls_back_and_layers_raises(apply_fn, loss, params, batch,
+                                               f"{layer}.*leading axis")
   np.testing.assert_allclose(auto[0].gradient_norms, np.linalg.norm(g, axis=1), **TOL)
 
 
@@ -317,22 +324,8 @@ def test_fast_path_falls_back_for_parameters_used_outside_their_layer(module, le
   makes "auto" fall back to vmap and "layers" raise naming it, instead of
   wrong second moments, norms and diagonal GGN (the mean was right)."""
   apply_fn, loss, params, batch = _linen_problem(module, "softmax_cross_entropy", (4,))
-  with pytest.raises(ValueError, match=f"{leaked}.*other than through"):
-    pe.per_example_statistics(apply_fn, loss, params, batch, method="layers")
-  with pytest.raises(ValueError, match=f"{leaked}.*other than through"):
-    curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method="layers")
-
-  @jax.jit
-  def run(params, batch):
-    return [(pe.per_example_statistics(apply_fn, loss, params, batch, method=m,
-                                       chunk_size=None),
-             curvax.curvature.diag_ggn(apply_fn, loss, params, batch, method=m))
-            for m in ("auto", "vmap")]
-
-  auto, slow = run(params, batch)
-  for a, b in zip(jax.tree_util.tree_leaves(auto), jax.tree_util.tree_leaves(slow)):
-    np.testing.assert_allclose(a, b, **TOL)
-  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  g, auto = _auto_falls_back_and_layers_raises(apply_fn, loss, params, batch,
+                                               f"{leaked}.*other than through")
   np.testing.assert_allclose(flat(auto[0].second_moment), np.mean(g ** 2, 0), **TOL)
 
 
