@@ -596,7 +596,8 @@ def _dense_round(a, e, b, x0, batches, groups, p_it, m_obs, rank, form, noise_es
 
 
 @pytest.mark.parametrize("form,noise_estimate,two_groups", [
-    ("inverse", "unbiased", True), ("seed", "seed", False)])
+    ("inverse", "unbiased", True), ("seed", "seed", False),
+    ("inverse", "seed", False), ("seed", "unbiased", True)])
 def test_noisy_batches_match_a_dense_reference_round(form, noise_estimate, two_groups):
   """A different batch every step (so lam > 0 and the products differ by
   batch): every stage equals `_dense_round`. The same batch on every step
