@@ -463,7 +463,6 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
     return None
   outer_treedef = jax.tree_util.tree_structure(params)
   apply_fn, params, wrap, layers, param_paths = plan
-  treedef = jax.tree_util.tree_structure(params)
   perturbations = {key: jnp.zeros(shape, dtype) for key, _, _, shape, dtype in layers}
 
   def batch_mean(p, perts):
@@ -536,15 +535,9 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
       if reduce_fn is not None:
         reduced[path + (nm,)] = reduce_fn(g, flat_params[path + (nm,)])
 
-  # Results in the parameters' dtypes, as the vmap path gives them (its
-  # per-example gradients are): float64 inputs to a float32 model made the
-  # layer factors, and so these, float64.
-  def like_params(tree):
-    return jax.tree_util.tree_unflatten(
-        treedef, [tree[p].astype(flat_params[p].dtype) for p in param_paths])
-
-  second_tree = like_params(second)
-  grads_tree = like_params(grads) if return_gradients else None
+  second_tree = _like_params(second, params, flat_params, param_paths)
+  grads_tree = (_like_params(grads, params, flat_params, param_paths)
+                if return_gradients else None)
   norm_dtype = jnp.result_type(*flat_params.values())
   sq_norms = sq_norms.astype(norm_dtype)
   dots = [d.astype(jnp.result_type(norm_dtype, *fr.values())) for d, fr in zip(dots, flat_refs)]
@@ -552,6 +545,16 @@ def layer_statistics(apply_fn, loss, params, inputs, targets, return_gradients,
                   if reduce_fn is not None else None)
   return (values, wrap(mean), wrap(second_tree), sq_norms,
           wrap(grads_tree) if return_gradients else None, tuple(dots), reduced_tree)
+
+
+def _like_params(values, params, flat_params, param_paths):
+  """``values`` (dict path -> array) as a tree shaped like ``params``, each leaf in
+  its parameter's dtype, as the vmap path gives them (its per-example gradients
+  are): float64 inputs to a float32 model make the layer factors, and so the
+  fast path's sums, float64."""
+  return jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(params),
+      [values[p].astype(flat_params[p].dtype) for p in param_paths])
 
 
 def _promote(a, b, kernel):
@@ -671,7 +674,4 @@ def layer_diag_ggn(apply_fn, params, inputs, factors, strict=False):
     sums, _ = jax.lax.scan(column, init, b)
     for nm in names:
       diag[path + (nm,)] = sums[nm] / n
-  treedef = jax.tree_util.tree_structure(params)
-  # In the parameters' dtypes, as the vmap path gives it.
-  return wrap(jax.tree_util.tree_unflatten(
-      treedef, [diag[p].astype(flat_params[p].dtype) for p in param_paths]))
+  return wrap(_like_params(diag, params, flat_params, param_paths))
