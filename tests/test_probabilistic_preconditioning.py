@@ -393,6 +393,32 @@ def test_posterior_gives_up_after_repeated_non_finite_observations():
   np.testing.assert_allclose(updates[4]["x"], ref_updates[2]["x"], rtol=1e-9)
 
 
+@pytest.mark.parametrize("late_by", ["retaken_step", "failed_fits"])
+def test_restarts_stay_on_the_step_count(late_by):
+  """restart_every counts steps, not round steps: a round made late by a
+  retaken (non-finite) prior step or by failed fits is cut at the next
+  multiple of restart_every, and the next round starts there (the seed
+  restarts at every epoch's start). P = M = 2 (estimation takes 3 steps),
+  restart_every = 6."""
+  p_it, m_obs, restart, steps = 2, 2, 6, 13
+  tx = probabilistic_preconditioning(SINGLE, prior_iterations=p_it, num_observations=m_obs,
+                                     restart_every=restart)
+  if late_by == "retaken_step":     # round 1 starts at step 1, preconditions at steps 4, 5
+    head, moved_first = [NAN_BATCH], [4, 5]
+  else:                             # fits fail at steps 1 and 3; the fit at 5 is cut
+    head, moved_first = [ZERO_BATCH] * 4, []
+  batches = head + [BATCH] * (steps - len(head))
+  _, states, updates = _run(tx, SINGLE, {"x": jnp.ones(N)}, steps, batches)
+  assert [int(s.num_restarts) for s in states] == [(t + 1) // restart for t in range(steps)]
+  moved = [t for t, u in enumerate(updates) if float(jnp.max(jnp.abs(u["x"]))) > 0]
+  assert moved == moved_first + [9, 10, 11]    # round 2: steps 6..11, estimation 6..8
+  after_cut = states[restart - 1]
+  assert (int(after_cut.phase), int(after_cut.round_step),
+          int(after_cut.num_observations)) == (PRIOR, 0, 0)
+  assert int(states[-1].num_skipped) == (late_by == "retaken_step")
+  assert int(states[-1].num_failed_fits) == 2 * (late_by == "failed_fits")
+
+
 def test_failed_fit_restarts_round_and_negative_curvature_uses_magnitude():
   batches = [ZERO_BATCH] * 4 + [NEG_BATCH, NEG_BATCH]
   _, states, updates = _run(SHARED, SINGLE, {"x": jnp.ones(N)}, len(batches), batches)

@@ -293,10 +293,12 @@ def probabilistic_preconditioning(
     prior_iterations: ``P``, steps of prior statistics (>= 2 with the unbiased
       noise estimate, >= 1 with ``noise_estimate="seed"``), default 10.
     restart_every: restart the estimation every this many steps (>= the
-      estimation length + 1); ``None`` (default) never restarts. Counted from
-      the start of the round: an estimation step retaken after non-finite
-      values, and a failed fit (which starts a new round at once), push the
-      later restarts back. (`curvax.problems.run` passes the steps per epoch.)
+      estimation length + 1); ``None`` (default) never restarts. Counted in
+      steps (``count``), so restarts fall after steps ``restart_every``,
+      ``2 restart_every``, ... (every epoch when given the steps per epoch, as
+      `curvax.problems.run` does) whatever happened within a round: a round
+      that retaken estimation steps or a failed fit (which starts a new round
+      at once) made late is cut short by the next restart.
     learning_rate: fixed learning rate (the seed's "tuned" variants), a float,
       or ``None`` (default) to use ``alpha`` (P1), re-estimated each round.
     precondition: apply the preconditioner (C1/C2) to the gradient.
@@ -682,15 +684,18 @@ def probabilistic_preconditioning(
         num_skipped=state.num_skipped + (in_precondition & ~finite).astype(jnp.int32))
 
     r = new_state.round_step
+    count = optax.safe_increment(state.count)
     if restart_every is not None:
-      restart = r >= restart_every
+      # On the step count, not the round's: restarts stay on the schedule
+      # (epoch boundaries) whatever retaken steps or failed fits did in the round.
+      restart = count % restart_every == 0
       r = jnp.where(restart, 0, r)
       new_state = new_state._replace(
           num_restarts=new_state.num_restarts + restart.astype(jnp.int32),
-          num_observations=jnp.where(restart, 0, new_state.num_observations))
+          num_observations=jnp.where(restart, 0, new_state.num_observations),
+          posterior_retakes=jnp.where(restart, 0, new_state.posterior_retakes))
     phase = jnp.where(r < num_prior, PRIOR, jnp.where(r < apply_start, POSTERIOR, PRECONDITION))
-    new_state = new_state._replace(round_step=r, phase=phase.astype(jnp.int32),
-                                   count=optax.safe_increment(state.count))
+    new_state = new_state._replace(round_step=r, phase=phase.astype(jnp.int32), count=count)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
