@@ -202,8 +202,8 @@ def hessian_free(
   it names), ``eval_batch`` is used here.
 
   If any of the loss, the gradient, a curvature product or the proposed step
-  is non-finite, the update is zero, the damping is multiplied by 3/2 (clamped),
-  the warm start is reset to zero and ``nonfinite``/``nonfinite_count`` record
+  is non-finite, the update is zero, the damping is multiplied by 3/2 (clamped;
+  with ``adapt_damping=False`` it stays), the warm start is reset to zero and ``nonfinite``/``nonfinite_count`` record
   it; parameters never see a non-finite value from this transform.
 
   With ``microbatch_size`` the loss values and curvature products are
@@ -399,8 +399,9 @@ def hessian_free(
     zeros = otu.tree_zeros_like(params)
     step = otu.tree_where(finite, step, zeros)
     step = otu.tree_cast_like(step, params)
-    new_damping = jnp.where(
-        finite, new_damping, jnp.clip(damping * 1.5, min_damping, max_damping))
+    if adapt_damping:
+      new_damping = jnp.where(
+          finite, new_damping, jnp.clip(damping * 1.5, min_damping, max_damping))
     warm = otu.tree_where(finite & _checks.tree_all_finite(p_final), p_final, zeros)
 
     new_state = HessianFreeState(
