@@ -179,3 +179,30 @@ def test_batches_are_seeded_and_drop_remainder(quadratic):
   test = [b[0] for b in p.batches("test")]
   assert [t.shape[0] for t in test] == [300, 300, 300, 100]
   np.testing.assert_array_equal(np.concatenate(test), p.data("test")[0])
+
+
+# ------------------------------------------------------------------ data splits
+
+def _fake_load(n_train, n_test):
+  """A `data.load` of uint8 'images' of shape (1,) whose value is the example index."""
+  def load(name, data_dir=None):
+    del name, data_dir
+    split = lambda n: ((np.arange(n) % 256).astype(np.uint8)[:, None],
+                       np.arange(n, dtype=np.int32))
+    return {"train": split(n_train), "test": split(n_test)}
+  return load
+
+
+@pytest.mark.parametrize("name,n_train,n_test,held_out", [
+    ("svhn_3c3d", 73_257, 26_032, 26_032),     # a fifth (14,651) used to cap SVHN's
+    ("cifar10_3c3d", 50_000, 10_000, 10_000),
+    ("cifar10_3c3d", 15_000, 10_000, 3_000),   # a small copy: a fifth
+])
+def test_valid_and_train_eval_have_deepobs_sizes(name, n_train, n_test, held_out, monkeypatch):
+  monkeypatch.setattr(problems.data, "load", _fake_load(n_train, n_test))
+  out = problems.get(name).load_data()
+  assert [len(out[s][1]) for s in ("train", "train_eval", "valid", "test")] == [
+      n_train - held_out, held_out, held_out, n_test]
+  # valid is the tail of the training file, train_eval the head of what remains.
+  np.testing.assert_array_equal(out["valid"][1], np.arange(n_train - held_out, n_train))
+  np.testing.assert_array_equal(out["train_eval"][1], np.arange(held_out))
