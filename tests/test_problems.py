@@ -206,3 +206,34 @@ def test_valid_and_train_eval_have_deepobs_sizes(name, n_train, n_test, held_out
   # valid is the tail of the training file, train_eval the head of what remains.
   np.testing.assert_array_equal(out["valid"][1], np.arange(n_train - held_out, n_train))
   np.testing.assert_array_equal(out["train_eval"][1], np.arange(held_out))
+
+
+# ------------------------------------------------------------------ preprocessing
+
+def _per_image_standardization(x):
+  """tf.image.per_image_standardization in NumPy, per image of a batch."""
+  x = x.astype(np.float64)
+  n = np.prod(x.shape[1:])
+  mean = x.mean(axis=(1, 2, 3), keepdims=True)
+  std = x.std(axis=(1, 2, 3), keepdims=True)
+  return (x - mean) / np.maximum(std, 1.0 / np.sqrt(n))
+
+
+def test_standardization_is_deepobs_on_the_0_255_scale():
+  """DeepOBS standardises the uint8 values cast to float (no /255): its floor
+  1/sqrt(num_pixels) is in grey levels, so a low-contrast image still gets std 1."""
+  rng = np.random.RandomState(0)
+  x = np.stack([
+      rng.randint(100, 104, (32, 32, 3)),                  # std ~1.1 grey levels
+      np.full((32, 32, 3), 7) + (rng.rand(32, 32, 3) < 0.001),  # std ~0.03 grey levels
+      np.full((32, 32, 3), 200),                           # constant: the floor alone
+      rng.randint(0, 256, (32, 32, 3)),
+  ]).astype(np.uint8)
+  expected = _per_image_standardization(x)
+  pre = problems.problems._image_pre(flip=True)
+  inputs, _ = pre(jnp.asarray(x), jnp.zeros(4, jnp.int32), None, False)
+  keep = [0, 1, 3]
+  np.testing.assert_allclose(np.asarray(inputs)[keep], expected[keep], rtol=1e-4, atol=1e-5)
+  # The constant image: float32 rounding of its mean (200/255), over the floor.
+  np.testing.assert_allclose(inputs[2], expected[2], atol=2e-3)
+  np.testing.assert_allclose(np.asarray(inputs)[:2].std(axis=(1, 2, 3)), 1.0, rtol=1e-4)

@@ -70,11 +70,17 @@ def _vae_pre(x, y, rng, train):
 
 
 def _standardize(x):
-  # tf.image.per_image_standardization: (x - mean) / max(std, 1/sqrt(num_pixels)).
+  """tf.image.per_image_standardization of DeepOBS's images, given on the [0, 1] scale.
+
+  DeepOBS standardises the 0..255 values: ``(x - mean) / max(std, 1/sqrt(num_pixels))``.
+  On the [0, 1] scale the same result needs the floor ``1 / (255 sqrt(num_pixels))``
+  (a floor of ``1/sqrt(num_pixels)`` here would shrink images whose std is below
+  about 4.6 grey levels, e.g. after the contrast augmentation, to std < 1).
+  """
   n = x.shape[1] * x.shape[2] * x.shape[3]
   mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
   std = jnp.std(x, axis=(1, 2, 3), keepdims=True)
-  return (x - mean) / jnp.maximum(std, 1.0 / jnp.sqrt(n))
+  return (x - mean) / jnp.maximum(std, 1.0 / (255.0 * jnp.sqrt(n)))
 
 
 def _augment_one(key, img, flip: bool):
