@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import curvax.problems as problems
-from curvax.problems import synthetic
+from curvax.problems import models, synthetic
+from curvax.problems.problem import SPLITS
+from curvax.problems.problems import _flax_problem, _image_pre, _mnist_pre
 
 IMAGE = {"mnist": (28, 28, 1), "fmnist": (28, 28, 1), "cifar10": (32, 32, 3),
          "cifar100": (32, 32, 3), "svhn": (32, 32, 3)}
@@ -237,3 +239,79 @@ def test_standardization_is_deepobs_on_the_0_255_scale():
   # The constant image: float32 rounding of its mean (200/255), over the floor.
   np.testing.assert_allclose(inputs[2], expected[2], atol=2e-3)
   np.testing.assert_allclose(np.asarray(inputs)[:2].std(axis=(1, 2, 3)), 1.0, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _fake_images(monkeypatch, shape, n_train=55, n_test=11):
+  """Random uint8 images as every data set's files (55 training examples hold out 11;
+  train_eval, valid and test of one size compile `evaluate` once)."""
+  rng = np.random.RandomState(0)
+  split = lambda n: (rng.randint(0, 256, (n,) + shape).astype(np.uint8),
+                     rng.randint(0, 10, n).astype(np.int32))
+  arrays = {"train": split(n_train), "test": split(n_test)}
+  monkeypatch.setattr(problems.data, "load", lambda name, data_dir=None: arrays)
+
+
+def _random_params(p, scale=0.01):
+  rng = np.random.RandomState(1)
+  params, _ = p.split_variables(p.init(jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(0, scale, a.shape), a.dtype), params)
+
+
+def _manual_eval_loss(p, params, split, key, augment, chunk):
+  """`Problem.evaluate`'s loss by hand: chunk i (the last one zero-padded) preprocessed
+  with the first key of split(fold_in(fold_in(key, split index), i))."""
+  x, y = (np.asarray(a) for a in p.data(split))
+  split_key = jax.random.fold_in(key, SPLITS.index(split))
+  total = 0.0
+  for i, start in enumerate(range(0, len(y), chunk)):
+    xb, yb = x[start:start + chunk], y[start:start + chunk]
+    r = len(yb)
+    xb = np.concatenate([xb, np.zeros((chunk - r,) + xb.shape[1:], xb.dtype)])
+    yb = np.concatenate([yb, np.zeros((chunk - r,), yb.dtype)])
+    k_pre, _ = jax.random.split(jax.random.fold_in(split_key, i))
+    inputs, targets = p._jit_preprocess(jnp.asarray(xb), jnp.asarray(yb), k_pre, augment)
+    total += float(jnp.sum(p.loss(p.apply_fn(params, inputs), targets)[:r]))
+  reg = float(p.regularizer(params)) if p.regularizer is not None else 0.0
+  return total / len(y) + reg
+
+
+def test_train_eval_is_evaluated_on_augmented_training_examples(monkeypatch):
+  """DeepOBS evaluates train_eval on its (augmented) training pipeline, model in eval
+  mode; valid and test are not augmented. Chunks get keys folded from `key`."""
+  _fake_images(monkeypatch, (32, 32, 3))
+  p = _flax_problem("tiny_cifar", models.LogReg(), (32, 32, 3),
+                    problems.problems.softmax_cross_entropy, batch_size=4, num_epochs=1,
+                    dataset="cifar-10", data_dir=None, preprocess=_image_pre(flip=True),
+                    weight_decay=0.002)
+  params = _random_params(p)
+  key = jax.random.PRNGKey(5)
+  m = p.evaluate(params, batch_size=4, key=key)
+  assert p.num_examples("train_eval") == 11   # 3 chunks, the last one partial
+  augmented = _manual_eval_loss(p, params, "train_eval", key, True, 4)
+  assert m["train_eval_loss"] == pytest.approx(augmented, rel=1e-5)
+  plain = _manual_eval_loss(p, params, "train_eval", key, False, 4)
+  assert abs(augmented - plain) > 1e-3
+  for split in ("valid", "test"):
+    assert m[f"{split}_loss"] == pytest.approx(
+        _manual_eval_loss(p, params, split, key, False, 4), rel=1e-5)
+  # The default key is the problem's seed; another key changes train_eval only.
+  assert p.evaluate(params, batch_size=4) == p.evaluate(params, batch_size=4,
+                                                        key=jax.random.PRNGKey(p.seed))
+  other = p.evaluate(params, batch_size=4, key=jax.random.PRNGKey(6))
+  assert other["train_eval_loss"] != m["train_eval_loss"]
+  assert (other["valid_loss"], other["test_loss"]) == (m["valid_loss"], m["test_loss"])
+
+
+def test_evaluation_without_augmentation_does_not_depend_on_the_key(monkeypatch):
+  _fake_images(monkeypatch, (28, 28, 1))
+  p = _flax_problem("tiny_mnist", models.LogReg(), (28, 28, 1),
+                    problems.problems.softmax_cross_entropy, batch_size=4, num_epochs=1,
+                    dataset="mnist", data_dir=None, preprocess=_mnist_pre)
+  params = _random_params(p)
+  m = p.evaluate(params, batch_size=4)
+  assert m == p.evaluate(params, batch_size=4, key=jax.random.PRNGKey(7))
+  for split in ("train_eval", "valid", "test"):
+    assert m[f"{split}_loss"] == pytest.approx(
+        _manual_eval_loss(p, params, split, jax.random.PRNGKey(0), False, 4), rel=1e-5)

@@ -314,6 +314,30 @@ def test_train_size_reports_train_metrics_of_the_examples_trained_on():
     assert r["test_losses"][-1] == pytest.approx(m["test_loss"], rel=1e-6), kw
 
 
+def test_train_metrics_see_fresh_augmentation_at_each_evaluation():
+  """Like DeepOBS's, each evaluation augments train_eval afresh (a key from the seed and
+  the step), reproducibly for a given seed; valid and test are not augmented."""
+  p = _flax_problem("tiny_cifar", models.LogReg(), (32, 32, 3),
+                    problems.problems.softmax_cross_entropy, batch_size=4, num_epochs=1,
+                    dataset="cifar-10", data_dir=None,
+                    preprocess=problems.problems._image_pre(flip=True))
+  rng = np.random.RandomState(0)
+  split = lambda n: (rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+                     rng.randint(0, 10, n).astype(np.int32))
+  train = split(24)
+  p.load_data = lambda: {"train": train, "train_eval": (train[0][:8], train[1][:8]),
+                         "valid": split(8), "test": split(8)}
+  w = jnp.asarray(rng.normal(0, 0.01, (32 * 32 * 3, 10)), jnp.float32)
+  init = {"params": {"Dense_0": {"kernel": w, "bias": jnp.zeros(10, jnp.float32)}}}
+  # Learning rate 0: the parameters stay put, only the augmentation can move train metrics.
+  runs = [problems.run(p, optax.sgd(0.0), epochs=1, max_steps=4, eval_every=2, seed=seed,
+                       init_params=init, verbose=False) for seed in (0, 0)]
+  a, again = runs
+  assert len(a["train_losses"]) == 3 and len(set(a["train_losses"])) == 3
+  assert len(set(a["valid_losses"])) == len(set(a["test_losses"])) == 1
+  assert a["train_losses"] == again["train_losses"]
+
+
 def test_registry_baselines_use_deepobs_tuned_learning_rates():
   p = problems.get("fmnist_2c2d")
   for name, lr in (("sgd", 1.58e-1), ("momentum", 2.51e-3), ("adam", 2.51e-4)):

@@ -26,12 +26,20 @@ A problem is DeepOBS's test problem (seed 001, Ch. 5 and App. A) in JAX form:
   ``batch_size``; ``'train'`` is shuffled with ``key`` (reproducibly) and drops
   the incomplete last batch, the other splits keep it. Data are read on first use
   and placed on the device once.
-* ``evaluate(params) -> dict``: ``'{split}_loss'`` and, for classification,
-  ``'{split}_accuracy'`` for ``train_eval``, ``valid`` and ``test``.
+* ``evaluate(params, key=...) -> dict``: ``'{split}_loss'`` and, for
+  classification, ``'{split}_accuracy'`` for ``train_eval``, ``valid`` and
+  ``test``; ``key`` draws ``train_eval``'s augmentation.
 
 Splits (DeepOBS 1.2): ``valid`` holds out the last ``valid_size`` training
 examples (synthetic problems draw it with seed 44); ``train_eval`` is the first
-``train_eval_size`` examples of the remaining training set.
+``train_eval_size`` examples of the remaining training set. Like DeepOBS's,
+``train_eval`` is evaluated on the training pipeline: with the training
+preprocessing (CIFAR/SVHN's augmentation, drawn from `evaluate`'s ``key``) and
+the model in evaluation mode (no dropout, batch norm on running statistics);
+``valid`` and ``test`` are not augmented. One difference remains: DeepOBS's
+``train_eval`` is a fresh random subset of the shuffled training stream at each
+evaluation (TF: ``train_dataset.take(...)``), curvax's the same first
+``train_eval_size`` examples every time.
 """
 
 from __future__ import annotations
@@ -146,19 +154,24 @@ class Problem:
       start = stop
 
   # -- evaluation ----------------------------------------------------------------
-  def _eval_sums(self, variables, x, y, chunk: int):
-    """Sums of per-example loss and correct predictions over ``(x, y)`` in chunks."""
+  def _eval_sums(self, variables, x, y, key, chunk: int, augment: bool):
+    """Mean loss (plus the L2 term) and accuracy over ``(x, y)``, in chunks.
+
+    Chunk ``i`` is preprocessed with the first key of
+    ``jax.random.split(jax.random.fold_in(key, i))``, with the training
+    preprocessing (augmentation) if ``augment``; the model runs in eval mode.
+    """
     n = y.shape[0]
     pad = (-n) % chunk
     mask = jnp.arange(n + pad) < n
     xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
     yp = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)]) if pad else y
     resh = lambda a: a.reshape((-1, chunk) + a.shape[1:])
-    rng = jax.random.PRNGKey(0)
 
     def body(carry, xs):
-      xb, yb, mb = xs
-      inputs, targets = self.preprocess(xb, yb, rng, False)
+      i, xb, yb, mb = xs
+      k_pre, _ = jax.random.split(jax.random.fold_in(key, i))
+      inputs, targets = self.preprocess(xb, yb, k_pre, augment)
       outputs = self.apply_fn(variables, inputs)
       losses = self.loss(outputs, targets)
       total_loss = carry[0] + jnp.sum(jnp.where(mb, losses, 0.0)).astype(carry[0].dtype)
@@ -169,29 +182,43 @@ class Problem:
       return (total_loss, total_acc), None
 
     zero = jnp.zeros((), jnp.float32)
-    (tl, ta), _ = jax.lax.scan(body, (zero, zero), (resh(xp), resh(yp), resh(mask)))
+    chunks = jnp.arange((n + pad) // chunk)
+    (tl, ta), _ = jax.lax.scan(body, (zero, zero), (chunks, resh(xp), resh(yp), resh(mask)))
     reg = self.regularizer(variables) if self.regularizer is not None else 0.0
     return tl / n + reg, ta / n
 
   @functools.cached_property
   def _jit_eval(self):
-    return jax.jit(self._eval_sums, static_argnums=3)
+    return jax.jit(self._eval_sums, static_argnums=(4, 5))
 
   def evaluate(self, params: Any, *, splits: Sequence[str] = EVAL_SPLITS,
                batch_size: Optional[int] = None, model_state: Any = None,
-               max_examples: Optional[int] = None) -> Dict[str, float]:
-    """Loss (including the L2 term) and accuracy on each split, in evaluation mode.
+               max_examples: Optional[int] = None,
+               key: Optional[jax.Array] = None) -> Dict[str, float]:
+    """Loss (including the L2 term) and accuracy on each split, model in evaluation mode.
 
+    The training splits (``train_eval``, ``train``) get the training
+    preprocessing, i.e. DeepOBS's augmentation (see the splits above), the
+    others none. ``key`` (default: ``PRNGKey(seed)``, so that repeated calls
+    agree) draws it: split ``s`` uses ``fold_in(key, SPLITS.index(s))``, and
+    its chunk ``i`` (of ``batch_size`` examples, default the problem's
+    ``max(batch_size, 500)``) preprocesses with the first key of
+    ``split(fold_in(split_key, i))``.
+    Problems without augmentation give the same numbers for every key.
     ``max_examples`` evaluates only the first examples of each split (smoke runs).
     """
     variables = {**params, **(model_state or {})}
+    if key is None:
+      key = jax.random.PRNGKey(self.seed)
     out = {}
     for split in splits:
       x, y = self.data(split)
       if max_examples is not None:
         x, y = x[:max_examples], y[:max_examples]
       chunk = min(batch_size or max(self.batch_size, 500), int(y.shape[0]))
-      loss, acc = self._jit_eval(variables, x, y, chunk)
+      split_key = jax.random.fold_in(key, SPLITS.index(split))
+      loss, acc = self._jit_eval(variables, x, y, split_key, chunk,
+                                 split in ("train", "train_eval"))
       out[f"{split}_loss"] = float(loss)
       if self.has_accuracy:
         out[f"{split}_accuracy"] = float(acc)

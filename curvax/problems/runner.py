@@ -2,7 +2,9 @@
 
 Protocol (DeepOBS, seed 001 §5.2-5.3 and its runners): train/valid/test metrics
 are evaluated before the first epoch and after every epoch (so each list has
-``epochs + 1`` entries); the mini-batch training loss is logged every
+``epochs + 1`` entries), the train metrics on augmented training examples
+(`Problem.evaluate`) with fresh augmentation at each evaluation, drawn from the
+seed and the step; the mini-batch training loss is logged every
 ``log_every`` steps; a non-finite training loss stops the run, recorded as
 ``status='diverged'`` with the reason (DeepOBS's PyTorch runner instead pads the
 remaining epochs with the initial values). Reported losses include the L2 term.
@@ -163,7 +165,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       the run's steps per epoch, e.g. probabilistic_preconditioning's default
       ``restart_every``).
     epochs: number of epochs (default: the problem's DeepOBS budget).
-    seed: seeds initialisation, shuffling, augmentation, dropout.
+    seed: seeds initialisation, shuffling, augmentation (training and the
+      train metrics'), dropout.
     log_every: mini-batch loss / optimizer-state logging interval, in steps (>= 1).
     eval_batch_size: size of ``eval_batch`` (>= 1; default: the batch size).
     out: a folder; the results JSON goes to DeepOBS's layout
@@ -254,6 +257,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
 
   key = jax.random.PRNGKey(seed)
   k_init, k_perm, k_step = jax.random.split(key, 3)
+  # Evaluation's key (train_eval's augmentation), folded with the step at each one.
+  k_eval = jax.random.fold_in(key, 0x6576616C)   # b"eval"
   variables = problem.init(k_init)
   params, model_state = problem.split_variables(variables)
   if init_params is not None:
@@ -379,10 +384,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       n if eval_size is None else min(n, eval_size))
 
   def evaluate(step_count, train_time):
+    k = jax.random.fold_in(k_eval, step_count)
     m = problem.evaluate(params, model_state=model_state, splits=("train_eval",),
-                         max_examples=train_eval_size)
+                         max_examples=train_eval_size, key=k)
     m.update(problem.evaluate(params, model_state=model_state, splits=("valid", "test"),
-                              max_examples=eval_size))
+                              max_examples=eval_size, key=k))
     record["train_losses"].append(m["train_eval_loss"])
     record["valid_losses"].append(m["valid_loss"])
     record["test_losses"].append(m["test_loss"])
