@@ -315,3 +315,24 @@ def test_evaluation_without_augmentation_does_not_depend_on_the_key(monkeypatch)
   for split in ("train_eval", "valid", "test"):
     assert m[f"{split}_loss"] == pytest.approx(
         _manual_eval_loss(p, params, split, jax.random.PRNGKey(0), False, 4), rel=1e-5)
+
+
+def test_vae_evaluation_draws_fresh_latent_noise_per_chunk_and_key(monkeypatch):
+  """DeepOBS draws the VAE's eps afresh for every batch; evaluation used to reuse
+  PRNGKey(0)'s rows in every chunk and every evaluation."""
+  img = np.random.RandomState(0).randint(0, 256, (1, 28, 28, 1)).astype(np.uint8)
+  same = lambda n: (np.repeat(img, n, axis=0), np.zeros(n, np.int32))
+  monkeypatch.setattr(problems.data, "load",
+                      lambda name, data_dir=None: {"train": same(10), "test": same(4)})
+  p = problems.get("mnist_vae", batch_size=2)
+  params, _ = p.split_variables(p.init(jax.random.PRNGKey(0)))
+
+  def test_loss(n, key=None):
+    return p.evaluate(params, splits=("test",), batch_size=2, max_examples=n,
+                      key=key)["test_loss"]
+
+  # One image everywhere: had chunk 1 chunk 0's noise, 4 examples would give 2's loss.
+  assert test_loss(4) != pytest.approx(test_loss(2), rel=1e-6)
+  key = jax.random.PRNGKey(3)
+  assert test_loss(4, key) == test_loss(4, key)
+  assert test_loss(4, key) != pytest.approx(test_loss(4), rel=1e-6)

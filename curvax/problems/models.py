@@ -186,8 +186,11 @@ class VAE(nn.Module):
 
   Returns, per example, ``concat([x_hat (784), mu (8), s (8)])`` so that the
   loss (`vae_loss`) can form ``sum (x_hat - x)^2 + KL``. ``z = mu + eps exp(s)``
-  with ``eps ~ N(0, I)`` drawn from the ``'latent'`` rng stream (also at
-  evaluation, as DeepOBS does). TF-default initialisers: glorot-uniform, b = 0.
+  with ``eps ~ N(0, I)`` drawn from the ``'latent'`` rng stream, also at
+  evaluation, as DeepOBS does: `curvax.problems.Problem.evaluate` draws fresh
+  noise for every chunk from its ``key`` (DeepOBS: for every batch), while the
+  problem's keyword-free ``apply_fn`` (``loss_fn``, per-example quantities)
+  uses the fixed key ``PRNGKey(0)``. TF-default initialisers: glorot-uniform, b = 0.
   """
   latent: int = 8
 

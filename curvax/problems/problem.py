@@ -13,7 +13,9 @@ A problem is DeepOBS's test problem (seed 001, Ch. 5 and App. A) in JAX form:
   given ``problem.apply_fn`` sees (its per-example curvature is not defined).
   For the Flax problems ``apply_fn`` is a
   `curvax.curvature.flax_layers.LinenVariablesApply`: called without keywords
-  on ``{'params': ...}`` it is the eval-mode model, and per-example statistics
+  on ``{'params': ...}`` it is the eval-mode model (the VAE's latent noise then
+  from the fixed key ``PRNGKey(0)``; ``rng=`` draws other noise, as `evaluate`
+  does), and per-example statistics
   and diagonal GGNs take the per-layer Dense/Conv fast path (results shaped
   ``{'params': ...}``); batch-norm problems refuse per-example quantities.
 * ``loss``: the per-example `curvax.losses.Loss`; ``regularizer``: DeepOBS's
@@ -28,7 +30,7 @@ A problem is DeepOBS's test problem (seed 001, Ch. 5 and App. A) in JAX form:
   and placed on the device once.
 * ``evaluate(params, key=...) -> dict``: ``'{split}_loss'`` and, for
   classification, ``'{split}_accuracy'`` for ``train_eval``, ``valid`` and
-  ``test``; ``key`` draws ``train_eval``'s augmentation.
+  ``test``; ``key`` draws ``train_eval``'s augmentation and the VAE's noise.
 
 Splits (DeepOBS 1.2): ``valid`` holds out the last ``valid_size`` training
 examples (synthetic problems draw it with seed 44); ``train_eval`` is the first
@@ -159,7 +161,9 @@ class Problem:
 
     Chunk ``i`` is preprocessed with the first key of
     ``jax.random.split(jax.random.fold_in(key, i))``, with the training
-    preprocessing (augmentation) if ``augment``; the model runs in eval mode.
+    preprocessing (augmentation) if ``augment``; the model runs in eval mode,
+    problems that draw noise there (``needs_rng``: the VAE's latent) with the
+    second key as ``rng``.
     """
     n = y.shape[0]
     pad = (-n) % chunk
@@ -170,9 +174,12 @@ class Problem:
 
     def body(carry, xs):
       i, xb, yb, mb = xs
-      k_pre, _ = jax.random.split(jax.random.fold_in(key, i))
+      k_pre, k_model = jax.random.split(jax.random.fold_in(key, i))
       inputs, targets = self.preprocess(xb, yb, k_pre, augment)
-      outputs = self.apply_fn(variables, inputs)
+      if self.needs_rng:   # fresh noise for every chunk, as DeepOBS per batch
+        outputs = self.apply_fn(variables, inputs, train=False, rng=k_model)
+      else:
+        outputs = self.apply_fn(variables, inputs)
       losses = self.loss(outputs, targets)
       total_loss = carry[0] + jnp.sum(jnp.where(mb, losses, 0.0)).astype(carry[0].dtype)
       total_acc = carry[1]
@@ -203,8 +210,10 @@ class Problem:
     agree) draws it: split ``s`` uses ``fold_in(key, SPLITS.index(s))``, and
     its chunk ``i`` (of ``batch_size`` examples, default the problem's
     ``max(batch_size, 500)``) preprocesses with the first key of
-    ``split(fold_in(split_key, i))``.
-    Problems without augmentation give the same numbers for every key.
+    ``split(fold_in(split_key, i))``; problems that draw noise in evaluation
+    mode (``needs_rng``: the VAE's latent, drawn by DeepOBS afresh for each
+    batch) draw it with the second. Problems with neither give the same
+    numbers for every key.
     ``max_examples`` evaluates only the first examples of each split (smoke runs).
     """
     variables = {**params, **(model_state or {})}

@@ -128,6 +128,8 @@ def _split_real(dataset: str, data_dir: Optional[str]):
 # ------------------------------------------------------------------ builders
 
 def _rngs_of(needs_rng, rng):
+  # Without rng (the keyword-free apply_fn) the VAE's latent noise has a fixed key;
+  # Problem.evaluate passes rng= to draw fresh noise per chunk.
   if rng is None:
     return {"latent": jax.random.PRNGKey(0)} if needs_rng else {}
   k1, k2 = jax.random.split(rng)
@@ -138,12 +140,14 @@ def _rngs_of(needs_rng, rng):
 class _ProblemApply(LinenVariablesApply):
   """``apply_fn(variables, inputs, *, train=False, rng=None)`` of a Linen problem.
 
-  The DeepOBS model: eval mode unless ``train`` (dropout with stream ``rng``);
-  see `Problem`. Without keywords it is the `LinenVariablesApply` of the
-  eval-mode model, so per-example statistics and diagonal curvature take the
-  per-layer fast path (`curvax.curvature.flax_layers`); batch-norm problems
-  (whose keyword-free call normalises with batch statistics when ``variables``
-  holds no ``batch_stats``) refuse per-example quantities instead.
+  The DeepOBS model: eval mode unless ``train`` (dropout with stream ``rng``;
+  ``rng`` also draws the VAE's latent noise, in either mode); see `Problem`.
+  Without keywords it is the `LinenVariablesApply` of the eval-mode model (the
+  VAE's latent noise from the fixed key ``PRNGKey(0)``), so per-example
+  statistics and diagonal curvature take the per-layer fast path
+  (`curvax.curvature.flax_layers`); batch-norm problems (whose keyword-free call
+  normalises with batch statistics when ``variables`` holds no ``batch_stats``)
+  refuse per-example quantities instead.
   """
   has_bn: bool = False
   needs_rng: bool = False
