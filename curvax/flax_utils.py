@@ -78,8 +78,20 @@ def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXAppl
   """Returns ``(apply_fn, params)`` for an NNX module, ``params`` its ``nnx.Param`` state.
 
   ``apply_fn(params, inputs) = nnx.merge(graphdef, params, rest)(inputs)``: pure,
-  so it can be jitted, vmapped and differentiated. The model object itself is
-  not modified; use `nnx_update` to write new parameters back.
+  so it can be jitted, vmapped and differentiated. ``rest``, the non-``Param``
+  state (batch statistics, RNG state...), is a copy taken when ``from_nnx`` is
+  called, and every call rebuilds the model from fresh copies of the variables:
+  the model object itself is never modified (neither by ``apply_fn`` nor by
+  curvax's products through it), and what a call writes to its rebuilt model
+  is discarded. So batch norm in training mode normalises with each batch's
+  statistics and does not update the running averages, and a dropout layer
+  (``nnx.Dropout(rngs=...)`` in training mode) draws the same mask on every call
+  (for a given input shape): its RNG state is frozen at ``from_nnx`` time, which
+  keeps the objective a fixed function of the parameters, as Hessian-free's CG
+  iterations and line searches need. For fresh masks, advance the model's own
+  RNG state (calling the model does; or ``nnx.reseed``) and call ``from_nnx``
+  again (a new ``apply_fn``: jitted callers retrace); ``model.eval()`` turns
+  dropout off. Use `nnx_update` to write new parameters back.
 
   Args:
     model: an ``nnx.Module``.
@@ -107,8 +119,12 @@ def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXAppl
           f"from_nnx: constant_batch_stats=True, but batch norm {training} "
           "normalises with batch statistics (use_running_average=False); call "
           "model.eval() first.")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # A snapshot: new Variables (recent Flax splits into the model's own) holding
+  # copies of the arrays, unaffected by later calls of the model.
+  rest = jax.tree_util.tree_map(jnp.copy, rest)
   has_batch_stats = bool(jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat)))
   return NNXApply(graphdef, rest, has_batch_stats, constant_batch_stats), params
 

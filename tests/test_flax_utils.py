@@ -207,3 +207,93 @@ def test_nnx_optimizer_forwards_batch_and_eval_batch_to_curvax_transforms():
   optimizer.update(model, nnx_grads, batch=batch, eval_batch=eval_batch)
   _, moved = curvax.flax_utils.from_nnx(model)
   chex.assert_trees_all_close(moved, expected, rtol=1e-10)
+
+
+class _NNXTrainBatchNorm(nnx.Module):
+  """Batch norm in training mode: batch statistics, running averages updated."""
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 5, param_dtype=F64, rngs=rngs)
+    self.bn = nnx.BatchNorm(5, dtype=F64, param_dtype=F64, rngs=rngs)
+    self.bn.mean = nnx.BatchStat(jnp.zeros(5, F64))   # float32 by default
+    self.bn.var = nnx.BatchStat(jnp.ones(5, F64))
+    self.l2 = nnx.Linear(5, 3, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.bn(self.l1(x))))
+
+
+class _NNXDropout(nnx.Module):
+  """Dropout with its own RNG stream (advanced by every call of the model)."""
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 5, param_dtype=F64, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.l2 = nnx.Linear(5, 3, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(self.drop(jnp.tanh(self.l1(x))))
+
+
+def _eval_copy(model):
+  model = nnx.clone(model)
+  model.eval()
+  return model
+
+
+def _non_param_state(model):
+  unkey = lambda a: (jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                     else a)
+  return jax.tree_util.tree_map(lambda a: np.array(unkey(a)),
+                                nnx.state(model, nnx.Not(nnx.Param)))
+
+
+@pytest.mark.parametrize("cls", [_NNXTrainBatchNorm, _NNXDropout])
+def test_nnx_apply_fn_leaves_model_state_alone(cls):
+  """from_nnx's apply_fn is pure for models that write state when called
+  (training-mode batch norm, dropout's RNG count): the user's model is not
+  modified by calls, jit, grad or GGN products through it; every call gives
+  the same output; and all of it equals a reference that rebuilds the model
+  from an untouched clone on each call."""
+  model = cls(nnx.Rngs(0))
+  pristine = nnx.clone(model)
+  before = _non_param_state(model)
+  apply_fn, params = flax_utils.from_nnx(model)
+  x, y = _data()
+  batch = (x, y)
+  loss = curvax.losses.softmax_cross_entropy
+
+  def reference(p, x):
+    m = nnx.clone(pristine)
+    nnx.update(m, p)
+    return m(x)
+
+  expected = reference(params, x)
+  np.testing.assert_allclose(apply_fn(params, x), expected, rtol=1e-12)
+  np.testing.assert_allclose(apply_fn(params, x), expected, rtol=1e-12)  # same again
+  np.testing.assert_allclose(jax.jit(apply_fn)(params, x), expected, rtol=1e-12)
+  objective = curvax.losses.objective(apply_fn, loss)
+  chex.assert_trees_all_close(
+      jax.grad(objective)(params, batch),
+      jax.grad(curvax.losses.objective(reference, loss))(params, batch), rtol=1e-10)
+  v = _random_tree(params, 7)
+  gv = jax.jit(lambda p, b, v: curvax.curvature.ggn_matvec(apply_fn, loss, p, b)(v))(
+      params, batch, v)
+  ggn = explicit_ggn(reference, loss, params, batch)
+  np.testing.assert_allclose(flat(gv), ggn @ flat(v), rtol=1e-9, atol=1e-12)
+  chex.assert_trees_all_equal(_non_param_state(model), before)
+  chex.assert_trees_all_equal(_non_param_state(pristine), before)
+  if cls is _NNXDropout:
+    assert np.abs(expected - _eval_copy(model)(x)).max() > 1e-6   # dropout is on
+    # Fresh masks: advance the model's RNG (calling it does) and call from_nnx again.
+    model(x)
+    fresh, _ = flax_utils.from_nnx(model)
+    assert np.abs(fresh(params, x) - expected).max() > 1e-6
+  else:
+    # Training mode: each batch's statistics, not the (initial) running averages.
+    assert np.abs(expected - _eval_copy(model)(x)).max() > 1e-6
+    model(x)   # updates the model's running averages
+  # apply_fn holds the state from_nnx saw, whatever the model does afterwards.
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(_non_param_state(model)), jax.tree_util.tree_leaves(before)))
+  np.testing.assert_allclose(apply_fn(params, x), expected, rtol=1e-12)

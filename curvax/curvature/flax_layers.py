@@ -53,6 +53,7 @@ mix examples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -105,10 +106,14 @@ class LinenApply:
 class NNXApply:
   """``apply_fn(params, inputs)`` for a Flax NNX module split into graph and state.
 
-  Calls ``nnx.merge(graphdef, params, rest)(inputs)``; ``rest`` (non-``Param``
-  state) is closed over. Per-example quantities are refused when the model has
-  ``nnx.BatchStat`` state, unless ``constant_batch_stats`` declares that it
-  normalises with it (see `curvax.flax_utils.from_nnx`).
+  Calls ``nnx.merge(graphdef, params, rest)(inputs)`` on fresh copies of the
+  variables (`_merge_copy`); ``rest`` (non-``Param`` state) is closed over.
+  Whatever the call writes to the rebuilt model (batch norm's running averages
+  in training mode, a dropout RNG's count) goes to those copies and is
+  discarded: every call sees the same ``rest``. Per-example quantities are
+  refused when the model has ``nnx.BatchStat`` state, unless
+  ``constant_batch_stats`` declares that it normalises with it (see
+  `curvax.flax_utils.from_nnx`).
   """
   graphdef: Any
   rest: Any
@@ -116,14 +121,37 @@ class NNXApply:
   constant_batch_stats: bool = False
 
   def __call__(self, params, inputs):
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    return nnx.merge(self.graphdef, params, self.rest)(inputs)
+    return _merge_copy(self.graphdef, params, self.rest)(inputs)
 
   @property
   def per_example_unsupported(self) -> Optional[str]:
     if self.has_batch_stats and not self.constant_batch_stats:
       return BATCH_NORM_MESSAGE
     return None
+
+
+def _merge_copy(graphdef, *states):
+  """``nnx.merge`` into new ``Variable`` objects, shared with nothing else.
+
+  In recent Flax (0.12 at least), ``nnx.split`` returns the
+  model's own ``Variable`` objects and ``nnx.merge`` reuses them unless
+  ``copy=True``: the rebuilt model would write its batch statistics and RNG
+  counts into the states passed in (the user's model, for ``rest``), and under
+  ``jit``/``grad`` such a write from inside the trace raises
+  ``TraceContextError``. Older Flax (0.10), whose ``merge`` has no ``copy``
+  argument, always builds new variables from immutable ``VariableState`` leaves.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if _merge_takes_copy():
+    return nnx.merge(graphdef, *states, copy=True)
+  return nnx.merge(graphdef, *states)  # pragma: no cover  (older Flax)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_takes_copy() -> bool:
+  import inspect  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return "copy" in inspect.signature(nnx.merge).parameters
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
