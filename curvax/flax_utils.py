@@ -41,7 +41,14 @@ def from_linen(module: Any, variables: Mapping[str, Any],
     module: a ``flax.linen.Module``.
     variables: the dict returned by ``module.init``; must hold ``'params'``.
     apply_kwargs: extra keyword arguments for ``module.apply`` (e.g.
-      ``{'train': False}``), fixed for every call.
+      ``{'train': False}``), fixed for every call. With ``'mutable'`` (e.g.
+      ``{'train': True, 'mutable': ['batch_stats']}``, batch norm in training
+      mode) ``apply_fn`` returns the outputs only and discards the updated
+      collections: batch norm then normalises each call's inputs with their own
+      batch statistics, and the running averages in ``variables`` stay as they
+      are (update them with your own ``module.apply`` in the training step).
+      Per-example quantities are refused while ``variables`` holds
+      ``'batch_stats'`` (batch statistics couple the examples).
     constant_batch_stats: declares that the model normalises with the
       ``batch_stats`` in ``variables`` (batch norm in inference mode, e.g.
       ``apply_kwargs={'train': False}``), so that per-example quantities are

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 import curvax
 from curvax import flax_utils
@@ -297,3 +298,49 @@ def test_nnx_apply_fn_leaves_model_state_alone(cls):
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(_non_param_state(model)), jax.tree_util.tree_leaves(before)))
   np.testing.assert_allclose(apply_fn(params, x), expected, rtol=1e-12)
+
+
+def test_linen_mutable_batch_stats_gives_outputs_with_batch_statistics():
+  """from_linen with apply_kwargs {'train': True, 'mutable': [...]} (batch norm
+  in training mode): apply_fn returns the outputs alone (Flax's apply returns
+  (outputs, updated state)), so objective, GGN and Hessian products work and
+  equal a hand-written batch norm with each batch's statistics; the running
+  averages are not used and stay unchanged; per-example quantities are refused."""
+  x, y = _data()
+  batch = (x, y)
+  loss = curvax.losses.softmax_cross_entropy
+  module = _LinenEvalBatchNorm()
+  variables = dict(module.init(jax.random.PRNGKey(2), x, train=False))
+  variables["params"] = _random_tree(variables["params"], 5)
+  stats = variables["batch_stats"]["BatchNorm_0"]
+  variables["batch_stats"] = {"BatchNorm_0": {
+      "mean": _random_tree(stats["mean"], 3), "var": _random_tree(stats["var"], 4, True)}}
+  saved = jax.tree_util.tree_map(np.array, variables["batch_stats"])
+  apply_fn, params = flax_utils.from_linen(
+      module, variables, {"train": True, "mutable": ["batch_stats"]})
+
+  def reference(p, x):
+    h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    mean = h.mean(0)
+    var = (h ** 2).mean(0) - mean ** 2
+    h = (h - mean) / jnp.sqrt(var + 1e-5) * p["BatchNorm_0"]["scale"] + p["BatchNorm_0"]["bias"]
+    return jnp.tanh(h) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+  out = apply_fn(params, x)
+  assert isinstance(out, jax.Array)
+  np.testing.assert_allclose(out, reference(params, x), rtol=1e-10, atol=1e-12)
+  objective = curvax.losses.objective(apply_fn, loss)
+  np.testing.assert_allclose(objective(params, batch),
+                             curvax.losses.objective(reference, loss)(params, batch), rtol=1e-12)
+  v = _random_tree(params, 7)
+  gv = jax.jit(lambda p, b, v: curvax.curvature.ggn_matvec(apply_fn, loss, p, b)(v))(
+      params, batch, v)
+  np.testing.assert_allclose(flat(gv), explicit_ggn(reference, loss, params, batch) @ flat(v),
+                             rtol=1e-9, atol=1e-12)
+  hv = curvax.curvature.hessian_matvec(objective, params, batch)(v)
+  hessian = jax.hessian(lambda w: curvax.losses.objective(reference, loss)(
+      ravel_pytree(params)[1](w), batch))(flat(params))
+  np.testing.assert_allclose(flat(hv), hessian @ flat(v), rtol=1e-8, atol=1e-10)
+  chex.assert_trees_all_equal(jax.tree_util.tree_map(np.array, variables["batch_stats"]), saved)
+  with pytest.raises(ValueError, match="batch norm"):
+    curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)

@@ -81,6 +81,9 @@ class LinenApply:
 
   Calls ``module.apply({'params': params, **collections}, inputs, **kwargs)``;
   the non-``params`` collections are closed over (constants for curvature).
+  With a ``mutable`` keyword (other than False) ``module.apply`` returns
+  ``(outputs, updated collections)``: only the outputs are returned, the
+  updates (e.g. batch norm's running averages in training mode) are discarded.
   Per-example quantities are refused when ``collections`` holds
   ``'batch_stats'``, unless ``constant_batch_stats`` declares that the model
   normalises with them (batch norm in inference mode; see
@@ -92,8 +95,12 @@ class LinenApply:
   constant_batch_stats: bool = False
 
   def __call__(self, params, inputs):
-    return self.module.apply({"params": params, **self.collections}, inputs,
-                             **self.kwargs)
+    outputs = self.module.apply({"params": params, **self.collections}, inputs,
+                                **self.kwargs)
+    # Flax returns (y, mutated variables) exactly when `mutable is not False`.
+    if self.kwargs.get("mutable", False) is not False:
+      outputs, _ = outputs
+    return outputs
 
   @property
   def per_example_unsupported(self) -> Optional[str]:
