@@ -83,7 +83,7 @@ class PatchConv(nn.Module):
   """
   features: int
   kernel_size: Sequence[int]
-  strides: Union[int, Sequence[int]] = 1
+  strides: Union[None, int, Sequence[int]] = 1
   padding: PaddingLike = "SAME"
   use_bias: bool = True
   dtype: Optional[Any] = None
@@ -123,14 +123,27 @@ def patch_conv_operands(module: PatchConv, inputs: jax.Array, kernel: jax.Array,
   """
   kernel_size = tuple(module.kernel_size)
   nd = len(kernel_size)
-  strides = ((module.strides,) * nd if isinstance(module.strides, int)
-             else tuple(module.strides))
+  strides = _conv_strides(module.strides, nd)
   pads = _pads(module.padding, inputs.shape[1:-1], kernel_size, strides)
   inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=module.dtype)
   windows = _window_slices(inputs, kernel_size, strides, pads, 0, "PatchConv: kernel")
   # Kernel offsets outer, input channels inner: the row order of W.reshape(-1, F).
   patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
   return patches, kernel.reshape(-1, kernel.shape[-1]), bias
+
+
+def _conv_strides(strides, nd: int) -> Tuple[int, ...]:
+  """``strides`` as ``nn.Conv`` reads them: None is 1, an int applies to every
+  spatial axis, a sequence gives one stride per spatial axis."""
+  if strides is None:
+    return (1,) * nd
+  if isinstance(strides, int):
+    return (strides,) * nd
+  strides = tuple(strides)
+  if len(strides) != nd:
+    raise ValueError(f"PatchConv: strides {strides} must give one stride for each of "
+                     f"the {nd} spatial axes of the {nd}-D kernel (or be an int or None).")
+  return strides
 
 
 def conv_class(impl: str = "auto"):

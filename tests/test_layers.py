@@ -31,6 +31,7 @@ TOL = dict(rtol=1e-10, atol=1e-12)
     ((2, 10, 3), dict(features=4, kernel_size=(4,), strides=3)),
     ((2, 4, 5, 4, 2), dict(features=3, kernel_size=(2, 3, 2))),
     ((2, 5, 5, 3), dict(features=4, kernel_size=(1, 1), strides=2)),
+    ((2, 6, 5, 2), dict(features=3, kernel_size=(3, 3), strides=None)),   # None is 1
     # Negative padding crops (as nn.Conv reads it).
     ((2, 7, 6, 2), dict(features=3, kernel_size=(3, 2), padding=((-1, 1), (0, 0)))),
     ((2, 7, 6, 2), dict(features=3, kernel_size=(3, 2), strides=(2, 1),
@@ -74,6 +75,8 @@ def test_patch_conv_dtype_promotion_matches_nn_conv():
     (dict(padding=((1, 1),)), (1, 5, 5, 1), "spatial axes"),
     (dict(), (5, 5, 1), "needs inputs"),
     (dict(padding="VALID"), (1, 2, 2, 1), "does not fit"),
+    (dict(strides=(2, 2, 2), padding="VALID"), (1, 6, 6, 1), "one stride for each"),
+    (dict(strides=(2,), padding="VALID"), (1, 6, 6, 1), "one stride for each"),
 ])
 def test_patch_conv_rejects_what_it_does_not_support(kwargs, x_shape, match):
   with pytest.raises(ValueError, match=match):
