@@ -485,6 +485,40 @@ def test_monitor_per_example_instruments_match_explicit_gradients(path, hist_2d)
     np.testing.assert_array_equal(rec["grad_hist_2d"], want2)
 
 
+def test_monitor_histogram_totals_never_wrap():
+  """A Dense 4096 -> 4097 layer at batch 128 on positive inputs: its kernel's
+  per-example gradient entries are positive and tiny but for one output (the
+  label's), 128 * 4096 * 4096 = 2^31 of them in the bin right of 0. The
+  monitor's histograms (Dense kernels counted from their factors, then summed
+  over tensors) were int32 and wrapped; float32, they are non-negative and sum
+  to B * D within float rounding, and records write them as ints."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  n, i, j = 128, 4096, 4097
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.abs(rng.normal(size=(n, i))) * 1e-3, jnp.float32)
+  y = jnp.asarray(rng.integers(0, j, n))
+  module = nn.Dense(j)
+  apply_fn, params = curvax.flax_utils.from_linen(module, module.init(jax.random.PRNGKey(0),
+                                                                      x[:1]))
+  loss = curvax.losses.softmax_cross_entropy
+  names = ["grad_hist_1d", "layer_grad_hist_1d", "grad_hist_2d"]
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, names)
+  grads = jax.grad(curvax.losses.objective(apply_fn, loss))(params, (x, y))
+  _, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=(x, y)))(
+      grads, tx.init(params), params)
+  rec = dg.record(state)
+  layers = rec["layer_grad_hist_1d"]
+  kernel = next(v for k, v in layers.items() if "kernel" in k)
+  bias = next(v for k, v in layers.items() if "bias" in k)
+  for counts, total in [(rec["grad_hist_1d"], n * (i * j + j)), (kernel, n * i * j),
+                        (bias, n * j), (sum(rec["grad_hist_2d"], []), n * (i * j + j))]:
+    assert all(type(c) is int and c >= 0 for c in counts)   # pylint: disable=unidiomatic-typecheck
+    np.testing.assert_allclose(sum(counts), total, rtol=1e-6)
+  assert sum(bias) == n * j   # below 2^24: exact
+  np.testing.assert_allclose(kernel[50], n * i * (j - 1), rtol=1e-6)   # [0, 0.04)
+  json.dumps(rec)
+
+
 @pytest.mark.parametrize("size,bins", [(1, 12), (7, 12), (1001, 100), (64, 300)])
 def test_counts_1d_pairs_odd_sizes_and_large_bins(size, bins):
   """counts_1d counts pairs of entries in a joint table (an odd entry out
@@ -553,7 +587,7 @@ def test_counts_outer_equal_counts_of_the_formed_products(shape, scales, value_r
   got2 = jax.jit(lambda a, b, th: dg.counts_2d_outer(a, b, th, (bins, 6), value_range,
                                                      (-2.0, 2.0), tile=(3, 4)))(a, b, theta)
   np.testing.assert_array_equal(got2, want2)
-  assert got.dtype == got2.dtype == want.dtype == jnp.int32   # as the monitor's state
+  assert got.dtype == got2.dtype == want.dtype == jnp.float32   # as the monitor's state
   # and against numpy on the float64 products (exact signs near 0)
   prods = np.einsum("ni,nj->nij", a.astype(np.float64), b.astype(np.float64)).ravel()
   lo, hi = value_range
@@ -625,6 +659,54 @@ def test_counts_outer_with_nonfinite_factors_equal_counts_of_the_products(shape,
                                np.clip(th[keep], -2.0, 2.0 - 1e-12), (5, 6),
                                ((-1.0, 1.0), (-2.0, 2.0)))
   np.testing.assert_array_equal(got2, want2)
+
+
+def test_counts_outer_never_wrap_on_vgg16s_first_dense_layer():
+  """VGG16's 25088 x 4096 kernel at batch 128 (spec §3.5), from its factors:
+  1.3e10 per-example gradient entries, all near 0. int32 counts wrapped to a
+  negative total (-4026531840); float32 sums of int32 partials under 2^31 give
+  the two bins around 0, ~6.58e9 each, summing to B * D within float rounding."""
+  rng = np.random.default_rng(0)
+  n, i, j = 128, 25088, 4096
+  a = jnp.asarray(rng.normal(size=(n, i)) * 1e-3, jnp.float32)
+  b = jnp.asarray(rng.normal(size=(n, j)) * 1e-3, jnp.float32)
+  got = np.asarray(jax.jit(lambda a, b: dg.counts_1d_outer(a, b, 100, (-2.0, 2.0)))(a, b))
+  assert (got >= 0).all() and got.dtype == np.float32
+  np.testing.assert_allclose(got.astype(np.float64).sum(), n * i * j, rtol=1e-6)
+  assert (got[[49, 50]] > 6.5e9).all() and got[:49].sum() == got[51:].sum() == 0
+
+
+@pytest.mark.parametrize("span", [40, 97])
+def test_counts_sum_int32_partials_of_at_most_int32_span_entries(span, monkeypatch):
+  """With `INT32_SPAN` (entries behind one int32 partial count) shrunk, every
+  counting path splits into many partials added in float32 (formed arrays in
+  pieces, factor counts per group of rows / column blocks, 2-D counts per
+  group of kernel rows, non-finite factors included): the same counts as
+  numpy."""
+  monkeypatch.setattr(dg.histograms, "INT32_SPAN", span)
+  rng = np.random.default_rng(span)
+  a, b = _outer_factors(rng, 4, 12, 5, 1.0, 1.0, np.float64)
+  a[1, 3], b[2, 1], a[3, 7] = np.inf, -np.inf, np.nan
+  theta = rng.normal(scale=1.5, size=(12, 5))
+  with np.errstate(invalid="ignore"):
+    prods = np.einsum("ni,nj->nij", a, b)
+  keep = ~np.isnan(prods)
+  want, _ = np.histogram(np.clip(prods[keep], -2.0, 2.0 - 1e-12), 9, (-2.0, 2.0))
+  np.testing.assert_array_equal(jax.jit(lambda x: dg.counts_1d(x, 9))(prods), want)
+  for x, y, th in [(a, b, theta), (b, a, theta.T)]:   # and swapped (J > I)
+    got = jax.jit(lambda x, y: dg.counts_1d_outer(x, y, 9, tile=(3, 4)))(x, y)
+    np.testing.assert_array_equal(got, want)
+    got2 = jax.jit(lambda x, y, t: dg.counts_2d_outer(x, y, t, (5, 6), tile=(3, 4)))(x, y, th)
+    th_b = np.broadcast_to(th, (4,) + th.shape)
+    with np.errstate(invalid="ignore"):
+      pr = np.einsum("ni,nj->nij", x, y)
+    k = ~np.isnan(pr)
+    want2, _, _ = np.histogram2d(np.clip(pr[k], -1.0, 1.0 - 1e-12),
+                                 np.clip(th_b[k], -2.0, 2.0 - 1e-12), (5, 6),
+                                 ((-1.0, 1.0), (-2.0, 2.0)))
+    np.testing.assert_array_equal(got2, want2)
+    np.testing.assert_array_equal(
+        jax.jit(lambda p, t: dg.counts_2d(p, t, (5, 6)))(pr, th), want2)
 
 
 def test_counts_outer_reject_mismatched_factors():

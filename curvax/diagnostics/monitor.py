@@ -161,7 +161,9 @@ def _per_example(apply_fn, loss, params, batch, chunk_size, refs, want, hist_bin
   only instruments that need gradient *elements*, and they are counted layer by
   layer / chunk by chunk through ``reduce_gradients``, Dense kernels from their
   factors through ``reduce_outer_products`` (dict name -> counts; per tensor
-  for ``layer_grad_hist_1d``).
+  for ``layer_grad_hist_1d``). Counts are float32, summed over tensors in
+  float32: exact while a bin holds fewer than 2^24 entries, never wrapping
+  (`curvax.diagnostics.histograms`).
   """
   from curvax import curvature  # pylint: disable=g-import-not-at-top
   hists = [n for n in _HISTOGRAMS if n in want]
@@ -302,12 +304,13 @@ def monitor(inner: optax.GradientTransformation,
     for n in names:
       if n == "alpha":
         continue
+      # float32 counts (`curvax.diagnostics.histograms`: int32 partials never wrap)
       if n == "grad_hist_1d":
-        out[n] = jnp.zeros((hist_bins,), jnp.int32)
+        out[n] = jnp.zeros((hist_bins,), jnp.float32)
       elif n == "layer_grad_hist_1d":
-        out[n] = jax.tree_util.tree_map(lambda _: jnp.zeros((hist_bins,), jnp.int32), params)
+        out[n] = jax.tree_util.tree_map(lambda _: jnp.zeros((hist_bins,), jnp.float32), params)
       elif n == "grad_hist_2d":
-        out[n] = jnp.zeros((40, 50), jnp.int32)
+        out[n] = jnp.zeros((40, 50), jnp.float32)
       else:
         out[n] = z
       if n in ("grad_norm", "update_size", "distance", "hess_trace"):

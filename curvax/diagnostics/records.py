@@ -19,11 +19,17 @@ def find_state(opt_state: Any) -> Optional[MonitorState]:
   return None
 
 
-def _json(value: Any) -> Any:
+# Histogram counts: float32 in the state (they never wrap), whole numbers, written as ints.
+_COUNTS = ("grad_hist_1d", "layer_grad_hist_1d", "grad_hist_2d")
+
+
+def _json(value: Any, integral: bool = False) -> Any:
   if isinstance(value, (dict, list, tuple)) or not hasattr(value, "shape"):
     leaves = jax.tree_util.tree_leaves_with_path(value)
-    return {jax.tree_util.keystr(p): _json(v) for p, v in leaves}
+    return {jax.tree_util.keystr(p): _json(v, integral) for p, v in leaves}
   arr = np.asarray(value)
+  if integral:
+    arr = arr.astype(np.int64)
   return arr.item() if arr.ndim == 0 else arr.tolist()
 
 
@@ -46,7 +52,7 @@ def record(opt_state: Any) -> Dict[str, Any]:
   if bool(state.tracked):
     out["step"] = int(state.tracked_step)
     for name, value in state.diagnostics.items():
-      out[name] = _json(value)
+      out[name] = _json(value, name in _COUNTS)
   if bool(state.alpha_fresh):
     out["alpha"] = float(state.alpha)
     out["alpha_step"] = int(state.alpha_step)
