@@ -394,6 +394,42 @@ def test_monitor_in_chain_business_and_full_presets(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_dashboard_has_a_panel_for_every_instrument(tmp_path):
+  """Every instrument in the records of a monitor tracking all of them (the
+  full preset, the layer-wise histograms, the noise criteria) is drawn by some
+  panel, GradHist2d and the layer-wise ones (``*_layers``,
+  ``layer_grad_hist_1d``) included; records holding only GradHist2d or only
+  the layer-wise histograms draw (they used to raise "no instrument values")."""
+  apply_fn, loss, params, batch = _LinenMLP.problem()
+  obj = curvax.losses.objective(apply_fn, loss)
+  names = sorted(dg.INSTRUMENTS)
+  assert set(dg.FULL) <= set(names)
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, names, learning_rate=0.1)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
+  state, p, records = tx.init(params), params, []
+  for _ in range(3):
+    u, state = step(jax.grad(obj)(p, batch), state, p)
+    records.append(dg.record(state))
+    p = optax.apply_updates(p, u)
+  present = {k for r in records for k in r} - {"step", "alpha_step"}
+  assert {"grad_hist_2d", "layer_grad_hist_1d", "grad_norm_layers", "alpha"} <= present
+  panels = dg.dashboard_panels(records)
+  drawn = [k for panel in panels for k in panel.keys]
+  assert present <= set(drawn)
+  assert {p.kind for p in panels} == {"line", "alpha", "hist", "hist_2d", "layers",
+                                      "layer_hists"}
+  dg.dashboard(records, str(tmp_path / "all.png"))
+  for only in (["grad_hist_2d"], ["layer_grad_hist_1d"], ["grad_norm_layers"]):
+    recs = [{"step": r["step"], **{k: r[k] for k in only}} for r in records]
+    assert [k for panel in dg.dashboard_panels(recs) for k in panel.keys] == only
+    dg.dashboard(recs, str(tmp_path / f"{only[0]}.png"))
+  many = {f"['Dense_{i}']['kernel']": [i, 1, 2] for i in range(20)}   # small multiples
+  (layers,) = dg.dashboard_panels([{"step": 0, "layer_grad_hist_1d": many}])
+  names = [name for name, _ in layers.data]   # evenly spaced, first and last included
+  assert len(names) == 8 and names[0] == "Dense_0/kernel" and names[-1] == "Dense_19/kernel"
+  assert "8 of 20" in layers.title
+
+
 def test_schedules_and_errors():
   lin = dg.linear_schedule(4, offset=1)
   assert [bool(lin(jnp.asarray(t))) for t in range(10)] == [

@@ -9,7 +9,7 @@ steps; `record` and `dashboard` turn its state into JSON records and a PNG.
 from curvax.diagnostics.step_quality import alpha, alpha_from_fit, sample_variance
 from curvax.diagnostics.curvature import (
     hessian_trace, layer_traces, tic_diag, tic_trace, top_eigenvalue)
-from curvax.diagnostics.dashboard import dashboard
+from curvax.diagnostics.dashboard import dashboard, dashboard_panels
 from curvax.diagnostics.gradient_tests import (
     INNER_TEST_THRESHOLD, NORM_TEST_THRESHOLD, ORTHO_TEST_THRESHOLD, gram_statistics,
     inner_test, norm_test, ortho_test)
@@ -28,7 +28,7 @@ __all__ = [
     "BUSINESS", "ECONOMY", "FULL", "INNER_TEST_THRESHOLD", "INSTRUMENTS", "MonitorState",
     "NORM_TEST_THRESHOLD", "ORTHO_TEST_THRESHOLD", "PRESETS", "alpha", "alpha_from_fit",
     "bin_edges", "cabs", "counts_1d", "counts_1d_outer", "counts_2d", "counts_2d_outer",
-    "dashboard", "distance", "early_stopping", "find_state",
+    "dashboard", "dashboard_panels", "distance", "early_stopping", "find_state",
     "global_norm_from_layers", "gradient_histogram", "gradient_norm",
     "gradient_parameter_histogram", "gram_statistics", "hessian_trace", "inner_test",
     "layer_gradient_histograms", "layer_norms", "layer_traces", "linear_schedule",

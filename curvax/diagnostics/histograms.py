@@ -77,6 +77,12 @@ def bin_edges(bins: int, value_range: Tuple[float, float]) -> Array:
   return jnp.linspace(value_range[0], value_range[1], bins + 1)
 
 
+# GradHist2d's layout (Cockpit's code): gradient bins on (-1, 1) by parameter
+# bins on (-2, 2); the monitor's layout and the dashboard's axes.
+HIST_2D_BINS = (40, 50)
+HIST_2D_GRAD_RANGE = (-1.0, 1.0)
+HIST_2D_PARAM_RANGE = (-2.0, 2.0)
+
 # Largest joint table of two entries' bins that `_counts` scatters into.
 PAIR_TABLE_MAX = 1 << 16
 
@@ -400,9 +406,9 @@ def counts_1d_outer(a: Array, b: Array, bins: int = 100,
           .at[bins - 1].add(totals[2]).at[0].add(totals[3]))
 
 
-def counts_2d(g: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
-              grad_range: Tuple[float, float] = (-1.0, 1.0),
-              param_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
+def counts_2d(g: Array, theta: Array, bins: Tuple[int, int] = HIST_2D_BINS,
+              grad_range: Tuple[float, float] = HIST_2D_GRAD_RANGE,
+              param_range: Tuple[float, float] = HIST_2D_PARAM_RANGE) -> Array:
   """``(bins_g, bins_theta)`` float32 counts of ``(g[n, j], theta[j])``; ``g``:
   ``(n,) + theta.shape``; a pair with a NaN is dropped. Exact while a bin holds
   fewer than 2^24 entries (module docstring)."""
@@ -414,9 +420,10 @@ def counts_2d(g: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
                        bg * bt).reshape(bg, bt)
 
 
-def counts_2d_outer(a: Array, b: Array, theta: Array, bins: Tuple[int, int] = (40, 50),
-                    grad_range: Tuple[float, float] = (-1.0, 1.0),
-                    param_range: Tuple[float, float] = (-2.0, 2.0), *,
+def counts_2d_outer(a: Array, b: Array, theta: Array,
+                    bins: Tuple[int, int] = HIST_2D_BINS,
+                    grad_range: Tuple[float, float] = HIST_2D_GRAD_RANGE,
+                    param_range: Tuple[float, float] = HIST_2D_PARAM_RANGE, *,
                     tile: Tuple[int, int] = (2048, 64)) -> Array:
   r"""`counts_2d` of the pairs ``(a[n, i] * b[n, j], theta[i, j])`` without
   forming all products (a Dense kernel ``theta`` and its per-example gradients
@@ -509,9 +516,9 @@ def layer_gradient_histograms(per_example_grads: Any, bins: int = 100,
 
 
 def gradient_parameter_histogram(
-    per_example_grads: Any, params: Any, bins: Tuple[int, int] = (40, 50),
-    grad_range: Tuple[float, float] = (-1.0, 1.0),
-    param_range: Tuple[float, float] = (-2.0, 2.0)) -> Array:
+    per_example_grads: Any, params: Any, bins: Tuple[int, int] = HIST_2D_BINS,
+    grad_range: Tuple[float, float] = HIST_2D_GRAD_RANGE,
+    param_range: Tuple[float, float] = HIST_2D_PARAM_RANGE) -> Array:
   """GradHist2d: ``(bins_g, bins_theta)`` float32 counts of the pairs ``(g_ij, theta_j)``."""
   total = jnp.zeros(bins, jnp.float32)
   for g, p in zip(jax.tree_util.tree_leaves(per_example_grads),

@@ -310,7 +310,7 @@ def monitor(inner: optax.GradientTransformation,
       elif n == "layer_grad_hist_1d":
         out[n] = jax.tree_util.tree_map(lambda _: jnp.zeros((hist_bins,), jnp.float32), params)
       elif n == "grad_hist_2d":
-        out[n] = jnp.zeros((40, 50), jnp.float32)
+        out[n] = jnp.zeros(histograms.HIST_2D_BINS, jnp.float32)
       else:
         out[n] = z
       if n in ("grad_norm", "update_size", "distance", "hess_trace"):
