@@ -430,6 +430,45 @@ def test_dashboard_has_a_panel_for_every_instrument(tmp_path):
   assert "8 of 20" in layers.title
 
 
+def _bits(tree):
+  return [(np.asarray(x).dtype, np.atleast_1d(np.asarray(x)).view(np.uint8).tolist())
+          for x in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("inner", ["sgd_momentum", "adam", "inject_adamw"])
+def test_monitor_step_returns_the_inner_updates_and_state_bitwise(inner):
+  """One jitted monitored step returns exactly (bitwise) the updates and inner
+  state of the bare optimizer's jitted step on the same gradients, state and
+  float32 parameters: tracked every step (no cond), tracked in a cond (full
+  preset, every 2) and untracked; the instruments (and `ordered_after`'s
+  multiplication by one) change nothing."""
+  make = {"sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
+          "adam": lambda: optax.adam(1e-2),
+          "inject_adamw": lambda: optax.inject_hyperparams(optax.adamw)(
+              learning_rate=1e-2, weight_decay=1e-3)}[inner]
+  apply_fn, loss, params, (x, y) = _LinenMLP.problem()
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+  batch = (x.astype(jnp.float32), y)
+  obj = curvax.losses.objective(apply_fn, loss)
+  bare = make()
+  bare_step = jax.jit(bare.update)
+  state, p = bare.init(params), params
+  for _ in range(2):   # moments away from their initial zeros
+    u, state = bare_step(jax.grad(obj)(p, batch), state, p)
+    p = optax.apply_updates(p, u)
+  g = jax.grad(obj)(p, batch)
+  want_u, want_state = bare_step(g, state, p)
+  for preset, every, counts in [("economy", 1, [2]), ("full", 2, [2, 3])]:
+    tx = dg.monitor(make(), apply_fn, loss, preset, every=every)
+    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, batch=batch))
+    for count in counts:
+      mon = tx.init(params)._replace(inner_state=state, count=jnp.asarray(count, jnp.int32))
+      u, new = step(g, mon, p)
+      assert bool(new.tracked) == (count % every == 0)
+      assert _bits(u) == _bits(want_u), (preset, every, count)
+      assert _bits(new.inner_state) == _bits(want_state), (preset, every, count)
+
+
 def test_schedules_and_errors():
   lin = dg.linear_schedule(4, offset=1)
   assert [bool(lin(jnp.asarray(t))) for t in range(10)] == [

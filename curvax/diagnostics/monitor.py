@@ -1,7 +1,7 @@
 r"""An optax wrapper that computes Cockpit's instruments while training.
 
 ``monitor(inner, apply_fn, loss, instruments="economy", every=1)`` behaves like
-``inner`` (its updates are returned unchanged) and, on tracked steps, computes
+``inner`` (its updates are returned unchanged; see "Updates" below) and, on tracked steps, computes
 the chosen instruments at ``theta_t`` on ``batch`` and stores them in its state
 (Dangel, thesis, Ch. 7 and App. C; spec diagnostics.md). Untracked steps take the
 ``lax.cond`` branch that copies the previous values: they cost nothing beyond
@@ -37,6 +37,19 @@ Conventions:
   optimizer), and the caller must apply it (``optax.apply_updates``).
 * Alpha of step ``t`` needs observations at ``theta_{t+1}`` on the next batch, so
   it appears one update later, in ``state.alpha`` with ``state.alpha_step = t``.
+
+Updates: for the same gradients, state and parameters, a jitted monitored step
+returns exactly (bitwise) the updates and inner state of ``inner``'s jitted
+step, tracked or not (tested for SGD with momentum, Adam and
+``inject_hyperparams(adamw)``). A whole monitored run under ``jit`` follows the
+bare optimizer's trajectory to round-off only, not bitwise: compiled together
+with the caller's ``params + updates``, the bare step's update may be fused
+into that sum without being rounded on its own (e.g. a multiply-add), while the
+monitor's update passes `ordered_after` (a multiplication by one that orders it
+after the instruments) and is rounded before it is added. The monitored run is
+the one whose parameters are exactly ``params + returned updates``; the two
+runs drift apart by an ulp here and there (``inject_hyperparams(adamw)`` on an
+MLP: 1 ulp after a step).
 
 Logging contract (for `curvax.problems` or any training loop): after each
 update, ``curvax.diagnostics.record(opt_state)`` finds the monitor's state
@@ -244,7 +257,9 @@ def monitor(inner: optax.GradientTransformation,
   """Wraps ``inner``; computes Cockpit instruments on tracked steps.
 
   Args:
-    inner: the optimizer being monitored; its updates pass through unchanged.
+    inner: the optimizer being monitored; its updates pass through unchanged
+      (bitwise per step; a jitted run equals the bare one's to round-off, see
+      the module docstring).
     apply_fn: ``apply_fn(params, inputs) -> outputs``.
     loss: a `curvax.losses.Loss` or per-example callable.
     instruments: a preset (``"economy"``, ``"business"``, ``"full"``, Cockpit's
