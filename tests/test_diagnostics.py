@@ -484,6 +484,15 @@ def test_schedules_and_errors():
     dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss", "vibes"])
   with pytest.raises(ValueError, match="learning_rate"):
     dg.monitor(optax.sgd(0.1), apply_fn, loss, ["cabs"])
+  # `every` is the linear schedule's interval: it conflicts with any other
+  # schedule (it used to be ignored silently), even every=1 given explicitly
+  for schedule in ("log", dg.log_schedule(), lin):
+    for every in (1, 4):
+      with pytest.raises(ValueError, match="conflicts with `schedule="):
+        dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"], every=every, schedule=schedule)
+    dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"], schedule=schedule)
+  dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"], every=4, schedule="linear")
+  dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"], 4, None)
   tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"])
   with pytest.raises(TypeError, match="batch"):
     tx.update(params, tx.init(params), params)

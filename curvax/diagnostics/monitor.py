@@ -243,7 +243,7 @@ def monitor(inner: optax.GradientTransformation,
             apply_fn: Callable[[Any, Any], Array],
             loss: Any,
             instruments: Union[str, Sequence[str]] = "economy",
-            every: int = 1,
+            every: Optional[int] = None,
             schedule: Union[None, str, Callable[[Array], Array]] = None,
             *,
             curvature: str = "diag_ggn",
@@ -267,10 +267,11 @@ def monitor(inner: optax.GradientTransformation,
       grad_norm, update_size, distance, alpha, norm_test, inner_test, ortho_test,
       grad_hist_1d, layer_grad_hist_1d, grad_hist_2d, mean_gsnr, cabs,
       early_stopping, tic_diag, tic_trace, hess_trace, hess_max_ev``.
-    every: tracking interval of the linear schedule.
+    every: tracking interval of the linear schedule (None: 1, every step).
     schedule: ``"linear"`` (default; every ``every`` steps), ``"log"`` (Cockpit's
       logarithmic schedule, `log_schedule()` defaults) or a callable
-      ``step -> bool`` (e.g. `linear_schedule` / `log_schedule`).
+      ``step -> bool`` (e.g. `linear_schedule` / `log_schedule`); with any but
+      ``"linear"``, ``every`` must be left out (a ValueError otherwise).
     curvature: diagonal curvature standing in for ``diag(H_B)`` in HessTrace and
       TIC: ``"diag_ggn"`` (exact diagonal GGN, ~C extra backward passes) or
       ``"diag_ggn_mc"`` (one Monte-Carlo sample, cheapest). Cockpit's default,
@@ -294,6 +295,11 @@ def monitor(inner: optax.GradientTransformation,
     ``extra_args`` to ``inner``.
   """
   names = _resolve_instruments(instruments)
+  if every is not None and schedule not in (None, "linear"):
+    raise ValueError(f"`every={every!r}` is the interval of the linear schedule; it "
+                     f"conflicts with `schedule={schedule!r}`. Pass one of them (e.g. "
+                     "schedule=linear_schedule(every, offset)).")
+  every = 1 if every is None else every
   track = _resolve_schedule(schedule, every)
   always_tracked = schedule in (None, "linear") and every == 1
   loss = as_loss(loss)
