@@ -6,8 +6,9 @@ run twice under ``jit`` -- once on one CPU device, once with the batch sharded
 along a 4-device mesh and the parameters replicated (or sharded on a 2 x 2
 mesh) -- and the results must agree to float64 round-off. The compiled HLO of
 the sharded program must contain the cross-device reduction (``all-reduce``),
-must not gather the batch (``all-gather``), and must not leave the device
-(no host callbacks, infeed/outfeed, send/recv).
+must not move the batch or activations between devices (``all-gather``,
+``all-to-all``, ``collective-permute``), and must not leave the device (no host
+callbacks, infeed/outfeed, send/recv).
 """
 
 from __future__ import annotations
@@ -56,9 +57,20 @@ def _host_round_trips(hlo: str) -> list:
   return _HOST_OPS.findall(hlo) + _CALLBACK.findall(hlo)
 
 
+# Collectives that move data between devices (the batch, activations): a
+# data-parallel program with replicated parameters needs none of them, only
+# all-reduces of its batch sums.
+_DATA_MOVES = re.compile(r"\b(all-gather|all-to-all|collective-permute)(-start)?\(")
+
+
+def _data_moves(hlo: str) -> list:
+  return [m.group(1) for m in _DATA_MOVES.finditer(hlo)]
+
+
 def _assert_data_parallel(hlo: str):
   assert "all-reduce" in hlo, "no cross-device reduction in the sharded program"
-  assert "all-gather" not in hlo, "the sharded program gathers data across devices"
+  moves = _data_moves(hlo)
+  assert not moves, f"the sharded program moves data across devices: {sorted(set(moves))}"
   assert not _host_round_trips(hlo), _host_round_trips(hlo)
 
 
@@ -198,6 +210,43 @@ def test_linen_fast_path_and_two_axis_mesh_with_sharded_params():
   assert ps["Dense_0"]["kernel"].sharding.spec == P(None, "model")
   got = fn(ps, curvax.sharding.shard_batch(batch, mesh2), model_sharded(v))
   _close(got, expected)
+
+
+class _ConvPool(nn.Module):
+  """PatchConv -> overlapping max_pool (3x3/2, as 3c3d) -> Dense, float64."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jax.nn.relu(curvax.layers.PatchConv(3, (3, 3), param_dtype=jnp.float64)(x))
+    h = curvax.layers.max_pool(h, (3, 3), (2, 2), "SAME")
+    return nn.Dense(3, param_dtype=jnp.float64)(h.reshape(h.shape[0], -1))
+
+
+def test_max_pool_derivatives_stay_on_each_examples_device():
+  """`curvax.layers.max_pool` routes the tangent of overlapping windows in
+  blocks of examples; on a sharded batch (8 examples per device) gradient,
+  GGN- and Hessian-vector products move no activations between devices
+  (contiguous halves of the batch did: all-to-all and collective-permute)."""
+  _, loss, _, _ = _mlp_problem()
+  x = jax.random.normal(jax.random.PRNGKey(4), (N, 8, 8, 2), jnp.float64)
+  batch = (x, jnp.arange(N) % 3)
+  model = _ConvPool()
+  apply_fn, params = curvax.flax_utils.from_linen(model, model.init(jax.random.PRNGKey(5), x))
+  loss_fn = curvax.losses.objective(apply_fn, loss)
+  v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+
+  def quantities(p, b, v):
+    return {"grad": jax.grad(loss_fn)(p, b),
+            "ggn": curvax.curvature.ggn_matvec(apply_fn, loss, p, b)(v),
+            "hessian": curvax.curvature.hessian_matvec(loss_fn, p, b)(v)}
+
+  fn = jax.jit(quantities)
+  expected = fn(_on_one(params), _on_one(batch), _on_one(v))
+  args = (curvax.sharding.replicate(params, MESH), curvax.sharding.shard_batch(batch, MESH),
+          curvax.sharding.replicate(v, MESH))
+  got, hlo = _run_compiled(fn, *args)
+  _close(got, expected)
+  _assert_data_parallel(hlo)
 
 
 # ---------------------------------------------------------------- transforms
