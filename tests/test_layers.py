@@ -193,14 +193,17 @@ def test_max_pool_fn_follows_conv_class():
   np.testing.assert_array_equal(max_pool(xi, (2, 2), (2, 2)), nn.max_pool(xi, (2, 2), (2, 2)))
 
 
+@pytest.mark.parametrize("single_device", [False, True])
 @pytest.mark.parametrize("n", [5, 6])
 @pytest.mark.parametrize("parts", [1, 2, 3])
-def test_max_pool_gradient_columns_in_blocks_of_examples(parts, n, monkeypatch):
-  # Overlapping windows route the tangent in strided blocks of examples (a
+def test_max_pool_gradient_columns_in_blocks_of_examples(parts, n, single_device, monkeypatch):
+  # Overlapping windows route the tangent in blocks of examples (a
   # concatenation in the transpose, for XLA:CPU's fusion); several VJP columns
-  # at once (vmap, as the diagonal GGN back-propagates them); batch 6 in blocks,
-  # batch 5 (not a multiple of 2 or 3) in one piece.
+  # at once (vmap, as the diagonal GGN back-propagates them). Several devices:
+  # strided blocks, batch 6 in blocks, batch 5 (not a multiple of 2 or 3) in
+  # one piece; one device: contiguous blocks of any batch size.
   monkeypatch.setattr(curvax.layers, "TANGENT_PARTS", parts)
+  monkeypatch.setattr(curvax.layers, "_single_device", lambda: single_device)
   x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (n, 9, 9, 2),
                                               jnp.float64)), 1)
   cols = jax.random.normal(jax.random.PRNGKey(1), (4, n, 5, 5, 2), jnp.float64)
