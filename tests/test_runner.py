@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import time
 from typing import NamedTuple
 
 import jax
@@ -521,3 +522,16 @@ def test_registry_probabilistic_preconditioning_restarts_every_epoch_as_the_seed
                           steps_per_epoch=7, restart_every=None)[1] == {"restart_every": None}
   assert optimizers.build("probabilistic_preconditioning", problems.get("quadratic_deep"),
                           steps_per_epoch=7)[1] == {}
+
+
+def test_runs_finishing_in_the_same_second_keep_both_results(tmp_path, monkeypatch):
+  """Result files are named by seed and time to the second: a second run of the
+  same seed and setting within that second gets its own file, not the first's."""
+  monkeypatch.setattr(time, "strftime", lambda *a: "2026-11-27-10-00-00")
+  out = str(tmp_path / "res")
+  kw = dict(epochs=1, out=out, verbose=False, hyperparams={"learning_rate": 0.01},
+            max_steps=2, eval_size=100)
+  paths = [problems.run("quadratic_deep", "sgd", **kw)["path"] for _ in range(3)]
+  assert len(set(paths)) == 3 and all(os.path.exists(p) for p in paths)
+  runs = problems.plot.load_results(out)["quadratic_deep"]
+  assert [len(v) for v in runs.values()] == [3]

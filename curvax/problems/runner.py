@@ -28,6 +28,7 @@ iterations, ...) are recorded at every log step under ``optimizer_state``.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -553,9 +554,17 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
                                           runner_settings(record)))
     os.makedirs(folder, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d-%H-%M-%S")
-    path = os.path.join(folder, f"random_seed__{seed}__{stamp}.json")
-    with open(path, "w") as f:
-      json.dump(record, f, indent=1)
+    # Exclusive creation: two runs of one seed finishing within the same second
+    # (small problems) get distinct files instead of the second overwriting the first.
+    for copy in itertools.count():
+      path = os.path.join(folder, f"random_seed__{seed}__{stamp}{f'-{copy}' if copy else ''}.json")
+      try:
+        f = open(path, "x")
+      except FileExistsError:
+        continue
+      with f:
+        json.dump(record, f, indent=1)
+      break
     record["path"] = path
     say(f"wrote {path}")
   params, model_state, _ = carry
