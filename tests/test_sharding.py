@@ -53,6 +53,17 @@ def _run_compiled(fn, *args):
   return compiled(*args), compiled.as_text()
 
 
+def _sharded_matches_one_device(fn, params, batch, v):
+  """``fn(params, batch, v)`` with replicated params/v and the batch sharded over
+  MESH equals the single-device result; returns (sharded outputs, HLO text)."""
+  expected = fn(_on_one(params), _on_one(batch), _on_one(v))
+  got, hlo = _run_compiled(fn, curvax.sharding.replicate(params, MESH),
+                           curvax.sharding.shard_batch(batch, MESH),
+                           curvax.sharding.replicate(v, MESH))
+  _close(got, expected)
+  return got, hlo
+
+
 def _host_round_trips(hlo: str) -> list:
   return _HOST_OPS.findall(hlo) + _CALLBACK.findall(hlo)
 
@@ -156,11 +167,7 @@ def test_curvature_products_and_statistics_match_single_device():
   apply_fn, loss, params, batch = _mlp_problem()
   v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
   fn = jax.jit(lambda p, b, v: _curvature_quantities(apply_fn, loss, p, b, v))
-  expected = fn(_on_one(params), _on_one(batch), _on_one(v))
-  args = (curvax.sharding.replicate(params, MESH), curvax.sharding.shard_batch(batch, MESH),
-          curvax.sharding.replicate(v, MESH))
-  got, hlo = _run_compiled(fn, *args)
-  _close(got, expected)
+  got, hlo = _sharded_matches_one_device(fn, params, batch, v)
   # Means are replicated on every device; per-example outputs stay split by example.
   assert got["ggn"]["w1"].sharding.is_fully_replicated
   for per_example in (got["stats"].losses, got["stats"].gradient_norms,
@@ -190,12 +197,9 @@ def test_linen_fast_path_and_two_axis_mesh_with_sharded_params():
     return stats, curvax.curvature.ggn_matvec(apply_fn, loss, p, b)(v)
 
   fn = jax.jit(quantities)
-  expected = fn(_on_one(params), _on_one(batch), _on_one(v))
-  args = (curvax.sharding.replicate(params, MESH), curvax.sharding.shard_batch(batch, MESH),
-          curvax.sharding.replicate(v, MESH))
-  got, hlo = _run_compiled(fn, *args)
-  _close(got, expected)
+  _, hlo = _sharded_matches_one_device(fn, params, batch, v)
   _assert_data_parallel(hlo)
+  expected = fn(_on_one(params), _on_one(batch), _on_one(v))
 
   # 2 x 2 mesh: batch over 'data', every even-width layer output dimension over 'model'.
   mesh2 = Mesh(np.asarray(CPUS[:NUM_DEVICES]).reshape(2, 2), ("data", "model"))
@@ -241,11 +245,7 @@ def test_max_pool_derivatives_stay_on_each_examples_device():
             "hessian": curvax.curvature.hessian_matvec(loss_fn, p, b)(v)}
 
   fn = jax.jit(quantities)
-  expected = fn(_on_one(params), _on_one(batch), _on_one(v))
-  args = (curvax.sharding.replicate(params, MESH), curvax.sharding.shard_batch(batch, MESH),
-          curvax.sharding.replicate(v, MESH))
-  got, hlo = _run_compiled(fn, *args)
-  _close(got, expected)
+  _, hlo = _sharded_matches_one_device(fn, params, batch, v)
   _assert_data_parallel(hlo)
 
 
