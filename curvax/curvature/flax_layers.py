@@ -145,7 +145,7 @@ def _merge_copy(graphdef, *states):
   ``copy=True``: the rebuilt model would write its batch statistics and RNG
   counts into the states passed in (the user's model, for ``rest``), and under
   ``jit``/``grad`` such a write from inside the trace raises
-  ``TraceContextError``. Older Flax (0.10), whose ``merge`` has no ``copy``
+  ``TraceContextError``. Older Flax (0.11.0, the lowest supported), whose ``merge`` has no ``copy``
   argument, always builds new variables from immutable ``VariableState`` leaves.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
