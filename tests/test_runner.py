@@ -125,20 +125,23 @@ def test_plot_groups_runs_by_full_setting(tmp_path):
 
 
 def test_runs_of_other_runner_settings_get_their_own_setting_folder(tmp_path):
-  """train_size, eval_size, eval_batch_size and max_steps change what a run trains or
-  reports: runs that differ in them are filed (and plotted) apart, not as seeds."""
+  """train_size, eval_size, eval_batch_size, max_steps, eval_every and time_budget change
+  what a run trains or reports: runs that differ in them are filed (and plotted) apart,
+  not as seeds."""
   out = str(tmp_path / "res")
   kw = dict(epochs=1, out=out, verbose=False, hyperparams={"learning_rate": 0.01})
   base = "num_epochs__1__batch_size__128__learning_rate__0.01"
   for extra, suffix in ((dict(), ""), (dict(train_size=5000, eval_batch_size=128), ""),
                         (dict(train_size=256), "__train_size__256"),
                         (dict(eval_size=100, eval_batch_size=64, max_steps=3),
-                         "__eval_size__100__eval_batch_size__64__max_steps__3")):
+                         "__eval_size__100__eval_batch_size__64__max_steps__3"),
+                        (dict(max_steps=4, eval_every=2), "__max_steps__4__eval_every__2"),
+                        (dict(max_steps=4, time_budget=1e6), "__max_steps__4__time_budget__1000000.0")):
     r = problems.run("quadratic_deep", "sgd", **kw, **extra)
     assert os.path.relpath(os.path.dirname(r["path"]), out) == os.path.join(
         "quadratic_deep", "sgd", base + suffix), extra
   runs = problems.plot.load_results(out)["quadratic_deep"]
-  assert sorted(len(v) for v in runs.values()) == [1, 1, 2]
+  assert sorted(len(v) for v in runs.values()) == [1, 1, 1, 1, 2]
 
 
 def test_plot_one_png_for_several_problems_is_an_error(tmp_path, capsys):

@@ -6,7 +6,8 @@ train(-eval) loss and, for classification problems, test and train accuracy
 the right one against training wall time. One colour per setting (optimizer,
 hyperparameters, batch size, number of epochs and, if set, weight decay: what
 DeepOBS's setting folders separate; and the runner's training subset, evaluation
-subset, eval_batch size and step limit where they are not the defaults, see
+subset, eval_batch size, step limit, evaluation interval and time budget where
+they are not the defaults, see
 `curvax.problems.runner.runner_settings`); the line is the mean over the setting's
 seeds, the band the 25-75% quantiles across seeds (runs that stopped early
 contribute to the points they reached).
@@ -33,8 +34,8 @@ def setting_label(r: dict) -> str:
 
   Runs share a label exactly when they share optimizer name, hyperparameters,
   batch size, number of epochs, weight decay and the runner's non-default
-  ``train_size``, ``eval_size``, ``eval_batch_size`` and ``max_steps``
-  (`curvax.problems.runner.runner_settings`, e.g. ``..., train_size=256``;
+  ``train_size``, ``eval_size``, ``eval_batch_size``, ``max_steps``,
+  ``eval_every`` and ``time_budget`` (`curvax.problems.runner.runner_settings`, e.g. ``..., train_size=256``;
   fields missing from ``r`` are left out), i.e. when they differ only in their
   seed.
   """

@@ -112,9 +112,11 @@ def runner_settings(record: Dict[str, Any]) -> Dict[str, Any]:
   """The runner options of a results record that differ from their defaults.
 
   ``train_size`` (when a strict subset of the training split was used),
-  ``eval_size``, ``eval_batch_size`` (when not the batch size) and
-  ``max_steps``, in that order; records that lack a field (older files) leave
-  it out. The setting folder and `curvax.problems.plot.setting_label` show
+  ``eval_size``, ``eval_batch_size`` (when not the batch size), ``max_steps``,
+  ``eval_every`` and ``time_budget``, in that order; records that lack a field
+  (older files) leave it out. ``eval_every`` places the evaluation points (runs
+  with other points cannot be averaged point by point), ``time_budget`` where
+  training stops. The setting folder and `curvax.problems.plot.setting_label` show
   these next to DeepOBS's settings.
   """
   out = {}
@@ -126,8 +128,9 @@ def runner_settings(record: Dict[str, Any]) -> Dict[str, Any]:
   e, b = record.get("eval_batch_size"), record.get("batch_size")
   if e is not None and b is not None and e != b:
     out["eval_batch_size"] = e
-  if record.get("max_steps") is not None:
-    out["max_steps"] = record["max_steps"]
+  for k in ("max_steps", "eval_every", "time_budget"):
+    if record.get(k) is not None:
+      out[k] = record[k]
   return out
 
 
@@ -173,8 +176,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     out: a folder; the results JSON goes to DeepOBS's layout
       ``out/<problem>/<optimizer>/<setting>/random_seed__<seed>__<time>.json``;
       ``<setting>`` also names ``train_size`` (if a strict subset), ``eval_size``,
-      ``eval_batch_size`` (if not the batch size) and ``max_steps`` when set
-      (`runner_settings`), so that a folder holds only runs that differ in the seed.
+      ``eval_batch_size`` (if not the batch size), ``max_steps``, ``eval_every``
+      and ``time_budget`` when set (`runner_settings`), so that a folder holds only runs that differ in the seed.
     hyperparams: recorded in the JSON (and used to build a named optimizer).
     optimizer_name: recorded name (default: the registered name, else 'custom').
     max_steps: stop after this many steps (smoke runs); a final evaluation follows.
@@ -375,7 +378,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       "minibatch_train_losses": [], "minibatch_steps": [], "optimizer_state": {},
       "eval_steps": [], "eval_epochs": [], "wall_times": [],
       "eval_batch_size": e, "train_size": n, "full_train_size": full_train_size,
-      "eval_size": eval_size, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
+      "eval_size": eval_size, "max_steps": max_steps, "eval_every": eval_every,
+      "time_budget": time_budget, "steps_per_epoch": steps_per_epoch,
       "status": "running", "stop_reason": None,
   }
 
