@@ -338,3 +338,19 @@ def test_vae_evaluation_draws_fresh_latent_noise_per_chunk_and_key(monkeypatch):
   key = jax.random.PRNGKey(3)
   assert test_loss(4, key) == test_loss(4, key)
   assert test_loss(4, key) != pytest.approx(test_loss(4), rel=1e-6)
+
+
+def test_import_curvax_loads_problems_on_first_use():
+  """``import curvax`` stays light (no data loaders, models, matplotlib), yet
+  ``curvax.problems`` works without an explicit import."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys, curvax\n"
+          "assert 'curvax.problems' not in sys.modules\n"
+          "assert 'matplotlib' not in sys.modules\n"
+          "assert curvax.problems.get('quadratic_deep').name == 'quadratic_deep'\n"
+          "assert 'curvax.problems' in sys.modules\n"
+          "try:\n  curvax.no_such_module\nexcept AttributeError as e:\n"
+          "  assert \"no attribute 'no_such_module'\" in str(e)\n"
+          "else:\n  raise SystemExit('no AttributeError')\n")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

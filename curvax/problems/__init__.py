@@ -1,8 +1,8 @@
 """DeepOBS-style benchmark problems, a runner, results and plots.
 
-Import it explicitly (``import curvax.problems``); ``import curvax`` does not
-load it. See `get` for the problems, `run` for the runner, and
-``python -m curvax.problems --help`` for the command line.
+``import curvax`` loads it on first use of ``curvax.problems`` (or import it
+explicitly, ``import curvax.problems``). See `get` for the problems, `run` for
+the runner, and ``python -m curvax.problems --help`` for the command line.
 """
 
 from curvax.problems.data import DataNotFoundError, download
