@@ -172,11 +172,16 @@ def posterior_inverse_matvec(g: Array, directions: Array, residuals: Array,
 
 def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
                      alpha: Array, prior_scale: Array, rank: int) -> Tuple[Array, Array]:
-  r"""Top-``rank`` left singular vectors and values of the posterior mean (L1).
+  r"""Top-``rank`` left singular vectors and values of the posterior mean on span[X, S] (L1).
 
   (L1) asks for an orthonormal basis ``Z`` of span[X, S] (``n x 2M``) and the
   SVD of the small ``K = Z'BZ = (1/alpha) I + w^2 (Z'X)(Z'S)'``; then
-  ``U = Z U_K[:, :k]``. Here ``Z`` is never formed: with ``A = [X S]`` and its
+  ``U = Z U_K[:, :k]``. These are the top singular pairs of ``B`` within the
+  span, not always of the whole ``n x n`` ``B``: outside the span ``B`` is
+  ``(1/alpha) I``, so where ``1/alpha`` exceeds some of the span's singular
+  values, ``B``'s own top ``k`` would include ``1/alpha`` (any direction
+  outside the span) in their place. The preconditioner built from ``U`` is the
+  same either way, since it applies ``alpha`` outside ``U``. Here ``Z`` is never formed: with ``A = [X S]`` and its
   ``2M x 2M`` Gram matrix ``G = A'A`` (columns equilibrated,
   ``G = D Ghat D``, ``Ghat = V diag(mu) V'``), ``Z = A T`` with
   ``T = D^{-1} V diag(mu)^{-1/2}``, so ``Z'X = T' G[:, :M]`` and

@@ -36,9 +36,13 @@ def levenberg_marquardt(damping: Array, rho: Array, *, lower: float = 0.25,
      \end{cases}
 
   clamped to ``[min_damping, max_damping]``. A non-finite ``rho`` (NaN) counts
-  as ``rho < 1/4``: an untrustworthy model raises the damping.
+  as ``rho < 1/4``: an untrustworthy model raises the damping. The result has
+  ``damping``'s floating dtype (an integer ``damping`` becomes the default
+  float, not truncated).
   """
   damping = jnp.asarray(damping)
+  if not jnp.issubdtype(damping.dtype, jnp.floating):
+    damping = damping.astype(jnp.result_type(float))
   bad = (rho < lower) | jnp.isnan(rho)
   new = jnp.where(bad, damping * increase,
                   jnp.where(rho > upper, damping * decrease, damping))
