@@ -240,3 +240,160 @@ def test_cg_bad_arguments():
     solvers.cg(lambda v: v, jnp.ones(2), nonpositive_curvature="flip")
   with pytest.raises(ValueError, match="x0"):
     solvers.cg(lambda v: v, jnp.ones(2), jnp.ones(3))
+
+
+@pytest.mark.parametrize("variant", ["stop", "abs"])
+def test_zero_curvature_always_stops(variant):
+  # A = diag(1, 0), b = e_2: p_0 = b and p_0'Ap_0 = 0 exactly. No step (it would
+  # be infinite): x_0 is returned with the curvature status, in both variants.
+  res = solvers.cg(lambda v: jnp.array([1.0, 0.0]) * v, jnp.array([0.0, 1.0]),
+                   nonpositive_curvature=variant)
+  assert int(res.status) == CGStatus.NONPOSITIVE_CURVATURE
+  assert int(res.iterations) == 0
+  np.testing.assert_array_equal(res.x, [0.0, 0.0])
+  np.testing.assert_allclose(res.residual_norm, 1.0)
+
+
+def test_failed_iteration_leaves_no_trace():
+  # The hand case of test_nonpositive_curvature_hand_case: iteration 2 (a grid
+  # point) meets p'Ap = -72 and is not taken. Only x_1 is stored, phi_history
+  # is NaN beyond iteration 1, and phi / the residual are those of x_1.
+  a = jnp.array([2.0, -1.0])
+  res = jax.jit(lambda b: solvers.cg(lambda v: a * v, b))(jnp.ones(2))
+  assert int(res.status) == CGStatus.NONPOSITIVE_CURVATURE and int(res.iterations) == 1
+  x1 = np.array([2.0, 2.0])
+  phi1 = 0.5 * x1 @ (np.asarray(a) * x1) - x1.sum()                     # = -2
+  assert int(res.num_iterates) == 1
+  np.testing.assert_array_equal(res.iterate_steps, [1] + [-1] * (len(res.iterate_steps) - 1))
+  np.testing.assert_allclose(res.iterates[0], x1)
+  np.testing.assert_allclose(res.iterate_phis[0], phi1)
+  np.testing.assert_allclose(res.phi, phi1)
+  np.testing.assert_allclose(res.phi_history[:2], [0.0, phi1])
+  assert np.all(np.isnan(np.asarray(res.phi_history[2:])))
+  np.testing.assert_allclose(res.residual_norm, np.linalg.norm(1.0 - np.asarray(a) * x1))
+
+
+def test_nonfinite_preconditioned_residual_keeps_the_last_finite_iterate():
+  # p'Ap is finite but M^{-1} r_1 is NaN: the step to x_1 is not taken. A =
+  # diag(1, 2), b = (1, 1): alpha_0 = 2/3, r_1 = (1/3, -1/3), where this
+  # preconditioner returns NaN (|r[0]| < 0.9).
+  d = jnp.array([1.0, 2.0])
+  precond = lambda r: jnp.where(jnp.abs(r[0]) < 0.9, jnp.nan, 1.0) * r  # noqa: E731
+  res = solvers.cg(lambda v: d * v, jnp.ones(2), preconditioner=precond)
+  assert int(res.status) == CGStatus.NONFINITE
+  assert int(res.iterations) == 0
+  np.testing.assert_array_equal(res.x, [0.0, 0.0])
+  np.testing.assert_allclose(res.phi, 0.0)
+  assert np.all(np.isnan(np.asarray(res.phi_history[1:])))
+  # residual_norm is ||b - A x|| of the returned x, not of the rejected step.
+  np.testing.assert_allclose(res.residual_norm, np.sqrt(2.0))
+  assert int(res.num_iterates) == 1 and int(res.iterate_steps[0]) == 0
+
+
+def test_zero_iterations_return_the_warm_start():
+  a, b = _spd(5, 6)
+  x0 = np.random.default_rng(7).normal(size=5)
+  res = solvers.cg(lambda v: a @ v, b, jnp.asarray(x0), max_iter=0)
+  assert int(res.status) == CGStatus.MAX_ITER and int(res.iterations) == 0
+  np.testing.assert_allclose(res.x, x0, rtol=1e-15)
+  np.testing.assert_allclose(res.phi, 0.5 * x0 @ a @ x0 - b @ x0, rtol=1e-12)
+  assert res.phi_history.shape == (1,)
+  np.testing.assert_allclose(res.residual_norm, np.linalg.norm(b - a @ x0), rtol=1e-12)
+  assert int(res.num_iterates) == 1 and int(res.iterate_steps[0]) == 0
+
+
+def test_cg_defaults_follow_martens():
+  # max_iter = 250 (Martens 2010): without the other criteria CG runs exactly
+  # 250 iterations and keeps the spec's grid ceil(1.3^j) plus the final one.
+  n = 300
+  d = np.logspace(0, 3, n)
+  b = np.random.default_rng(0).normal(size=n)
+  res = solvers.cg(lambda v: d * v, b, tol=0.0, martens_criterion=False)
+  assert int(res.status) == CGStatus.MAX_ITER and int(res.iterations) == 250
+  assert res.phi_history.shape == (251,)
+  num = int(res.num_iterates)
+  np.testing.assert_array_equal(
+      res.iterate_steps[:num], [1, 2, 3, 4, 5, 7, 9, 11, 14, 18, 24, 31, 40, 52, 67, 87, 113,
+                                147, 191, 248, 250])
+
+
+def test_cg_default_residual_tolerance():
+  # tol = 1e-5 by default: CG stops at the first i with ||r_i|| <= 1e-5 ||b||,
+  # found here from textbook CG (the crossing has a wide margin: 3e-5 -> 5e-6).
+  n = 40
+  d = np.logspace(0, 2, n)
+  b = np.random.default_rng(0).normal(size=n)
+  xs, _ = _numpy_cg(np.diag(d), b, np.zeros(n), n)
+  rel = np.array([np.linalg.norm(b - d * x) for x in xs]) / np.linalg.norm(b)
+  expected = int(np.argmax(rel <= 1e-5))
+  assert expected > 0 and rel[expected - 1] > 2e-5 and rel[expected] < 0.6e-5
+  res = solvers.cg(lambda v: d * v, b, martens_criterion=False)
+  assert int(res.status) == CGStatus.RESIDUAL
+  assert int(res.iterations) == expected
+
+
+def test_martens_window_needs_more_than_k_iterations():
+  # A warm start at the solution's quadratic-model value: phi barely moves, so
+  # the relative progress over any window is ~0. Still, the test needs i > k =
+  # 10 (phi_{i-k} with i - k >= 1): it fires at i = 11, not at i = 10 (where
+  # the window would reach back to phi_0).
+  n = 50
+  d = 1.0 + 1e-9 * np.arange(n)
+  x0 = 1.0 / d + 1e-3 * np.random.default_rng(2).normal(size=n)
+  full = solvers.cg(lambda v: d * v, np.ones(n), jnp.asarray(x0), max_iter=15, tol=0.0,
+                    martens_criterion=False)
+  assert int(full.iterations) == 15
+  phis = np.asarray(full.phi_history)
+  assert np.all(phis < 0) and abs((phis[10] - phis[0]) / phis[10]) < 10 * 5e-4
+  res = solvers.cg(lambda v: d * v, np.ones(n), jnp.asarray(x0), max_iter=15, tol=0.0)
+  assert int(res.status) == CGStatus.MARTENS
+  assert int(res.iterations) == 11
+
+
+def test_martens_criterion_needs_negative_phi():
+  # b = 0: phi(x) = x'Ax / 2 > 0 at every iterate, shrinking by less than
+  # k * eps per window. Martens' test requires phi_i < 0, so it never fires.
+  n = 50
+  d = np.logspace(0, 3, n)
+  x0 = 1e-3 * np.ones(n)
+  res = solvers.cg(lambda v: d * v, np.zeros(n), jnp.asarray(x0), max_iter=30, tol=0.0)
+  phis = np.asarray(res.phi_history)
+  assert np.all(phis > 0) and phis[0] - phis[30] < 5e-3
+  assert int(res.status) == CGStatus.MAX_ITER and int(res.iterations) == 30
+
+
+def test_iterate_grid_is_exact_near_integers():
+  # gamma = sqrt(2): gamma^(2j) = 2^j exactly in real arithmetic, but
+  # 1.4142135623730951 ** 2 = 2.0000000000000004 in floats; ceil must give 2,
+  # 4, 8, ... The exact grid is ceil(sqrt(2^j)) = isqrt(2^j - 1) + 1.
+  exact = sorted({math.isqrt(2 ** j - 1) + 1 for j in range(40)
+                  if math.isqrt(2 ** j - 1) + 1 <= 100})
+  assert solvers.iterate_grid(100, math.sqrt(2.0)) == tuple(exact)
+  assert exact[:6] == [1, 2, 3, 4, 6, 8]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_iter=-1), "max_iter"), (dict(max_iter=2.5), "max_iter"),
+    (dict(gamma=1.0), "gamma"), (dict(gamma=0.5), "gamma"),
+])
+def test_cg_rejects_bad_sizes(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    solvers.cg(lambda v: v, jnp.ones(2), **kwargs)
+
+
+@pytest.mark.parametrize("eps", [1e-4, 2e-5])
+def test_martens_window_grows_past_100_iterations(eps):
+  # Beyond i = 100 the window is k = ceil(0.1 i) > 10; these eps make CG stop
+  # there at an i that is not a multiple of 10 (where the rounding matters).
+  n = 300
+  d = np.logspace(-3, 1, n)
+  b = np.random.default_rng(1).normal(size=n)
+  full = solvers.cg(lambda v: d * v, b, max_iter=250, tol=0.0, martens_criterion=False)
+  phis = np.asarray(full.phi_history)
+  expected = next(i for i in range(1, 251)
+                  if i > (k := max(10, math.ceil(0.1 * i))) and phis[i] < 0
+                  and (phis[i] - phis[i - k]) / phis[i] < k * eps)
+  assert 100 < expected < 250 and expected % 10 != 0
+  res = solvers.cg(lambda v: d * v, b, max_iter=250, tol=0.0, martens_eps=eps)
+  assert int(res.status) == CGStatus.MARTENS
+  assert int(res.iterations) == expected

@@ -10,8 +10,8 @@ import pytest
 from curvax import solvers
 
 
-def _expected_armijo(f, f0, slope, c=0.01, beta=0.8, max_red=20):
-  alpha = 1.0
+def _expected_armijo(f, f0, slope, c=0.01, beta=0.8, max_red=20, alpha0=1.0):
+  alpha = alpha0
   for n in range(max_red + 1):
     if f(alpha) <= f0 + c * alpha * slope:
       return alpha, n
@@ -60,6 +60,81 @@ def test_armijo_uses_initial_value():
   res = solvers.armijo(f, 1.0, -2.0, initial_value=5.0)
   np.testing.assert_allclose(res.step_size, 0.8)
   assert int(res.num_reductions) == 1
+
+
+def test_armijo_accepts_equality():
+  # The search continues while f(alpha) > f(0) + c alpha f'(0): equality is
+  # accepted. f is the Armijo bound itself, computed in the same order.
+  res = solvers.armijo(lambda a: 1.0 + 0.01 * a * -2.0, 1.0, -2.0)
+  assert bool(res.accepted) and float(res.step_size) == 1.0
+  assert int(res.num_reductions) == 0
+
+
+def test_armijo_rejects_minus_inf():
+  # -inf satisfies the inequality but is not finite: never accepted; the first
+  # alpha <= 0.5 (0.8^4, finite) is.
+  f = lambda a: jnp.where(a > 0.5, -jnp.inf, (a - 1.0) ** 2)  # noqa: E731
+  res = solvers.armijo(f, 1.0, -2.0)
+  np.testing.assert_allclose(res.step_size, 0.8 ** 4)
+  np.testing.assert_allclose(res.loss, (0.8 ** 4 - 1.0) ** 2)
+  assert int(res.num_reductions) == 4 and bool(res.accepted)
+
+
+@pytest.mark.parametrize("initial_step", [0.5, 4.0])
+def test_armijo_starts_at_initial_step(initial_step):
+  f = lambda a: (a - 1.0) ** 2  # noqa: E731
+  res = jax.jit(lambda: solvers.armijo(f, 1.0, -2.0, initial_step=initial_step))()
+  alpha, n = _expected_armijo(f, 1.0, -2.0, alpha0=initial_step)
+  assert n == (0 if initial_step == 0.5 else 4)   # 4 * 0.8^4 = 1.6384: first accepted
+  np.testing.assert_allclose(res.step_size, alpha, rtol=1e-12)
+  assert int(res.num_reductions) == n
+
+
+def _counting(losses):
+  """fn(x) = losses[x] that also counts its executions (not its traces)."""
+  calls = []
+
+  def fn(x):
+    jax.debug.callback(lambda: calls.append(1))
+    return losses[x.astype(int)]
+  return fn, calls
+
+
+@pytest.mark.parametrize("losses,num,last_loss,index,evaluations", [
+    ([1.0, 2.0, 3.0], 3, None, 0, 3),        # all the way back: slot 0 once, nothing before it
+    ([3.0, 1.0, 2.0], 3, None, 1, 3),        # visits 2, 1 and looks at 0
+    ([1.0, 2.0, 3.0], 1, None, 0, 1),        # a single iterate: one evaluation
+    ([1.0, 2.0, 3.0], 3, 3.0, 0, 2),         # known last loss: slots 1 and 0 only
+    ([5.0, 1.0, 2.0, 4.0], 4, None, 1, 4),
+])
+def test_cg_backtracking_counts_its_evaluations(losses, num, last_loss, index, evaluations):
+  """Only the visited iterates and one more are evaluated, each once, and
+  num_evaluations says how many (counted here by a host callback)."""
+  fn, calls = _counting(jnp.asarray(losses))
+  res = solvers.cg_backtracking(
+      fn, jnp.arange(len(losses), dtype=jnp.float64), num,
+      last_loss=None if last_loss is None else jnp.asarray(last_loss))
+  jax.effects_barrier()
+  assert int(res.index) == index
+  assert len(calls) == evaluations
+  assert int(res.num_evaluations) == evaluations
+
+
+def test_cg_backtracking_stops_at_ties():
+  # fn(iterate_{j-1}) < fn(iterate_j) is strict: an equal loss does not step back.
+  losses = jnp.array([1.0, 2.0, 2.0])
+  fn = lambda x: losses[x.astype(int)]  # noqa: E731
+  res = solvers.cg_backtracking(fn, jnp.arange(3.0), 3)
+  assert int(res.index) == 2 and float(res.loss) == 2.0
+
+
+def test_cg_backtracking_nonfinite_known_last_loss():
+  # A NaN last_loss counts as +inf: step back from it like from a NaN fn value.
+  losses = jnp.array([3.0, 1.0, 2.0])
+  fn = lambda x: losses[x.astype(int)]  # noqa: E731
+  res = solvers.cg_backtracking(fn, jnp.arange(3.0), 3, last_loss=jnp.asarray(jnp.nan))
+  assert int(res.index) == 1 and float(res.loss) == 1.0
+  assert float(res.last_loss) == np.inf
 
 
 def test_cg_backtracking_picks_first_non_improving():

@@ -76,10 +76,14 @@ def test_bce_and_mse_values_match_closed_forms():
                              0.5 * jnp.sum((outputs - targets) ** 2, -1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("wrap", [False, True], ids=["closed-form", "autodiff"])
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_sampled_sqrt_is_unbiased(name):
-  """E[S~ S~'] = H: every entry within 5 of its own estimated standard errors."""
+def test_sampled_sqrt_is_unbiased(name, wrap):
+  """E[S~ S~'] = H: every entry within 5 of its own estimated standard errors,
+  for the closed forms and for the autodiff fallback of a plain callable."""
   loss = LOSSES[name]
+  if wrap:
+    loss = curvax.losses.as_loss(lambda o, t, loss=loss: loss(o, t))
   outputs, targets = _data(name)
   m = 20_000
   s = jax.jit(loss.sqrt_hessian_sampled, static_argnums=3)(
@@ -253,3 +257,44 @@ def test_softmax_out_of_range_labels_give_nan(bad, jit):
   np.testing.assert_allclose(results["value"][good], loss(outputs, ok)[good], rtol=1e-14)
   np.testing.assert_allclose(results["grad"][good], loss.grad(outputs, ok)[good], rtol=1e-14)
   np.testing.assert_allclose(results["hvp"][good], loss.hvp(outputs, ok, u)[good], rtol=1e-14)
+
+
+@pytest.mark.parametrize("mass", [0.3, 2.5])
+def test_softmax_unnormalised_soft_targets(mass):
+  """Soft targets with mass t = sum_c y_c != 1: gradient t p - y, Hessian
+  t (diag p - p p'), all against autodiff of the value -sum_c y_c log p_c."""
+  loss = curvax.losses.softmax_cross_entropy
+  outputs, targets = _data("softmax_cross_entropy", soft=True)
+  targets = mass * targets
+  logp = jax.nn.log_softmax(outputs)
+  np.testing.assert_allclose(loss(outputs, targets), -jnp.sum(targets * logp, -1), rtol=1e-12)
+  auto_grad = jax.vmap(jax.grad(lambda o, t: loss(o[None], t[None])[0]))(outputs, targets)
+  np.testing.assert_allclose(loss.grad(outputs, targets), auto_grad, rtol=1e-10, atol=1e-12)
+  h = explicit_output_hessians(loss, outputs, targets)
+  p = jax.nn.softmax(outputs)
+  np.testing.assert_allclose(h, mass * (jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]),
+                             rtol=1e-10, atol=1e-12)
+  u = jax.random.normal(jax.random.PRNGKey(3), (N, C))
+  np.testing.assert_allclose(loss.hvp(outputs, targets, u), jnp.einsum("ncd,nd->nc", h, u),
+                             rtol=1e-10, atol=1e-12)
+  s = loss.sqrt_hessian(outputs, targets)
+  np.testing.assert_allclose(jnp.einsum("nck,ndk->ncd", s, s), h, rtol=1e-10, atol=1e-12)
+  # The sampled root draws c ~ Cat(p), independent of y: with the same key it
+  # is sqrt(t) times the root for the normalised targets.
+  key = jax.random.PRNGKey(2)
+  np.testing.assert_allclose(loss.sqrt_hessian_sampled(key, outputs, targets, 3),
+                             np.sqrt(mass) * loss.sqrt_hessian_sampled(
+                                 key, outputs, targets / mass, 3), rtol=1e-12)
+
+
+def test_plain_callable_must_return_per_example_values():
+  # Per-output values (not summed over the outputs) or a batch total.
+  per_output = curvax.losses.as_loss(lambda o, t: (o - t) ** 2)
+  total = curvax.losses.as_loss(lambda o, t: jnp.sum((o - t) ** 2))
+  outputs, targets = _data("mean_squared_error")
+  for loss in (per_output, total):
+    with pytest.raises(ValueError, match="per-example values of shape"):
+      loss(outputs, targets)
+  for method in ("grad", "sqrt_hessian"):
+    with pytest.raises(ValueError, match="per-example values of shape"):
+      getattr(per_output, method)(outputs, targets)

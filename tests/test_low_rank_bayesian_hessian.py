@@ -94,6 +94,35 @@ def test_low_rank_factors_are_top_singular_pairs(n, rank, alpha):
   np.testing.assert_allclose(u.T @ u, uu[:, :k] @ uu[:, :k].T, atol=1e-8)
 
 
+@pytest.mark.parametrize("alpha", [0.7, 0.1])
+def test_low_rank_factors_with_one_direction_outside_the_span(alpha):
+  """n = 7 with 3 of 4 rows observed: [X S] has rank 6 and two empty slots, but
+  only one direction of R^7 lies outside its span, where B = 1/alpha (with
+  alpha = 0.1 the largest singular value). All 7 singular values of B come out,
+  1/alpha exactly once; its row of U is zero (that direction stays
+  unpreconditioned, where the prior is exact), the others are orthonormal, and
+  the inverse-form step is the dense rank-7 estimate's inverse."""
+  n = 7
+  s, d, _, w, lam, m = _setup(n=n, m=3)
+  c = bh.posterior_coefficients(s, w, lam, m)
+  u, sigma = bh.low_rank_factors(s, d, c, alpha, w, n)
+  b = _dense_b(s, d, alpha, w, lam, m)
+  uu, ss, _ = np.linalg.svd(b)
+  assert u.shape == (n, n)
+  np.testing.assert_allclose(sigma, ss, rtol=1e-9)
+  assert np.sum(np.isclose(ss, 1.0 / alpha, rtol=1e-9)) == 1
+  norms = np.linalg.norm(u, axis=1)
+  zero = norms < 1e-12
+  assert np.sum(zero) == 1
+  np.testing.assert_allclose(sigma[zero], 1.0 / alpha, rtol=1e-9)
+  nz = np.asarray(u)[~zero]
+  np.testing.assert_allclose(nz @ nz.T, np.eye(n - 1), atol=1e-10)
+  g = np.random.default_rng(6).normal(size=n)
+  got = bh.low_rank_precondition(g, u, bh.preconditioner_scales(sigma, alpha, "inverse"))
+  est = uu @ np.diag(ss) @ uu.T
+  np.testing.assert_allclose(alpha * got, np.linalg.solve(est, g), rtol=1e-8, atol=1e-12)
+
+
 def test_low_rank_factors_float32_and_nearly_dependent_observations():
   """Float32 (the Gram-matrix route loses half the digits of a QR) on a larger
   block, with one direction almost repeating another: the top pairs still match
@@ -170,6 +199,10 @@ def test_low_rank_coefficients_are_non_finite_exactly_when_the_gradient_is(dtype
 def test_preconditioner_scales_degenerate_and_bad_form():
   c = bh.preconditioner_scales(np.array([2.0, 0.0, np.nan]), 0.5, "inverse")
   np.testing.assert_allclose(c, [1.0, 1.0, 1.0])
+  # Negative or infinite sigma is degenerate too (no negative or zero scale).
+  for form in ("inverse", "seed"):
+    c = bh.preconditioner_scales(np.array([-2.0, np.inf, -np.inf, 0.25]), 0.5, form)
+    np.testing.assert_allclose(c, [1.0, 1.0, 1.0, 8.0 if form == "inverse" else 2.0])
   np.testing.assert_allclose(bh.preconditioner_scales(np.array([4.0]), 0.5, "seed"), [0.5])
   with pytest.raises(ValueError, match="form"):
     bh.preconditioner_scales(np.array([1.0]), 1.0, "bogus")
@@ -194,3 +227,39 @@ def test_block_products_match_numpy(n, row_dots, monkeypatch):
   assert bh._row_dots(list(a), []).shape == (0,)
   empty, = bh._products([a[:0]], [(0, 0)])
   assert empty.shape == (0, 0)
+
+
+def test_observation_mask_and_empty_rows():
+  """A zero row is no observation, wherever it sits and whether or not
+  num_observed is given: the posterior equals the dense one of the non-zero
+  rows alone."""
+  s, d, alpha, w, lam, _ = _setup(n=9, m_buf=4, m=4)
+  s[1] = 0.0                                           # an empty observation inside
+  d[1] = 0.0
+  np.testing.assert_array_equal(bh.observation_mask(s), [True, False, True, True])
+  np.testing.assert_array_equal(bh.observation_mask(s, 3), [True, False, True, False])
+  np.testing.assert_array_equal(bh.observation_mask(s, 0), [False] * 4)
+  keep = [0, 2, 3]
+  b = _dense_b(s[keep], d[keep], alpha, w, lam, 3)
+  g = np.random.default_rng(5).normal(size=9)
+  for num in (None, 4):
+    c = bh.posterior_coefficients(s, w, lam, num)
+    np.testing.assert_allclose(bh.posterior_matvec(g, s, d, c, alpha, w), b @ g, rtol=1e-10)
+    np.testing.assert_allclose(bh.posterior_inverse_matvec(g, s, d, c, alpha, w),
+                               np.linalg.solve(b, g), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dependence", [1e-3, 1e-4])
+def test_low_rank_rows_are_orthonormal_to_float32_rounding(dependence):
+  """The rows built from the Gram matrices lose orthonormality with nearly
+  dependent observations (float32: errors ~1e-5); the final symmetric
+  re-orthonormalisation brings them back to a few float32 eps."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  s, d, alpha, w, lam, m = _setup(n=200, m_buf=5, m=5, seed=4)
+  s[4] = s[3] + dependence * s[0]
+  s[4] /= np.linalg.norm(s[4])
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  c32 = bh.posterior_coefficients(f32(s), f32(w), f32(lam), m)
+  u32, _ = bh.low_rank_factors(f32(s), f32(d), c32, f32(alpha), f32(w), 3)
+  u = np.asarray(u32, np.float64)
+  np.testing.assert_allclose(u @ u.T, np.eye(3), atol=16 * np.finfo(np.float32).eps)
