@@ -48,3 +48,75 @@ def test_tree_all_finite_no_overflow_false_alarm(dtype):
   assert bool(jax.jit(_checks.tree_all_finite)(huge))
   assert not bool(jax.jit(_checks.tree_all_finite)(
       {**huge, "a": huge["a"].at[0].set(-np.inf)}))
+
+
+# ---------------------------------------------------------------------------
+# The trace-time checks: each bad input raises the documented error type with
+# a message naming the problem; good input passes through unchanged.
+
+_X, _Y = np.zeros((3, 2)), np.zeros((3,))
+
+
+@pytest.mark.parametrize("batch, error, match", [
+    (None, TypeError, "`batch` is required"),
+    ({"x": _X, "y": _Y}, TypeError, "pair .* got dict"),
+    ((_X,), TypeError, "of length 1"),
+    ((_X, _Y, _Y), TypeError, "of length 3"),
+    ((_X, _Y[:2]), ValueError, "3 inputs and 2 targets"),
+    ((_X[:0], _Y[:0]), ValueError, "empty"),
+    (({}, _Y), TypeError, "batch\\[0\\] \\(inputs\\) holds no arrays"),
+    ((np.float32(1.0), _Y), ValueError, "batch\\[0\\] .*leading batch axis; got a scalar"),
+    (({"a": _X, "b": np.zeros((4, 1))}, _Y), ValueError, "disagree on the batch size: \\[3, 4\\]"),
+])
+def test_check_batch_rejects(batch, error, match):
+  with pytest.raises(error, match=match):
+    _checks.check_batch(batch)
+
+
+def test_check_batch_accepts_pairs_and_pytree_inputs():
+  inputs = {"a": _X, "b": np.zeros((3, 5, 1))}
+  for batch in [(_X, _Y), [_X, _Y], (inputs, _Y)]:
+    x, y = _checks.check_batch(batch, "eval_batch")
+    assert x is batch[0] and y is batch[1]
+    assert _checks.batch_size(batch) == 3
+  with pytest.raises(ValueError, match="`eval_batch`"):
+    _checks.check_batch((_X, _Y[:1]), "eval_batch")
+
+
+def test_check_tree_like():
+  ref = {"w": np.zeros((2, 3)), "b": np.zeros(3)}
+  _checks.check_tree_like({"w": np.ones((2, 3)), "b": np.ones(3)}, ref)
+  with pytest.raises(ValueError, match="`v` must be a pytree shaped like `params`"):
+    _checks.check_tree_like({"w": np.ones((2, 3))}, ref, "v")
+  with pytest.raises(ValueError, match="at \\['w'\\] got shape \\(3, 2\\), expected \\(2, 3\\)"):
+    _checks.check_tree_like({"w": np.ones((3, 2)), "b": np.ones(3)}, ref)
+
+
+def test_require_kwarg_and_callable():
+  assert _checks.require_kwarg(0, "batch", "t") == 0   # falsy but given
+  with pytest.raises(TypeError, match="t.update needs the keyword argument `batch`"):
+    _checks.require_kwarg(None, "batch", "t")
+  assert _checks.require_callable(len, "f", "t", ()) is len
+  with pytest.raises(TypeError, match="`f` must be a function.*static_args=\\('f',\\)"):
+    _checks.require_callable(0.5, "f", "t", ("f",))
+
+
+def test_static_int():
+  assert _checks.static_int(3, "n", "t", 3, ()) == 3
+  assert _checks.static_int(np.int64(4), "n", "t", 0, ()) == 4
+  assert _checks.static_int(5.0, "n", "t", 0, ()) == 5
+  for bad in (True, 2.5, "3", None):
+    with pytest.raises(TypeError, match="`n` must be an int"):
+      _checks.static_int(bad, "n", "t", 0, ())
+  with pytest.raises(ValueError, match="`n` must be >= 3; got 2"):
+    _checks.static_int(2, "n", "t", 3, ())
+  with pytest.raises(TypeError, match="static Python int"):
+    jax.jit(lambda v: _checks.static_int(v, "n", "t", 0, ("n",)))(3)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, None])
+def test_tree_all_finite_checks_complex_leaves(bad):
+  z = jnp.asarray([1.0 + 2.0j, 3.0j], jnp.complex64)
+  if bad is not None:
+    z = z.at[1].set(complex(0.0, bad))
+  assert bool(jax.jit(_checks.tree_all_finite)({"z": z, "r": jnp.ones(2)})) == (bad is None)

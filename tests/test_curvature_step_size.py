@@ -365,3 +365,212 @@ def test_clear_errors():
                         num_estimates=5)
   with pytest.raises(ValueError, match="clip"):
     curvature_step_size(optax.sgd(0.1), linear_apply, MSE, clip=(1.0, 0.5))
+
+
+# ---------------------------------------------------------------------------
+# Schedules, safeguards and state fields on the dictated problem above (the
+# estimate a offered at a step is alpha*_abs = a, whatever eta_t is; the update
+# applied is -lr whenever eta_t != 0).
+
+
+def _dictated_run(targets, learning_rate=0.5, **kwargs):
+  """Applied learning rates and the states (init first) on dictated estimates."""
+  tx = curvature_step_size(optax.sgd(learning_rate), scalar_apply, MSE,
+                           learning_rate=learning_rate, **kwargs)
+  params, u = {"w": jnp.zeros((1, 1))}, {"w": jnp.ones((1, 1))}
+  batch = (jnp.ones((1, 1)), jnp.zeros((1, 1)))
+  step = jax.jit(lambda s, eb: tx.update(u, s, params, batch=batch, eval_batch=eb))
+  state = tx.init(params)
+  lrs, states = [], [state]
+  for a in targets:
+    x, c = (0.0, 0.0) if a is UNDEF else (1.0, -a)
+    upd, state = step(state, (jnp.full((1, 1), x), jnp.full((1, 1), c)))
+    lrs.append(float(-upd["w"][0, 0]))
+    states.append(state)
+  return np.asarray(lrs), states
+
+
+def _decay(t):
+  return 0.5 / (1.0 + t)
+
+
+def test_every_step_with_schedule_uses_eta_t_and_holds_the_last_warmup_rate():
+  # Warm-up runs eta_t; an undefined first estimate keeps the last warm-up
+  # learning rate eta_1 (not eta_0); relative alpha is alpha_abs / eta_t.
+  lrs, states = _dictated_run([_W, _W, UNDEF, 0.3, -0.4, 0.7], _decay, warmup_steps=2,
+                              clip=(0.0, 2.0))
+  np.testing.assert_allclose(lrs, [0.5, 0.25, 0.25, 0.3, 0.3, 0.7], rtol=1e-12)
+  for t in (3, 5):
+    s = states[t + 1]
+    np.testing.assert_allclose(s.alpha * _decay(t), s.alpha_absolute, rtol=1e-12)
+    np.testing.assert_allclose(s.alpha, lrs[t] / _decay(t), rtol=1e-12)
+    np.testing.assert_allclose(s.scale, lrs[t] / _decay(t), rtol=1e-12)
+    np.testing.assert_allclose(s.learning_rate, lrs[t], rtol=1e-12)
+  # Without warm-up the fallback of the first step is eta_0 (the inner step unchanged).
+  lrs, states = _dictated_run([UNDEF, 0.3], _decay)
+  np.testing.assert_allclose(states[0].learning_rate, 0.5, rtol=1e-12)
+  np.testing.assert_allclose(states[0].held_learning_rate, 0.5, rtol=1e-12)
+  np.testing.assert_allclose(lrs, [0.5, 0.3], rtol=1e-12)
+  np.testing.assert_allclose(states[1].scale, 1.0, rtol=1e-12)
+
+
+def test_interval_with_schedule_holds_last_warmup_rate_unclipped():
+  # warm-up t0, t1 follow eta_t; the first window (t2, t3) runs the last warm-up
+  # learning rate 0.25 although clip caps derived rates at 0.15; then the median
+  # of 0.3 and 0.1, clipped.
+  lrs, states = _dictated_run([_W, _W, 0.3, 0.1, _W, 0.2], _decay, mode="interval",
+                              warmup_steps=2, interval=3, num_estimates=2, clip=(0.0, 0.15))
+  np.testing.assert_allclose(lrs, [0.5, 0.25, 0.25, 0.25, 0.15, 0.15], rtol=1e-12)
+  np.testing.assert_allclose([s.learning_rate for s in states[1:]], lrs, rtol=1e-12)
+  np.testing.assert_allclose([s.held_learning_rate for s in states[1:]],
+                             [0.5, 0.25, 0.25, 0.15, 0.15, 0.15], rtol=1e-12)
+
+
+def test_zero_estimate_is_neither_applied_nor_counted_negative():
+  # a = 0: the eval gradient is zero, so d'g = 0 and alpha* = 0 (defined).
+  lrs, states = _dictated_run([0.3, 0.0, UNDEF])
+  np.testing.assert_allclose(lrs, [0.3, 0.3, 0.3], rtol=1e-12)
+  assert float(states[2].alpha) == 0.0 and float(states[2].denominator) > 0
+  s = states[-1]
+  assert (int(s.num_computed), int(s.num_negative), int(s.num_undefined)) == (3, 0, 1)
+  # interval, positive_only: 0 is not a usable estimate -> median(0.2, 0.4, 0.3).
+  records, _, _ = _run_schedule([_W, _W, 0.0, 0.2, 0.4, 0.3, _W])
+  np.testing.assert_allclose(records[-1][0], 0.3, rtol=1e-12)
+
+
+def test_infinite_estimate_is_never_applied_nor_enters_the_median():
+  # a = 1e308: alpha* = a / eta overflows (finite d'g and d'Gd, alpha = inf).
+  lrs, states = _dictated_run([0.3, 1e308, 0.7], clip=(0.0, 2.0))
+  assert np.isinf(float(states[2].alpha)) and np.isfinite(float(states[2].denominator))
+  np.testing.assert_allclose(lrs, [0.3, 0.3, 0.7], rtol=1e-12)
+  assert int(states[-1].num_nonfinite) == 0 and int(states[-1].num_undefined) == 0
+  for positive_only in (True, False):
+    records, _, _ = _run_schedule([_W, _W, 0.2, 1e308, 0.4, 0.3, _W],
+                                  positive_only=positive_only)
+    np.testing.assert_allclose(records[-1][0], 0.3, rtol=1e-12)  # median(0.2, 0.4, 0.3)
+
+
+def test_interval_estimates_window_by_window():
+  """``estimates`` holds the current window's usable values (NaN elsewhere):
+  reset when a window starts, untouched outside windows."""
+  _, states = _dictated_run(_TARGETS, mode="interval", warmup_steps=2, interval=5,
+                            num_estimates=4)
+  n = np.nan
+  w1, w2 = [0.2, n, 0.4, 0.3], [0.1, 0.9, 0.3, 0.5]
+  expected = ([[n] * 4] * 2
+              + [[0.2, n, n, n], [0.2, n, n, n], [0.2, n, 0.4, n], w1, w1]
+              + [[0.1, n, n, n], [0.1, 0.9, n, n], [0.1, 0.9, 0.3, n], w2, w2]
+              + [[n] * 4] * 5 + [[0.7, n, n, n]])
+  np.testing.assert_allclose(np.stack([s.estimates for s in states[1:]]), expected,
+                             rtol=1e-12)
+
+
+def test_measured_fields_are_kept_on_steps_without_curvature():
+  # _TARGETS: t5 (estimate 0.3) computes; t6 does not. With eta = 0.5, c = -0.3:
+  # d = -0.5, g = 0.3, G = 1.
+  _, states = _dictated_run(_TARGETS, mode="interval", warmup_steps=2, interval=5,
+                            num_estimates=4, diagnostics=True)
+  fields = ("alpha", "alpha_absolute", "numerator", "denominator", "eval_loss",
+            "hybrid", "cos_batch", "cos_eval", "direction_norm", "biased_denominator")
+  for t in (0, 1):  # warm-up: nothing measured yet
+    assert all(np.isnan(float(getattr(states[t + 1], f))) for f in fields)
+  want = dict(alpha=0.6, alpha_absolute=0.3, numerator=-0.15, denominator=0.25,
+              eval_loss=0.045, hybrid=0.15 / 0.25, cos_batch=1.0, cos_eval=1.0,
+              direction_norm=0.5, biased_denominator=0.25)
+  for s in (states[6], states[7]):
+    for f, v in want.items():
+      np.testing.assert_allclose(getattr(s, f), v, rtol=1e-12, err_msg=f)
+  assert bool(states[6].computed) and not bool(states[7].computed)
+
+
+def test_zero_inner_learning_rate_gives_a_zero_step_without_nonfinite():
+  # eta_1 = 0: d = 0 (undefined alpha*), scale = lr / eta is taken as 0.
+  sched = lambda t: jnp.where(t == 1, 0.0, 0.5)  # noqa: E731
+  for kw in (dict(), dict(warmup_steps=2)):
+    lrs, states = _dictated_run([0.3, 0.3, 0.7], sched, **kw)
+    assert lrs[1] == 0.0 and float(states[2].scale) == 0.0
+    assert int(states[-1].num_nonfinite) == 0
+
+
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_biased_fields_without_diagnostics(diagnostics):
+  """Debiasing without diagnostics: the biased and cosine fields are NaN; not
+  debiasing, the biased parts are the (free) evaluation ones."""
+  params, batch = _quadratic_problem(0)
+  _, eval_batch = _quadratic_problem(1)
+  g = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, batch)
+  d = jax.tree.map(lambda v: -0.1 * v, g)
+  tx = curvature_step_size(optax.sgd(0.1), linear_apply, MSE, learning_rate=0.1,
+                           diagnostics=diagnostics)
+  _, s = jax.jit(tx.update)(g, tx.init(params), params, batch=batch, eval_batch=eval_batch)
+  assert np.isfinite(float(s.alpha))
+  diag = ("biased_numerator", "biased_denominator", "hybrid", "cos_batch", "cos_eval",
+          "direction_norm")
+  for f in diag:
+    assert np.isnan(float(getattr(s, f))) != diagnostics, f
+  if diagnostics:
+    np.testing.assert_allclose(s.biased_numerator, optax.tree_utils.tree_vdot(d, g),
+                               rtol=1e-12)
+  biased = curvature_step_size(optax.sgd(0.1), linear_apply, MSE, learning_rate=0.1,
+                               debias=False, diagnostics=diagnostics)
+  _, s = jax.jit(biased.update)(g, biased.init(params), params, batch=batch)
+  np.testing.assert_allclose(s.biased_numerator, s.numerator, rtol=1e-10)
+  np.testing.assert_allclose(s.biased_denominator, s.denominator, rtol=1e-12)
+  np.testing.assert_allclose(s.hybrid, s.alpha, rtol=1e-12)
+  assert np.isnan(float(s.cos_batch)) != diagnostics
+
+
+def test_debias_diagnostics_with_a_regularizer_against_dense_hessians():
+  """hybrid, cos_eval and alpha include r, checked against float64 dense Hessians
+  of the objectives (linear model + MSE: GGN = Hessian)."""
+  from jax.flatten_util import ravel_pytree
+  params, batch = _quadratic_problem(0)
+  _, eval_batch = _quadratic_problem(1)
+  reg = curvax.losses.l2_regularizer(0.7)
+  obj = curvax.losses.objective(linear_apply, MSE, reg)
+  g = jax.grad(obj)(params, batch)
+  tx = curvature_step_size(optax.sgd(0.1), linear_apply, MSE, learning_rate=0.1,
+                           regularizer=reg, diagnostics=True)
+  _, s = jax.jit(tx.update)(g, tx.init(params), params, batch=batch, eval_batch=eval_batch)
+  theta, unravel = ravel_pytree(params)
+  flat_obj = lambda th, b: obj(unravel(th), b)  # noqa: E731
+  d = -0.1 * np.asarray(ravel_pytree(g)[0])
+  g_eval = np.asarray(jax.jit(jax.grad(flat_obj))(theta, eval_batch))
+  hessian = jax.jit(jax.hessian(flat_obj))
+  num = d @ g_eval
+  den_eval = d @ np.asarray(hessian(theta, eval_batch)) @ d
+  den_batch = d @ np.asarray(hessian(theta, batch)) @ d
+  np.testing.assert_allclose(s.numerator, num, rtol=1e-10)
+  np.testing.assert_allclose(s.alpha, -num / den_eval, rtol=1e-10)
+  np.testing.assert_allclose(s.biased_denominator, den_batch, rtol=1e-10)
+  np.testing.assert_allclose(s.hybrid, -num / den_batch, rtol=1e-10)
+  np.testing.assert_allclose(s.cos_eval, -num / (np.linalg.norm(d) * np.linalg.norm(g_eval)),
+                             rtol=1e-10)
+
+
+def test_mixed_precision_update_keeps_each_leaf_dtype():
+  params, batch = _quadratic_problem(0)
+  params = {"w": params["w"].astype(jnp.float32), "b": params["b"].astype(jnp.bfloat16)}
+  batch = jax.tree.map(lambda a: a.astype(jnp.float32), batch)
+  g = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, batch)
+  tx = curvature_step_size(optax.sgd(0.1), linear_apply, MSE, learning_rate=0.1,
+                           debias=False)
+  state = tx.init(params)
+  assert state.alpha.dtype == jnp.float32 and state.estimates.dtype == jnp.float32
+  u, state = jax.jit(lambda s: tx.update(g, s, params, batch=batch))(state)
+  assert u["w"].dtype == jnp.float32 and u["b"].dtype == jnp.bfloat16
+  assert state.alpha.dtype == jnp.float32 and np.isfinite(float(state.alpha))
+
+
+def test_constructor_boundaries():
+  # interval == num_estimates: every step after warm-up computes.
+  _, states = _dictated_run([_W, 0.2, 0.4, 0.6], mode="interval", warmup_steps=1,
+                            interval=2, num_estimates=2)
+  assert [bool(s.computed) for s in states[1:]] == [False, True, True, True]
+  _dictated_run([0.2], clip=(0.5, 0.5))  # lo == hi is allowed
+  with pytest.raises(ValueError, match="warmup_steps"):
+    curvature_step_size(optax.sgd(0.1), linear_apply, MSE, warmup_steps=-1)
+  with pytest.raises(ValueError, match="num_estimates"):
+    curvature_step_size(optax.sgd(0.1), linear_apply, MSE, mode="interval", num_estimates=0)
+  with pytest.raises(ValueError, match="clip"):
+    curvature_step_size(optax.sgd(0.1), linear_apply, MSE, clip=(-0.1, 1.0))

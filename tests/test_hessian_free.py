@@ -408,7 +408,7 @@ def _np_iterate_grid(max_iter):
   return grid
 
 
-def _np_cg(a, b, x0, max_iter, tol, eps):
+def _np_cg(a, b, x0, max_iter, tol, eps, nonpositive_curvature="stop"):
   """Unpreconditioned CG on the dense ``a x = b`` with Martens' stopping test.
 
   Returns the final iterate, its iteration, the status code, the kept iterates
@@ -433,6 +433,8 @@ def _np_cg(a, b, x0, max_iter, tol, eps):
     while True:
       ad = a @ d
       curv = d @ ad
+      if nonpositive_curvature == "abs" and curv != 0:
+        curv = abs(curv)   # saddle-free: |d'Ad|; phi stays the true model
       if curv <= 0:  # the iteration is not taken; x_i is returned
         status = _CG_NONPOSITIVE
         break
@@ -463,25 +465,31 @@ def _np_cg(a, b, x0, max_iter, tol, eps):
 def _np_hessian_free_step(curv, g, eval_loss, damping, warm_start, *, cg_max_iter,
                           cg_decay_x0=0.95, cg_tol=1e-5, martens_eps=5e-4,
                           min_damping=1e-8, max_damping=1e8, linesearch_c=0.01,
-                          linesearch_beta=0.8, linesearch_max_reductions=20):
+                          linesearch_beta=0.8, linesearch_max_reductions=20,
+                          linesearch_initial_step=1.0, adapt_damping=True,
+                          use_cg_backtracking=True, use_linesearch=True,
+                          nonpositive_curvature="stop"):
   """One Hessian-free step on flat vectors; ``eval_loss(d) = L_eval(theta + d)``."""
   a = curv + damping * np.eye(len(g))
   p_final, iterations, status, kept, phi = _np_cg(
-      a, -g, cg_decay_x0 * warm_start, cg_max_iter, cg_tol, martens_eps)
+      a, -g, cg_decay_x0 * warm_start, cg_max_iter, cg_tol, martens_eps,
+      nonpositive_curvature)
   # Levenberg-Marquardt with the damped model's prediction at the final iterate.
   loss_before = eval_loss(np.zeros_like(g))
   rho = (eval_loss(p_final) - loss_before) / phi if phi < 0 else -np.inf
   new_damping = damping * (1.5 if rho < 0.25 else 2 / 3 if rho > 0.75 else 1.0)
   new_damping = min(max(new_damping, min_damping), max_damping)
+  if not adapt_damping:
+    new_damping = damping
   # CG backtracking: step back while the earlier kept iterate is better.
   j = len(kept) - 1
-  while j > 0 and eval_loss(kept[j - 1][1]) < eval_loss(kept[j][1]):
+  while use_cg_backtracking and j > 0 and eval_loss(kept[j - 1][1]) < eval_loss(kept[j][1]):
     j -= 1
   p = kept[j][1]
-  # Armijo: alpha = 1, beta, beta^2, ... (at most max_reductions times), else 0.
-  alpha = 0.0
-  for reductions in range(linesearch_max_reductions + 1):
-    trial = linesearch_beta ** reductions
+  # Armijo: alpha = a0, a0 beta, a0 beta^2, ... (at most max_reductions times), else 0.
+  alpha = 0.0 if use_linesearch else 1.0
+  for reductions in range(linesearch_max_reductions + 1 if use_linesearch else 0):
+    trial = linesearch_initial_step * linesearch_beta ** reductions
     if eval_loss(trial * p) <= loss_before + linesearch_c * trial * (g @ p):
       alpha = trial
       break
@@ -623,3 +631,183 @@ def test_zero_initial_damping_is_lifted_to_min_damping():
   _, new = _traced_hf_update(g, tx.init(params), params, batch, eval_batch,
                              {**_STEP_DEFAULTS, "min_damping": 1e-3}, **problem)
   assert float(new.damping) == 1e-3 and not bool(new.nonfinite)
+
+
+# ----------------------------------------------------------------------------- options and edge paths
+#
+# The switches (no backtracking, no line search, fixed damping), a line search
+# starting below 1, against the same numpy reference; the GGN problem.
+
+_OPTION_CASES = {
+    # ggn_backtracks without backtracking: the final iterate, and rho > 3/4
+    # leaves the fixed damping at 1.
+    "no_backtracking_fixed_damping": dict(
+        problem="ggn", seed=0, damping=1.0,
+        options=dict(use_cg_backtracking=False, adapt_damping=False),
+        expect=dict(reference_backtracks=True)),
+    # ggn_armijo_shrinks without the line search: alpha = 1, loss_after at p.
+    "no_linesearch": dict(problem="ggn", seed=1, damping=1.0, cg_decay_x0=0.5,
+                          options=dict(use_linesearch=False),
+                          expect=dict(reference_shrinks=True)),
+    # Armijo from 0.5: 0.5 is rejected, 0.5 beta^k accepted.
+    "initial_step": dict(problem="ggn", seed=1, damping=1.0, cg_decay_x0=0.5,
+                         linesearch_initial_step=0.5, options=dict(),
+                         expect=dict(alpha_below=0.5)),
+    # Armijo from 0.5 accepts 0.5 at once (where the loss at p would be rejected).
+    "initial_step_accepted": dict(problem="ggn", seed=2, damping=0.3,
+                                  linesearch_initial_step=0.5, options=dict(),
+                                  expect=dict(alpha=0.5)),
+    # hessian_negative_curvature with |p'Ap|: CG goes on past the negative
+    # curvature that stops the default.
+    "abs_curvature": dict(problem="hessian", seed=1, damping=0.3, linesearch_c=0.5,
+                          cg_decay_x0=0.8, options=dict(nonpositive_curvature="abs"),
+                          expect=dict(reference_status=_CG_NONPOSITIVE)),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("loss_name", "curvature", "cg_max_iter", "options"))
+def _hf_update_with_options(g, state, params, batch, eval_batch, floats, *, loss_name,
+                            curvature, cg_max_iter, options):
+  tx = hessian_free(ref.mlp_apply, ref.LOSSES[loss_name], curvature=curvature,
+                    cg_max_iter=cg_max_iter, **dict(options), **floats)
+  return tx.update(g, state, params, batch=batch, eval_batch=eval_batch)
+
+
+@pytest.mark.parametrize("case", list(_OPTION_CASES))
+def test_options_match_numpy_reference(case):
+  cfg = dict(_OPTION_CASES[case])
+  expect, seed, damping = cfg.pop("expect"), cfg.pop("seed"), cfg.pop("damping")
+  options, problem = cfg.pop("options"), _STEP_PROBLEMS[cfg.pop("problem")]
+  floats = {**_STEP_DEFAULTS, "linesearch_initial_step": 1.0, **cfg}
+  _, _, params, data = ref.problem("mlp", problem["loss_name"], n=16, seed=seed)
+  batch, eval_batch = jax.tree.map(lambda a: a[:8], data), jax.tree.map(lambda a: a[8:], data)
+  flat_loss, flat_grad, matrix, unravel = _flat_step_tools(problem["loss_name"],
+                                                           problem["curvature"])
+  theta = ref.flat(params)
+  g = np.asarray(flat_grad(theta, batch))
+  warm_start = 0.1 * np.random.default_rng(seed).normal(size=g.shape)
+  eval_loss = lambda d: float(flat_loss(theta + d, eval_batch))  # noqa: E731
+  curv = np.asarray(matrix(theta, batch))
+  kw = dict(cg_max_iter=problem["cg_max_iter"], **floats)
+  want = _np_hessian_free_step(curv, g, eval_loss, damping, warm_start, **kw, **options)
+  # The case shows what it claims: the option changes the reference's step.
+  default = _np_hessian_free_step(curv, g, eval_loss, damping, warm_start, **kw)
+  if expect.get("reference_backtracks"):
+    assert default["chosen_iterate"] < default["num_kept"] - 1
+    assert default["damping"] != damping
+  if expect.get("reference_shrinks"):
+    assert 0 < default["alpha"] < 1
+  if "alpha_below" in expect:
+    assert 0 < want["alpha"] < expect["alpha_below"]
+  if "alpha" in expect:
+    assert want["alpha"] == expect["alpha"]
+    # ... while the loss at p itself fails the test at that step size.
+    p = want["update"] / want["alpha"]
+    threshold = want["loss_before"] + floats["linesearch_c"] * want["alpha"] * (g @ p)
+    assert eval_loss(p) > threshold >= eval_loss(want["alpha"] * p)
+  if "reference_status" in expect:
+    assert default["cg_status"] == expect["reference_status"] != want["cg_status"]
+    assert want["cg_iterations"] > default["cg_iterations"]
+
+  state = hessian_free(ref.mlp_apply, ref.LOSSES[problem["loss_name"]],
+                       initial_damping=damping).init(params)
+  state = state._replace(warm_start=unravel(jnp.asarray(warm_start)))
+  update, new = _hf_update_with_options(unravel(jnp.asarray(g)), state, params, batch,
+                                        eval_batch, floats, options=tuple(options.items()),
+                                        **problem)
+  for name, actual in (("update", update), ("warm_start", new.warm_start)):
+    np.testing.assert_allclose(ref.flat(actual), want[name], rtol=0, err_msg=name,
+                               atol=1e-7 * np.max(np.abs(want[name])))
+  for name in ("damping", "rho", "alpha", "loss_before", "loss_after"):
+    np.testing.assert_allclose(getattr(new, name), want[name], rtol=1e-7, err_msg=name)
+  for name in ("cg_iterations", "cg_status", "chosen_iterate", "chosen_iteration"):
+    assert int(getattr(new, name)) == want[name], name
+
+
+def test_nonfinite_step_clamps_damping_resets_warm_start_and_keeps_loss():
+  """A rejected step: the damping rises by 3/2 but not past max_damping, the
+  (non-zero) warm start is reset to zero, and loss_after is loss_before."""
+  params, batch, eval_batch = _teacher_batches(n=16)
+  g = jax.grad(_LOSS_FN)(params, batch)
+  g["w1"] = g["w1"].at[0, 0].set(jnp.nan)
+  state = _TX.init(params)._replace(
+      damping=jnp.asarray(0.9e8), warm_start=jax.tree.map(jnp.ones_like, params))
+  u, state = _UPDATE(g, state, params, batch=batch, eval_batch=eval_batch)
+  assert all(np.all(np.asarray(l) == 0) for l in jax.tree_util.tree_leaves(u))
+  assert float(state.damping) == 1e8   # the default max_damping, not 1.35e8
+  assert all(np.all(np.asarray(l) == 0) for l in jax.tree_util.tree_leaves(state.warm_start))
+  np.testing.assert_allclose(state.loss_before, _LOSS_FN(params, eval_batch), rtol=1e-12)
+  assert float(state.loss_after) == float(state.loss_before)
+  assert float(state.alpha) == 0.0 and bool(state.nonfinite)
+
+
+def test_nonfinite_loss_at_the_step_without_linesearch_is_rejected():
+  """use_linesearch=False: a finite loss before and a NaN one at the step (a
+  value_fn that fails away from theta) reject the step; loss_after reports
+  loss_before, not the NaN."""
+  params, batch, eval_batch = _teacher_batches(n=8)
+  g = jax.grad(_LOSS_FN)(params, batch)
+  flat0 = ref.flat(params)
+
+  def value_fn(q):
+    moved = jnp.any(ref.flat(q) != flat0)
+    return _LOSS_FN(q, eval_batch) + jnp.where(moved, jnp.nan, 0.0)
+
+  tx = hessian_free(ref.mlp_apply, mse, use_linesearch=False, cg_max_iter=5)
+  u, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch, value_fn=value_fn))(
+      g, tx.init(params), params)
+  assert bool(state.nonfinite) and float(state.alpha) == 0.0
+  assert all(np.all(np.asarray(l) == 0) for l in jax.tree_util.tree_leaves(u))
+  np.testing.assert_allclose(state.loss_before, _LOSS_FN(params, eval_batch), rtol=1e-12)
+  assert float(state.loss_after) == float(state.loss_before)
+
+
+def test_fisher_preconditioner_first_cg_step_matches_closed_form():
+  """One preconditioned CG iteration from zero: ``x_1 = (r'z / z'Az) z`` with
+  ``z = M^{-1} r``, ``r = -g``, ``A = G + lambda I`` and ``M = (diag(F) +
+  lambda)^xi``, ``diag(F)`` the mean of squared per-example gradients (dense
+  references from tests/reference.py). The regulariser enters A, not M."""
+  apply_fn, loss, params, batch = ref.problem("mlp", "softmax_cross_entropy", n=8, seed=3)
+  reg = curvax.losses.l2_regularizer(0.05)
+  g = jax.grad(curvax.losses.objective(apply_fn, loss, reg))(params, batch)
+  lam, xi = 0.2, 0.6
+  tx = hessian_free(apply_fn, loss, regularizer=reg, initial_damping=lam,
+                    preconditioner="fisher", preconditioner_exponent=xi, cg_max_iter=1,
+                    cg_tol=0.0, martens_criterion=False, use_cg_backtracking=False,
+                    use_linesearch=False, adapt_damping=False)
+  _, state = jax.jit(tx.update)(g, tx.init(params), params, batch=batch, eval_batch=batch)
+  theta, unravel = ravel_pytree(params)
+
+  @jax.jit
+  def dense(theta):   # per-example gradients (N, P) and A, dense
+    p = unravel(theta)
+    per_example = ref.explicit_per_example_grads_jacrev(apply_fn, loss, p, batch)
+    a = (ref.explicit_ggn(apply_fn, loss, p, batch)
+         + jax.hessian(lambda w: reg(unravel(w)))(theta) + lam * jnp.eye(len(theta)))
+    return per_example, a
+  per_example, a = map(np.asarray, dense(theta))
+  m = (np.mean(per_example ** 2, axis=0) + lam) ** xi
+  r = -np.asarray(ref.flat(g))
+  z = r / m
+  expected = (r @ z) / (z @ a @ z) * z
+  assert int(state.cg_iterations) == 1
+  np.testing.assert_allclose(ref.flat(state.warm_start), expected, rtol=1e-10, atol=1e-14)
+  # The unpreconditioned first step points elsewhere: the case can fail.
+  assert not np.allclose(expected / np.linalg.norm(expected), r / np.linalg.norm(r), atol=1e-3)
+
+
+def test_default_cg_budget_is_250_iterations():
+  """cg_max_iter=None means 250 (Martens 2010): an ill-conditioned least-squares
+  problem (condition number ~1e10) that CG does not finish in 250 iterations,
+  with Martens' test off and cg_tol=0, stops at the budget."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  n, p = 256, 200
+  x = jax.random.normal(k1, (n, p)) * jnp.logspace(0, -5, p)
+  y = jax.random.normal(k2, (n, 1))
+  params = {"w": jnp.zeros((p, 1)), "b": jnp.zeros(1)}
+  g = jax.grad(curvax.losses.objective(linear_apply, mse))(params, (x, y))
+  tx = hessian_free(linear_apply, mse, initial_damping=1e-12, cg_tol=0.0,
+                    martens_criterion=False, use_cg_backtracking=False, use_linesearch=False)
+  _, state = jax.jit(tx.update)(g, tx.init(params), params, batch=(x, y), eval_batch=(x, y))
+  assert int(state.cg_status) == solvers.CGStatus.MAX_ITER
+  assert int(state.cg_iterations) == 250 == int(state.chosen_iteration)
