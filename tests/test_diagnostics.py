@@ -99,6 +99,24 @@ def test_gradient_tests_known_limits():
   np.testing.assert_allclose(dg.ortho_test(sq, dots), np.sqrt((b - 1) / (b - 1)), rtol=1e-12)
 
 
+def test_gradient_tests_on_parallel_gradients_and_reference_thresholds():
+  """g_i = c_i r (all parallel): nothing orthogonal, so OrthoTest is 0 up to
+  round-off, whose negative part is clipped (not a NaN from the square root);
+  NormTest and InnerTest both reduce to ``std(c) / (sqrt(B) |mean(c)|)`` (the
+  unbiased std). Reference thresholds: 0.9, 0.9 and tan 80 degrees."""
+  rng = np.random.default_rng(0)
+  for _ in range(20):   # several draws: some numerators round below zero
+    c, r = rng.uniform(0.5, 2.0, size=5), rng.normal(size=7)
+    sq, dots = dg.gram_statistics(jnp.asarray(c[:, None] * r))
+    ortho = float(dg.ortho_test(sq, dots))
+    assert np.isfinite(ortho) and 0.0 <= ortho < 1e-6
+    want = np.std(c, ddof=1) / (np.sqrt(c.size) * abs(c.mean()))
+    np.testing.assert_allclose(dg.norm_test(sq, dots), want, rtol=1e-10)
+    np.testing.assert_allclose(dg.inner_test(sq, dots), want, rtol=1e-10)
+  assert dg.NORM_TEST_THRESHOLD == dg.INNER_TEST_THRESHOLD == 0.9
+  np.testing.assert_allclose(dg.ORTHO_TEST_THRESHOLD, np.tan(np.deg2rad(80.0)), rtol=1e-12)
+
+
 def test_norms_histograms_match_numpy():
   _, _, params, _, g, pe = _setup("cnn")
   init = jax.tree_util.tree_map(lambda p: 0.5 * p, params)
@@ -109,12 +127,25 @@ def test_norms_histograms_match_numpy():
                              np.linalg.norm(ref.flat(params)), rtol=RTOL)
   np.testing.assert_allclose(dg.distance(params, init), 0.5 * np.linalg.norm(ref.flat(params)),
                              rtol=RTOL)
+  np.testing.assert_allclose(dg.gradient_norm(params), np.linalg.norm(ref.flat(params)),
+                             rtol=RTOL)
+  np.testing.assert_allclose(dg.update_size(init), 0.5 * np.linalg.norm(ref.flat(params)),
+                             rtol=RTOL)
   # scale so that some entries fall outside (-2, 2) and get clamped into edge bins
   big = jax.tree_util.tree_map(lambda t: 30.0 * t, pe)
   counts = jax.jit(dg.gradient_histogram)(big)
   want, _ = np.histogram(np.clip(30.0 * g.ravel(), -2, 2 - 1e-12), bins=100, range=(-2, 2))
   assert counts.sum() == g.size and (counts[0] > 0 or counts[-1] > 0)
   np.testing.assert_array_equal(counts, want)
+  # layer-wise (per tensor, here with a non-default layout), and the edges
+  layer_counts = dg.layer_gradient_histograms(big, 8, (-1.0, 0.5))
+  sizes = [p.size for p in jax.tree_util.tree_leaves(params)]
+  for c, block in zip(jax.tree_util.tree_leaves(layer_counts),
+                      np.split(30.0 * g, np.cumsum(sizes)[:-1], axis=1)):
+    np.testing.assert_array_equal(
+        c, np.histogram(np.clip(block, -1.0, 0.5 - 1e-12), bins=8, range=(-1.0, 0.5))[0])
+  np.testing.assert_allclose(dg.bin_edges(8, (-1.0, 0.5)), np.histogram_bin_edges(
+      [], bins=8, range=(-1.0, 0.5)), rtol=1e-12)
   # 2-D: (g_ij, theta_j) pairs
   theta = np.broadcast_to(ref.flat(params), g.shape)
   h2 = jax.jit(dg.gradient_parameter_histogram)(big, params)
@@ -132,6 +163,10 @@ def test_curvature_instruments_match_explicit_hessian():
   second = jax.tree_util.tree_map(lambda t: (t ** 2).mean(0), pe)
   m = (g ** 2).mean(0)
   np.testing.assert_allclose(dg.hessian_trace(diag), np.trace(h), rtol=RTOL)
+  sizes = [p.size for p in jax.tree_util.tree_leaves(params)]
+  np.testing.assert_allclose(jax.tree_util.tree_leaves(dg.layer_traces(diag)),
+                             [b.sum() for b in np.split(np.diag(h), np.cumsum(sizes)[:-1])],
+                             rtol=RTOL)
   np.testing.assert_allclose(dg.tic_trace(second, dg.hessian_trace(diag)),
                              m.sum() / (np.trace(h) + 1e-7), rtol=RTOL)
   np.testing.assert_allclose(dg.tic_diag(second, diag), np.sum(m / (np.diag(h) + 1e-7)),
@@ -141,6 +176,38 @@ def test_curvature_instruments_match_explicit_hessian():
                                             atol=0.0))(jax.random.PRNGKey(1))
   ev = np.linalg.eigvalsh(h)
   np.testing.assert_allclose(lam, ev[np.argmax(np.abs(ev))], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"atol": 10.0}, {"rtol": 1e-8, "atol": 0.0}])
+def test_top_eigenvalue_start_vector_and_stopping_rule(kwargs):
+  """Power iteration as the spec's HessMaxEV: a uniform-random start vector,
+  normalised; one product per iteration; it stops after product k >= 2 once
+  the Rayleigh quotients v_k'Av_k of the last two agree to rtol (1e-3) and atol
+  (1e-6), else after max_iter (100) products, and returns the last quotient.
+  The rule applied in numpy to the vectors the matvec was called with: the
+  defaults (stops after a few products), an atol so loose that only the
+  k >= 2 guard keeps it going, and a tolerance never met (the cap)."""
+  rng = np.random.default_rng(4)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  a = q @ np.diag([5.0, 4.5, 1.0, -2.0, 0.3, 0.0]) @ q.T
+  seen = []
+
+  def matvec(v):   # a tree of two leaves
+    x = jnp.concatenate([v["u"], v["w"]])
+    jax.debug.callback(lambda x: seen.append(np.asarray(x, np.float64)), x, ordered=True)
+    y = jnp.asarray(a) @ x
+    return {"u": y[:2], "w": y[2:]}
+
+  params = {"u": jnp.zeros(2), "w": jnp.zeros(4)}
+  lam = dg.top_eigenvalue(matvec, params, jax.random.PRNGKey(3), **kwargs)
+  jax.effects_barrier()
+  rtol, atol = kwargs.get("rtol", 1e-3), kwargs.get("atol", 1e-6)
+  quot = [v @ a @ v for v in seen]
+  want_k = next((k for k in range(2, 101) if k <= len(quot)
+                 and abs(quot[k - 1] - quot[k - 2]) <= atol + rtol * abs(quot[k - 1])), 100)
+  assert len(seen) == want_k and want_k == {0: 7, 1: 2, 2: 100}[len(kwargs)]
+  np.testing.assert_allclose(lam, quot[-1], rtol=1e-12)
+  assert np.all(seen[0] >= 0) and np.linalg.norm(seen[0]) == pytest.approx(1.0, rel=1e-12)
 
 
 def _np_alpha(f, df, var, tau1):
@@ -165,6 +232,33 @@ def test_alpha_fit_matches_weighted_least_squares():
   # concave fit -> -1; zero step -> -1
   assert float(fit(0.0, -1.0, -1.0, -5.0, 1.0, 1.0, 1.0, 1.0, 1.0)) == -1.0
   assert float(fit(0.0, 0.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 0.0)) == -1.0
+  # flat fit (w_1 = w_2 = 0: a linear fit, tau_* -> inf) -> -1, not 0 / 0
+  assert float(fit(1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0)) == -1.0
+  # zero step -> -1 even where the fit fails (spec: None, or -1 when tau_1 = 0)
+  assert float(fit(1.0, np.nan, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0)) == -1.0
+  assert np.isnan(fit(1.0, np.nan, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
+
+
+def test_alpha_from_per_example_observations_matches_weighted_least_squares():
+  """`alpha` from per-example losses and projections s'g_i at both ends (batch
+  sizes 5 and 7, so the unbiased variances do not share one scale factor):
+  slopes are the projections over ||s||, noise levels the 1/(B-1) sample
+  variances; against the normal equations in numpy. A zero step gives -1;
+  `sample_variance` of one example is 0."""
+  rng = np.random.default_rng(2)
+  losses0, losses1 = rng.uniform(1.0, 2.0, 5), rng.uniform(0.5, 1.5, 7)
+  proj0, proj1 = rng.normal(-0.8, 0.3, 5), rng.normal(0.3, 0.4, 7)
+  tau = 0.37
+  want = _np_alpha([losses0.mean(), losses1.mean()], [proj0.mean() / tau, proj1.mean() / tau],
+                   [losses0.var(ddof=1), losses1.var(ddof=1), (proj0 / tau).var(ddof=1),
+                    (proj1 / tau).var(ddof=1)], tau)
+  assert want != -1.0
+  got = jax.jit(dg.alpha)(losses0, losses1, proj0, proj1, tau)
+  np.testing.assert_allclose(got, want, rtol=1e-9)
+  assert float(dg.alpha(losses0, losses1, 0 * proj0, 0 * proj1, 0.0)) == -1.0
+  np.testing.assert_allclose(dg.sample_variance(jnp.asarray(losses1)), losses1.var(ddof=1),
+                             rtol=1e-12)
+  assert float(dg.sample_variance(jnp.asarray([3.0]))) == 0.0
 
 
 @pytest.mark.parametrize("tau1,want", [(0.5, -0.5), (1.0, 0.0), (2.0, 1.0)])
@@ -343,15 +437,17 @@ def test_monitor_untracked_steps_compute_nothing_and_jit_once():
     return optax.apply_updates(p, u), s
 
   state = tx.init(params)
-  per_step, tracked = [], []
+  per_step, tracked, tracked_step = [], [], []
   for _ in range(7):
     before = len(runs)
     params, state = step(params, state)
     jax.block_until_ready(state)
     per_step.append(len(runs) - before)
     tracked.append(bool(state.tracked))
+    tracked_step.append(int(state.tracked_step))   # the step of the values held
   assert len(traces) == 1
   assert tracked == [True, False, False, True, False, False, True]
+  assert tracked_step == [0, 0, 0, 3, 3, 3, 6]
   assert all(c > 0 for c, t in zip(per_step, tracked) if t)
   assert all(c == 0 for c, t in zip(per_step, tracked) if not t)
   assert dg.record(state)["step"] == 6
@@ -394,6 +490,23 @@ def test_monitor_in_chain_business_and_full_presets(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_merge_folds_alpha_onto_its_step_when_tracking_every_step():
+  """Tracking every step, the record of step t also carries Alpha of step
+  t - 1: `merge` moves it (without ``alpha_step``) onto step t - 1, in step
+  order whatever the order of the records; an Alpha whose step has no record
+  gets one of its own."""
+  records = [{"step": 0, "loss": 3.0},
+             {"step": 1, "loss": 2.0, "alpha": 0.25, "alpha_step": 0},
+             {"step": 2, "loss": 1.5, "alpha": -0.5, "alpha_step": 1},
+             {"alpha": 0.75, "alpha_step": 2}]
+  want = [{"step": 0, "loss": 3.0, "alpha": 0.25}, {"step": 1, "loss": 2.0, "alpha": -0.5},
+          {"step": 2, "loss": 1.5, "alpha": 0.75}]
+  assert dg.merge(records) == want
+  assert dg.merge(records[::-1]) == want
+  assert dg.merge([{"alpha": 0.1, "alpha_step": 4}, {"step": 2, "loss": 1.0}]) == [
+      {"step": 2, "loss": 1.0}, {"step": 4, "alpha": 0.1}]
+
+
 def test_dashboard_has_a_panel_for_every_instrument(tmp_path):
   """Every instrument in the records of a monitor tracking all of them (the
   full preset, the layer-wise histograms, the noise criteria) is drawn by some
@@ -406,13 +519,33 @@ def test_dashboard_has_a_panel_for_every_instrument(tmp_path):
   assert set(dg.FULL) <= set(names)
   tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, names, learning_rate=0.1)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
+  # an L2 regulariser in the gradient passed in: the instruments other than
+  # GradNorm use the data term only (monitor's conventions)
+  reg_obj = lambda p, b: obj(p, b) + 0.05 * optax.tree_utils.tree_l2_norm(p, squared=True)
   state, p, records = tx.init(params), params, []
   for _ in range(3):
-    u, state = step(jax.grad(obj)(p, batch), state, p)
+    u, state = step(jax.grad(reg_obj)(p, batch), state, p)
     records.append(dg.record(state))
     p = optax.apply_updates(p, u)
   present = {k for r in records for k in r} - {"step", "alpha_step"}
   assert {"grad_hist_2d", "layer_grad_hist_1d", "grad_norm_layers", "alpha"} <= present
+  # the noise and curvature instruments of step 0 (theta_0) against numpy on
+  # explicit per-example gradients and the explicit GGN's diagonal
+  rec, g = records[0], _pe_grads(apply_fn, loss, params, batch)
+  b, d = g.shape
+  gm, m = g.mean(0), (g ** 2).mean(0)
+  ggn = np.diag(np.asarray(ref.explicit_ggn(apply_fn, loss, params, batch)))
+  sigma2 = ((g - gm) ** 2).sum(0) / (b - 1) + 1e-5
+  np.testing.assert_allclose(
+      [rec[k] for k in ("mean_gsnr", "cabs", "early_stopping", "tic_trace", "tic_diag",
+                        "hess_trace")],
+      [np.mean(gm ** 2 / (m - gm ** 2 + 1e-5)),
+       0.1 * ((g - gm) ** 2).sum() / b / obj(params, batch),
+       1 - b / d * np.sum(gm ** 2 / sigma2), m.sum() / (ggn.sum() + 1e-7),
+       np.sum(m / (ggn + 1e-7)), ggn.sum()], rtol=1e-7)
+  sizes = [x.size for x in jax.tree_util.tree_leaves(params)]
+  np.testing.assert_allclose(list(rec["hess_trace_layers"].values()),
+                             [x.sum() for x in np.split(ggn, np.cumsum(sizes)[:-1])], rtol=1e-7)
   panels = dg.dashboard_panels(records)
   drawn = [k for panel in panels for k in panel.keys]
   assert present <= set(drawn)
@@ -484,6 +617,8 @@ def test_schedules_and_errors():
     dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss", "vibes"])
   with pytest.raises(ValueError, match="learning_rate"):
     dg.monitor(optax.sgd(0.1), apply_fn, loss, ["cabs"])
+  with pytest.raises(ValueError, match="`curvature` must be"):
+    dg.monitor(optax.sgd(0.1), apply_fn, loss, ["hess_trace"], curvature="diag_h")
   # `every` is the linear schedule's interval: it conflicts with any other
   # schedule (it used to be ignored silently), even every=1 given explicitly
   for schedule in ("log", dg.log_schedule(), lin):
@@ -498,6 +633,77 @@ def test_schedules_and_errors():
     tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match="no curvax.diagnostics"):
     dg.record(optax.sgd(0.1).init(params))
+
+
+def test_monitor_log_schedule_tracks_cockpits_log_steps():
+  """``schedule="log"`` is `log_schedule()`: steps 0..37 are tracked, 38 (the
+  first integer not in ``log_steps(0, 4)``) is not, 39 is."""
+  apply_fn, loss, params, batch = ref.problem("mlp", n=4)
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"], schedule="log")
+  step = jax.jit(lambda s: tx.update(params, s, params, batch=batch)[1])
+  assert 38 not in dg.log_steps(0, 4) and {37, 39} <= set(dg.log_steps(0, 4))
+  for count, want in [(37, True), (38, False), (39, True)]:
+    state = step(tx.init(params)._replace(count=jnp.asarray(count, jnp.int32)))
+    assert bool(state.tracked) == want, count
+
+
+def test_presets_are_cockpits_configurations():
+  """Spec §3.2, the config column: economy = Loss, Distance, UpdateSize,
+  GradNorm, Alpha, NormTest, InnerTest, OrthoTest, GradHist1d; business adds
+  TICDiag and HessTrace; full adds HessMaxEV and GradHist2d."""
+  economy = {"loss", "distance", "update_size", "grad_norm", "alpha", "norm_test",
+             "inner_test", "ortho_test", "grad_hist_1d"}
+  assert set(dg.ECONOMY) == economy and len(dg.ECONOMY) == len(economy)
+  assert set(dg.BUSINESS) == economy | {"tic_diag", "hess_trace"}
+  assert len(dg.BUSINESS) == len(economy) + 2
+  assert set(dg.FULL) == set(dg.BUSINESS) | {"hess_max_ev", "grad_hist_2d"}
+  assert len(dg.FULL) == len(dg.BUSINESS) + 2
+  assert dg.PRESETS == {"economy": dg.ECONOMY, "business": dg.BUSINESS, "full": dg.FULL}
+
+
+def test_monitor_monte_carlo_curvature_is_unbiased_and_advances_its_key():
+  """``curvature="diag_ggn_mc"``: HessTrace from one Monte-Carlo sample per
+  example, random (it varies with the state's key), its mean over 64 keys
+  within 5 standard errors of the explicit GGN's trace; the state's key
+  advances, so the next step draws afresh."""
+  apply_fn, loss, params, batch = ref.problem("mlp", n=6)
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, ["hess_trace"], curvature="diag_ggn_mc")
+  grads = jax.grad(curvax.losses.objective(apply_fn, loss))(params, batch)
+  run = jax.jit(jax.vmap(lambda k: tx.update(grads, tx.init(params)._replace(key=k), params,
+                                             batch=batch)[1]))
+  first = run(jax.random.split(jax.random.PRNGKey(0), 64))
+  second = run(first.key)
+  values = np.asarray(first.diagnostics["hess_trace"])
+  exact = np.trace(np.asarray(ref.explicit_ggn(apply_fn, loss, params, batch)))
+  stderr = values.std(ddof=1) / np.sqrt(values.size)
+  assert stderr > 1e-3 * exact
+  assert abs(values.mean() - exact) <= 5 * stderr, (values.mean(), exact, stderr)
+  # (3 classes, 6 examples: a discrete distribution, some draws coincide)
+  assert np.mean(np.asarray(second.diagnostics["hess_trace"]) != values) > 0.5
+
+
+def test_log_schedule_steps_and_linear_schedule_checks():
+  """Cockpit's ``logarithmic(start, end, steps=300, base=10, init=True)``: the
+  unique truncated integers of ``base ** linspace(start, end, steps)``, plus 0
+  if ``init``. By hand: 10^(2k/9) = 1, 1.67, 2.78, 4.64, 7.74, 12.9, 21.5, 35.9,
+  59.9, 100; 2^(1..5). ``log_schedule()`` tracks exactly ``log_steps(0, 4)``
+  with those defaults. ``linear_schedule`` rejects a non-positive or
+  non-integer interval and a negative offset."""
+  np.testing.assert_array_equal(dg.log_steps(0, 2, steps=10),
+                                [0, 1, 2, 4, 7, 12, 21, 35, 59, 100])
+  np.testing.assert_array_equal(dg.log_steps(0, 2, steps=10, init=False),
+                                [1, 2, 4, 7, 12, 21, 35, 59, 100])
+  np.testing.assert_array_equal(dg.log_steps(1, 5, steps=5, base=2.0), [0, 2, 4, 8, 16, 32])
+  default = dg.log_steps(0, 4, 300, 10.0, True)
+  np.testing.assert_array_equal(dg.log_steps(0, 4), default)
+  assert len(default) != len(dg.log_steps(0, 4, 100))   # the default count matters
+  steps = jnp.arange(10_002)
+  tracked = np.asarray(jax.vmap(dg.log_schedule())(steps))
+  np.testing.assert_array_equal(np.flatnonzero(tracked), default)
+  assert tracked[0] and tracked[10_000] and not tracked[10_001]
+  for interval, offset in [(0, 0), (-2, 0), (1.5, 0), (3, -1), (3, 0.5)]:
+    with pytest.raises(ValueError):
+      dg.linear_schedule(interval, offset)
 
 
 class _LinenMLP:
