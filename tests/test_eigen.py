@@ -256,3 +256,166 @@ def test_lanczos_without_a_tolerance_reports_no_spurious_ritz_values_after_a_bre
   np.testing.assert_allclose(x[:3] * np.asarray(spd), res.ritz_values[:3, None] * x[:3],
                              atol=10 * rtol)
   assert np.all(x[3:] == 0)
+
+
+def test_vivit_masks_a_zero_ggn_and_honours_an_explicit_threshold():
+  """A GGN that is exactly zero (inputs zero, no bias: J = 0) has threshold 0
+  and no valid eigenpair: eigenvalues, eigenvectors and per-example curvatures
+  are 0, not NaN from 1/sqrt(0). An explicit ``threshold`` masks exactly the
+  eigenvalues at or below it: linear model, MSE, G = (x'x / N) kron I_2, whose
+  eigenvalues are those of x x' / N, each twice."""
+  apply_fn = lambda p, x: x @ p["w"]  # noqa: E731
+  loss = LOSSES["mean_squared_error"]
+  params = {"w": jnp.ones((3, 2))}
+  run = jax.jit(lambda b, t: eigen.ggn_eigenpairs(apply_fn, loss, params, b, 6, threshold=t))
+  zero = (jnp.zeros((4, 3)), jnp.ones((4, 2)))
+  res = jax.jit(lambda b: eigen.ggn_eigenpairs(apply_fn, loss, params, b, 6))(zero)
+  assert not np.any(res.valid)
+  for a in (res.eigenvalues, _rows(res.eigenvectors), res.per_example_curvatures):
+    np.testing.assert_array_equal(a, 0.0)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+  batch = (x, jnp.zeros((4, 2)))
+  lam = np.repeat(np.linalg.eigvalsh(np.asarray(x @ x.T) / 4)[::-1][:3], 2)
+  res = run(batch, 0.5 * (lam[1] + lam[2]))
+  np.testing.assert_array_equal(res.valid, [True, True, False, False, False, False])
+  np.testing.assert_allclose(res.eigenvalues[:2], lam[:2], rtol=1e-10)
+  np.testing.assert_array_equal(res.eigenvalues[2:], 0.0)
+  assert np.all(_rows(res.eigenvectors)[2:] == 0)
+  # A negative threshold keeps every (positive) eigenvalue.
+  res = run(batch, -1.0)
+  assert np.all(res.valid)
+  np.testing.assert_allclose(res.eigenvalues, lam, rtol=1e-10)
+  with pytest.raises(ValueError, match="num_eigenpairs"):
+    jax.jit(lambda b: eigen.ggn_eigenpairs(apply_fn, loss, params, b, 0))(batch)
+
+
+def test_ggn_factor_monte_carlo_defaults_to_one_column_and_needs_a_key():
+  """With a key and no ``num_samples`` the Monte-Carlo factor has one column per
+  example (``(N, 1)`` leading axes; the exact softmax factor has C - 1 = 2);
+  ``num_samples`` without a key is refused."""
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy", n=3)
+  key = jax.random.PRNGKey(0)
+  for kwargs, k in [(dict(key=key), 1), (dict(key=key, num_samples=3), 3), ({}, 2)]:
+    v = jax.eval_shape(lambda p, b, kw=kwargs: eigen.ggn_factor(apply_fn, loss, p, b,
+                                                                chunk_size=None, **kw),
+                       params, batch)
+    for leaf, p in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(params)):
+      assert leaf.shape == (3, k) + p.shape
+  with pytest.raises(ValueError, match="num_samples"):
+    jax.eval_shape(lambda p, b: eigen.ggn_factor(apply_fn, loss, p, b, num_samples=2),
+                   params, batch)
+  with pytest.raises(ValueError, match="num_samples"):
+    jax.eval_shape(lambda p, b: eigen.ggn_eigenpairs(apply_fn, loss, p, b, 2, num_samples=2),
+                   params, batch)
+
+
+def test_lanczos_with_an_unreachable_tolerance_takes_all_steps_and_checks_atol():
+  """rtol = atol = 0 on a diagonal matrix with distinct eigenvalues and a dense
+  start (no breakdown before ``dim``): exactly ``num_iterations`` steps, and the
+  Ritz values of 4 steps are those of the explicit Krylov tridiagonal matrix."""
+  d = jnp.linspace(1.0, 2.0, 10) ** 2
+  v0 = jnp.ones(10) + 0.1 * jnp.arange(10.0)
+  res = eigen.lanczos(lambda v: d * v, v0, 4, rtol=0.0)
+  assert int(res.iterations) == 4
+  assert np.all(np.isfinite(res.ritz_values))
+  # Reference: orthonormal Krylov basis by QR, projected matrix Q' A Q.
+  k = np.stack([np.asarray(d) ** i * np.asarray(v0) for i in range(4)], axis=1)
+  q = np.linalg.qr(k)[0]
+  np.testing.assert_allclose(res.ritz_values,
+                             np.linalg.eigvalsh(q.T @ np.diag(np.asarray(d)) @ q)[::-1],
+                             rtol=1e-9)
+  with pytest.raises(ValueError, match="atol"):
+    eigen.lanczos(lambda v: v, jnp.ones(3), 2, rtol=1e-3, atol=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_vivit_default_threshold_masks_the_null_space_of_repeated_examples(dtype):
+  """4 distinct examples repeated 4 times (linear model, MSE: N K = 48 Gram
+  columns of rank 12): the 36 null eigenvalues come out as round-off of either
+  sign, up to a few ``eps lam_max``; the default threshold (``max(NK, sqrt D)
+  eps lam_max``) masks all of them and keeps the 12 true ones, which match the
+  float64 eigenvalues of the distinct examples' GGN."""
+  n, reps, d_in, c = 4, 4, 50, 3
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (n, d_in))
+  apply_fn = lambda p, xx: xx @ p["w"]  # noqa: E731
+  loss = LOSSES["mean_squared_error"]
+  x = jnp.tile(x0, (reps, 1)).astype(dtype)
+  params = {"w": jnp.zeros((d_in, c), dtype)}
+  res = jax.jit(lambda p, b: eigen.ggn_eigenpairs(apply_fn, loss, p, b, n * reps * c,
+                                                   chunk_size=None))(
+      params, (x, jnp.zeros((n * reps, c), dtype)))
+  np.testing.assert_array_equal(res.valid, np.arange(n * reps * c) < n * c)
+  # Reference: G = (x0'x0 / n) kron I_C (the repeats leave the batch mean unchanged).
+  xx = np.asarray(x0, np.float64)
+  lam_ref = np.sort(np.repeat(np.linalg.eigvalsh(xx @ xx.T / n), c))[::-1]
+  rtol = 1e-4 if dtype == jnp.float32 else 1e-10
+  np.testing.assert_allclose(res.eigenvalues[:n * c], lam_ref, rtol=rtol)
+  np.testing.assert_array_equal(res.eigenvalues[n * c:], 0.0)
+
+
+def _krylov_ritz_values(d, v0, j):
+  """Eigenvalues (descending) of Q' diag(d) Q, Q an orthonormal basis of the
+  Krylov space span{v0, A v0, ..., A^(j-1) v0} (QR of the explicit powers)."""
+  d, v0 = np.asarray(d, np.float64), np.asarray(v0, np.float64)
+  k = np.stack([(d / np.abs(d).max()) ** i * v0 for i in range(j)], axis=1)
+  q = np.linalg.qr(k)[0]
+  return np.linalg.eigvalsh(q.T @ (d[:, None] * q))[::-1]
+
+
+def test_lanczos_early_stop_ritz_values_are_those_of_the_krylov_space():
+  """With a tolerance, Lanczos stops after j < m steps while beta_j != 0: the
+  Ritz values are the eigenvalues of the leading j x j tridiagonal block, i.e.
+  of A projected on the j-dimensional Krylov space, uncoupled from the padding."""
+  d = jnp.concatenate([jnp.array([10.0, 6.0]), jnp.linspace(1.0, 2.0, 18)])
+  v0 = jnp.ones(20) + 0.05 * jnp.arange(20.0)
+  res = eigen.lanczos(lambda v: d * v, v0, 20, rtol=1e-4, num_converged=2)
+  j = int(res.iterations)
+  assert 2 <= j < 20 and res.betas[j - 1] > 1e-3
+  np.testing.assert_allclose(res.ritz_values[:j], _krylov_ritz_values(d, v0, j), rtol=1e-9)
+  np.testing.assert_allclose(res.ritz_values[:2], [10.0, 6.0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_lanczos_breakdown_ritz_values_far_below_the_diagonal(sign):
+  """A 2-dimensional invariant Krylov space whose Ritz values lie far from the
+  tridiagonal diagonal: d = ±(0, 10, 4, 4, 4) from (1, 1, 0, 0, 0) gives
+  alpha = ±5, beta = 5 and Ritz values ±10 and 0. The padding of the 2 x 2 block
+  must sit below both (Gershgorin), else it would show up as a spurious value."""
+  d = sign * jnp.array([0.0, 10.0, 4.0, 4.0, 4.0])
+  v0 = jnp.array([1.0, 1.0, 0.0, 0.0, 0.0])
+  for kwargs in ({}, dict(rtol=1e-8)):
+    res = eigen.lanczos(lambda v: d * v, v0, 5, **kwargs)
+    assert int(res.iterations) == 2
+    np.testing.assert_allclose(res.ritz_values[:2], np.sort([0.0, 10.0 * sign])[::-1],
+                               atol=1e-12)
+    assert np.all(np.isnan(res.ritz_values[2:]))
+
+
+def test_lanczos_does_not_stop_before_num_converged_steps():
+  """A start vector within 1e-7 of the top eigenvector converges the top Ritz
+  pair after one step; with ``num_converged=2`` Lanczos must go on until the
+  second pair has converged too."""
+  d = jnp.linspace(1.0, 2.0, 10) ** 2
+  v0 = jnp.zeros(10).at[-1].set(1.0) + 1e-7 * jnp.cos(jnp.arange(10.0))
+  res = eigen.lanczos(lambda v: d * v, v0, 10, rtol=1e-3, num_converged=2)
+  assert int(res.iterations) >= 2
+  np.testing.assert_allclose(res.ritz_values[0], d[-1], rtol=1e-10)
+  np.testing.assert_allclose(res.ritz_values[1], d[-2], rtol=1e-2)
+
+
+def test_lanczos_with_a_tolerance_stops_at_a_breakdown_before_num_converged_steps():
+  """An invariant 2-dimensional start space with ``num_converged=3``: the loop
+  must stop at the breakdown (2 steps), not multiply the zero vector on and
+  report a spurious 0 Ritz value, which tops a negative definite matrix."""
+  d = -jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
+  res = eigen.lanczos(lambda v: d * v, jnp.array([1.0, 1.0, 0, 0, 0]), 5, rtol=1e-3,
+                      num_converged=3)
+  assert int(res.iterations) == 2
+  np.testing.assert_allclose(res.ritz_values[:2], [-2.0, -3.0], rtol=1e-12)
+  assert np.all(np.isnan(res.ritz_values[2:]))
+  neg = -jnp.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
+  top = eigen.top_eigenvalues(lambda v: neg * v, jnp.zeros(6), jax.random.PRNGKey(0), 3, 5,
+                              rtol=1e-6)
+  np.testing.assert_allclose(top[:2], [-1.0, -2.0], rtol=1e-10)
+  assert np.isnan(top[2])

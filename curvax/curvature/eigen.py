@@ -239,13 +239,16 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
       theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, j))
       top = slice(m - num_converged, m)
       residual = betas[j - 1] * jnp.abs(y[j - 1, top])
-      return jnp.all(residual <= atol + rtol * jnp.abs(theta[top])) | (betas[j - 1] == 0)
+      return jnp.all(residual <= atol + rtol * jnp.abs(theta[top]))
 
     def body(carry):
       j, q, alphas, betas, _ = carry
       q, alphas, betas = step(j, q, alphas, betas)
       j = j + 1
-      done = (j >= num_converged) & converged(j, alphas, betas)
+      # A breakdown ends the loop even before `num_converged` steps: the space
+      # is invariant, and a further step would multiply the zero vector (and
+      # add a spurious 0 Ritz value).
+      done = ((j >= num_converged) & converged(j, alphas, betas)) | (betas[j - 1] == 0)
       return j, q, alphas, betas, done
 
     iterations, q, alphas, betas, _ = jax.lax.while_loop(
