@@ -140,3 +140,36 @@ def test_fast_path_diag_ggn_keyword_inputs_and_lifted_transforms(case):
   if unsupported:
     with pytest.raises(ValueError, match=unsupported):
       diagonals.diag_ggn(apply_fn, loss, params, batch, method="layers")
+
+
+@pytest.mark.parametrize("fn", [diagonals.hutchinson_diagonal, diagonals.hutchinson_trace])
+@pytest.mark.parametrize("num_samples", [0, -2, 2.0])
+def test_hutchinson_rejects_a_non_positive_or_non_int_sample_count(fn, num_samples):
+  """Zero probes would give a NaN (empty mean) rather than an error."""
+  with pytest.raises(ValueError, match="num_samples"):
+    fn(lambda v: v, jnp.ones(3), jax.random.PRNGKey(0), num_samples)
+
+
+@pytest.mark.parametrize("fn", ["diag_ggn", "diag_ggn_mc"])
+def test_diag_ggn_rejects_an_unknown_method(fn):
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy", n=3)
+  extra = (jax.random.PRNGKey(0),) if fn == "diag_ggn_mc" else ()
+  with pytest.raises(ValueError, match="method"):
+    getattr(diagonals, fn)(apply_fn, loss, params, batch, *extra, method="fast")
+
+
+def test_hutchinson_probes_are_independent_across_leaves():
+  """Two leaves of the same shape coupled entry by entry: A = [[I, I], [I, I]]
+  (diag 1, trace 8). With independent Rademacher probes z_i (Az)_i =
+  1 + z_i z_{i+4} has mean 1 and variance 1, z'Az = 8 + 2 sum_i z_i z_{i+4}
+  mean 8 and variance 16; probes shared between the leaves (z_a = z_b) would
+  give 2 and 16 exactly."""
+  params = {"a": jnp.zeros(4), "b": jnp.zeros(4)}
+  matvec = lambda v: {"a": v["a"] + v["b"], "b": v["a"] + v["b"]}  # noqa: E731
+  m = 400
+  key = jax.random.PRNGKey(5)
+  diag = jax.jit(lambda k: diagonals.hutchinson_diagonal(matvec, params, k, m,
+                                                         batch_size=50))(key)
+  trace = jax.jit(lambda k: diagonals.hutchinson_trace(matvec, params, k, m))(key)
+  assert np.all(np.abs(flat(diag) - 1.0) <= 5 * np.sqrt(1.0 / m))
+  assert abs(float(trace) - 8.0) <= 5 * np.sqrt(16.0 / m)

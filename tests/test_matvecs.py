@@ -195,6 +195,25 @@ def test_bad_inputs_raise_clear_errors():
     curvax.curvature.ggn_matvec(apply_fn, loss, params, (batch[0], jnp.zeros((6, 7), jnp.int32)))
 
 
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "fisher"])
+def test_every_matvec_rejects_a_vector_not_shaped_like_params(kind):
+  """A missing leaf or a leaf of the wrong shape is a ValueError naming the
+  mismatch, not a TypeError from deep inside a linearised function."""
+  apply_fn, loss, params, batch = problem("mlp", "mean_squared_error", n=3)
+  if kind == "ggn":
+    mv = curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)
+  elif kind == "hessian":
+    mv = curvax.curvature.hessian_matvec(curvax.losses.objective(apply_fn, loss), params, batch)
+  else:
+    mv = curvax.curvature.fisher_matvec(apply_fn, loss, params, batch)
+  missing = dict(params)
+  del missing["b2"]
+  with pytest.raises(ValueError, match="shaped like `params`"):
+    mv(missing)
+  with pytest.raises(ValueError, match=r"\['w1'\]"):
+    mv(dict(params, w1=jnp.zeros((3, 3))))
+
+
 def test_l2_regularizer_adds_weight_times_identity_on_weights():
   apply_fn, loss, params, batch = problem("mlp", "mean_squared_error")
   names = {"w1", "w2"}

@@ -556,3 +556,43 @@ def test_dot_with_errors():
     pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=(bad,))
   with pytest.raises(ValueError, match="mean"):
     pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=("median",))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_variance_of_identical_examples_is_zero_never_negative(chunk_size):
+  """Seven copies of one example: every g_n is the same, so the variance
+  (1/N) sum g_n^2 - g^2 is 0 in exact arithmetic; round-off makes the raw
+  difference slightly negative in some entries, which the clamp must remove
+  (a negative variance would give NaN standard deviations / SNRs)."""
+  apply_fn, loss, params, (x, y) = problem("mlp", "mean_squared_error", n=7)
+  batch = (jnp.broadcast_to(x[:1], x.shape), jnp.broadcast_to(y[:1], y.shape))
+  g1 = explicit_per_example_grads(apply_fn, loss, params, (x[:1], y[:1]))[0]
+  s = jax.jit(lambda p, b: pe.per_example_statistics(apply_fn, loss, p, b, method="vmap",
+                                                     chunk_size=chunk_size))(params, batch)
+  # (On XLA:CPU float64 the raw difference is about -4e-16 in a dozen entries.)
+  var = flat(s.variance)
+  assert np.all(var >= 0)
+  np.testing.assert_allclose(var, 0.0, atol=1e-12)
+  np.testing.assert_allclose(flat(s.mean_gradient), g1, **TOL)
+  np.testing.assert_allclose(s.gradient_norms, np.full(7, np.linalg.norm(g1)), **TOL)
+
+
+@pytest.mark.parametrize("chunk_size,batched_calls", [(None, 0), (7, 0), (3, 1)])
+def test_dot_with_mean_needs_an_extra_pass_only_over_several_chunks(chunk_size, batched_calls):
+  """``dot_with=("mean",)`` on the vmap path: when one chunk holds the batch
+  (None or chunk_size >= N) the chunk's mean is g and no extra (batched)
+  backward pass is traced; over several chunks exactly one computes g first.
+  The values equal g_n'g from explicit per-example gradients either way."""
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy", n=7)
+  shapes = []
+
+  def counted(p, x):
+    shapes.append(x.shape[0])
+    return apply_fn(p, x)
+
+  s = jax.jit(lambda p, b: pe.per_example_statistics(counted, loss, p, b, method="vmap",
+                                                     dot_with=("mean",),
+                                                     chunk_size=chunk_size))(params, batch)
+  assert shapes.count(7) == batched_calls, shapes
+  g = explicit_per_example_grads_jacrev(apply_fn, loss, params, batch)
+  np.testing.assert_allclose(s.dots[0], g @ g.mean(0), **TOL)

@@ -150,3 +150,23 @@ def test_mixed_precision_direction_is_taken_in_the_parameters_dtype():
   grads = jax.grad(curvax.losses.objective(apply_fn, loss))(params, batch)
   _, state = jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)
   assert np.isfinite(float(state.alpha))
+
+
+@pytest.mark.parametrize("numerator,denominator,defined", [
+    (2.0, 4.0, True), (-3.0, 0.5, True), (1.0, 0.0, False), (1.0, -1.0, False),
+    (1.0, np.inf, False), (1.0, np.nan, False), (np.inf, 1.0, False), (np.nan, 1.0, False),
+    (-np.inf, 1.0, False), (1.0, -np.inf, False)])
+def test_step_size_is_defined_only_for_finite_parts_and_positive_curvature(
+    numerator, denominator, defined):
+  """alpha = -num/den exactly where den > 0 and both parts are finite, NaN
+  elsewhere (an infinite curvature would otherwise give alpha = -0, a step of
+  zero that looks valid)."""
+  num, den = jnp.asarray(numerator), jnp.asarray(denominator)
+  assert bool(curvax.curvature.step_size_is_defined(num, den)) == defined
+  parts = curvax.curvature.QuadraticStepSize(jnp.asarray(0.0), num, den, jnp.asarray(0.0))
+  assert bool(parts.is_defined) == defined
+  alpha = jax.jit(curvax.curvature.step_size_from_parts)(num, den)
+  if defined:
+    np.testing.assert_allclose(alpha, -numerator / denominator, rtol=1e-15)
+  else:
+    assert np.isnan(alpha)
