@@ -521,7 +521,7 @@ def test_dashboard_has_a_panel_for_every_instrument(tmp_path):
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
   # an L2 regulariser in the gradient passed in: the instruments other than
   # GradNorm use the data term only (monitor's conventions)
-  reg_obj = lambda p, b: obj(p, b) + 0.05 * optax.tree_utils.tree_l2_norm(p, squared=True)
+  reg_obj = lambda p, b: obj(p, b) + 0.05 * optax.tree_utils.tree_norm(p, squared=True)
   state, p, records = tx.init(params), params, []
   for _ in range(3):
     u, state = step(jax.grad(reg_obj)(p, batch), state, p)
