@@ -32,13 +32,14 @@ block and each configuration's block in turn, so machine noise hits all alike.
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 
 import numpy as np
 import torch
 from backpack import extend
+
+import _torch_setup  # benchmarks/peers/_torch_setup.py
 
 with warnings.catch_warnings():
   warnings.simplefilter("ignore", UserWarning)  # cockpit 1.0.2: "pkg_resources is deprecated"
@@ -67,27 +68,12 @@ def three_c3d() -> torch.nn.Sequential:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--threads", type=int, default=None,
-                  help="torch.set_num_threads (default: torch's, i.e. the cores)")
+  ap = _torch_setup.parser(__doc__.splitlines()[0], repeats=3)
   ap.add_argument("--every", type=int, default=64)
   ap.add_argument("--steps", type=int, default=4, help="steps per every-step block")
-  ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--presets", default="economy,business,full")
   args = ap.parse_args()
-  if args.threads is not None:
-    torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
-
-  # BackPACK's hooks fire on every backward pass of an extended model (the
-  # input needs no gradient: torch warns that the full backward hooks see
-  # module outputs only, which is all BackPACK needs).
-  warnings.filterwarnings("ignore", message="Full backward hook is firing")
-  # The plain step trains a model of its own, not extended (no BackPACK hooks).
-  plain_model = three_c3d()
-  model = extend(three_c3d())
-  model.load_state_dict(plain_model.state_dict())
+  plain_model, model = _torch_setup.plain_and_extended(three_c3d, args.threads)
   n_params = sum(p.numel() for p in model.parameters())
   plain_loss_fn = torch.nn.CrossEntropyLoss(reduction="mean")
   loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))

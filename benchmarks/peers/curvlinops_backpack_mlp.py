@@ -25,15 +25,15 @@ once, in turn, so machine noise hits all alike.
 
 from __future__ import annotations
 
-import argparse
 import time
-import warnings
 
 import numpy as np
 import torch
 from backpack import backpack, extend
 from backpack.extensions import BatchL2Grad, DiagGGNExact, SumGradSquared
 from curvlinops import GGNLinearOperator, HessianLinearOperator
+
+import _torch_setup  # benchmarks/peers/_torch_setup.py
 
 SIZES = (784, 1000, 500, 100, 10)
 
@@ -48,20 +48,8 @@ def mnist_mlp() -> torch.nn.Sequential:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--threads", type=int, default=None,
-                  help="torch.set_num_threads (default: torch's, i.e. the cores)")
-  ap.add_argument("--repeats", type=int, default=9)
-  args = ap.parse_args()
-  if args.threads is not None:
-    torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
-  warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-  model = mnist_mlp()
-  ext_model = extend(mnist_mlp())
-  ext_model.load_state_dict(model.state_dict())
+  args = _torch_setup.parser(__doc__.splitlines()[0], repeats=9).parse_args()
+  model, ext_model = _torch_setup.plain_and_extended(mnist_mlp, args.threads)
   loss_fn = torch.nn.CrossEntropyLoss(reduction="mean")
   ext_loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))
   x = torch.randn(args.batch, SIZES[0])
