@@ -408,7 +408,7 @@ def _np_iterate_grid(max_iter):
   return grid
 
 
-def _np_cg(a, b, x0, max_iter, tol, eps, nonpositive_curvature="stop"):
+def _np_cg(a, b, x0, max_iter, tol, eps, nonpositive_curvature="stop", martens=True):
   """Unpreconditioned CG on the dense ``a x = b`` with Martens' stopping test.
 
   Returns the final iterate, its iteration, the status code, the kept iterates
@@ -450,7 +450,7 @@ def _np_cg(a, b, x0, max_iter, tol, eps, nonpositive_curvature="stop"):
       k = max(10, int(np.ceil(0.1 * i)))
       if r @ r <= tol ** 2 * (b @ b):
         status = _CG_RESIDUAL
-      elif i > k and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < k * eps:
+      elif martens and i > k and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < k * eps:
         status = _CG_MARTENS
       elif i >= max_iter:
         status = _CG_MAX_ITER
@@ -468,12 +468,12 @@ def _np_hessian_free_step(curv, g, eval_loss, damping, warm_start, *, cg_max_ite
                           linesearch_beta=0.8, linesearch_max_reductions=20,
                           linesearch_initial_step=1.0, adapt_damping=True,
                           use_cg_backtracking=True, use_linesearch=True,
-                          nonpositive_curvature="stop"):
+                          nonpositive_curvature="stop", martens_criterion=True):
   """One Hessian-free step on flat vectors; ``eval_loss(d) = L_eval(theta + d)``."""
   a = curv + damping * np.eye(len(g))
   p_final, iterations, status, kept, phi = _np_cg(
       a, -g, cg_decay_x0 * warm_start, cg_max_iter, cg_tol, martens_eps,
-      nonpositive_curvature)
+      nonpositive_curvature, martens_criterion)
   # Levenberg-Marquardt with the damped model's prediction at the final iterate.
   loss_before = eval_loss(np.zeros_like(g))
   rho = (eval_loss(p_final) - loss_before) / phi if phi < 0 else -np.inf
@@ -662,6 +662,35 @@ _OPTION_CASES = {
     "abs_curvature": dict(problem="hessian", seed=1, damping=0.3, linesearch_c=0.5,
                           cg_decay_x0=0.8, options=dict(nonpositive_curvature="abs"),
                           expect=dict(reference_status=_CG_NONPOSITIVE)),
+    # Neither backtracking nor a line search: the update is p_final and
+    # loss_after is measured there.
+    "final_iterate_only": dict(problem="ggn", seed=0, damping=1.0,
+                               options=dict(use_cg_backtracking=False, use_linesearch=False),
+                               expect=dict(reference_backtracks=True)),
+    # hessian_martens without Martens' test: CG goes on.
+    "no_martens": dict(problem="hessian", seed=2, damping=1.0,
+                       options=dict(martens_criterion=False),
+                       # (22 iterations instead of 20 on this ill-conditioned
+                       # Hessian: rounding reaches ~1.1e-7 of the largest entry.)
+                       expect=dict(reference_status=_CG_MARTENS, vector_tol=1e-6)),
+    # Backtracking steps back and Armijo's slope is g'p at that iterate, not
+    # at the final one: with g'p_final an earlier (larger) trial step passes.
+    "slope_at_chosen_iterate": dict(problem="ggn", seed=3, damping=1.0, linesearch_c=0.3,
+                                    options=dict(), expect=dict(slope_matters=True)),
+    # The settings passed on to CG and Armijo: each changes the reference's step
+    # from the one at its default ("changes": setting, default, changed field).
+    # No reduction allowed: ggn_armijo_shrinks takes no step.
+    "no_reductions": dict(problem="ggn", seed=1, damping=1.0, cg_decay_x0=0.5,
+                          linesearch_max_reductions=0, options=dict(),
+                          expect=dict(changes=("linesearch_max_reductions", 20, "alpha"))),
+    # A loose residual tolerance ends CG earlier.
+    "loose_cg_tol": dict(problem="ggn", seed=0, damping=1.0, cg_tol=0.1, options=dict(),
+                         expect=dict(changes=("cg_tol", 1e-5, "cg_iterations"))),
+    # A larger martens_eps ends hessian_martens earlier (with "abs" to share
+    # abs_curvature's compilation; the reference runs the same variant).
+    "large_martens_eps": dict(problem="hessian", seed=2, damping=1.0, martens_eps=0.05,
+                              options=dict(nonpositive_curvature="abs"),
+                              expect=dict(changes=("martens_eps", 5e-4, "cg_iterations"))),
 }
 
 
@@ -708,6 +737,17 @@ def test_options_match_numpy_reference(case):
   if "reference_status" in expect:
     assert default["cg_status"] == expect["reference_status"] != want["cg_status"]
     assert want["cg_iterations"] > default["cg_iterations"]
+  if expect.get("slope_matters"):
+    assert want["chosen_iterate"] < want["num_kept"] - 1 and 0 < want["alpha"] < 1
+    p, c = want["update"] / want["alpha"], floats["linesearch_c"]
+    trials = [0.8 ** k for k in range(20) if 0.8 ** k > want["alpha"] * (1 + 1e-12)]
+    assert any(eval_loss(a * p) <= want["loss_before"] + c * a * (g @ want["warm_start"])
+               for a in trials)
+  if "changes" in expect:
+    name, default_value, field = expect["changes"]
+    at_default = _np_hessian_free_step(curv, g, eval_loss, damping, warm_start,
+                                       **{**kw, name: default_value}, **options)
+    assert at_default[field] != want[field]
 
   state = hessian_free(ref.mlp_apply, ref.LOSSES[problem["loss_name"]],
                        initial_damping=damping).init(params)
@@ -715,9 +755,10 @@ def test_options_match_numpy_reference(case):
   update, new = _hf_update_with_options(unravel(jnp.asarray(g)), state, params, batch,
                                         eval_batch, floats, options=tuple(options.items()),
                                         **problem)
+  vector_tol = expect.get("vector_tol", 1e-7)
   for name, actual in (("update", update), ("warm_start", new.warm_start)):
     np.testing.assert_allclose(ref.flat(actual), want[name], rtol=0, err_msg=name,
-                               atol=1e-7 * np.max(np.abs(want[name])))
+                               atol=vector_tol * np.max(np.abs(want[name])))
   for name in ("damping", "rho", "alpha", "loss_before", "loss_after"):
     np.testing.assert_allclose(getattr(new, name), want[name], rtol=1e-7, err_msg=name)
   for name in ("cg_iterations", "cg_status", "chosen_iterate", "chosen_iteration"):
@@ -760,6 +801,75 @@ def test_nonfinite_loss_at_the_step_without_linesearch_is_rejected():
   assert all(np.all(np.asarray(l) == 0) for l in jax.tree_util.tree_leaves(u))
   np.testing.assert_allclose(state.loss_before, _LOSS_FN(params, eval_batch), rtol=1e-12)
   assert float(state.loss_after) == float(state.loss_before)
+
+
+def test_nonfinite_curvature_with_finite_gradient_is_rejected():
+  """A NaN in ``batch`` reaches only the curvature products (the gradient was
+  computed on a clean batch): CG meets it at once (``A x0`` with a non-zero
+  warm start) and returns the finite ``x0`` with status NONFINITE. That status
+  alone must reject the step, although ``x0``, the losses and the step itself
+  are finite."""
+  params, batch, eval_batch = _teacher_batches(n=8)
+  g = jax.grad(_LOSS_FN)(params, batch)
+  bad_batch = (batch[0].at[1, 2].set(jnp.nan), batch[1])
+  tx = hessian_free(ref.mlp_apply, mse, use_linesearch=False, use_cg_backtracking=False,
+                    cg_max_iter=5)
+  state = tx.init(params)._replace(damping=jnp.asarray(2.0),
+                                   warm_start=jax.tree.map(jnp.ones_like, params))
+  u, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=bad_batch,
+                                               eval_batch=eval_batch))(g, state, params)
+  assert int(state.cg_status) == solvers.CGStatus.NONFINITE
+  assert int(state.cg_iterations) == 0
+  assert all(np.all(np.asarray(l) == 0) for l in jax.tree_util.tree_leaves(u))
+  assert bool(state.nonfinite) and int(state.nonfinite_count) == 1
+  assert float(state.alpha) == 0.0
+  np.testing.assert_allclose(state.damping, 3.0)
+  assert all(np.all(np.asarray(l) == 0) for l in jax.tree_util.tree_leaves(state.warm_start))
+
+
+def test_nonfinite_loss_before_the_step_is_rejected():
+  """A value_fn that is NaN at theta but finite away from it
+  (use_linesearch=False, so nothing else looks at ``L_eval(theta)``): the step
+  is rejected and the NaN is reported."""
+  params, batch, eval_batch = _teacher_batches(n=8)
+  g = jax.grad(_LOSS_FN)(params, batch)
+  flat0 = ref.flat(params)
+
+  def value_fn(q):
+    moved = jnp.any(ref.flat(q) != flat0)
+    return _LOSS_FN(q, eval_batch) + jnp.where(moved, 0.0, jnp.nan)
+
+  tx = hessian_free(ref.mlp_apply, mse, use_linesearch=False, cg_max_iter=5)
+  u, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch, value_fn=value_fn))(
+      g, tx.init(params), params)
+  assert np.isnan(float(state.loss_before)) and float(state.rho) == -np.inf
+  assert bool(state.nonfinite) and float(state.alpha) == 0.0
+  assert all(np.all(np.asarray(l) == 0) for l in jax.tree_util.tree_leaves(u))
+
+
+def test_eval_losses_include_the_regularizer():
+  """``L_eval`` is the whole objective on ``eval_batch``, regulariser included
+  (loss_before, loss_after), written out here as mean squared error plus
+  ``(c/2) |theta|^2``."""
+  params, batch, eval_batch = _teacher_batches(n=8)
+  c = 0.5
+  reg = curvax.losses.l2_regularizer(c)
+  g = jax.grad(curvax.losses.objective(ref.mlp_apply, mse, reg))(params, batch)
+
+  def objective_np(p):
+    out = np.asarray(ref.mlp_apply(p, eval_batch[0]))
+    data = np.mean(0.5 * np.sum((out - np.asarray(eval_batch[1])) ** 2, axis=-1))
+    return data + 0.5 * c * np.sum(np.asarray(ref.flat(p)) ** 2)
+
+  # The regulariser's share is large enough to be seen.
+  assert 0.5 * c * np.sum(np.asarray(ref.flat(params)) ** 2) > 1e-3 * objective_np(params)
+  tx = hessian_free(ref.mlp_apply, mse, regularizer=reg, cg_max_iter=3)
+  u, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch, eval_batch=eval_batch))(
+      g, tx.init(params), params)
+  assert not bool(state.nonfinite) and float(state.alpha) > 0
+  np.testing.assert_allclose(state.loss_before, objective_np(params), rtol=1e-10)
+  np.testing.assert_allclose(state.loss_after,
+                             objective_np(optax.apply_updates(params, u)), rtol=1e-10)
 
 
 def test_fisher_preconditioner_first_cg_step_matches_closed_form():
