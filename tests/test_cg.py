@@ -397,3 +397,22 @@ def test_martens_window_grows_past_100_iterations(eps):
   res = solvers.cg(lambda v: d * v, b, max_iter=250, tol=0.0, martens_eps=eps)
   assert int(res.status) == CGStatus.MARTENS
   assert int(res.iterations) == expected
+
+
+@pytest.mark.parametrize("low", [jnp.float32, jnp.bfloat16])
+def test_cg_with_mixed_precision_leaves_works_in_the_widest_dtype(low):
+  """Leaves of two dtypes (a float64 scalar dtype): the loop keeps its types
+  (each vector leaf is promoted to float64, as the scalars are) and solves the
+  system as the all-float64 CG does, although `matvec` returns the low dtype."""
+  a = np.diag(np.arange(1.0, 7.0)) + 0.1 * np.ones((6, 6))
+  b = {"lo": jnp.asarray([1.0, -2.0, 0.5], low), "hi": jnp.asarray([0.25, 1.0, -1.0])}
+
+  def matvec(v):
+    out = jnp.asarray(a) @ jnp.concatenate([v["lo"].astype(jnp.float64), v["hi"]])
+    return {"lo": out[:3].astype(low), "hi": out[3:]}
+  res = jax.jit(lambda b: solvers.cg(matvec, b, max_iter=6, tol=0.0))(b)
+  assert res.x["lo"].dtype == jnp.float64 and res.x["hi"].dtype == jnp.float64
+  x = np.linalg.solve(a, np.concatenate([np.asarray(b["lo"], np.float64), np.asarray(b["hi"])]))
+  # Only matvec's rounding to `low` separates it from the exact solution.
+  tol = 1e-5 if low == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.concatenate([res.x["lo"], res.x["hi"]]), x, rtol=tol, atol=tol)

@@ -921,3 +921,38 @@ def test_default_cg_budget_is_250_iterations():
   _, state = jax.jit(tx.update)(g, tx.init(params), params, batch=(x, y), eval_batch=(x, y))
   assert int(state.cg_status) == solvers.CGStatus.MAX_ITER
   assert int(state.cg_iterations) == 250 == int(state.chosen_iteration)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_mixed_precision_parameters(curvature):
+  """A float32 kernel beside a float64 bias (bfloat16 beside float32 alike)
+  used to crash: CG's vectors were promoted, and the curvature product was
+  linearised at float32 primals with float64 tangents. Now each leaf keeps
+  its dtype in the update and the state (one compilation for two steps), and
+  the step matches the all-float64 one up to the kernel's float32 rounding."""
+  mse = curvax.losses.mean_squared_error
+  apply = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4))
+  y = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
+  w0 = 0.5 * jax.random.normal(jax.random.PRNGKey(2), (4, 2))
+  mixed = {"w": w0.astype(jnp.float32), "b": jnp.full((2,), 0.1, jnp.float64)}
+  wide = {"w": mixed["w"].astype(jnp.float64), "b": mixed["b"]}
+  tx = curvax.transforms.hessian_free(apply, mse, curvature=curvature, cg_max_iter=8)
+  obj = curvax.losses.objective(apply, mse)
+  traces = []
+
+  @jax.jit
+  def step(p, s):
+    traces.append(1)
+    u, s = tx.update(jax.grad(obj)(p, (x, y)), s, p, batch=(x, y), eval_batch=(x, y))
+    return u, optax.apply_updates(p, u), s
+
+  u_mixed, p1, s1 = step(mixed, tx.init(mixed))
+  _, _, s2 = step(p1, s1)
+  assert len(traces) == 1
+  chex.assert_trees_all_equal_dtypes(u_mixed, mixed)
+  chex.assert_trees_all_equal_dtypes(s1, s2, tx.init(mixed))
+  u_wide, _ = tx.update(jax.grad(obj)(wide, (x, y)), tx.init(wide), wide, batch=(x, y),
+                        eval_batch=(x, y))
+  for a, b in zip(jax.tree.leaves(u_mixed), jax.tree.leaves(u_wide)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-4, atol=1e-5)

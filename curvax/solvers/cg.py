@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
@@ -76,6 +77,13 @@ def iterate_grid(max_iter: int, gamma: float = 1.3) -> Tuple[int, ...]:
       grid.append(step)
     j += 1
   return tuple(grid)
+
+
+def _keeping_dtypes(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  """``fn`` with its output cast leaf by leaf to its argument's dtypes."""
+  def cast(v):
+    return jax.tree.map(lambda o, x: jnp.asarray(o).astype(jnp.result_type(x)), fn(v), v)
+  return cast
 
 
 def cg(matvec: Callable[[Any], Any],
@@ -169,8 +177,18 @@ def cg(matvec: Callable[[Any], Any],
   capacity = len(grid) + 1
   is_grid = jnp.zeros((max_iter + 1,), bool).at[jnp.asarray(grid, jnp.int32)].set(True) \
       if grid else jnp.zeros((max_iter + 1,), bool)
-  dtype = jnp.result_type(*jax.tree_util.tree_leaves(b))
+  # Mixed precision (e.g. bfloat16 and float32 leaves): the scalars take the
+  # widest dtype (weakly typed leaves included), and each vector leaf works in
+  # its promotion with it, so that the loop keeps its types; matvec and
+  # preconditioner outputs are cast to the leaves' working dtypes. (One dtype
+  # throughout: nothing changes.)
+  dtype = functools.reduce(jnp.promote_types,
+                           [jnp.result_type(l) for l in jax.tree_util.tree_leaves(b)])
   real = jnp.finfo(dtype).dtype
+  b, x0 = (jax.tree.map(lambda l: jnp.asarray(l, jnp.promote_types(jnp.result_type(l), dtype)), t)
+           for t in (b, x0))
+  matvec = _keeping_dtypes(matvec)
+  preconditioner = _keeping_dtypes(preconditioner)
 
   bb = otu.tree_vdot(b, b).real
   threshold = jnp.maximum((tol ** 2) * bb, jnp.finfo(real).tiny)

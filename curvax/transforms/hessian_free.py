@@ -301,7 +301,15 @@ def hessian_free(
     else:
       def mv(v):
         return solvers.microbatch_mean(lambda c: chunk_mv(c, v), batch, microbatch_size)
-    return curvature_lib.add_regularizer_curvature(mv, regularizer, params)
+    mv = curvature_lib.add_regularizer_curvature(mv, regularizer, params)
+
+    def mv_any_dtype(v):
+      # Tangents in the parameters' dtypes (linearisation requires them; with
+      # mixed precision, e.g. bfloat16 kernels and float32 biases, CG's vectors
+      # are promoted by its float32 scalars); the product in v's dtypes.
+      out = mv(otu.tree_cast_like(v, params))
+      return jax.tree.map(lambda o, x: o.astype(x.dtype), out, v)
+    return mv_any_dtype
 
   def fisher_diagonal(params, batch):
     def per_example(p, x, y):
@@ -361,7 +369,9 @@ def hessian_free(
     p_final = res.x
 
     def step_loss(x):
-      return eval_loss(otu.tree_add(params, x))
+      # The loss where optax.apply_updates would put the parameters: the step
+      # is cast to their dtypes.
+      return eval_loss(otu.tree_add(params, otu.tree_cast_like(x, params)))
 
     loss_before = jnp.asarray(eval_loss(params), dtype)
     loss_final = jnp.asarray(step_loss(p_final), dtype)
@@ -402,7 +412,8 @@ def hessian_free(
     if adapt_damping:
       new_damping = jnp.where(
           finite, new_damping, jnp.clip(damping * 1.5, min_damping, max_damping))
-    warm = otu.tree_where(finite & _checks.tree_all_finite(p_final), p_final, zeros)
+    warm = otu.tree_cast_like(
+        otu.tree_where(finite & _checks.tree_all_finite(p_final), p_final, zeros), params)
 
     new_state = HessianFreeState(
         count=optax.safe_increment(state.count),
