@@ -735,3 +735,24 @@ def test_static_args_reachable_from_the_exported_function():
   tx = optax.inject_hyperparams(pp, static_args=pp.STATIC_ARGS)(
       loss_fn=lambda p, b: jnp.sum(p ** 2), learning_rate=0.1)
   assert float(tx.init(jnp.ones(2)).hyperparams["learning_rate"]) == pytest.approx(0.1)
+
+
+def test_mixed_precision_parameters_keep_their_dtypes():
+  """A float32 leaf beside a float64 one used to crash: the (O2) directions
+  came out promoted, and the Hessian-vector product was linearised at float32
+  primals with float64 tangents. Now every phase runs in one compilation, each
+  leaf's update and state keep the leaf's dtype, and the updates match the
+  all-float64 run up to float32 rounding."""
+  mixed = {"w": TWO_PARAMS["w"].astype(jnp.float32), "b": TWO_PARAMS["b"]}
+  tx = probabilistic_preconditioning(TWO, prior_iterations=2, num_observations=2)
+  _, states, updates = _run(tx, TWO, mixed, 8)
+  assert _TRACES[(id(tx), id(TWO))] == 1
+  assert {int(s.phase) for s in states} == {PRIOR, POSTERIOR, PRECONDITION}
+  for u in updates:
+    chex.assert_trees_all_equal_dtypes(u, mixed)
+  chex.assert_trees_all_equal_dtypes(states[-1], tx.init(mixed))
+  _, _, wide = _run(tx, TWO, {"w": mixed["w"].astype(jnp.float64), "b": mixed["b"]}, 8)
+  for u, v in zip(updates, wide):
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+      np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-4, atol=1e-6)
+  assert any(float(jnp.abs(u["w"]).max()) > 0 for u in updates[4:])

@@ -108,6 +108,7 @@ from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence, Tupl
 import jax
 import jax.numpy as jnp
 import optax
+import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax._buffers import own_buffers
@@ -406,7 +407,12 @@ def probabilistic_preconditioning(
     # Built inside the branches that need it: jax.linearize runs the forward and
     # backward pass at construction, which outside a cond would cost a second
     # gradient evaluation on every step.
-    hvp = lambda v: hessian_matvec(loss_fn, params, batch)(v)
+    # Tangents in the parameters' dtypes (linearisation requires them: with
+    # mixed precision, e.g. bfloat16 beside float32 leaves, the directions d of
+    # (O2) come out promoted); the product in v's dtypes.
+    def hvp(v):
+      out = hessian_matvec(loss_fn, params, batch)(otu.tree_cast_like(v, params))
+      return jax.tree.map(lambda o, x: o.astype(x.dtype), out, v)
     one = jnp.ones([], jnp.int32)
 
     def unflat(flat_leaves):
@@ -509,9 +515,10 @@ def probabilistic_preconditioning(
           y1 = -(su / num_prior) * inv
           zero = jnp.zeros((), buf.dtype)
           write_i = write & leaf_scalar(active, i)
-          dirs.append(jnp.zeros_like(buf).at[0].set(jnp.where(write_i, s1, zero)))
+          dirs.append(jnp.zeros_like(buf).at[0].set(
+              jnp.where(write_i, s1, zero).astype(buf.dtype)))
           res.append(jnp.zeros_like(buf).at[0].set(
-              jnp.where(write_i, y1 - s1 / leaf_scalar(alpha, i), zero)))
+              jnp.where(write_i, y1 - s1 / leaf_scalar(alpha, i), zero).astype(buf.dtype)))
         out.update(directions=tuple(dirs), residuals=tuple(res),
                    num_observations=jnp.where(write, one, out["num_observations"]))
       return state._replace(**out)
@@ -550,9 +557,9 @@ def probabilistic_preconditioning(
         # skipped observation writes zeros, which leaves row m as it was
         # without reading it (reading it copied the row: ~1 ms per leaf).
         zero = jnp.zeros((), s_buf.dtype)
-        dirs.append(s_buf.at[m].set(jnp.where(finite, s_new, zero)))
+        dirs.append(s_buf.at[m].set(jnp.where(finite, s_new, zero).astype(s_buf.dtype)))
         res.append(r_buf.at[m].set(jnp.where(
-            finite, y * inv - s_new / leaf_scalar(state.alpha, i), zero)))
+            finite, y * inv - s_new / leaf_scalar(state.alpha, i), zero).astype(r_buf.dtype)))
       skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
       # A non-finite observation is retaken on the next batch, at most
       # MAX_POSTERIOR_RETAKES times in a row: a degenerate estimate (e.g. no
@@ -586,8 +593,10 @@ def probabilistic_preconditioning(
                                       state.num_observations)
         u, sigma = bh.low_rank_factors(s, res, c, a, w, rank)
         ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(sigma))
-        vecs.append(tuple(jnp.where(ok, u, 0.0)))
-        vals.append(jnp.where(ok, sigma, 1.0))
+        # In the state's dtypes (the leaf's; the group scalars may be wider).
+        vecs.append(tuple(row.astype(v.dtype) for row, v in
+                          zip(jnp.where(ok, u, 0.0), state.eigenvectors[i])))
+        vals.append(jnp.where(ok, sigma, 1.0).astype(state.eigenvalues[i].dtype))
       return tuple(vecs), tuple(vals)
 
     # The conds. GPU runtimes sync with the host for each lax.cond (its
@@ -646,7 +655,8 @@ def probabilistic_preconditioning(
                    g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
                for i, (g, u, sigma) in enumerate(
                    zip(g_flat, state.eigenvectors, state.eigenvalues))]
-      g_tilde = unflat([bh.low_rank_precondition(g, u, coefficients=c)
+      # In the gradient's dtypes (a group's scalars may be wider than a leaf).
+      g_tilde = unflat([bh.low_rank_precondition(g, u, coefficients=c).astype(g.dtype)
                         for g, u, c in zip(g_flat, state.eigenvectors, coefs)])
     else:
       g_tilde = updates
