@@ -32,6 +32,11 @@ GPU run (one H200, 2026-11-27, plain step 1.0 ms) gave every step 11x / 33x
 (each a host sync on XLA:GPU) and, tracked, the histograms' scatter-adds into
 100 bins (atomics on a GPU): try ``--presets economy-grad_hist_1d``.
 
+Cockpit itself on the same machine: ``benchmarks/peers/cockpit_3c3d.py`` (2 CPU
+cores, 2026-11-27: every step 11.5x / 24.4x / 125x, every 64th 1.21x / 1.42x / 3.02x
+its own plain step; curvax in the same hour 1.85x / 6.23x (2.45x ``:mc``) / 15.0x
+and 1.01x / 1.03x / 1.31x; docs/performance.md).
+
 Timings are medians over ``--repeats`` rounds; each round times every step kind
 of a preset and the plain step once, in turn (the same input state each time),
 so that machine noise hits numerator and denominator alike. A preset may drop

@@ -74,6 +74,8 @@ def main():
   ap.add_argument("--presets", default="economy,business,full")
   args = ap.parse_args()
   plain_model, model = _torch_setup.plain_and_extended(three_c3d, args.threads)
+  # Cockpit's own calls (backward with create_graph for the curvature instruments).
+  warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
   n_params = sum(p.numel() for p in model.parameters())
   plain_loss_fn = torch.nn.CrossEntropyLoss(reduction="mean")
   loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))
