@@ -157,7 +157,10 @@ def cg(matvec: Callable[[Any], Any],
     gamma: the iterate-grid factor.
 
   Returns:
-    A `CGResult`.
+    A `CGResult`. With leaves of several dtypes (e.g. bfloat16 and float32), the
+    scalars are computed in the widest one and each vector leaf (``x``, the
+    stored iterates) in its promotion with it; ``matvec`` and
+    ``preconditioner`` receive such leaves and their outputs are cast to them.
   """
   if nonpositive_curvature not in ("stop", "abs"):
     raise ValueError(

@@ -302,14 +302,10 @@ def hessian_free(
       def mv(v):
         return solvers.microbatch_mean(lambda c: chunk_mv(c, v), batch, microbatch_size)
     mv = curvature_lib.add_regularizer_curvature(mv, regularizer, params)
-
-    def mv_any_dtype(v):
-      # Tangents in the parameters' dtypes (linearisation requires them; with
-      # mixed precision, e.g. bfloat16 kernels and float32 biases, CG's vectors
-      # are promoted by its float32 scalars); the product in v's dtypes.
-      out = mv(otu.tree_cast_like(v, params))
-      return jax.tree.map(lambda o, x: o.astype(x.dtype), out, v)
-    return mv_any_dtype
+    # Tangents in the parameters' dtypes: linearisation requires them, and with
+    # mixed precision (e.g. bfloat16 kernels, float32 biases) CG's vectors are
+    # promoted by its float32 scalars (`solvers.cg` casts the product back).
+    return lambda v: mv(otu.tree_cast_like(v, params))
 
   def fisher_diagonal(params, batch):
     def per_example(p, x, y):

@@ -407,12 +407,10 @@ def probabilistic_preconditioning(
     # Built inside the branches that need it: jax.linearize runs the forward and
     # backward pass at construction, which outside a cond would cost a second
     # gradient evaluation on every step.
-    # Tangents in the parameters' dtypes (linearisation requires them: with
-    # mixed precision, e.g. bfloat16 beside float32 leaves, the directions d of
-    # (O2) come out promoted); the product in v's dtypes.
-    def hvp(v):
-      out = hessian_matvec(loss_fn, params, batch)(otu.tree_cast_like(v, params))
-      return jax.tree.map(lambda o, x: o.astype(x.dtype), out, v)
+    # Tangents in the parameters' dtypes: linearisation requires them, and with
+    # mixed precision (e.g. bfloat16 beside float32 leaves) the directions d of
+    # (O2) come out promoted.
+    hvp = lambda v: hessian_matvec(loss_fn, params, batch)(otu.tree_cast_like(v, params))
     one = jnp.ones([], jnp.int32)
 
     def unflat(flat_leaves):
