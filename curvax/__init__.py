@@ -8,7 +8,6 @@ from curvax import sharding
 __version__ = "0.1.0"
 
 
-
 def __getattr__(name: str):
   # `curvax.problems` (data loading, Flax models, a runner, matplotlib plots) is
   # imported on first use, so that `import curvax` stays light.
