@@ -538,3 +538,147 @@ def test_runs_finishing_in_the_same_second_keep_both_results(tmp_path, monkeypat
   assert len(set(paths)) == 3 and all(os.path.exists(p) for p in paths)
   runs = problems.plot.load_results(out)["quadratic_deep"]
   assert [len(v) for v in runs.values()] == [3]
+
+
+# ------------------------------------------------- independent references (round 18)
+
+def _index_problem(n, batch_size=4):
+  """A problem whose training input row i is (i, 0): batches name their examples."""
+  from curvax.losses import mean_squared_error  # pylint: disable=import-outside-toplevel
+  from curvax.problems.problem import Problem  # pylint: disable=import-outside-toplevel
+  x = np.stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)], axis=1)
+  split = (x, np.zeros((n, 1), np.float32))
+
+  def apply_fn(variables, inputs, *, train=False, rng=None):
+    del train, rng
+    return inputs @ variables["params"]["w"][:, None]
+
+  return Problem(name="index_probe", init=lambda key: {"params": {"w": jnp.zeros(2)}},
+                 apply_fn=apply_fn, loss=mean_squared_error, regularizer=None,
+                 batch_size=batch_size, num_epochs=1, has_accuracy=False,
+                 load_data=lambda: {"train": split, "train_eval": split, "valid": split,
+                                    "test": split}, metric="test_loss")
+
+
+def _rows_probe(b, e):
+  """Logs the example index of each row of ``batch`` (b0, ...) and ``eval_batch`` (e0, ...)."""
+  fields = [f"b{j}" for j in range(b)] + [f"e{j}" for j in range(e)]
+  rows = NamedTuple("_Rows", [(f, jax.Array) for f in fields])
+
+  def init(params):
+    del params
+    return rows(*[jnp.zeros(()) for _ in fields])
+
+  def update(updates, state, params=None, *, batch=None, eval_batch=None, **extra):
+    del state, params, extra
+    return updates, rows(*batch[0][:, 0], *eval_batch[0][:, 0])
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_epochs_are_fresh_permutations_and_eval_batch_follows_the_batch():
+  """Each epoch's batches are consecutive slices of a new permutation of the training set
+  (here n = 2 b: all of it); eval_batch holds the e examples that follow the batch after
+  an offset in [0, n - b - e] (wrapping around the permutation), all offsets occurring."""
+  n, b, e, epochs = 8, 4, 3, 6
+  r = problems.run(_index_problem(n, b), _rows_probe(b, e), epochs=epochs, log_every=1,
+                   eval_batch_size=e, eval_every=1, verbose=False)
+  s = {k: [int(v) for v in vals] for k, vals in r["optimizer_state"].items()}
+  steps = n // b
+  assert r["steps"] == epochs * steps and r["minibatch_steps"] == list(range(1, epochs * steps + 1))
+  perms, offsets = [], set()
+  for epoch in range(epochs):
+    perm = [s[f"b{j}"][epoch * steps + i] for i in range(steps) for j in range(b)]
+    assert sorted(perm) == list(range(n)), perm
+    perms.append(perm)
+    for i in range(steps):
+      t = epoch * steps + i
+      ev = [s[f"e{j}"][t] for j in range(e)]
+      start = (perm.index(ev[0]) - (i * b + b)) % n
+      assert ev == [perm[(i * b + b + start + j) % n] for j in range(e)], (epoch, i)
+      assert 0 <= start <= n - b - e
+      offsets.add(start)
+  assert offsets == set(range(n - b - e + 1))
+  assert len({tuple(p) for p in perms}) > 1   # not one permutation reused every epoch
+  # eval_every=1: one evaluation per step, at fractional epochs.
+  assert r["eval_steps"] == list(range(epochs * steps + 1))
+  np.testing.assert_allclose(r["eval_epochs"], np.arange(epochs * steps + 1) / steps)
+
+
+def test_smallest_training_set_holds_batch_and_eval_batch_exactly():
+  """n = b + e fits (offset 0, eval_batch = the rest of the permutation); n < b + e not."""
+  b, e = 4, 3
+  r = problems.run(_index_problem(b + e, b), _rows_probe(b, e), epochs=2, log_every=1,
+                   eval_batch_size=e, verbose=False)
+  s = r["optimizer_state"]
+  for t in range(2):
+    rows = [int(s[f"b{j}"][t]) for j in range(b)] + [int(s[f"e{j}"][t]) for j in range(e)]
+    assert sorted(rows) == list(range(b + e))
+  with pytest.raises(ValueError, match="too small for a batch of 4"):
+    problems.run(_index_problem(b + e - 1, b), _rows_probe(b, e), epochs=1,
+                 eval_batch_size=e, verbose=False)
+
+
+def test_setting_folder_and_json_conversion():
+  """DeepOBS's setting folder: num_epochs, batch_size, weight_decay (when set), then the
+  hyperparameters in alphabetical order, then curvax's runner settings; JSON has no
+  NaN/inf (NaN -> null, +-inf -> +-1e308)."""
+  from curvax.problems import runner  # pylint: disable=import-outside-toplevel
+  folder = runner._setting_folder(3, 64, 0.002, {"lr": 0.1, "b1": 0.9, "eps": 1e-8},
+                                  {"train_size": 256, "max_steps": None})
+  assert folder == ("num_epochs__3__batch_size__64__weight_decay__0.002__b1__0.9__eps__1e-08"
+                    "__lr__0.1__train_size__256")
+  assert runner._setting_folder(1, 8, None, {}) == "num_epochs__1__batch_size__8"
+  got = runner._jsonable({"a": [float("nan"), float("inf"), -float("inf"), 1.5],
+                          "b": np.float32(2.0), 3: (np.int64(4), jnp.float32(0.5))})
+  assert got == {"a": [None, 1e308, -1e308, 1.5], "b": 2.0, "3": [4, 0.5]}
+  assert json.loads(json.dumps(got, allow_nan=False)) == got
+
+
+def test_json_conversion_writes_arrays_as_lists():
+  """Arrays become (nested) JSON lists, their non-finite entries converted as
+  scalars are; 0-d arrays become scalars (not the string of a list)."""
+  from curvax.problems import runner  # pylint: disable=import-outside-toplevel
+  assert runner._jsonable({"boundaries": np.array([10, 20]), "w": jnp.ones(2)}) == {
+      "boundaries": [10, 20], "w": [1.0, 1.0]}
+  assert runner._jsonable(np.array([[np.nan, 1.0], [np.inf, -np.inf]])) == [
+      [None, 1.0], [1e308, -1e308]]
+  assert runner._jsonable(jnp.asarray(3)) == 3
+  assert runner._jsonable(np.float32(np.nan)) is None
+
+
+# DeepOBS 1.1 showcase, tuned learning rates (spec 2.9, seed 001 Table 5.2).
+_TABLE_5_2 = {
+    "quadratic_deep": (1.58e-2, 2.51e-3, 3.98e-2), "mnist_vae": (3.98e-3, 2.51e-5, 1.58e-4),
+    "fmnist_2c2d": (1.58e-1, 2.51e-3, 2.51e-4), "fmnist_vae": (3.98e-3, 1.00e-5, 1.58e-4),
+    "cifar100_allcnnc": (1.58e-1, 3.98e-3, 1.00e-3), "svhn_wrn164": (2.51e-2, 6.31e-4, 1.58e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TABLE_5_2) + ["cifar10_3c3d", "fmnist_mlp"])
+def test_registry_learning_rates_are_table_5_2s(name):
+  """Tuned rates where Table 5.2 has them (cifar10_3c3d's are missing from the text),
+  else each optimizer's generic default; momentum 0.99, Adam (0.9, 0.999, 1e-8)."""
+  p = problems.get(name)
+  lrs = _TABLE_5_2.get(name, (1e-2, 1e-3, 1e-3))
+  for opt, lr in zip(("sgd", "momentum", "adam"), lrs):
+    assert optimizers.build(opt, p)[1]["learning_rate"] == lr, opt
+  assert optimizers.build("nadamw", p)[1]["learning_rate"] == 1e-3
+  assert optimizers.build("momentum", p)[1] == {"learning_rate": lrs[1], "momentum": 0.99}
+  assert optimizers.build("adam", p)[1] == {"learning_rate": lrs[2], "b1": 0.9, "b2": 0.999,
+                                            "eps": 1e-8}
+
+
+def test_train_size_alone_keeps_full_valid_and_test_sets():
+  """train_size caps train_eval only; valid and test are evaluated whole (eval_size None)."""
+  p = _index_problem(8)
+  init = {"params": {"w": jnp.asarray([0.1, 0.0])}}
+  r = problems.run(p, optax.sgd(0.0), epochs=1, train_size=7, eval_batch_size=3,
+                   init_params=init, verbose=False)
+  full = p.evaluate(init, splits=("valid", "test"))
+  # curvax's mean_squared_error is 1/2 ||output - target||^2 per example.
+  assert full["test_loss"] == pytest.approx(np.mean(0.5 * (0.1 * np.arange(8)) ** 2), rel=1e-6)
+  assert r["test_losses"] == pytest.approx([full["test_loss"]] * 2, rel=1e-6)
+  assert r["valid_losses"] == pytest.approx([full["valid_loss"]] * 2, rel=1e-6)
+  head = np.mean(0.5 * (0.1 * np.arange(7)) ** 2)   # train metrics: the 7 examples trained on
+  assert r["train_losses"] == pytest.approx([head] * 2, rel=1e-6)

@@ -140,7 +140,9 @@ def _jsonable(x):
   if isinstance(x, (list, tuple)):
     return [_jsonable(v) for v in x]
   if isinstance(x, (np.generic, np.ndarray)) or isinstance(x, jax.Array):
-    x = np.asarray(x).tolist()
+    x = np.asarray(x).tolist()  # a Python scalar, or (nested) lists of them
+    if isinstance(x, list):
+      return _jsonable(x)
   if isinstance(x, float) and not math.isfinite(x):
     return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
   if isinstance(x, (int, float, str, bool)) or x is None:
