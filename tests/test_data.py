@@ -300,3 +300,172 @@ def test_real_fashion_mnist_files():
   out = data.load("fashion-mnist")
   assert out["train"][0].shape == (60000, 28, 28, 1) and out["test"][0].shape == (10000, 28, 28, 1)
   assert np.bincount(out["test"][1]).tolist() == [1000] * 10
+
+
+# ------------------------------------------------- independent references (round 18)
+
+def _idx_by_hand(path):
+  """An independent IDX reader: struct header + np.frombuffer (big-endian), native result."""
+  import struct  # pylint: disable=import-outside-toplevel
+  with open(path, "rb") as fh:
+    raw = fh.read()
+  if path.endswith(".gz"):
+    raw = gzip.decompress(raw)
+  zero, code, ndim = struct.unpack(">HBB", raw[:4])
+  assert zero == 0
+  shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+  dtype = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[code]
+  a = np.frombuffer(raw, dtype, count=int(np.prod(shape)), offset=4 + 4 * ndim)
+  return a.reshape(shape).astype(np.dtype(dtype).newbyteorder("="))
+
+
+def test_real_fashion_mnist_matches_an_independent_idx_reader_and_problem_splits(monkeypatch):
+  """Debian's dataset-fashion-mnist read with struct/np.frombuffer: `data.load` agrees
+  bit for bit, and fmnist_* splits are DeepOBS 1.2's (valid = the last 10,000 training
+  images, train_eval = the first 10,000 of the rest, test = t10k), scaled by 1/255."""
+  folder = "/usr/share/datasets/fashion-mnist"
+  if not os.path.isdir(folder):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  out = data.load("fashion-mnist")
+  # The large training images are compared by shape only (same code path as t10k's).
+  assert out["train"][0].shape == (60_000, 28, 28, 1) and out["train"][0].dtype == np.uint8
+  x = _idx_by_hand(os.path.join(folder, "t10k-images-idx3-ubyte.gz"))
+  np.testing.assert_array_equal(out["test"][0][..., 0], x)
+  for split, prefix in (("train", "train"), ("test", "t10k")):
+    y = _idx_by_hand(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"))
+    np.testing.assert_array_equal(out[split][1], y.astype(np.int32))
+    assert out[split][1].dtype == np.int32
+  ytr = out["train"][1]
+  monkeypatch.setattr(problems.data, "load", lambda name, data_dir=None: out)
+  p = problems.get("fmnist_logreg", batch_size=1000)
+  sizes = {s: p.num_examples(s) for s in ("train", "train_eval", "valid", "test")}
+  assert sizes == {"train": 50_000, "train_eval": 10_000, "valid": 10_000, "test": 10_000}
+  np.testing.assert_array_equal(p.data("valid")[1], ytr[50_000:])
+  np.testing.assert_array_equal(p.data("train_eval")[1], ytr[:10_000])
+  inputs, targets = next(p.batches("test"))
+  np.testing.assert_array_equal(targets, y[:1000])
+  np.testing.assert_allclose(np.asarray(inputs)[..., 0], x[:1000] / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,code", [(">i1", 0x09), (">i2", 0x0B), (">i4", 0x0C),
+                                        (">f4", 0x0D), (">f8", 0x0E)])
+def test_idx_other_type_codes_are_big_endian_and_returned_native(tmp_path, dtype, code):
+  """The IDX type codes 0x09..0x0E hold big-endian data; `read_idx` returns the values
+  in native byte order (a header built with struct, not with the reader's table)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  values = np.array([[-3.5, 2.0, 1000.25], [7.0, -1.0, 0.0]])
+  if dtype[1] == "i":
+    values = np.array([[-3, 2, 100], [7, -1, 0]])
+  payload = struct.pack(">HBB2I", 0, code, 2, 2, 3) + values.astype(dtype).tobytes()
+  path = tmp_path / "x.idx"
+  path.write_bytes(payload)
+  got = data.read_idx(str(path))
+  np.testing.assert_array_equal(got, values)
+  assert got.shape == (2, 3) and got.dtype.isnative
+  assert got.dtype.kind == np.dtype(dtype).kind and got.dtype.itemsize == np.dtype(dtype).itemsize
+
+
+def test_truncated_raw_idx_and_mismatched_counts_are_value_errors(no_system_data):
+  folder = no_system_data / "mine" / "mnist"
+  write_mnist_like(str(folder), gz=False)
+  path = folder / "t10k-images-idx3-ubyte"
+  whole = path.read_bytes()
+  path.write_bytes(whole[:-1])   # one byte short of the 20 x 28 x 28 the header announces
+  with pytest.raises(ValueError, match="truncated") as info:
+    data.read_idx(str(path))
+  assert str(path) in str(info.value) and "(20, 28, 28)" in str(info.value)
+  path.write_bytes(whole)
+  # 20 test images but 19 labels: refused, naming the folder and the split.
+  labels = folder / "t10k-labels-idx1-ubyte"
+  write_idx(str(labels), np.zeros(19, np.uint8))
+  with pytest.raises(ValueError, match="20 test images but 19 labels") as info:
+    data.load("mnist", str(no_system_data / "mine"))
+  assert str(folder) in str(info.value)
+
+
+def test_incomplete_folder_is_not_a_copy(no_system_data):
+  """A folder with some of the required files is skipped; the next complete one wins."""
+  mine, system = no_system_data / "mine", no_system_data / "system"
+  write_mnist_like(str(mine / "mnist"))
+  os.remove(mine / "mnist" / "t10k-labels-idx1-ubyte.gz")
+  with pytest.raises(problems.DataNotFoundError):
+    data.find("mnist", str(mine))
+  write_mnist_like(str(system / "mnist"))
+  assert data.find("mnist", str(mine)) == str(system / "mnist")
+
+
+def test_download_replaces_a_corrupt_existing_file_and_leaves_no_partial(
+    no_system_data, monkeypatch):
+  import hashlib  # pylint: disable=import-outside-toplevel
+  payload = b"the real bytes"
+  monkeypatch.setitem(data.DATASETS, "toy", dict(
+      files=(("a.bin",),), urls=[("http://example.invalid/a.bin",
+                                  hashlib.md5(payload).hexdigest())], hint=""))
+  fetched = []
+
+  class Response:
+    def __init__(self, body):
+      self.body = [body, b""]
+    def read(self, n):
+      del n
+      return self.body.pop(0)
+    def __enter__(self):
+      return self
+    def __exit__(self, *a):
+      return False
+
+  def urlopen(url, body=payload):
+    fetched.append(url)
+    return Response(body)
+
+  monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+  folder = no_system_data / "dl" / "toy"
+  folder.mkdir(parents=True)
+  (folder / "a.bin").write_bytes(b"half a downl")   # an old, bad copy
+  assert data.download("toy", str(no_system_data / "dl")) == str(folder)
+  assert (folder / "a.bin").read_bytes() == payload and len(fetched) == 1
+  data.download("toy", str(no_system_data / "dl"))   # a good copy is kept, not fetched
+  assert len(fetched) == 1
+  os.remove(folder / "a.bin")
+  monkeypatch.setattr(data.urllib.request, "urlopen", lambda url: Response(b"tampered"))
+  with pytest.raises(IOError, match="checksum mismatch"):
+    data.download("toy", str(no_system_data / "dl"))
+  assert os.listdir(folder) == []   # neither a.bin nor a.bin.part stays behind
+
+
+def test_download_root_prefers_data_dir_then_env_then_default(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("CURVAX_DATA", str(tmp_path / "env"))
+  assert data.download_root(str(tmp_path / "mine")) == str(tmp_path / "mine")
+  assert data.download_root() == str(tmp_path / "env")
+  monkeypatch.delenv("CURVAX_DATA")
+  assert data.download_root() == str(tmp_path / "home" / ".curvax_data")
+
+
+def test_cifar100_binary_uses_fine_labels(no_system_data):
+  """cifar-100-binary records are <coarse label><fine label><3072 bytes>: the fine one counts."""
+  rng = np.random.RandomState(3)
+  root = no_system_data / "mine" / "cifar-100" / "cifar-100-binary"
+  os.makedirs(root)
+  expected = {}
+  for name, n in (("train", 9), ("test", 4)):
+    x = rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+    coarse = rng.randint(0, 20, n).astype(np.uint8)
+    fine = (coarse.astype(np.int64) * 5 + 1 + rng.randint(0, 4, n)).astype(np.uint8)
+    rec = np.concatenate([coarse[:, None], fine[:, None],
+                          x.transpose(0, 3, 1, 2).reshape(n, -1)], axis=1)
+    (root / f"{name}.bin").write_bytes(rec.tobytes())
+    expected[name] = (x, fine.astype(np.int32))
+  out = data.load("cifar-100", str(no_system_data / "mine"))
+  for split in ("train", "test"):
+    np.testing.assert_array_equal(out[split][0], expected[split][0])
+    np.testing.assert_array_equal(out[split][1], expected[split][1])
+
+
+def test_unknown_idx_type_code_is_not_an_idx_file(tmp_path):
+  import struct  # pylint: disable=import-outside-toplevel
+  for code in (0x07, 0x0A, 0x0F):   # not ubyte/byte/short/int/float/double
+    path = tmp_path / f"code{code}.idx"
+    path.write_bytes(struct.pack(">HBBI", 0, code, 1, 2) + b"\x00" * 16)
+    with pytest.raises(ValueError, match="not an IDX file"):
+      data.read_idx(str(path))
