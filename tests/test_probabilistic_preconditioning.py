@@ -756,3 +756,158 @@ def test_mixed_precision_parameters_keep_their_dtypes():
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
       np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-4, atol=1e-6)
   assert any(float(jnp.abs(u["w"]).max()) > 0 for u in updates[4:])
+
+
+# ---------------------------------------------------------------------------
+# Added by mutation testing: the round's bookkeeping across restarts and
+# retakes, the fit's rejection rules, defaults, and small leaves.
+
+
+def test_defaults_are_the_spec_defaults():
+  """P = 10, M = 5, k = 2 (spec, "Notation"): M and k fix the state's buffers,
+  and restart_every must exceed the estimation length P + M - 1 = 14."""
+  params = {"x": jnp.ones(N)}
+  state = probabilistic_preconditioning(SINGLE).init(params)
+  assert state.directions[0].shape == (5, N) and state.residuals[0].shape == (5, N)
+  assert len(state.eigenvectors[0]) == 2 and state.eigenvalues[0].shape == (2,)
+  with pytest.raises(ValueError, match="restart_every"):
+    probabilistic_preconditioning(SINGLE, restart_every=14)
+  probabilistic_preconditioning(SINGLE, restart_every=15)
+
+
+def test_learning_rate_zero_is_rejected():
+  """A fixed learning rate must be positive: 0 would silently never step."""
+  with pytest.raises(ValueError, match="learning_rate"):
+    probabilistic_preconditioning(SINGLE, learning_rate=0.0)
+  with pytest.raises(ValueError, match="learning_rate"):
+    probabilistic_preconditioning(SINGLE, learning_rate=np.asarray([0.1, 0.0]))
+
+
+# P = M = 2 (estimation: steps 0..2), heavy-ball inner, restart after 6 steps.
+MOMENTUM_TX = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2,
+                                            restart_every=6, inner=optax.trace(decay=0.9))
+
+
+def test_momentum_accumulates_over_the_preconditioned_steps_and_restart_refits():
+  """Steps 3, 4, 5 are preconditioned with the SAME rank-2 factors (built once,
+  at step 3; dense SVD of the posterior) and the inner momentum accumulates
+  across them: update_t = -alpha m_t, m_t = g~_t + 0.9 m_{t-1}, m_2 = 0. The
+  restart after step 5 starts the prior sums afresh: the fit at step 7 is the
+  closed form (P1, P2) at the parameters of steps 6-7 alone, with lam = 0, and
+  its first preconditioned step (9) starts from a fresh momentum buffer."""
+  params0 = {"x": jnp.ones(N)}
+  _, states, updates = _run(MOMENTUM_TX, SINGLE, params0, 10)
+  xs = [np.ones(N)]
+  for u in updates:
+    xs.append(xs[-1] + np.asarray(u["x"]))
+  grad = lambda x: A1 @ x - B1                         # SINGLE on BATCH (scale 1)
+
+  def preconditioned(state, g):                        # (C2) from the dense posterior
+    b_mat, alpha = _dense_posterior(state, 0)
+    uu, sigma, _ = np.linalg.svd(b_mat)
+    u2, scale = uu[:, :2], 1.0 / (alpha * sigma[:2])
+    return g - u2 @ (u2.T @ g) + u2 @ (scale * (u2.T @ g)), alpha
+
+  mom = np.zeros(N)
+  for t in (3, 4, 5):
+    g_tilde, alpha = preconditioned(states[3], grad(xs[t]))
+    mom = g_tilde + 0.9 * mom
+    np.testing.assert_allclose(updates[t]["x"], -alpha * mom, rtol=1e-8, atol=1e-12)
+  # Restart after step 5 (count 6); steps 6, 7 are the new round's prior phase.
+  assert [int(s.phase) for s in states[5:8]] == [PRIOR, PRIOR, POSTERIOR]
+  assert not np.any(np.asarray(updates[6]["x"])) and not np.any(np.asarray(updates[7]["x"]))
+  g = grad(xs[6])
+  np.testing.assert_allclose(states[7].alpha, [g @ A1 @ g / np.sum((A1 @ g) ** 2)], rtol=1e-10)
+  np.testing.assert_allclose(states[7].prior_scale, [g @ A1 @ g / (g @ g)], rtol=1e-10)
+  np.testing.assert_allclose(states[7].noise_scale, [0.0], atol=1e-8 * (g @ g))
+  # Round 2 preconditions from step 9 with its own factors and no old momentum.
+  assert int(states[8].phase) == PRECONDITION and not np.any(np.asarray(updates[8]["x"]))
+  g_tilde, alpha = preconditioned(states[9], grad(xs[9]))
+  np.testing.assert_allclose(updates[9]["x"], -alpha * g_tilde, rtol=1e-8, atol=1e-12)
+
+
+def test_restart_clears_the_posterior_retake_count():
+  """Restart clears everything (spec): a round cut by the restart after one
+  non-finite posterior observation leaves no pending retake, so in the next
+  round a single non-finite observation is retaken (phase stays POSTERIOR),
+  not given up on (MAX_POSTERIOR_RETAKES = 2)."""
+  batches = [NAN_BATCH] * 3 + [BATCH] * 2 + [NAN_BATCH] + [BATCH] * 2 + [NAN_BATCH]
+  _, states, _ = _run(MOMENTUM_TX, SINGLE, {"x": jnp.ones(N)}, len(batches), batches)
+  # Steps 0-2 retaken (prior), fit at step 4, step 5 retaken then cut by the restart.
+  assert [int(s.phase) for s in states] == [PRIOR] * 4 + [POSTERIOR, PRIOR, PRIOR,
+                                                          POSTERIOR, POSTERIOR]
+  assert [int(s.posterior_retakes) for s in states] == [0] * 8 + [1]
+  assert [int(s.num_restarts) for s in states] == [0] * 5 + [1] * 4
+  assert int(states[-1].num_skipped) == 5 and int(states[-1].num_observations) == 1
+
+
+def test_fit_waits_for_prior_iterations_finite_steps():
+  """A non-finite last prior step is retaken, not fitted from the P - 1 finite
+  ones: no fit and no observation yet; the fit follows the next finite step and
+  equals the closed form (P1-P3, lam = 0 on the same batch)."""
+  params = {"x": jnp.ones(N)}
+  _, states, _ = _run(SHARED, SINGLE, params, 3, [BATCH, NAN_BATCH, BATCH])
+  init = SHARED.init(params)
+  assert (int(states[1].phase), int(states[1].round_step)) == (PRIOR, 1)
+  assert int(states[1].num_observations) == 0
+  np.testing.assert_array_equal(states[1].alpha, init.alpha)
+  np.testing.assert_array_equal(states[1].noise_scale, init.noise_scale)
+  assert int(states[2].phase) == POSTERIOR and int(states[2].num_observations) == 1
+  g = A1 @ np.ones(N) - B1
+  np.testing.assert_allclose(states[2].alpha, [g @ A1 @ g / np.sum((A1 @ g) ** 2)], rtol=1e-10)
+  np.testing.assert_allclose(states[2].noise_scale, [0.0], atol=1e-8 * (g @ g))
+
+
+def test_zero_average_curvature_fails_the_fit():
+  """H = diag(1, -1) at x = (1, 1): v = g = (1, -1), u = H v = (1, 1), so
+  sum v'u = 0 while ||v||, ||u|| > 0: an active group with alpha = w = 0, which
+  the fit rejects (module docstring) — round restarted, counted, no step."""
+  loss_fn = _quadratic({"x": np.diag([1.0, -1.0])}, {"x": np.zeros(2)})
+  tx = probabilistic_preconditioning(loss_fn, prior_iterations=2, num_observations=2)
+  _, states, updates = _run(tx, loss_fn, {"x": jnp.ones(2)}, 3)
+  assert [int(s.num_failed_fits) for s in states] == [0, 1, 1]
+  assert [int(s.phase) for s in states] == [PRIOR, PRIOR, PRIOR]
+  assert [int(s.round_step) for s in states] == [1, 0, 1]
+  assert int(states[-1].num_observations) == 0
+  assert all(not np.any(np.asarray(u["x"])) for u in updates)
+
+
+def test_non_finite_learning_rate_skips_and_counts_the_step():
+  """An infinite fixed learning rate makes every preconditioned step
+  non-finite: it returns zeros, keeps the inner state and counts the step in
+  num_skipped (module docstring: "... or learning rate")."""
+  tx = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2,
+                                     learning_rate=float("inf"))
+  _, states, updates = _run(tx, SINGLE, {"x": jnp.ones(N)}, 5)
+  assert [int(s.num_skipped) for s in states] == [0, 0, 0, 1, 2]
+  assert [int(s.round_step) for s in states] == [1, 2, 3, 4, 5]
+  for u in updates:
+    assert np.all(np.asarray(u["x"]) == 0.0)
+
+
+def test_leaf_smaller_than_rank_gets_a_newton_step():
+  """A one-entry leaf (a scalar bias) with rank 2 has a rank-1 estimate; as its
+  own group (P1) alpha = 1/h, and the inverse form (C2) leaves alpha on the
+  leaf's only direction whatever sigma is, so its step is Newton's -g/h."""
+  h, c = 3.0, 2.0
+  loss_fn = _quadratic({"s": [[h]], "x": A1}, {"s": [c], "x": B1})
+  tx = probabilistic_preconditioning(loss_fn, prior_iterations=2, num_observations=2, rank=2,
+                                     groups="leaf")
+  params = {"s": jnp.ones(1), "x": jnp.ones(N)}
+  _, states, updates = _run(tx, loss_fn, params, 4)
+  st = states[-1]
+  assert st.eigenvalues[0].shape == (1,) and len(st.eigenvectors[0]) == 1   # leaves: s, x
+  assert st.eigenvalues[1].shape == (2,) and len(st.eigenvectors[1]) == 2
+  np.testing.assert_allclose(st.alpha[0], 1.0 / h, rtol=1e-12)
+  np.testing.assert_allclose(updates[3]["s"], [-(h - c) / h], rtol=1e-10)
+  assert np.all(np.isfinite(np.asarray(updates[3]["x"])))
+  assert float(jnp.max(jnp.abs(updates[3]["x"]))) > 0
+
+
+def test_fixed_learning_rate_is_the_state_learning_rate_from_init():
+  """With a fixed learning rate the state's learning_rate is that rate (per
+  group) from the start, not only after the first fit."""
+  params = {"w": jnp.zeros((2, 3)), "b": jnp.ones(3)}
+  for groups, size in ((None, 1), ("leaf", 2)):
+    st = probabilistic_preconditioning(TWO, learning_rate=0.05, groups=groups).init(params)
+    np.testing.assert_array_equal(st.learning_rate, np.full(size, 0.05))
