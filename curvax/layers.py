@@ -82,7 +82,7 @@ class PatchConv(nn.Module):
   dilation, feature groups and circular/causal padding are not supported.
   """
   features: int
-  kernel_size: Sequence[int]
+  kernel_size: Union[int, Sequence[int]]
   strides: Union[None, int, Sequence[int]] = 1
   padding: PaddingLike = "SAME"
   use_bias: bool = True
@@ -93,7 +93,7 @@ class PatchConv(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    kernel_size = tuple(self.kernel_size)
+    kernel_size = _kernel_size(self.kernel_size)
     nd = len(kernel_size)
     if inputs.ndim != nd + 2:
       raise ValueError(f"PatchConv with a {nd}-D kernel needs inputs (N, {nd} spatial axes, "
@@ -121,7 +121,7 @@ def patch_conv_operands(module: PatchConv, inputs: jax.Array, kernel: jax.Array,
   (per-example kernel gradients ``G_n = P_n' B_n``, summed over positions, reuse
   the forward pass's patches: `curvax.curvature.flax_layers`).
   """
-  kernel_size = tuple(module.kernel_size)
+  kernel_size = _kernel_size(module.kernel_size)
   nd = len(kernel_size)
   strides = _conv_strides(module.strides, nd)
   pads = _pads(module.padding, inputs.shape[1:-1], kernel_size, strides)
@@ -130,6 +130,11 @@ def patch_conv_operands(module: PatchConv, inputs: jax.Array, kernel: jax.Array,
   # Kernel offsets outer, input channels inner: the row order of W.reshape(-1, F).
   patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
   return patches, kernel.reshape(-1, kernel.shape[-1]), bias
+
+
+def _kernel_size(kernel_size) -> Tuple[int, ...]:
+  """``nn.Conv``'s reading: an integer ``k`` is the 1-D kernel ``(k,)``."""
+  return (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
 
 
 def _conv_strides(strides, nd: int) -> Tuple[int, ...]:

@@ -49,3 +49,47 @@ def test_sum_of_squares_over_the_leading_axis(m):
 def test_sum_chunks_rejects_a_bad_chunk_size():
   with pytest.raises(ValueError, match="chunk_size"):
     _chunking.sum_chunks(lambda x: x, jnp.ones(3), 0)
+
+
+@pytest.mark.parametrize("n,chunk", [(7, 1), (7, 2), (7, 3), (9, 4), (8, 4), (8, 8), (5, None)])
+def test_map_reduce_returns_per_example_outputs_in_the_original_order(n, chunk):
+  # Reference: fn on the whole batch at once (a per-example map is row by row).
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, 3))
+  y = jnp.arange(n * 2.0).reshape(n, 2)
+
+  def fn(xs):
+    a, b = xs
+    per = {"f": jnp.tanh(a) * b[:, :1], "id": b}
+    return per, jnp.sum(a * b[:, 1:], axis=0)
+
+  per, total = jax.jit(lambda x, y: _chunking.map_reduce(fn, (x, y), chunk))(x, y)
+  per_ref, total_ref = fn((x, y))
+  np.testing.assert_array_equal(per["id"], y)   # example n's row comes back at row n
+  np.testing.assert_allclose(per["f"], per_ref["f"], rtol=1e-12)
+  np.testing.assert_allclose(total, total_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_split_and_merge_chunks_are_strided_and_inverse():
+  a = jnp.arange(12 * 2).reshape(12, 2)
+  chunks = _chunking.split_chunks(a, 4)   # q = 3 chunks of m = 4
+  assert chunks.shape == (3, 4, 2)
+  for j in range(3):   # chunk j holds examples j, j + q, j + 2q, ...
+    np.testing.assert_array_equal(chunks[j], a[j::3])
+  np.testing.assert_array_equal(_chunking.merge_chunks(chunks), a)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.0, "2"])
+def test_map_reduce_and_sum_chunks_reject_a_bad_chunk_size(chunk):
+  xs = jnp.ones((7, 2))
+  with pytest.raises(ValueError, match="chunk_size"):
+    _chunking.map_reduce(lambda x: (x, jnp.sum(x)), xs, chunk)
+  with pytest.raises(ValueError, match="chunk_size"):
+    _chunking.sum_chunks(jnp.sum, xs, chunk)
+
+
+def test_expand_adds_a_batch_axis_of_one_to_every_leaf():
+  tree = {"x": jnp.arange(6.0).reshape(2, 3), "y": jnp.asarray(4)}
+  out = _chunking.expand(tree)
+  assert out["x"].shape == (1, 2, 3) and out["y"].shape == (1,)
+  np.testing.assert_array_equal(out["x"][0], tree["x"])
+  np.testing.assert_array_equal(out["y"][0], tree["y"])

@@ -215,3 +215,60 @@ def test_max_pool_gradient_columns_in_blocks_of_examples(parts, n, single_device
   ours = columns(lambda x: max_pool(x, (3, 3), (2, 2), "SAME"))
   ref = columns(lambda x: nn.max_pool(x, (3, 3), (2, 2), "SAME"))
   np.testing.assert_allclose(ours, ref, **TOL)
+
+
+@pytest.mark.parametrize("x_shape,kwargs", [
+    # Padding strings in any case, as nn.Conv (lax.padtype_to_pads) reads them.
+    ((2, 8, 7, 2), dict(features=3, kernel_size=(3, 2), strides=2, padding="same")),
+    ((2, 6, 5, 2), dict(features=3, kernel_size=(3, 2), padding="valid")),
+    # A sequence mixing ints (symmetric, per axis) and (lo, hi) pairs.
+    ((2, 5, 5, 2), dict(features=3, kernel_size=(3, 3), padding=(1, 2))),
+    ((2, 5, 6, 2), dict(features=3, kernel_size=(3, 3), padding=[2, (0, 1)])),
+    # A kernel that covers the whole (padded) input: one output position.
+    ((2, 3, 4, 2), dict(features=3, kernel_size=(3, 4), padding="VALID")),
+    ((2, 4, 2), dict(features=3, kernel_size=(6,), strides=4, padding=1)),
+    # An int kernel_size is the 1-D kernel (k,), as nn.Conv reads it.
+    ((2, 7, 2), dict(features=3, kernel_size=3, strides=2, padding="SAME")),
+])
+def test_patch_conv_padding_forms_and_single_outputs_match_nn_conv(x_shape, kwargs):
+  kwargs = dict(kwargs, param_dtype=jnp.float64, bias_init=nn.initializers.normal(1.0))
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape, jnp.float64)
+  reference, ours = nn.Conv(**kwargs), PatchConv(**kwargs)
+  variables = reference.init(jax.random.PRNGKey(1), x)
+
+  @jax.jit
+  def both(variables, x):
+    f = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+    return [(m.apply(variables, x), jax.grad(f(m), argnums=(0, 1))(variables, x))
+            for m in (reference, ours)]
+
+  (y_ref, g_ref), (y, g) = both(variables, x)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, **TOL)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, **TOL)
+
+
+@pytest.mark.parametrize("padding,ref_padding", [
+    ("same", "same"), ("valid", "valid"),
+    (1, ((1, 1), (1, 1))),   # an int pads every spatial axis by that much on both sides
+])
+def test_max_pool_reads_padding_as_nn_max_pool(padding, ref_padding):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 2), jnp.float64)
+  ours = lambda x: max_pool(x, (2, 3), (2, 2), padding)
+  ref = lambda x: nn.max_pool(x, (2, 3), (2, 2), ref_padding)
+  value_and_grad = lambda pool: jax.jit(jax.value_and_grad(
+      lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.arange(1.0, 1.0 + pool(x).size).reshape(
+          pool(x).shape))))(x)
+  np.testing.assert_allclose(ours(x), ref(x), **TOL)
+  for a, b in zip(value_and_grad(ours), value_and_grad(ref)):
+    np.testing.assert_allclose(a, b, **TOL)
+
+
+@pytest.mark.parametrize("kwargs,x_shape,match", [
+    (dict(padding=((1, 2, 3), (1, 1))), (1, 5, 5, 1), "spatial axes"),   # not a (lo, hi) pair
+    (dict(), (1, 2, 5, 5, 1), "needs inputs"),                          # two batch axes
+])
+def test_patch_conv_rejects_malformed_padding_and_extra_axes(kwargs, x_shape, match):
+  with pytest.raises(ValueError, match=match):
+    PatchConv(2, (3, 3), **kwargs).init(jax.random.PRNGKey(0), jnp.ones(x_shape))

@@ -337,3 +337,54 @@ def test_runner_with_a_mesh_matches_one_device(tmp_path):
     problems.run("quadratic_deep", "sgd", mesh=MESH, eval_batch_size=50, verbose=False)
   assert cli.main(["run", "quadratic_deep", "--optimizer", "sgd", "--devices", "4",
                    "--max-steps", "2", "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
+
+
+def test_data_mesh_takes_the_devices_asked_for_in_order():
+  devices = jax.devices()
+  mesh = curvax.sharding.data_mesh()   # default: every device, axis 'data'
+  assert mesh.axis_names == ("data",)
+  assert list(mesh.devices.flat) == devices
+  for k in range(1, len(devices) + 1):   # an int k: the first k devices (all of them included)
+    for count in (k, np.int64(k)):
+      assert list(curvax.sharding.data_mesh(count).devices.flat) == devices[:k]
+  picked = [CPUS[2], CPUS[1]]
+  mesh = curvax.sharding.data_mesh(picked, axis_name="batch")
+  assert mesh.shape == {"batch": 2} and list(mesh.devices.flat) == picked
+  with pytest.raises(ValueError, match="asked for 0 devices"):
+    curvax.sharding.data_mesh(0)
+  with pytest.raises(ValueError, match="empty"):
+    curvax.sharding.data_mesh([])
+
+
+def test_shard_batch_and_replicate_reject_bad_arguments():
+  x = jnp.ones((8, 3))
+  with pytest.raises(TypeError, match="Mesh"):
+    curvax.sharding.shard_batch(x, "data")
+  with pytest.raises(TypeError, match="Mesh"):
+    curvax.sharding.replicate(x, None)
+  with pytest.raises(ValueError, match="holds no arrays"):
+    curvax.sharding.shard_batch((), MESH)
+  with pytest.raises(ValueError, match="scalar"):
+    curvax.sharding.shard_batch((x, jnp.ones(())), MESH)
+  # Fewer examples than devices is not divisible either; the message names the
+  # next multiple of the device count.
+  for n, suggestion in ((2, 4), (6, 8), (30, 32)):
+    with pytest.raises(ValueError, match=rf"batch size {n} is not divisible by the 4 devices"
+                                         rf".*e\.g\. {suggestion}\)"):
+      curvax.sharding.shard_batch(jnp.ones((n, 3)), MESH)
+
+
+def test_helpers_under_jit_give_the_outputs_their_shardings():
+  """Inside ``jit`` the helpers are sharding constraints: an (uncommitted,
+  single-device) batch comes out split over the mesh, parameters replicated on
+  every device."""
+  batch = (jnp.arange(N * 3.0).reshape(N, 3), jnp.arange(N))
+  params = {"w": jnp.ones((3, 2))}
+  sharded, replicated = jax.jit(lambda b, p: (curvax.sharding.shard_batch(b, MESH),
+                                              curvax.sharding.replicate(p, MESH)))(batch, params)
+  for leaf, expected in zip(sharded, batch):
+    assert leaf.sharding.is_equivalent_to(NamedSharding(MESH, P("data")), leaf.ndim)
+    assert {s.data.shape[0] for s in leaf.addressable_shards} == {N // NUM_DEVICES}
+    np.testing.assert_array_equal(leaf, expected)
+  assert replicated["w"].sharding.is_fully_replicated
+  assert len(replicated["w"].sharding.device_set) == NUM_DEVICES
