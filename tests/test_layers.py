@@ -36,6 +36,17 @@ TOL = dict(rtol=1e-10, atol=1e-12)
     ((2, 7, 6, 2), dict(features=3, kernel_size=(3, 2), padding=((-1, 1), (0, 0)))),
     ((2, 7, 6, 2), dict(features=3, kernel_size=(3, 2), strides=(2, 1),
                         padding=((-1, -2), (2, -1)))),
+    # Padding strings in any case, as nn.Conv (lax.padtype_to_pads) reads them.
+    ((2, 8, 7, 2), dict(features=3, kernel_size=(3, 2), strides=2, padding="same")),
+    ((2, 6, 5, 2), dict(features=3, kernel_size=(3, 2), padding="valid")),
+    # A sequence mixing ints (symmetric, per axis) and (lo, hi) pairs.
+    ((2, 5, 5, 2), dict(features=3, kernel_size=(3, 3), padding=(1, 2))),
+    ((2, 5, 6, 2), dict(features=3, kernel_size=(3, 3), padding=[2, (0, 1)])),
+    # A kernel that covers the whole (padded) input: one output position.
+    ((2, 3, 4, 2), dict(features=3, kernel_size=(3, 4), padding="VALID")),
+    ((2, 4, 2), dict(features=3, kernel_size=(6,), strides=4, padding=1)),
+    # An int kernel_size is the 1-D kernel (k,), as nn.Conv reads it.
+    ((2, 7, 2), dict(features=3, kernel_size=3, strides=2, padding="SAME")),
 ])
 def test_patch_conv_matches_nn_conv(x_shape, kwargs):
   kwargs = dict(kwargs, param_dtype=jnp.float64, bias_init=nn.initializers.normal(1.0))
@@ -215,38 +226,6 @@ def test_max_pool_gradient_columns_in_blocks_of_examples(parts, n, single_device
   ours = columns(lambda x: max_pool(x, (3, 3), (2, 2), "SAME"))
   ref = columns(lambda x: nn.max_pool(x, (3, 3), (2, 2), "SAME"))
   np.testing.assert_allclose(ours, ref, **TOL)
-
-
-@pytest.mark.parametrize("x_shape,kwargs", [
-    # Padding strings in any case, as nn.Conv (lax.padtype_to_pads) reads them.
-    ((2, 8, 7, 2), dict(features=3, kernel_size=(3, 2), strides=2, padding="same")),
-    ((2, 6, 5, 2), dict(features=3, kernel_size=(3, 2), padding="valid")),
-    # A sequence mixing ints (symmetric, per axis) and (lo, hi) pairs.
-    ((2, 5, 5, 2), dict(features=3, kernel_size=(3, 3), padding=(1, 2))),
-    ((2, 5, 6, 2), dict(features=3, kernel_size=(3, 3), padding=[2, (0, 1)])),
-    # A kernel that covers the whole (padded) input: one output position.
-    ((2, 3, 4, 2), dict(features=3, kernel_size=(3, 4), padding="VALID")),
-    ((2, 4, 2), dict(features=3, kernel_size=(6,), strides=4, padding=1)),
-    # An int kernel_size is the 1-D kernel (k,), as nn.Conv reads it.
-    ((2, 7, 2), dict(features=3, kernel_size=3, strides=2, padding="SAME")),
-])
-def test_patch_conv_padding_forms_and_single_outputs_match_nn_conv(x_shape, kwargs):
-  kwargs = dict(kwargs, param_dtype=jnp.float64, bias_init=nn.initializers.normal(1.0))
-  x = jax.random.normal(jax.random.PRNGKey(0), x_shape, jnp.float64)
-  reference, ours = nn.Conv(**kwargs), PatchConv(**kwargs)
-  variables = reference.init(jax.random.PRNGKey(1), x)
-
-  @jax.jit
-  def both(variables, x):
-    f = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
-    return [(m.apply(variables, x), jax.grad(f(m), argnums=(0, 1))(variables, x))
-            for m in (reference, ours)]
-
-  (y_ref, g_ref), (y, g) = both(variables, x)
-  assert y.shape == y_ref.shape
-  np.testing.assert_allclose(y, y_ref, **TOL)
-  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
-    np.testing.assert_allclose(a, b, **TOL)
 
 
 @pytest.mark.parametrize("padding,ref_padding", [
