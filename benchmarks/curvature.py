@@ -3,8 +3,9 @@
 DeepOBS ``mnist_mlp`` shapes (784-1000-500-100-10, ReLU, softmax cross-entropy,
 batch 128, random data, float32), Flax Linen. Every figure is a ratio to one
 jitted ``jax.value_and_grad`` step measured in the same run: each function is
-jitted, warmed up, then timed in interleaved rounds (median over rounds); the
-``vmap`` paths (hundreds of times slower) in three rounds of their own afterwards.
+jitted, warmed up, then timed in interleaved rounds (median over rounds,
+`_timing.interleaved_medians`); the ``vmap`` paths (hundreds of times slower)
+in three rounds of their own afterwards.
 
 * GGN-vp / HVP "in CG": per-product cost of a jitted loop that linearises once
   and applies the matvec ``k`` times: ``(t(2k) - t(k)) / k``.
@@ -19,8 +20,7 @@ Targets (issue 2): GGN-vp in CG <= 1.3x a gradient, HVP <= 2x.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import curvax
 from curvax import flax_utils
 from curvax.problems import models
+
+from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
 
 C = curvax.curvature
 
@@ -100,23 +102,9 @@ def main():
   # cold: interleaved with the others they slowed whatever ran next (the fast
   # path's statistics 3.05x instead of 1.45x). They run in a second phase.
   slow = {"per_example_grads_vmap", "stats_vmap_chunk32", "diag_ggn_exact_vmap"}
-  fast = [name for name in fns if name not in slow]
-  for name in fns:  # compile + warm up
-    jax.block_until_ready(call(name))
-    jax.block_until_ready(call(name))
-  times = {name: [] for name in fns}
-
-  def timed_round(names):
-    for name in names:
-      t0 = time.perf_counter()
-      jax.block_until_ready(call(name))
-      times[name].append(time.perf_counter() - t0)
-
-  for _ in range(args.repeats):
-    timed_round(fast)
-  for _ in range(3):
-    timed_round([name for name in fns if name in slow])
-  med = {name: statistics.median(ts) for name, ts in times.items()}
+  phase = lambda names: {name: functools.partial(call, name) for name in names}
+  med = interleaved_medians(phase([name for name in fns if name not in slow]), args.repeats)
+  med.update(interleaved_medians(phase([name for name in fns if name in slow]), 3))
   base = med["value_and_grad"]
   rows = [
       ("value_and_grad (reference)", base, "", ""),
