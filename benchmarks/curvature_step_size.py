@@ -10,6 +10,10 @@ training step *including the gradient*:
   debiased:  ... + alpha* on `eval_batch` every step (one JVP on a new batch)
   interval:  debiased, interval=100, num_estimates=10 (10 % of the steps compute
              curvature; the others skip it through lax.cond)
+  interval, host-scheduled: the same with ``update(..., scheduled=...)`` from
+             `curvax.transforms.computes_curvature` on the host: two compiled
+             steps, the one without curvature has no lax.cond (a GPU runtime
+             waits for the host at each cond)
 
 alpha* costs one forward-mode pass, no backward pass and no GGN matvec
 (curvax.curvature.quadratic_step_size). Expected from matmul FLOPs alone (the
@@ -108,22 +112,39 @@ def alpha_step_only(inner, apply_fn, loss):
 
 
 def step_fn(tx, loss_fn, needs_batches):
-  def step(params, state, batch, eval_batch):
+  def step(params, state, batch, eval_batch, scheduled=None):
     grads = jax.grad(loss_fn)(params, batch)
     if needs_batches:
-      updates, state = tx.update(grads, state, params, batch=batch, eval_batch=eval_batch)
+      kw = {} if scheduled is None else {"scheduled": scheduled}
+      updates, state = tx.update(grads, state, params, batch=batch, eval_batch=eval_batch,
+                                 **kw)
     else:
       updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   return step
 
 
-def make_step(tx, loss_fn, needs_batches):
+class HostScheduled:
+  """A step called with ``scheduled=computes_curvature(t, **schedule)``, ``t``
+  counted here (every call is one update): two compiled variants, and the one
+  without curvature has no ``lax.cond``."""
+
+  def __init__(self, jitted, schedule):
+    self.jitted, self.schedule, self.t = jitted, schedule, 0
+
+  def __call__(self, params, state, batch, eval_batch):
+    flag = curvax.transforms.computes_curvature(self.t, **self.schedule)
+    self.t += 1
+    return self.jitted(params, state, batch, eval_batch, scheduled=flag)
+
+
+def make_step(tx, loss_fn, needs_batches, schedule=None):
   # Parameters and state donated, as a training loop (and curvax.problems.run)
   # would: XLA updates them in place instead of allocating fresh outputs (which
   # glibc maps anew: hundreds of page faults per step of the bare optimizer).
-  return functools.partial(jax.jit, donate_argnums=(0, 1))(
+  jitted = functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames="scheduled")(
       step_fn(tx, loss_fn, needs_batches))
+  return jitted if schedule is None else HostScheduled(jitted, schedule)
 
 
 def make_block_call(tx, loss_fn, needs_batches, num_steps):
@@ -153,6 +174,7 @@ def main():
   make_inner = (lambda: optax.nadamw(lr, weight_decay=1e-4)) if args.inner == "nadamw" \
       else (lambda: optax.sgd(lr))
   css = curvax.transforms.curvature_step_size
+  window = dict(mode="interval", interval=100, num_estimates=10)
   variants = {
       "bare": (make_inner(), False),
       # The cost of a non-finite guard alone (every curvax transform has one):
@@ -164,21 +186,25 @@ def main():
       "interval 100/10 debiased": (css(make_inner(), mlp_apply, loss, learning_rate=lr,
                                        mode="interval", interval=100, num_estimates=10), True),
       "interval 100/10 biased": (css(make_inner(), mlp_apply, loss, learning_rate=lr,
-                                     debias=False, mode="interval", interval=100,
-                                     num_estimates=10), True),
+                                     debias=False, **window), True),
+      # The same, scheduled on the host (update(..., scheduled=...)): no cond.
+      "interval, host-scheduled": (css(make_inner(), mlp_apply, loss, learning_rate=lr,
+                                       **window), True),
   }
+  host_scheduled = {"interval, host-scheduled": window}
   params0 = init_params(jax.random.PRNGKey(0))
   batches = [make_batch(jax.random.PRNGKey(i)) for i in range(1, 5)]
   runs = {}
   for name, (tx, needs) in variants.items():
-    step = make_step(tx, loss_fn, needs)
+    step = make_step(tx, loss_fn, needs, host_scheduled.get(name))
     params, state = jax.tree.map(jnp.copy, (params0, tx.init(params0)))
     params, state = step(params, state, batches[0], batches[1])  # compile
     jax.block_until_ready(params)
     runs[name] = [step, params, state]
 
   targets = {"biased every step": 1.4, "debiased every step": 1.8,
-             "interval 100/10 debiased": 1.05, "interval 100/10 biased": 1.05}
+             "interval 100/10 debiased": 1.05, "interval 100/10 biased": 1.05,
+             "interval, host-scheduled": 1.05}
 
   def measure(label):
     times = {name: [] for name in variants}
@@ -211,6 +237,8 @@ def main():
     stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
     calls = {}
     for name, (tx, needs) in variants.items():
+      if name in host_scheduled:   # a loop on the device has no host to schedule
+        continue
       call = make_block_call(tx, loss_fn, needs, args.steps)
       params, state = call(*jax.tree.map(jnp.copy, (params0, tx.init(params0))), stacked)
       jax.block_until_ready(params)
@@ -219,7 +247,7 @@ def main():
              time_carried_calls(calls, stacked, repeats=args.repeats).items()}
     bare = np.median(times["bare"])
     print(f"{args.steps} steps per jitted call (lax.fori_loop; no per-step host work):")
-    for name in variants:
+    for name in calls:
       med = np.median(times[name])
       target = targets.get(name)
       print(f"  {name:30s} {1e3 * med:9.3f} {med / bare:7.3f} "
@@ -234,9 +262,10 @@ def main():
   if args.one_call:
     measure_one_call()
   print_host_times(runs, batches[0], batches[2], width=30)
-  state = runs["interval 100/10 debiased"][2]
-  print(f"(interval mode computed curvature on {int(state.num_computed)} of "
-        f"{int(state.count)} steps)")
+  for name in ("interval 100/10 debiased", "interval, host-scheduled"):
+    state = runs[name][2]
+    print(f"({name}: curvature computed on {int(state.num_computed)} of "
+          f"{int(state.count)} steps)")
 
 
 if __name__ == "__main__":

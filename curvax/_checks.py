@@ -6,10 +6,11 @@ inside a compiled step and report bad input with a message that names the proble
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Batch = Tuple[Any, Any]
 
@@ -108,6 +109,24 @@ def require_callable(value: Any, name: str, transform: str,
         f"With optax.inject_hyperparams, list it in static_args (which would "
         f"otherwise treat it as a schedule), e.g. static_args={tuple(static_args)}.")
   return value
+
+
+def static_flag(value: Any, name: str, transform: str) -> Optional[bool]:
+  """``value`` as ``None`` or a Python bool, or a clear error.
+
+  For ``update`` keywords that choose what is compiled (a traced value cannot:
+  the caller passes it as a static argument of ``jax.jit``).
+  """
+  if value is None or isinstance(value, bool):
+    return value
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{transform}.update: `{name}` must be a Python bool known when the step is "
+        f"traced (it decides what is compiled); got a traced value. Pass it as a static "
+        f"argument: jax.jit(step, static_argnames=({name!r},)).")
+  if isinstance(value, np.bool_):
+    return bool(value)
+  raise TypeError(f"{transform}.update: `{name}` must be None or a bool; got {value!r}.")
 
 
 def static_int(value: Any, name: str, transform: str, minimum: int,

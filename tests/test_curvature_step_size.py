@@ -1,6 +1,7 @@
 """curvature_step_size: exact steps on quadratics, the interval schedule, composition."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -147,32 +148,38 @@ def scalar_apply(p, x):
 UNDEF = None
 
 
-def _run_schedule(targets, **kwargs):
-  """Runs the transform on dictated estimates; returns per-step records."""
+_SCHEDULE = dict(mode="interval", warmup_steps=2, interval=5, num_estimates=4)
+
+
+def _run_schedule(targets, flags=None, **kwargs):
+  """Runs the transform on dictated estimates; returns per-step records.
+
+  ``flags``: per step, the ``scheduled`` keyword (static; None: not passed).
+  """
   eta = 0.5
   tx = curvature_step_size(optax.sgd(eta), scalar_apply, CountingMSE(), learning_rate=eta,
-                           mode="interval", warmup_steps=2, interval=5, num_estimates=4,
-                           **kwargs)
+                           **{**_SCHEDULE, **kwargs})
   params = {"w": jnp.zeros((1, 1))}
   u = {"w": jnp.ones((1, 1))}
   batch = (jnp.ones((1, 1)), jnp.zeros((1, 1)))
   traces = []
 
-  @jax.jit
-  def step(state, eval_batch):
-    traces.append(1)
-    return tx.update(u, state, params, batch=batch, eval_batch=eval_batch)
+  @functools.partial(jax.jit, static_argnames="scheduled")
+  def step(state, eval_batch, scheduled=None):
+    traces.append(scheduled)
+    return tx.update(u, state, params, batch=batch, eval_batch=eval_batch, scheduled=scheduled)
 
   state = tx.init(params)
   records = []
   _calls.clear()
-  for a in targets:
+  flags = [None] * len(targets) if flags is None else flags
+  for a, flag in zip(targets, flags):
     x = 0.0 if a is UNDEF else 1.0
     c = 0.0 if a is UNDEF else -a
-    upd, state = step(state, (jnp.full((1, 1), x), jnp.full((1, 1), c)))
+    upd, state = step(state, (jnp.full((1, 1), x), jnp.full((1, 1), c)), scheduled=flag)
     records.append((float(-upd["w"][0, 0]), bool(state.computed), float(state.alpha_absolute)))
   jax.effects_barrier()
-  assert len(traces) == 1  # jits once
+  assert sorted(map(str, traces)) == sorted(map(str, set(flags)))  # one trace per variant
   return records, state, len(_calls)
 
 
@@ -206,6 +213,69 @@ def test_interval_schedule_step_by_step():
   assert int(state.num_negative) == 4 and int(state.num_undefined) == 1
   np.testing.assert_allclose(state.negative_fraction, 4 / 13)
   assert int(state.count) == len(_TARGETS)
+
+
+@pytest.mark.parametrize("mode", ["interval", "every_step"])
+def test_host_schedule_matches_the_device_schedule(mode):
+  # scheduled=computes_curvature(t, ...) on the host: the same steps, estimates
+  # and learning rates as the cond on the device, two compiled variants, and
+  # the one without curvature has no cond (nothing for a GPU to sync on).
+  kw = {**_SCHEDULE, "mode": mode}
+  flags = [curvax.transforms.computes_curvature(t, **kw) for t in range(len(_TARGETS))]
+  expected = (_EXPECTED_COMPUTED if mode == "interval"
+              else [False, False] + [True] * (len(_TARGETS) - 2))
+  assert flags == expected
+  device, s_device, calls_device = _run_schedule(_TARGETS, mode=mode)
+  host, s_host, calls_host = _run_schedule(_TARGETS, flags, mode=mode)
+  np.testing.assert_equal(host, device)   # NaN alpha where none was computed, alike
+  assert calls_host == calls_device == sum(expected)
+  chex.assert_trees_all_equal(s_host, s_device)
+  tx = curvature_step_size(optax.sgd(0.5), scalar_apply, MSE, **kw)
+  params = {"w": jnp.zeros((1, 1))}
+  b = (jnp.ones((1, 1)), jnp.zeros((1, 1)))
+  def update(scheduled):
+    return str(jax.make_jaxpr(lambda s: tx.update(params, s, params, batch=b, eval_batch=b,
+                                                  scheduled=scheduled))(tx.init(params)))
+  assert "cond[" not in update(False)
+  assert "cond[" in update(True) and "cond[" in update(None)
+
+
+@pytest.mark.parametrize("skipped, changed", [
+    (4, {t: 0.25 for t in range(6, 11)}),    # window 1 without 0.4: median(0.2, 0.3)
+    (5, {}),                                 # its last step: median(0.2, 0.4) still applied
+    (7, {t: 0.5 for t in range(11, 18)}),    # window 2 without 0.1: median(0.9, 0.3, 0.5)
+])
+def test_scheduled_false_on_a_window_step_leaves_its_estimate_missing(skipped, changed):
+  # The windows follow the schedule (reset at their first step, median after
+  # their last) whether or not the caller skipped one of their steps.
+  flags = [True] * len(_TARGETS)
+  flags[skipped] = False
+  records, state, calls = _run_schedule(_TARGETS, flags)
+  assert [r[1] for r in records] == [c and t != skipped
+                                     for t, c in enumerate(_EXPECTED_COMPUTED)]
+  expected = [changed.get(t, lr) for t, lr in enumerate(_EXPECTED_LR)]
+  np.testing.assert_allclose([r[0] for r in records], expected, rtol=1e-12)
+  assert calls == int(state.num_computed) == 12
+
+
+@pytest.mark.parametrize("bad, error", [
+    (1, "must be None or a bool"), ("yes", "must be None or a bool"),
+    ("traced", "static_argnames")])
+def test_scheduled_must_be_static_bool(bad, error):
+  tx = curvature_step_size(optax.sgd(0.5), scalar_apply, MSE, debias=False)
+  params = {"w": jnp.zeros((1, 1))}
+  b = (jnp.ones((1, 1)), jnp.zeros((1, 1)))
+  state = tx.init(params)
+  with pytest.raises(TypeError, match=error):
+    if bad == "traced":
+      jax.jit(lambda f: tx.update(params, state, params, batch=b, scheduled=f))(True)
+    else:
+      tx.update(params, state, params, batch=b, scheduled=bad)
+
+
+def test_computes_curvature_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="mode"):
+    curvax.transforms.computes_curvature(3, mode="sometimes")
 
 
 def test_interval_seed_rule_and_clip():

@@ -1,7 +1,8 @@
 """Curvature-aware optax gradient transformations."""
 
 from curvax.transforms.curvature_step_size import (  # noqa: E402
-    STATIC_ARGS as _CSS_STATIC_ARGS, CurvatureStepSizeState, curvature_step_size)
+    STATIC_ARGS as _CSS_STATIC_ARGS, CurvatureStepSizeState, computes_curvature,
+    curvature_step_size)
 
 from curvax.transforms.hessian_free import (  # noqa: E402
     STATIC_ARGS as _HF_STATIC_ARGS, HessianFreeState, hessian_free)
@@ -17,7 +18,7 @@ curvature_step_size.STATIC_ARGS = _CSS_STATIC_ARGS
 hessian_free.STATIC_ARGS = _HF_STATIC_ARGS
 
 __all__ = [
-    "CurvatureStepSizeState", "curvature_step_size",
+    "CurvatureStepSizeState", "curvature_step_size", "computes_curvature",
     "ProbabilisticPreconditioningState", "probabilistic_preconditioning",
     "HessianFreeState", "hessian_free",
 ]

@@ -122,6 +122,31 @@ def _masked_median(values: Array) -> Tuple[Array, Array]:
   return jnp.where(k > 0, 0.5 * (lo + hi), jnp.nan), k
 
 
+def _due(step, mode: str, warmup_steps, interval, num_estimates):
+  """Whether the schedule computes alpha* at ``step`` (Python ints or traced)."""
+  after_warmup = step >= warmup_steps
+  if mode == "interval":
+    return after_warmup & ((step - warmup_steps) % interval < num_estimates)
+  return after_warmup
+
+
+def computes_curvature(step: int, *, mode: str = "every_step", warmup_steps: int = 0,
+                       interval: int = 1000, num_estimates: int = 10) -> bool:
+  """Whether `curvature_step_size` with these settings computes alpha* at ``step``.
+
+  Evaluated on the host, for ``update(..., scheduled=...)``: a training loop
+  that knows the step number compiles two variants of its step (``scheduled``
+  static under ``jax.jit``) and calls the one without curvature on the other
+  steps, which then contain no ``lax.cond`` (GPU runtimes wait for the host on
+  each). ``step`` counts updates from 0, like the state's ``count``; the
+  keywords are the transform's.
+  """
+  if mode not in ("every_step", "interval"):
+    raise ValueError(f"{_NAME}: mode must be 'every_step' or 'interval'; got {mode!r}.")
+  return bool(_due(int(step), mode, int(warmup_steps), int(interval),
+                   int(num_estimates) if mode == "interval" else 1))
+
+
 def _float_dtype(params):
   leaves = [l for l in jax.tree_util.tree_leaves(params)
             if jnp.issubdtype(jnp.result_type(l), jnp.floating)]
@@ -181,7 +206,7 @@ def curvature_step_size(
     median of all defined estimates, applied only if positive (the seed's
     literal rule). No usable estimate, or a non-positive median: the learning
     rate is unchanged. Steps outside the windows compute no curvature
-    (``lax.cond``).
+    (``lax.cond``, or ``scheduled=False``: see "Host-side schedule").
 
   Safeguards and fallback: an undefined ``alpha*`` (``d'Gd <= 0`` or not
   finite) or a negative one is never applied. The step then uses the held
@@ -240,10 +265,24 @@ def curvature_step_size(
   ``num_estimates``, which sizes an array); ``learning_rate``,
   ``warmup_steps``, ``interval`` and the floats may then be injected.
 
+  Host-side schedule: steps that may or may not compute curvature branch with
+  ``lax.cond`` on the step count, and a GPU runtime waits for the host at each
+  cond. A loop that knows the step number can pass ``scheduled`` (a Python
+  bool, static under ``jax.jit``): ``scheduled=False`` compiles the step
+  without curvature and without the cond, ``True`` (or ``None``, the default)
+  with them; ``computes_curvature(t, mode=..., warmup_steps=..., interval=...,
+  num_estimates=...)`` says which. A step passed ``False`` that the schedule
+  wanted computes nothing (``computed`` is False; its estimate is missing
+  from its window). The results are otherwise the same::
+
+    @functools.partial(jax.jit, static_argnames="scheduled")
+    def step(params, state, batch, eval_batch, scheduled): ...
+    step(params, state, batch, eval_batch, scheduled=computes_curvature(t, **kw))
+
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
-    params, *, batch, eval_batch=None, **extra_args)`` (unknown keywords are
-    forwarded to ``inner`` and otherwise ignored).
+    params, *, batch, eval_batch=None, scheduled=None, **extra_args)`` (unknown
+    keywords are forwarded to ``inner`` and otherwise ignored).
   """
   if mode not in ("every_step", "interval"):
     raise ValueError(f"{_NAME}: mode must be 'every_step' or 'interval'; got {mode!r}.")
@@ -288,7 +327,9 @@ def curvature_step_size(
   def clip_lr(lr):
     return lr if clip is None else jnp.clip(lr, clip[0], clip[1])
 
-  def update_fn(updates, state, params=None, *, batch=None, eval_batch=None, **extra_args):
+  def update_fn(updates, state, params=None, *, batch=None, eval_batch=None, scheduled=None,
+                **extra_args):
+    scheduled = _checks.static_flag(scheduled, "scheduled", _NAME)
     if params is None:
       raise TypeError(f"{_NAME}.update needs `params` (slope and curvature are "
                       "measured at the current parameters).")
@@ -311,13 +352,13 @@ def curvature_step_size(
     t = state.count
     eta = jnp.asarray(lr_fn(t), dtype)
     in_warmup = t < warmup_steps
-    s = t - warmup_steps
-    if mode == "interval":
-      position = s % interval
-      compute = jnp.logical_not(in_warmup) & (position < num_estimates)
-    else:
-      position = jnp.zeros((), jnp.int32)
-      compute = jnp.logical_not(in_warmup)
+    position = ((t - warmup_steps) % interval if mode == "interval"
+                else jnp.zeros((), jnp.int32))
+    # ``due``: the schedule wants alpha* this step; ``compute``: it is measured
+    # (not when the caller passed ``scheduled=False``). The windows' bookkeeping
+    # follows ``due``, so a skipped estimate is only missing from its window.
+    due = jnp.asarray(_due(t, mode, warmup_steps, interval, num_slots))
+    compute = due if scheduled is None else due & scheduled
 
     nan = jnp.full((), jnp.nan, dtype)
 
@@ -348,7 +389,10 @@ def curvature_step_size(
     def skip(_):
       return _Measurement(*([jnp.full((), jnp.nan, dtype)] * len(_Measurement._fields)))
 
-    if mode == "every_step" and no_warmup:
+    if scheduled is False:
+      d, inner_state = propose()
+      meas = skip(None)  # the caller knows the schedule has nothing here: no cond
+    elif mode == "every_step" and no_warmup:
       d, inner_state = propose()
       meas = measure(d)  # every step computes: no cond needed
     else:
@@ -378,13 +422,13 @@ def curvature_step_size(
     else:
       lr = jnp.where(in_warmup, eta, held)
       accept = usable if positive_only else (compute & defined & jnp.isfinite(alpha_abs))
-      estimates = jnp.where(compute & (position == 0),
+      estimates = jnp.where(due & (position == 0),
                             jnp.full_like(state.estimates, jnp.nan), state.estimates)
       slot = jnp.clip(position, 0, num_slots - 1)
       estimates = jnp.where(compute, estimates.at[slot].set(
           jnp.where(accept, alpha_abs, jnp.nan)), estimates)
       median, k = _masked_median(estimates)
-      window_done = compute & (position == num_estimates - 1)
+      window_done = due & (position == num_estimates - 1)
       new_held = jnp.where(in_warmup, eta,
                            jnp.where(window_done & (k > 0) & (median > 0),
                                      clip_lr(median), held))
