@@ -453,6 +453,100 @@ def test_monitor_untracked_steps_compute_nothing_and_jit_once():
   assert dg.record(state)["step"] == 6
 
 
+def _assert_records_close(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+def _monitored_run(tx, flags, steps):
+  """``steps`` monitored SGD steps on alternating batches; per step the
+  ``scheduled`` keyword from ``flags(t)`` (static; None: not passed). Returns
+  the records, the final state and the set of compiled variants."""
+  apply_fn, loss, params, b0 = ref.problem("mlp", n=6, seed=0)
+  b1 = ref.problem("mlp", n=6, seed=1)[3]
+  obj = curvax.losses.objective(apply_fn, loss)
+  variants = set()
+
+  @functools.partial(jax.jit, static_argnames="scheduled")
+  def step(p, s, b, scheduled=None):
+    variants.add(scheduled)
+    u, s = tx.update(jax.grad(obj)(p, b), s, p, batch=b, scheduled=scheduled)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  records = []
+  for t in range(steps):
+    params, state = step(params, state, (b0, b1)[t % 2], scheduled=flags(t))
+    records.append(dg.record(state))
+  return records, state, variants
+
+
+@pytest.mark.parametrize("names, kw", [
+    (["loss", "norm_test", "alpha"], dict(every=3)),
+    (["loss", "grad_norm"], dict(every=3)),
+    ("economy", dict(schedule="log")),
+    (["loss", "norm_test", "alpha"], {}),          # every step: no cond either way
+])
+def test_monitor_host_schedule_matches_the_device_schedule(names, kw):
+  # scheduled=is_scheduled(t, ...) on the host: the records of the device-side
+  # schedule, and the idle variant contains no cond (nothing to sync on a GPU).
+  apply_fn, loss, params, batch = ref.problem("mlp", n=6)
+  make = lambda: dg.monitor(optax.sgd(0.5), apply_fn, loss, names, **kw)  # noqa: E731
+  want, want_state, _ = _monitored_run(make(), lambda t: None, 8)
+  flags = lambda t: dg.is_scheduled(t, instruments=names, **kw)  # noqa: E731
+  got, state, variants = _monitored_run(make(), flags, 8)
+  assert variants == {flags(t) for t in range(8)}
+  _assert_records_close(got, want)
+  assert int(state.tracked_step) == int(want_state.tracked_step)
+  tx = make()
+  jaxpr = lambda f: str(jax.make_jaxpr(  # noqa: E731
+      lambda s: tx.update(params, s, params, batch=batch, scheduled=f))(tx.init(params)))
+  assert "cond[" not in jaxpr(False)
+  if kw:
+    assert "cond[" in jaxpr(True)
+
+
+def test_is_scheduled_covers_tracked_steps_and_alpha_end_points():
+  assert [t for t in range(10) if dg.is_scheduled(t, every=4, instruments=["loss"])] == [0, 4, 8]
+  assert [t for t in range(10) if dg.is_scheduled(t, every=4)] == [0, 1, 4, 5, 8, 9]  # Alpha
+  log = dg.log_steps(0, 4)
+  assert [t for t in range(200) if dg.is_scheduled(t, schedule="log", instruments="full")] == [
+      t for t in range(200) if t in log or (t - 1) in log]
+  assert [dg.is_scheduled(t, schedule=dg.linear_schedule(3, 1), instruments=["loss"])
+          for t in range(5)] == [False, True, False, False, True]
+  with pytest.raises(ValueError, match="conflicts"):
+    dg.is_scheduled(3, every=2, schedule="log")
+  # the schedules answer host ints with Python bools (no device work)
+  assert dg.log_schedule()(38) is False and dg.log_schedule()(39) is True
+
+
+def test_monitor_scheduled_false_skips_the_step_and_its_pending_alpha():
+  # every=3 with Alpha: tracked 0, 3, 6; end points 1, 4, 7. The caller skips
+  # step 3 (tracked by the schedule): nothing is computed there, and step 4
+  # must not close an Alpha from step 0's start point with step 3's end.
+  apply_fn, loss, params, _ = ref.problem("mlp", n=6)
+  names = ["loss", "alpha"]
+  make = lambda: dg.monitor(optax.sgd(0.5), apply_fn, loss, names, every=3)  # noqa: E731
+  want, _, _ = _monitored_run(make(), lambda t: None, 8)
+  got, state, _ = _monitored_run(make(), lambda t: t != 3, 8)
+  assert got[3] == {} and "alpha" not in got[4] and "alpha" in want[4]
+  keep = (0, 1, 2, 5, 6, 7)
+  _assert_records_close([got[t] for t in keep], [want[t] for t in keep])
+  assert int(state.alpha_step) == 6
+
+
+@pytest.mark.parametrize("bad", [1, "no", np.array(True)])
+def test_monitor_scheduled_must_be_a_static_bool(bad):
+  apply_fn, loss, params, batch = ref.problem("mlp", n=4)
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss"], every=2)
+  with pytest.raises(TypeError, match="scheduled"):
+    tx.update(params, tx.init(params), params, batch=batch, scheduled=bad)
+  with pytest.raises(TypeError, match="static_argnames"):
+    jax.jit(lambda f: tx.update(params, tx.init(params), params, batch=batch,
+                                scheduled=f))(True)
+
+
 def test_monitor_in_chain_business_and_full_presets(tmp_path):
   apply_fn, loss, params, batch = ref.problem("mlp", n=6)
   obj = curvax.losses.objective(apply_fn, loss)

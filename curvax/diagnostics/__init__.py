@@ -17,7 +17,7 @@ from curvax.diagnostics.histograms import (
     bin_edges, counts_1d, counts_1d_outer, counts_2d, counts_2d_outer, gradient_histogram,
     gradient_parameter_histogram, layer_gradient_histograms)
 from curvax.diagnostics.monitor import (
-    BUSINESS, ECONOMY, FULL, INSTRUMENTS, PRESETS, MonitorState, monitor)
+    BUSINESS, ECONOMY, FULL, INSTRUMENTS, PRESETS, MonitorState, is_scheduled, monitor)
 from curvax.diagnostics.noise import cabs, early_stopping, mean_gsnr
 from curvax.diagnostics.norms import (
     distance, global_norm_from_layers, gradient_norm, layer_norms, update_size)
@@ -31,6 +31,7 @@ __all__ = [
     "dashboard", "dashboard_panels", "distance", "early_stopping", "find_state",
     "global_norm_from_layers", "gradient_histogram", "gradient_norm",
     "gradient_parameter_histogram", "gram_statistics", "hessian_trace", "inner_test",
+    "is_scheduled",
     "layer_gradient_histograms", "layer_norms", "layer_traces", "linear_schedule",
     "log_schedule", "log_steps", "mean_gsnr", "merge", "monitor", "norm_test", "ortho_test",
     "record", "sample_variance", "tic_diag", "tic_trace", "top_eigenvalue", "update_size",

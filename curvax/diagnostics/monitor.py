@@ -18,6 +18,20 @@ mnist_mlp-shaped MLP on the ``vmap`` path: 788 MB, untracked steps ~1.8x SGD;
 3c3d on the fast path: ~1.0x). An allocator that caches large blocks avoids it
 (e.g. tcmalloc; see benchmarks/_allocator.py).
 
+Host-side schedule: a GPU runtime waits for the host at every ``lax.cond``, so
+on a small model the untracked steps' conds cost more than the step. A loop
+that knows the step number passes ``update(..., scheduled=False)`` (a Python
+bool, static under ``jax.jit``) on the steps where `is_scheduled` is False:
+that variant is compiled without the instruments and without any cond (and
+its scratch is the plain step's, so the CPU caveat above goes too). Other
+steps pass ``True`` (or nothing): the results are those of the device-side
+schedule. A step passed ``False`` computes nothing even if the schedule
+tracks it (and Alpha's pending end point, if any, is dropped)::
+
+    @functools.partial(jax.jit, static_argnames="scheduled")
+    def step(params, state, batch, scheduled): ...
+    step(params, state, batch, scheduled=is_scheduled(t, every=64, instruments=names))
+
 Per-example quantities come from one `curvax.curvature.per_example_statistics`
 call per tracked step (the BackPACK-style fast path for Flax Dense/Conv models,
 else chunked ``vmap``), which never holds all ``B x D`` per-example gradients:
@@ -141,6 +155,32 @@ def _resolve_instruments(instruments) -> tuple:
   if unknown:
     raise ValueError(f"unknown instruments {unknown}; available: {sorted(INSTRUMENTS)}.")
   return names
+
+
+def is_scheduled(step: int, *, every: Optional[int] = None,
+                 schedule: Union[None, str, Callable] = None,
+                 instruments: Union[str, Sequence[str]] = "economy") -> bool:
+  """Whether `monitor` with these settings has work at update ``step`` (from 0).
+
+  On the host, for ``update(..., scheduled=...)`` (see the module docstring):
+  True on tracked steps and, when the instruments include Alpha, on the step
+  after each (its end point). ``every``, ``schedule`` and ``instruments`` are
+  the monitor's.
+  """
+  step = int(step)
+  track = _resolve_schedule(_check_schedule_args(every, schedule), 1 if every is None else every)
+  busy = bool(track(step))
+  if "alpha" in _resolve_instruments(instruments) and step > 0:
+    busy = busy or bool(track(step - 1))
+  return busy
+
+
+def _check_schedule_args(every, schedule):
+  if every is not None and schedule not in (None, "linear"):
+    raise ValueError(f"`every={every!r}` is the interval of the linear schedule; it "
+                     f"conflicts with `schedule={schedule!r}`. Pass one of them (e.g. "
+                     "schedule=linear_schedule(every, offset)).")
+  return schedule
 
 
 def _resolve_schedule(schedule, every):
@@ -291,14 +331,13 @@ def monitor(inner: optax.GradientTransformation,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
-    params, *, batch, **extra_args)`` needs ``params`` and ``batch`` and forwards
-    ``extra_args`` to ``inner``.
+    params, *, batch, scheduled=None, **extra_args)`` needs ``params`` and
+    ``batch`` and forwards ``extra_args`` to ``inner``; ``scheduled=False``
+    (static) skips the step's work and its conds (module docstring,
+    `is_scheduled`).
   """
   names = _resolve_instruments(instruments)
-  if every is not None and schedule not in (None, "linear"):
-    raise ValueError(f"`every={every!r}` is the interval of the linear schedule; it "
-                     f"conflicts with `schedule={schedule!r}`. Pass one of them (e.g. "
-                     "schedule=linear_schedule(every, offset)).")
+  _check_schedule_args(every, schedule)
   every = 1 if every is None else every
   track = _resolve_schedule(schedule, every)
   always_tracked = schedule in (None, "linear") and every == 1
@@ -431,7 +470,8 @@ def monitor(inner: optax.GradientTransformation,
         eigenvector = otu.tree_cast_like(vector, state.eigenvector)
     return out, start, end, eigenvector
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def update_fn(updates, state, params=None, *, batch=None, scheduled=None, **extra_args):
+    scheduled = _checks.static_flag(scheduled, "scheduled", "monitor")
     if params is None:
       raise TypeError("monitor.update needs `params` (the current parameters).")
     _checks.require_kwarg(batch, "batch", "monitor")
@@ -440,9 +480,13 @@ def monitor(inner: optax.GradientTransformation,
                                             batch=batch, **extra_args)
     count = state.count
     key, sub = jax.random.split(state.key)
-    is_tracked = jnp.asarray(track(count), bool)
+    idle = scheduled is False     # the caller says: nothing scheduled (no cond)
+    is_tracked = jnp.zeros((), bool) if idle else jnp.asarray(track(count), bool)
 
-    if always_tracked:
+    if idle:
+      diagnostics, start, end, eigenvector = (state.diagnostics, state.alpha_start, None,
+                                              state.eigenvector)
+    elif always_tracked:
       # No lax.cond when every step is tracked: inside a conditional's branch,
       # XLA:CPU leaves the per-example (grouped) weight-gradient convolutions of
       # the vmap path in a non-canonical layout that runs ~8x slower (3c3d,
@@ -458,8 +502,10 @@ def monitor(inner: optax.GradientTransformation,
 
     alpha, alpha_step, alpha_fresh = state.alpha, state.alpha_step, jnp.zeros((), bool)
     last_update = state.last_update
-    if need_alpha:
-      finish = (count > 0) & jnp.asarray(track(count - 1), bool)
+    if need_alpha and not idle:
+      # The previous update computed the start point (``tracked``: the
+      # schedule's ``track(count - 1)``, unless the caller skipped that step).
+      finish = state.tracked
 
       def end_point(losses1, p1):
         f0, vf0, m0, vp0, tau = (state.alpha_start[i] for i in range(5))
@@ -487,7 +533,7 @@ def monitor(inner: optax.GradientTransformation,
     # below. Without that data dependency XLA copied the parameters and the
     # stored update (params-sized, each) on every step.
     new_updates = ordered_after(new_updates, (diagnostics, start, alpha))
-    if need_alpha:
+    if need_alpha and not idle:
       last_update = jax.lax.cond(
           is_tracked, lambda: otu.tree_cast_like(new_updates, state.last_update),
           lambda: state.last_update)

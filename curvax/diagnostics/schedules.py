@@ -2,7 +2,9 @@ r"""Track schedules: which steps a monitor computes its instruments on.
 
 Cockpit's ``linear(interval, offset)`` and ``logarithmic(start, end, steps=300,
 base=10, init=True)`` (spec diagnostics.md §3.1). A schedule maps the (traced)
-step counter to a boolean scalar, so the monitor can branch with ``lax.cond``.
+step counter to a boolean scalar, so the monitor can branch with ``lax.cond``;
+given a Python int it returns a Python bool (host-side scheduling, see
+`curvax.diagnostics.is_scheduled`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ def log_steps(start: float, end: float, steps: int = 300, base: float = 10.0,
 def log_schedule(start: float = 0.0, end: float = 4.0, steps: int = 300,
                  base: float = 10.0, init: bool = True) -> Schedule:
   """Tracks log-spaced steps (Cockpit's ``logarithmic``), e.g. 0, 1, 2, ..., 10^end."""
-  tracked = jnp.asarray(log_steps(start, end, steps, base, init).astype(np.int32))
+  steps_np = log_steps(start, end, steps, base, init).astype(np.int32)
+  tracked = jnp.asarray(steps_np)
 
   def schedule(step):
+    if isinstance(step, (int, np.integer)):   # on the host: no device work
+      return bool(np.isin(step, steps_np))
     return jnp.any(tracked == step)
 
   return schedule
