@@ -419,3 +419,26 @@ def test_lanczos_with_a_tolerance_stops_at_a_breakdown_before_num_converged_step
                               rtol=1e-6)
   np.testing.assert_allclose(top[:2], [-1.0, -2.0], rtol=1e-10)
   assert np.isnan(top[2])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("rtol", [None, 1e-2])
+def test_lanczos_and_vivit_in_half_precision(dtype, rtol):
+  # eigh has no half-precision kernels: the small eigenproblems run in float32,
+  # and the results come back in the parameters' dtype, close to float64's.
+  rng = np.random.default_rng(0)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  lam = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
+  a = (q * lam) @ q.T
+  mv = lambda v: {"w": (jnp.asarray(a, jnp.float32) @ v["w"].astype(jnp.float32)).astype(dtype)}
+  out = jax.jit(lambda v: eigen.lanczos(mv, v, 6, rtol=rtol))({"w": jnp.ones(6, dtype)})
+  assert out.ritz_values.dtype == dtype and out.ritz_vectors["w"].dtype == dtype
+  np.testing.assert_allclose(np.asarray(out.ritz_values[0], np.float64), 8.0, rtol=2e-2)
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
+  low = jax.tree.map(lambda x: x.astype(dtype), params)
+  lam_low = jax.jit(lambda p: eigen.ggn_eigenpairs(
+      apply_fn, loss, p, jax.tree.map(lambda x: x.astype(dtype) if x.dtype.kind == "f" else x,
+                                      batch), num_eigenpairs=2).eigenvalues)(low)
+  want = np.linalg.eigvalsh(np.asarray(explicit_ggn(apply_fn, loss, params, batch)))[::-1][:2]
+  assert lam_low.dtype == dtype
+  np.testing.assert_allclose(np.asarray(lam_low, np.float64), want, rtol=5e-2)

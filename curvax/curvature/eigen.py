@@ -119,7 +119,7 @@ def ggn_eigenpairs(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any
         f"`num_eigenpairs` must be an int in [1, N*K] = [1, {cols}]; got {num_eigenpairs!r}.")
   flat = [leaf.reshape(cols, -1) for leaf in leaves]
   gram = sum(f @ f.T for f in flat)
-  lam, vec = jnp.linalg.eigh(gram)
+  lam, vec = _eigh(gram)
   lam, vec = lam[::-1][:num_eigenpairs], vec[:, ::-1][:, :num_eigenpairs]
   dim = sum(f.shape[1] for f in flat)
   if threshold is None:
@@ -155,6 +155,15 @@ class LanczosResult(NamedTuple):
   alphas: Array
   betas: Array
   iterations: Array
+
+
+def _eigh(matrix: Array) -> Tuple[Array, Array]:
+  """``jnp.linalg.eigh`` in at least float32, results in ``matrix``'s dtype: the
+  LAPACK/cuSOLVER kernels have no bfloat16 or float16 (parameters in those
+  dtypes give such small matrices here)."""
+  wide = jnp.promote_types(matrix.dtype, jnp.float32)
+  values, vectors = jnp.linalg.eigh(matrix.astype(wide))
+  return values.astype(matrix.dtype), vectors.astype(matrix.dtype)
 
 
 def _tridiagonal(alphas: Array, betas: Array, size: Array) -> Array:
@@ -203,13 +212,18 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   m = min(num_iterations, dim)
   if not isinstance(num_converged, int) or not 1 <= num_converged <= m:
     raise ValueError(f"`num_converged` must be an int in [1, {m}]; got {num_converged!r}.")
-  dtype = flat0.dtype
+  # The recurrence runs in at least float32: with bfloat16 vectors its
+  # breakdown test (beta against 100 eps ||A q||) and re-orthogonalisation fail
+  # (a 6 x 6 test matrix's top eigenvalue 8 came out as 1.76). The matvec sees
+  # vectors in ``v0``'s dtypes; results come back in them.
+  out_dtype = flat0.dtype
+  dtype = jnp.promote_types(out_dtype, jnp.float32)
   tiny = jnp.finfo(dtype).eps
 
   def mv(x):
-    out = matvec(unravel(x))
+    out = matvec(unravel(x.astype(out_dtype)))
     _checks.check_tree_like(out, v0, "matvec(v)", "v0")
-    return ravel_pytree(out)[0]
+    return ravel_pytree(out)[0].astype(dtype)
 
   def step(i, q, alphas, betas):
     w = mv(q[i])
@@ -224,6 +238,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
     q = q.at[i + 1].set(jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0))
     return q, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(ok, beta, 0.0))
 
+  flat0 = flat0.astype(dtype)
   q = jnp.zeros((m + 1, dim), dtype).at[0].set(flat0 / jnp.linalg.norm(flat0))
   alphas = jnp.zeros((m,), dtype)
   betas = jnp.zeros((m,), dtype)
@@ -236,7 +251,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
     iterations = jnp.where(jnp.any(broken), jnp.argmax(broken) + 1, m)
   else:
     def converged(j, alphas, betas):
-      theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, j))
+      theta, y = _eigh(_tridiagonal(alphas, betas, j))
       top = slice(m - num_converged, m)
       residual = betas[j - 1] * jnp.abs(y[j - 1, top])
       return jnp.all(residual <= atol + rtol * jnp.abs(theta[top]))
@@ -253,13 +268,14 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
 
     iterations, q, alphas, betas, _ = jax.lax.while_loop(
         lambda c: (c[0] < m) & ~c[4], body, (jnp.asarray(0), q, alphas, betas, False))
-  theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, iterations))
+  theta, y = _eigh(_tridiagonal(alphas, betas, iterations))
   theta, y = theta[::-1], y[:, ::-1]
   real = jnp.arange(m) < iterations
   theta = jnp.where(real, theta, jnp.nan)
   y = jnp.where(real[None, :] & real[:, None], y, 0.0)
-  vectors = (q[:m].T @ y).T
-  return LanczosResult(theta, jax.vmap(unravel)(vectors), alphas, betas, iterations)
+  vectors = (q[:m].T @ y).T.astype(out_dtype)
+  return LanczosResult(theta.astype(out_dtype), jax.vmap(unravel)(vectors),
+                       alphas.astype(out_dtype), betas.astype(out_dtype), iterations)
 
 
 def top_eigenpairs(matvec: Callable[[Any], Any], params: Any, key: Array,
