@@ -84,6 +84,9 @@ def from_linen(module: Any, variables: Mapping[str, Any],
 def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXApply, Any]:
   """Returns ``(apply_fn, params)`` for an NNX module, ``params`` its ``nnx.Param`` state.
 
+  ``params`` is a snapshot: later updates of the model (``nnx.Optimizer``) do
+  not change it (its arrays are the model's at this call, not copies).
+
   ``apply_fn(params, inputs) = nnx.merge(graphdef, params, rest)(inputs)``: pure,
   so it can be jitted, vmapped and differentiated. ``rest``, the non-``Param``
   state (batch statistics, RNG state...), is a copy taken when ``from_nnx`` is
@@ -132,6 +135,10 @@ def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXAppl
   # A snapshot: new Variables (recent Flax splits into the model's own) holding
   # copies of the arrays, unaffected by later calls of the model.
   rest = jax.tree_util.tree_map(jnp.copy, rest)
+  # The parameters in new Variables too (the same arrays, no copy): those of
+  # the split are the model's own, which nnx.Optimizer.update rebinds in
+  # place, so `params` would have followed the model's later updates.
+  params = jax.tree_util.tree_map(lambda x: x, params)
   has_batch_stats = bool(jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat)))
   return NNXApply(graphdef, rest, has_batch_stats, constant_batch_stats), params
 

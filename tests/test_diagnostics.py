@@ -1127,3 +1127,36 @@ def test_hess_max_ev_warm_start_keeps_the_top_eigenpair():
     v = flat(state.eigenvector)
     np.testing.assert_allclose(abs(v @ vec[:, -1]) / np.linalg.norm(v), 1.0, atol=1e-6)
     p = optax.apply_updates(p, u)
+
+
+def test_record_reads_an_nnx_optimizer_state_and_rejects_a_batched_one():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(3, 4, rngs=rngs)
+      self.l2 = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  model = Net(nnx.Rngs(0))
+  apply_fn, params = curvax.flax_utils.from_nnx(model)
+  loss = curvax.losses.softmax_cross_entropy
+  x, y = jnp.linspace(-1, 1, 24).reshape(8, 3), jnp.arange(8) % 3
+  opt = nnx.Optimizer(model, dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss", "grad_norm"]),
+                      wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.mean(loss(m(x), y)))(model)
+  opt.update(model, grads, batch=(x, y))
+  rec = dg.record(opt.opt_state)
+  # against the plain-pytree monitor on the same parameters and batch
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, ["loss", "grad_norm"])
+  g = jax.grad(curvax.losses.objective(apply_fn, loss))(params, (x, y))
+  _, state = tx.update(g, tx.init(params), params, batch=(x, y))
+  want = dg.record(state)
+  assert rec["step"] == want["step"] == 0
+  np.testing.assert_allclose(rec["loss"], want["loss"], rtol=1e-6)
+  np.testing.assert_allclose(rec["grad_norm"], want["grad_norm"], rtol=1e-6)
+  batched = jax.tree.map(lambda a: jnp.stack([a, a]), state)
+  with pytest.raises(ValueError, match="batched"):
+    dg.record(batched)

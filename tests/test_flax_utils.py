@@ -344,3 +344,18 @@ def test_linen_mutable_batch_stats_gives_outputs_with_batch_statistics():
   chex.assert_trees_all_equal(jax.tree_util.tree_map(np.array, variables["batch_stats"]), saved)
   with pytest.raises(ValueError, match="batch norm"):
     curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)
+
+
+def test_from_nnx_params_are_a_snapshot_that_nnx_optimizer_does_not_move():
+  # nnx.split hands out the model's own Variables; nnx.Optimizer.update rebinds
+  # their values in place. from_nnx's params must keep the values of the call.
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  apply_fn, params = flax_utils.from_nnx(model)
+  before = jax.tree.map(np.array, jax.tree.leaves(params))
+  opt = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
+  x = jnp.ones((4, 3))
+  opt.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+  after_model = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert any(not np.allclose(a, b) for a, b in zip(after_model, before))
+  chex.assert_trees_all_equal(jax.tree.leaves(params), before)
+  np.testing.assert_allclose(apply_fn(params, x), x @ before[1] + before[0])

@@ -10,12 +10,20 @@ import numpy as np
 from curvax.diagnostics.monitor import MonitorState
 
 
+def _is_variable(x: Any) -> bool:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return isinstance(x, nnx.Variable)
+
+
 def find_state(opt_state: Any) -> Optional[MonitorState]:
-  """The first `MonitorState` inside ``opt_state`` (chain, inject_hyperparams...)."""
+  """The first `MonitorState` inside ``opt_state`` (chain, inject_hyperparams,
+  ``nnx.Optimizer.opt_state``, whose arrays are wrapped in ``nnx`` variables:
+  unwrapped here)."""
   for leaf in jax.tree_util.tree_leaves(
       opt_state, is_leaf=lambda x: isinstance(x, MonitorState)):
     if isinstance(leaf, MonitorState):
-      return leaf
+      return jax.tree_util.tree_map(lambda x: x.get_value() if _is_variable(x) else x, leaf,
+                                    is_leaf=_is_variable)
   return None
 
 
@@ -43,11 +51,16 @@ def record(opt_state: Any) -> Dict[str, Any]:
   records to a list and writes that list to its JSON.
 
   Raises:
-    ValueError: if ``opt_state`` holds no monitor state.
+    ValueError: if ``opt_state`` holds no monitor state, or a batched one.
   """
   state = find_state(opt_state)
   if state is None:
     raise ValueError("opt_state holds no curvax.diagnostics.monitor state.")
+  if np.ndim(state.tracked) != 0:
+    raise ValueError(
+        f"record expects the optimizer state of one run; this monitor state is batched "
+        f"(its `tracked` has shape {np.shape(state.tracked)}, e.g. from jax.vmap over "
+        "seeds): record each run's, e.g. record(jax.tree.map(lambda x: x[i], opt_state)).")
   out: Dict[str, Any] = {}
   if bool(state.tracked):
     out["step"] = int(state.tracked_step)
