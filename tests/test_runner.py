@@ -682,3 +682,31 @@ def test_train_size_alone_keeps_full_valid_and_test_sets():
   assert r["valid_losses"] == pytest.approx([full["valid_loss"]] * 2, rel=1e-6)
   head = np.mean(0.5 * (0.1 * np.arange(7)) ** 2)   # train metrics: the 7 examples trained on
   assert r["train_losses"] == pytest.approx([head] * 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "quadratic_deeep"], "unknown problem 'quadratic_deeep'"),
+    (["run", "quadratic_deep", "--optimizer", "sgdd"], "unknown optimizer 'sgdd'"),
+    (["run", "quadratic_deep", "--max-steps", "0"], "max_steps must be a positive"),
+    (["run", "cifar10_3c3d", "--data-dir", "/nonexistent"], "download"),
+])
+def test_cli_run_errors_are_one_line(tmp_path, capsys, argv, message):
+  assert cli.main(argv + ["--out", str(tmp_path), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert "run: error:" in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("hp", [["=0.1"], ["learning_rate=0.1", "x y=2"]])
+def test_cli_rejects_malformed_or_duplicate_hyperparameters(tmp_path, hp):
+  with pytest.raises(SystemExit):
+    cli.main(["run", "quadratic_deep", "--hp", *hp, "--out", str(tmp_path)])
+  with pytest.raises(SystemExit):
+    cli.main(["run", "quadratic_deep", "--hp", "learning_rate=0.1", "--lr", "0.2",
+              "--out", str(tmp_path)])
+
+
+def test_run_rejects_max_steps_below_one():
+  problem = curvax.problems.get("quadratic_deep", batch_size=8)
+  for bad in (0, -1):
+    with pytest.raises(ValueError, match="max_steps"):
+      curvax.problems.run(problem, optax.sgd(0.1), max_steps=bad, verbose=False)

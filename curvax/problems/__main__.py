@@ -90,17 +90,30 @@ def main(argv=None) -> int:
     if "=" not in item:
       parser.error(f"--hp expects KEY=VALUE, got {item!r}")
     k, v = item.split("=", 1)
+    if not k.isidentifier():
+      parser.error(f"--hp expects KEY=VALUE with KEY a keyword name, got {item!r}")
     hp[k] = _value(v)
   if args.lr is not None:
+    if "learning_rate" in hp:
+      parser.error("pass the learning rate once: --lr or --hp learning_rate=, not both")
     hp["learning_rate"] = args.lr
   status = 0
   for seed in args.seeds:
-    problem = get(args.problem, batch_size=args.batch_size, seed=seed, data_dir=args.data_dir)
-    result = run(problem, args.optimizer, epochs=args.epochs, seed=seed,
-                 log_every=args.log_every, eval_batch_size=args.eval_batch_size,
-                 out=args.out, hyperparams=hp, max_steps=args.max_steps,
-                 train_size=args.train_size, eval_size=args.eval_size, mesh=mesh,
-                 steps_per_call=args.steps_per_call, verbose=not args.quiet)
+    # Bad names, settings and missing data files are reported in one line,
+    # without a traceback (KeyError: unknown problem or optimizer; the
+    # optimizer's TypeError for a keyword it does not take).
+    try:
+      problem = get(args.problem, batch_size=args.batch_size, seed=seed,
+                    data_dir=args.data_dir)
+      result = run(problem, args.optimizer, epochs=args.epochs, seed=seed,
+                   log_every=args.log_every, eval_batch_size=args.eval_batch_size,
+                   out=args.out, hyperparams=hp, max_steps=args.max_steps,
+                   train_size=args.train_size, eval_size=args.eval_size, mesh=mesh,
+                   steps_per_call=args.steps_per_call, verbose=not args.quiet)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+      message = e.args[0] if isinstance(e, KeyError) and e.args else e
+      print(f"{parser.prog} run: error: {message}", file=sys.stderr)
+      return 2
     if result["status"] == "diverged":
       status = 1
   return status

@@ -5,7 +5,8 @@ are evaluated before the first epoch and after every epoch (so each list has
 ``epochs + 1`` entries), the train metrics on augmented training examples
 (`Problem.evaluate`) with fresh augmentation at each evaluation, drawn from the
 seed and the step; the mini-batch training loss is logged every
-``log_every`` steps; a non-finite training loss stops the run, recorded as
+``log_every`` steps; a non-finite training loss at a logged step stops the run
+(so up to ``log_every - 1`` steps after the first non-finite one), recorded as
 ``status='diverged'`` with the reason (DeepOBS's PyTorch runner instead pads the
 remaining epochs with the initial values). Reported losses include the L2 term.
 
@@ -232,6 +233,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   """
   if log_every < 1:
     raise ValueError(f"log_every must be a positive number of steps, got {log_every}.")
+  if max_steps is not None and max_steps < 1:
+    raise ValueError(f"max_steps must be a positive number of steps (or None), got {max_steps}.")
   if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
     raise ValueError(f"steps_per_call must be a positive int, got {steps_per_call!r}.")
   if eval_every is not None and eval_every < 1:
