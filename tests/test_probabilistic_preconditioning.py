@@ -911,3 +911,36 @@ def test_fixed_learning_rate_is_the_state_learning_rate_from_init():
   for groups, size in ((None, 1), ("leaf", 2)):
     st = probabilistic_preconditioning(TWO, learning_rate=0.05, groups=groups).init(params)
     np.testing.assert_array_equal(st.learning_rate, np.full(size, 0.05))
+
+
+def test_all_bfloat16_parameters_follow_the_float32_run():
+  # The M x M / 2M x 2M linear algebra (inv, solve, eigh, svd) has no
+  # half-precision kernels: it runs in float32 and the estimate, kept in
+  # bfloat16, preconditions like the float32 run's (it used to raise).
+  def apply_fn(p, x):
+    return jnp.tanh(x @ p["w"]) @ p["v"]
+
+  loss_fn = curvax.losses.objective(apply_fn, curvax.losses.softmax_cross_entropy)
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  base = {"w": 0.5 * jax.random.normal(k[0], (4, 8)), "v": 0.5 * jax.random.normal(k[1], (8, 3))}
+
+  def run(dtype):
+    params = jax.tree.map(lambda a: a.astype(dtype), base)
+    tx = curvax.transforms.probabilistic_preconditioning(loss_fn)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, b: tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b))
+    for t in range(16):     # 10 prior + 4 posterior steps, then preconditioned ones
+      kt = jax.random.fold_in(k[2], t)
+      batch = (jax.random.normal(kt, (16, 4)).astype(dtype),
+               jax.random.randint(kt, (16,), 0, 3))
+      updates, state = step(params, state, batch)
+    return np.concatenate([np.ravel(np.asarray(u, np.float64))
+                           for u in jax.tree.leaves(updates)]), state
+
+  low, s_low = run(jnp.bfloat16)
+  ref32, s32 = run(jnp.float32)
+  assert int(s_low.phase) == int(s32.phase) == 2 and int(s_low.num_skipped) == 0
+  assert all(e.dtype == jnp.bfloat16 for e in s_low.eigenvalues)
+  assert np.all(np.isfinite(low)) and np.linalg.norm(low) > 0
+  assert low @ ref32 / (np.linalg.norm(low) * np.linalg.norm(ref32)) > 0.99
+  np.testing.assert_allclose(np.asarray(s_low.alpha, np.float64), s32.alpha, rtol=2e-2)
