@@ -14,6 +14,9 @@ full) the script times, with jit and after compilation, three kinds of steps:
   from the Ritz vector of a tracked step k steps earlier;
 * the step right after a tracked one (Alpha's end point: one JVP);
 * an untracked step (the ``lax.cond`` branch that copies the state);
+* the same step scheduled on the host ("idle": ``update(..., scheduled=False)``,
+  compiled without the instruments and without any cond; column "host" of
+  every-k tracking uses it for the k - 2 untracked steps);
 
 and reports, as ratios to a plain jitted SGD step (gradient + update):
 
@@ -155,11 +158,11 @@ def main():
     u, s = sgd.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  def make_step(tx):
+  def make_step(tx, scheduled=None):
     @jax.jit
     def step(p, s, b):
       g = jax.grad(obj)(p, b)
-      u, s = tx.update(g, s, p, batch=b)
+      u, s = tx.update(g, s, p, batch=b, scheduled=scheduled)
       return optax.apply_updates(p, u), s
     return step
 
@@ -189,6 +192,8 @@ def main():
     p1, state1 = step1(params, tx1.init(params), other)  # the previous step: other data
     kinds = {"plain": (plain_step, sgd.init(params)), "tracked": (step, at(args.every)),
              "after": (step, at(args.every + 1)), "untracked": (step, at(args.every + 2)),
+             # the same untracked step, scheduled on the host (no cond at all)
+             "idle": (make_step(tx, scheduled=False), at(args.every + 2)),
              "every1": (step1, state1)}
     fns = {k: functools.partial(f, p1 if k == "every1" else p_k, st, batch)
            for k, (f, st) in kinds.items()}
@@ -196,16 +201,18 @@ def main():
     if not header:
       print(f"plain SGD step: {t['plain'] * 1e3:.1f} ms (each row's ratios use the plain "
             f"step timed interleaved with its own)\n")
-      print(f"{'preset':{width}s} {'tracked':>9s} {'after':>9s} {'untracked':>10s}   "
-            f"{'every step':>10s} {'(Cockpit)':>9s}   {'every ' + str(args.every):>9s} "
-            f"{'(Cockpit)':>9s}")
+      print(f"{'preset':{width}s} {'tracked':>9s} {'after':>9s} {'untracked':>10s} "
+            f"{'idle':>7s}   {'every step':>10s} {'(Cockpit)':>9s}   "
+            f"{'every ' + str(args.every):>9s} {'host':>7s} {'(Cockpit)':>9s}")
       header = True
     r = {k: v / t["plain"] for k, v in t.items()}
     k = args.every
     every_k = (r["tracked"] + r["after"] + (k - 2) * r["untracked"]) / k
+    host_k = (r["tracked"] + r["after"] + (k - 2) * r["idle"]) / k
     c1, ck = COCKPIT.get(name, (float("nan"), float("nan")))  # nan: no published figure
-    print(f"{preset:{width}s} {r['tracked']:8.2f}x {r['after']:8.2f}x {r['untracked']:9.2f}x   "
-          f"{r['every1']:9.2f}x {c1:8.1f}x   {every_k:8.2f}x {ck:8.1f}x", flush=True)
+    print(f"{preset:{width}s} {r['tracked']:8.2f}x {r['after']:8.2f}x {r['untracked']:9.2f}x "
+          f"{r['idle']:6.2f}x   {r['every1']:9.2f}x {c1:8.1f}x   {every_k:8.2f}x "
+          f"{host_k:6.2f}x {ck:8.1f}x", flush=True)
 
 
 def _instruments(spec):
