@@ -111,6 +111,29 @@ def require_callable(value: Any, name: str, transform: str,
   return value
 
 
+def check_not_masked(params: Any, transform: str) -> None:
+  """Raises if ``params`` holds ``optax.MaskedNode`` placeholders.
+
+  ``optax.masked`` and ``optax.multi_transform`` pass their inner
+  transformation the parameters with the other leaves replaced by
+  ``MaskedNode``; a curvature transform runs the model on ``params`` and
+  cannot do without them.
+  """
+  import optax  # pylint: disable=import-outside-toplevel
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  paths = [jax.tree_util.keystr(path) for path, leaf in
+           jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+           if is_masked(leaf)]
+  if paths:
+    raise TypeError(
+        f"{transform}: params hold optax.MaskedNode at {', '.join(paths[:4])}"
+        f"{' ...' if len(paths) > 4 else ''}: the transform is inside optax.masked or "
+        "optax.multi_transform, which hide those parameters from it, but it runs the "
+        "model on params. To freeze parameters, give it an apply_fn over the trainable "
+        "ones only, closing over the frozen ones (curvax.flax_utils.from_nnx(model, "
+        "wrt=...) does this for NNX), and pass only the trainable ones as params.")
+
+
 def static_flag(value: Any, name: str, transform: str) -> Optional[bool]:
   """``value`` as ``None`` or a Python bool, or a clear error.
 

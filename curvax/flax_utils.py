@@ -81,7 +81,8 @@ def from_linen(module: Any, variables: Mapping[str, Any],
           variables["params"])
 
 
-def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXApply, Any]:
+def from_nnx(model: Any, *, wrt: Any = None,
+             constant_batch_stats: bool = False) -> Tuple[NNXApply, Any]:
   """Returns ``(apply_fn, params)`` for an NNX module, ``params`` its ``nnx.Param`` state.
 
   ``params`` is a snapshot: later updates of the model (``nnx.Optimizer``) do
@@ -103,8 +104,18 @@ def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXAppl
   again (a new ``apply_fn``: jitted callers retrace); ``model.eval()`` turns
   dropout off. Use `nnx_update` to write new parameters back.
 
+  Frozen parameters: ``wrt`` selects the trainable variables, as
+  ``nnx.Optimizer(model, tx, wrt=...)`` does (default ``nnx.Param``); the
+  parameters it leaves out join ``rest`` and are constants of ``apply_fn``.
+  Pass the optimizer's filter, and ``params``, its gradients and its updates
+  have the same structure. (``optax.masked`` / ``multi_transform`` cannot
+  freeze leaves for curvax's transforms: they hide the frozen parameters from
+  the transform, which needs them to run the model.)
+
   Args:
     model: an ``nnx.Module``.
+    wrt: an ``nnx`` filter of the trainable variables (``None``: ``nnx.Param``),
+      e.g. ``nnx.All(nnx.Param, nnx.PathContains('head'))``.
     constant_batch_stats: declares that the model normalises with its stored
       ``nnx.BatchStat`` running averages (after ``model.eval()``), so that
       per-example quantities are computed instead of refused. Checked for
@@ -131,7 +142,9 @@ def from_nnx(model: Any, *, constant_batch_stats: bool = False) -> Tuple[NNXAppl
           "model.eval() first.")
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
+  if not jax.tree_util.tree_leaves(params):
+    raise ValueError(f"from_nnx: the filter wrt={wrt!r} selects no variables of the model.")
   # A snapshot: new Variables (recent Flax splits into the model's own) holding
   # copies of the arrays, unaffected by later calls of the model.
   rest = jax.tree_util.tree_map(jnp.copy, rest)

@@ -359,3 +359,61 @@ def test_from_nnx_params_are_a_snapshot_that_nnx_optimizer_does_not_move():
   assert any(not np.allclose(a, b) for a, b in zip(after_model, before))
   chex.assert_trees_all_equal(jax.tree.leaves(params), before)
   np.testing.assert_allclose(apply_fn(params, x), x @ before[1] + before[0])
+
+
+def test_from_nnx_wrt_freezes_the_parameters_it_leaves_out():
+  # The trainable subset (l2) is params; l1 is a constant of apply_fn. The GGN
+  # in the subset is the principal block of the whole GGN, and nnx.Optimizer
+  # with the same filter moves l2 by hessian_free's step and leaves l1 alone.
+  model = _NNXMLP(nnx.Rngs(0))
+  wrt = nnx.All(nnx.Param, nnx.PathContains("l2"))
+  apply_fn, params = curvax.flax_utils.from_nnx(model, wrt=wrt)
+  full_apply, full = curvax.flax_utils.from_nnx(model)
+  assert set(params) == {"l2"}
+  loss = curvax.losses.softmax_cross_entropy
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 4), F64)
+  y = jnp.arange(16) % 3
+  batch, eval_batch = (x[:8], y[:8]), (x[8:], y[8:])
+  np.testing.assert_allclose(apply_fn(params, x), model(x), rtol=1e-12)
+  g_full = np.asarray(explicit_ggn(full_apply, loss, full, batch))
+  n_l1 = sum(a.size for a in jax.tree.leaves(full["l1"]))
+  vec, unravel = ravel_pytree(params)
+  got = np.stack([ravel_pytree(curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(
+      unravel(e)))[0] for e in np.eye(vec.size)])
+  # ravel order: the full params' leaves are l1's then l2's, in the same order.
+  np.testing.assert_allclose(got, g_full[n_l1:, n_l1:], rtol=1e-10, atol=1e-14)
+
+  tx = curvax.transforms.hessian_free(apply_fn, loss)
+  grads = jax.grad(curvax.losses.objective(apply_fn, loss))(params, batch)
+  updates, _ = tx.update(grads, tx.init(params), params, batch=batch, eval_batch=eval_batch)
+  expected = optax.apply_updates(params, updates)
+  l1_before = jax.tree.map(np.array, full["l1"])
+  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  nnx_grads = nnx.grad(lambda m: jnp.mean(loss(m(batch[0]), batch[1])), argnums=nnx.DiffState(0, wrt))(model)
+  optimizer.update(model, nnx_grads, batch=batch, eval_batch=eval_batch)
+  _, moved = curvax.flax_utils.from_nnx(model)
+  chex.assert_trees_all_close(moved["l2"], expected["l2"], rtol=1e-10)
+  chex.assert_trees_all_equal(jax.tree.map(np.array, moved["l1"]), l1_before)
+  with pytest.raises(ValueError, match="selects no variables"):
+    curvax.flax_utils.from_nnx(model, wrt=nnx.PathContains("nothing"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda a, l, lf: curvax.transforms.hessian_free(a, l),
+    lambda a, l, lf: curvax.transforms.curvature_step_size(optax.sgd(0.1), a, l),
+    lambda a, l, lf: curvax.transforms.probabilistic_preconditioning(lf),
+    lambda a, l, lf: curvax.diagnostics.monitor(optax.sgd(0.1), a, l),
+])
+@pytest.mark.parametrize("wrap", ["masked", "multi_transform"])
+def test_masked_wrappers_are_refused_with_a_pointer_to_wrt(make, wrap):
+  params = {"l1": {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)}, "l2": {"w": jnp.ones((5, 3))}}
+  apply_fn = lambda p, x: jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"]  # noqa: E731
+  loss = curvax.losses.softmax_cross_entropy
+  tx = make(apply_fn, loss, curvax.losses.objective(apply_fn, loss))
+  labels = {"l1": {"w": False, "b": False}, "l2": {"w": True}}
+  if wrap == "masked":
+    opt = optax.masked(tx, labels)
+  else:
+    opt = optax.multi_transform({True: tx, False: optax.set_to_zero()}, labels)
+  with pytest.raises(TypeError, match=r"MaskedNode at .*l1.*wrt="):
+    opt.init(params)

@@ -370,6 +370,7 @@ def probabilistic_preconditioning(
     return min(rank, size, 2 * num_obs) if estimate else 0
 
   def init_fn(params):
+    _checks.check_not_masked(params, _NAME)
     leaves, _, _, num_groups, dtype = _layout(params)
     # Every field gets its own buffer, so that the state can be donated to jit
     # (the inner state too: `own_buffers`).
