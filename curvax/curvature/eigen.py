@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from curvax import _checks
+from curvax._dtypes import at_least_float32
 from curvax.curvature import _chunking, diagonals
 
 Array = jax.Array
@@ -161,7 +162,7 @@ def _eigh(matrix: Array) -> Tuple[Array, Array]:
   """``jnp.linalg.eigh`` in at least float32, results in ``matrix``'s dtype: the
   LAPACK/cuSOLVER kernels have no bfloat16 or float16 (parameters in those
   dtypes give such small matrices here)."""
-  wide = jnp.promote_types(matrix.dtype, jnp.float32)
+  wide = at_least_float32(matrix.dtype)
   values, vectors = jnp.linalg.eigh(matrix.astype(wide))
   return values.astype(matrix.dtype), vectors.astype(matrix.dtype)
 
@@ -217,7 +218,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   # (a 6 x 6 test matrix's top eigenvalue 8 came out as 1.76). The matvec sees
   # vectors in ``v0``'s dtypes; results come back in them.
   out_dtype = flat0.dtype
-  dtype = jnp.promote_types(out_dtype, jnp.float32)
+  dtype = at_least_float32(out_dtype)
   tiny = jnp.finfo(dtype).eps
 
   def mv(x):

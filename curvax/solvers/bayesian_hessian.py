@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvax._dtypes import at_least_float32
+
 Array = jax.Array
 
 FORMS = ("inverse", "seed")
@@ -112,7 +114,7 @@ def _small(routine: Callable[..., Any], *matrices: Array) -> Any:
   """A LAPACK-style ``routine`` on small matrices in at least float32 (there are
   no half-precision kernels); results in the first matrix's dtype."""
   dtype = matrices[0].dtype
-  wide = jnp.promote_types(dtype, jnp.float32)
+  wide = at_least_float32(dtype)
   out = routine(*(m.astype(wide) for m in matrices))
   return jax.tree_util.tree_map(lambda o: o.astype(dtype), out)
 
@@ -130,7 +132,8 @@ def observation_mask(directions: Array, num_observed: Optional[Array] = None) ->
 def _mask(squared_norms: Array, num_observed: Optional[Array]) -> Array:
   mask = squared_norms > 0
   if num_observed is not None:
-    mask = mask & (jnp.arange(squared_norms.shape[0]) < num_observed)
+    num_observed = jnp.asarray(num_observed)
+    mask = mask & (jnp.arange(squared_norms.shape[0], dtype=num_observed.dtype) < num_observed)
   return mask
 
 

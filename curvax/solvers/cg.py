@@ -248,12 +248,13 @@ def cg(matvec: Callable[[Any], Any],
     phi_new = s["phis"][i] - alpha * pr + 0.5 * alpha ** 2 * pap
 
     # Martens (2010, sec. 4.4) relative progress over a window of k iterations.
+    frac = jnp.asarray(martens_window_fraction)
     k = jnp.maximum(martens_min_window,
-                    jnp.ceil(martens_window_fraction * i_new).astype(jnp.int32))
+                    jnp.ceil(frac * i_new.astype(frac.dtype)).astype(jnp.int32))
     phi_old = s["phis"][jnp.clip(i_new - k, 0, max_iter)]
     martens = (martens_criterion & (i_new > k) & (phi_new < 0)
                & ((phi_new - phi_old) / jnp.where(phi_new < 0, phi_new, -1.0)
-                  < k * martens_eps))
+                  < k.astype(phi_new.dtype) * martens_eps))
 
     status = jnp.where(
         nonfinite | nonfinite_next, CGStatus.NONFINITE,
@@ -294,7 +295,7 @@ def cg(matvec: Callable[[Any], Any],
   iterate_phis = s["iterate_phis"].at[write].set(phi_final)
   num = jnp.where(final_stored, slot, slot + 1)
   # Clear the scratch slot's step unless it holds the final iterate.
-  steps = jnp.where(jnp.arange(capacity) < num, steps, -1)
+  steps = jnp.where(jnp.arange(capacity, dtype=num.dtype) < num, steps, -1)
   return CGResult(
       x=s["x"], iterations=s["i"], status=s["status"], phi=phi_final,
       phi_history=s["phis"], iterates=iterates, iterate_steps=steps,

@@ -1,0 +1,55 @@
+"""Every transform runs under ``jax_numpy_dtype_promotion='strict'``.
+
+Strict promotion refuses implicit mixes (a Python float times an int32 array,
+int32 against int64 indices under x64, float64 with float32): a library used
+by code that turns it on must spell every cast out. The tests run with x64
+(conftest), so the float32 problem also checks int64 against int32 indices.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvax
+
+
+def _apply(p, x):
+  return jnp.tanh(x @ p["w"]) @ p["v"]
+
+
+_LOSS = curvax.losses.softmax_cross_entropy
+_OBJECTIVE = curvax.losses.objective(_apply, _LOSS)
+
+TRANSFORMS = {
+    "hessian_free": lambda: curvax.transforms.hessian_free(_apply, _LOSS, cg_max_iter=5),
+    "hessian_free_fisher": lambda: curvax.transforms.hessian_free(
+        _apply, _LOSS, cg_max_iter=5, preconditioner="fisher", microbatch_size=4),
+    "probabilistic_preconditioning": lambda: curvax.transforms.probabilistic_preconditioning(
+        _OBJECTIVE, prior_iterations=2, num_observations=2, restart_every=6),
+    "curvature_step_size": lambda: curvax.transforms.curvature_step_size(
+        optax.sgd(0.1), _apply, _LOSS, learning_rate=0.1, mode="interval", interval=3,
+        num_estimates=2, clip=(0.0, 1.0)),
+    "monitor_full": lambda: curvax.diagnostics.monitor(optax.sgd(0.1), _apply, _LOSS, "full",
+                                                       every=2),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_transform_runs_under_strict_promotion(name, dtype):
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {"w": 0.5 * jax.random.normal(k[0], (4, 8), dtype),
+            "v": 0.5 * jax.random.normal(k[1], (8, 3), dtype)}
+  batch = (jax.random.normal(k[2], (8, 4), dtype), jnp.arange(8) % 3)
+  with jax.numpy_dtype_promotion("strict"):
+    tx = TRANSFORMS[name]()
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(_OBJECTIVE)(p, batch), s, p, batch=batch,
+                                          eval_batch=batch))
+    for _ in range(7):     # through every phase / schedule branch
+      updates, state = step(params, state)
+      params = optax.apply_updates(params, updates)
+  for leaf in jax.tree.leaves(params):
+    assert leaf.dtype == dtype and np.all(np.isfinite(leaf))
