@@ -328,6 +328,9 @@ def hessian_free(
     batch = _checks.check_batch(batch, "batch")
     _checks.check_tree_like(updates, params, "updates", "params")
     _checks.check_tree_like(state.warm_start, params, "state.warm_start", "params")
+    # The gradient in the parameters' dtypes, as CG's iterates (a wider or
+    # narrower gradient mixed dtypes inside the solve).
+    updates = otu.tree_cast_like(updates, params)
     if eval_batch is None and value_fn is None:
       raise TypeError(
           f"{_NAME}.update needs the keyword argument `eval_batch`: a second batch "

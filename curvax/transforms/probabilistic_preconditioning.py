@@ -400,6 +400,9 @@ def probabilistic_preconditioning(
       raise TypeError(f"{_NAME}.update needs `params` (Hessian-vector products are taken "
                       "at params): call update(grads, state, params, batch=...).")
     _checks.check_tree_like(updates, params, "updates")
+    # The gradient in the parameters' dtypes, as the estimate's buffers (a
+    # gradient of another dtype made the phases' branches disagree).
+    updates = otu.tree_cast_like(updates, params)
     leaves_p, treedef, gids, num_groups, dtype = _layout(params)
     del leaves_p
     g_leaves = treedef.flatten_up_to(updates)
