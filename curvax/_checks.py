@@ -94,7 +94,9 @@ def require_kwarg(value: Any, name: str, transform: str) -> Any:
   if value is None:
     raise TypeError(
         f"{transform}.update needs the keyword argument `{name}`: call "
-        f"update(grads, state, params, {name}=(inputs, targets)).")
+        f"update(grads, state, params, {name}=(inputs, targets)). (Flax's "
+        "TrainState.apply_gradients does not pass keywords on to tx.update: call "
+        "state.tx.update yourself; nnx.Optimizer.update does pass them.)")
   return value
 
 

@@ -435,6 +435,10 @@ def test_clear_errors():
                         num_estimates=5)
   with pytest.raises(ValueError, match="clip"):
     curvature_step_size(optax.sgd(0.1), linear_apply, MSE, clip=(1.0, 0.5))
+  with pytest.raises(TypeError, match="inner must be an optax.GradientTransformation"):
+    curvature_step_size(0.1, linear_apply, MSE)
+  with pytest.raises(ValueError, match="updates"):   # the user's argument, not `direction`
+    tx.update({"w": g["w"][:2], "b": g["b"]}, state, params, batch=batch, eval_batch=batch)
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,11 @@ Conventions:
   term ``(1/B) sum_i l_i`` only: a regularizer is not part of them.
 * The step ``s = theta_{t+1} - theta_t`` is the update the monitor returns, so
   the monitor should be the last transformation of the chain (wrap the whole
-  optimizer), and the caller must apply it (``optax.apply_updates``).
+  optimizer), and the caller must apply it (``optax.apply_updates``). Put it
+  outside ``optax.MultiSteps`` and ``optax.apply_if_finite`` too:
+  ``monitor(MultiSteps(...))``. Inside them it would see only the steps they
+  let through, count its ``step`` by those, and a skipped step would leave its
+  previous record in the state for `record` to read again.
 * Alpha of step ``t`` needs observations at ``theta_{t+1}`` on the next batch, so
   it appears one update later, in ``state.alpha`` with ``state.alpha_step = t``.
 

@@ -208,6 +208,12 @@ def curvature_step_size(
     rate is unchanged. Steps outside the windows compute no curvature
     (``lax.cond``, or ``scheduled=False``: see "Host-side schedule").
 
+  ``every_step`` mode trusts each step's ``alpha*``: on a non-convex loss it
+  can grow step after step until the iterate lands where every later
+  ``alpha*`` is undefined, and the last (huge) rate is then held. Give it a
+  ``clip`` range, or use ``interval`` mode (a median over several estimates),
+  which seed 004 found stable.
+
   Safeguards and fallback: an undefined ``alpha*`` (``d'Gd <= 0`` or not
   finite) or a negative one is never applied. The step then uses the held
   learning rate: the last applied one (in ``every_step`` mode; at the first
@@ -303,6 +309,9 @@ def curvature_step_size(
     lo, hi = clip
     if not 0 <= lo <= hi:
       raise ValueError(f"{_NAME}: clip must be (lo, hi) with 0 <= lo <= hi; got {clip}.")
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"{_NAME}: inner must be an optax.GradientTransformation (e.g. "
+                    f"optax.sgd(0.1)); got {type(inner).__name__}.")
   _checks.require_callable(apply_fn, "apply_fn", _NAME, STATIC_ARGS)
   if regularizer is not None:
     _checks.require_callable(regularizer, "regularizer", _NAME, STATIC_ARGS)
@@ -336,6 +345,7 @@ def curvature_step_size(
                       "measured at the current parameters).")
     _checks.require_kwarg(batch, "batch", _NAME)
     _checks.check_batch(batch, "batch")
+    _checks.check_tree_like(updates, params, "updates", "params")
     if debias:
       if eval_batch is None:
         raise TypeError(
