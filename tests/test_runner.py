@@ -192,7 +192,8 @@ def test_divergence_stops_cleanly_and_is_recorded(tmp_path):
   assert r["steps"] < 78 and len(r["test_losses"]) == 1
   first_bad = next(s for s, v in zip(r["minibatch_steps"], r["minibatch_train_losses"])
                    if v is None or abs(v) >= 1e308)   # JSON stand-ins for nan and inf
-  assert r["stop_reason"].endswith(f"at step {first_bad}")
+  # noticed at the first logged non-finite loss (dated to an earlier step, if any)
+  assert r["stop_reason"].endswith((f"at step {first_bad}", f"(noticed at step {first_bad})"))
   with open(r["path"]) as f:
     assert json.load(f)["status"] == "diverged"
 
@@ -710,3 +711,20 @@ def test_run_rejects_max_steps_below_one():
   for bad in (0, -1):
     with pytest.raises(ValueError, match="max_steps"):
       curvax.problems.run(problem, optax.sgd(0.1), max_steps=bad, verbose=False)
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_divergence_is_dated_to_the_first_nonfinite_loss_whatever_log_every(steps_per_call):
+  # Beale from DeepOBS's start with a large step overflows within a few steps.
+  # Logged every step, the runner stops at the first non-finite loss: the
+  # reference. Logged every 7th or 100th, it notices later and dates it the same.
+  problem = curvax.problems.get("two_d_beale", batch_size=16)
+  runs = {k: curvax.problems.run(problem, optax.sgd(1e-3), max_steps=40, log_every=k,
+                                 steps_per_call=steps_per_call, verbose=False)
+          for k in (1, 7, 100)}
+  reference = runs[1]["stop_reason"]
+  assert runs[1]["status"] == "diverged" and "noticed" not in reference
+  first = int(reference.split("at step ")[1].split()[0])
+  for k in (7, 100):
+    assert runs[k]["status"] == "diverged"
+    assert f"at step {first} (noticed at step" in runs[k]["stop_reason"], (first, k)

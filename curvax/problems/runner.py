@@ -5,8 +5,8 @@ are evaluated before the first epoch and after every epoch (so each list has
 ``epochs + 1`` entries), the train metrics on augmented training examples
 (`Problem.evaluate`) with fresh augmentation at each evaluation, drawn from the
 seed and the step; the mini-batch training loss is logged every
-``log_every`` steps; a non-finite training loss at a logged step stops the run
-(so up to ``log_every - 1`` steps after the first non-finite one), recorded as
+``log_every`` steps; a non-finite training loss stops the run (noticed at the
+next logged step, the reason names the first non-finite one), recorded as
 ``status='diverged'`` with the reason (DeepOBS's PyTorch runner instead pads the
 remaining epochs with the initial values). Reported losses include the L2 term.
 
@@ -437,9 +437,22 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
   # (call number, step, loss, state scalars, index into them or None) not yet read back
   pending = []
+  # (step, loss, index or None) of every step not yet checked: divergence is
+  # noticed at a logged step, and then dated to the first non-finite loss.
+  unchecked = []
   calls = 0
   train_time, global_step = 0.0, 0
   tty = verbose and sys.stdout.isatty()
+
+  def _read(loss, j):
+    return float(np.asarray(loss).item() if j is None else np.asarray(loss)[j].item())
+
+  def diverged_at(s, value):
+    """The reason, dated to the first non-finite loss up to step ``s``."""
+    first = next(((t, v) for t, v in ((t, _read(l, j)) for t, l, j in unchecked if t <= s)
+                  if not math.isfinite(v)), (s, value))
+    seen = "" if first[0] == s else f" (noticed at step {s})"
+    return f"non-finite mini-batch training loss ({first[1]}) at step {first[0]}{seen}"
 
   def flush(upto_all: bool):
     """Reads back logged values (all, or all but the newest call's) and checks divergence."""
@@ -452,7 +465,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       for k, v in scalars.items():
         record["optimizer_state"].setdefault(k, []).append(pick(v))
       if not math.isfinite(value):
-        return f"non-finite mini-batch training loss ({value}) at step {s}"
+        return diverged_at(s, value)
+      unchecked[:] = [u for u in unchecked if u[0] > s]
     return None
 
   stop = None           # (status, reason) once training ends early
@@ -468,7 +482,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     if diverged:
       return None   # the first reason stands; diverged parameters are not evaluated
     if reason is None and not math.isfinite(float(loss)):
-      reason = f"non-finite mini-batch training loss at step {global_step}"
+      reason = diverged_at(global_step, float(loss))
     if reason is not None or global_step == last_eval:
       return reason
     params, model_state, opt_state = carry
@@ -503,6 +517,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       global_step += count
       for j in range(count):
         s = first + j + 1
+        unchecked.append((s, loss, None) if logged is None else (s, losses, j))
         if monitored:
           diagnostics.append(_diagnostics_record(
               carry[2] if mons is None else jax.tree.map(lambda a: a[j], mons)))  # pylint: disable=cell-var-from-loop
