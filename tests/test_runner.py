@@ -728,3 +728,36 @@ def test_divergence_is_dated_to_the_first_nonfinite_loss_whatever_log_every(step
   for k in (7, 100):
     assert runs[k]["status"] == "diverged"
     assert f"at step {first} (noticed at step" in runs[k]["stop_reason"], (first, k)
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_host_schedule_gives_the_records_of_the_device_schedule(steps_per_call):
+  # run(..., scheduled=is_scheduled): calls without scheduled work take the
+  # variant compiled with update(..., scheduled=False); losses and monitor
+  # records equal those of the device-side schedule.
+  from curvax import diagnostics as dg
+  problem = curvax.problems.get("quadratic_deep", batch_size=8)
+  names = ["loss", "grad_norm", "alpha"]
+  seen = []
+
+  def make():
+    inner = dg.monitor(optax.sgd(0.05), problem.apply_fn, problem.loss, names, every=4)
+
+    def update(updates, state, params=None, **kw):
+      seen.append(kw.get("scheduled"))     # at trace time
+      return inner.update(updates, state, params, **kw)
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+  kw = dict(max_steps=12, train_size=64, eval_size=16, log_every=1,
+            steps_per_call=steps_per_call, verbose=False)
+  want = curvax.problems.run(problem, make(), **kw)
+  assert False not in seen
+  got = curvax.problems.run(
+      problem, make(), scheduled=lambda t: dg.is_scheduled(t, every=4, instruments=names), **kw)
+  assert False in seen        # the idle variant was built and used
+  assert got["minibatch_train_losses"] == want["minibatch_train_losses"]
+  assert got["diagnostics"] == want["diagnostics"]
+  assert [d["step"] for d in got["diagnostics"]] == [0, 4, 8]
+  assert all("alpha" in d for d in got["diagnostics"])
+  with pytest.raises(TypeError, match="scheduled must be a function"):
+    curvax.problems.run(problem, optax.sgd(0.1), scheduled=True, **kw)

@@ -35,7 +35,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +162,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         callback: Optional[Callable[..., None]] = None,
         mesh: Optional[jax.sharding.Mesh] = None,
         steps_per_call: int = 1,
+        scheduled: Optional[Callable[[int], bool]] = None,
         verbose: bool = True) -> Dict[str, Any]:
   """Trains ``optimizer`` on ``problem`` and returns (and optionally writes) the results.
 
@@ -223,6 +224,14 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       2 CPU cores fmnist_2c2d trained 1.4-1.5x faster with 10 steps per call
       (`benchmarks/problems.py`), while other programs' loop bodies run slower
       than top-level steps on XLA:CPU (jax-ml/jax#12868).
+    scheduled: host-side schedule, ``scheduled(t) -> bool`` for update ``t``
+      (from 0): whether the optimizer has scheduled work there, e.g.
+      ``lambda t: curvax.diagnostics.is_scheduled(t, every=64)`` for a
+      monitor or ``curvax.transforms.computes_curvature`` for
+      curvature_step_size. A call whose steps have none runs a second compiled
+      step, built with ``update(..., scheduled=False)``: no ``lax.cond``, on which
+      GPU runtimes wait for the host (docs/performance.md). The results are
+      those without it when ``scheduled`` matches the optimizer's schedule.
     verbose: print progress.
 
   Returns:
@@ -233,6 +242,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   """
   if log_every < 1:
     raise ValueError(f"log_every must be a positive number of steps, got {log_every}.")
+  if scheduled is not None and not callable(scheduled):
+    raise TypeError(f"scheduled must be a function step -> bool (or None); got {scheduled!r}.")
   if max_steps is not None and max_steps < 1:
     raise ValueError(f"max_steps must be a positive number of steps (or None), got {max_steps}.")
   if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
@@ -287,7 +298,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
                          f"of mesh axis {axis!r}.")
     place = lambda tree: sharding.shard_batch(tree, mesh, axis)  # noqa: E731
 
-  def step(carry, x, y, perm, i, global_step):
+  def step(carry, x, y, perm, i, global_step, busy=True):
     params, model_state, opt_state = carry
     k_aug, k_drop, k_off, k_eaug = jax.random.split(jax.random.fold_in(k_step, global_step), 4)
     idx = jax.lax.dynamic_slice(perm, (i * b,), (b,))
@@ -306,6 +317,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       # value_fn disagreed with `value` and `grad` on dropout and VAE problems).
       extra = dict(value=loss, grad=grads,
                    value_fn=lambda p: problem.train_loss(p, model_state, batch, k_drop)[0])
+    if not busy:     # the host knows this step has no scheduled work
+      extra["scheduled"] = False
     updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
                                    eval_batch=eval_batch, **extra)
     params = optax.apply_updates(params, updates)
@@ -316,13 +329,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   # in place instead of allocating and copying every buffer each step (large
   # for transforms with big states). The run works on a copy of the initial
   # carry, so arrays the caller passed in (init_params) stay valid.
-  step_jit = jax.jit(step, donate_argnums=(0,))
+  step_jit = jax.jit(step, donate_argnums=(0,), static_argnames="busy")
   perm_jit = jax.jit(lambda k: jax.random.permutation(k, n))
 
-  def steps(carry, x, y, perm, i0, step0, *, count):
+  def steps(carry, x, y, perm, i0, step0, *, count, busy=True):
     """``count`` steps in one program; returns what the host logs of each."""
     def body(carry, j):
-      carry, loss = step(carry, x, y, perm, i0 + j, step0 + j)
+      carry, loss = step(carry, x, y, perm, i0 + j, step0 + j, busy)
       mon = None
       if monitored:   # the fields `curvax.diagnostics.record` reads, nothing params-sized
         from curvax.diagnostics import records  # pylint: disable=import-outside-toplevel
@@ -332,7 +345,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       return carry, (loss, loggable_state(carry[2]), mon)
     return jax.lax.scan(body, carry, jnp.arange(count))
 
-  steps_jits: Dict[int, Callable[..., Any]] = {}
+  steps_jits: Dict[Tuple[int, bool], Callable[..., Any]] = {}
 
   def call_length(i, global_step):
     """Steps in the call that starts at step ``i`` of an epoch."""
@@ -366,10 +379,15 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         global_step += count
     return lengths or {1}
 
-  def steps_jit(count):
-    if count not in steps_jits:
-      steps_jits[count] = jax.jit(functools.partial(steps, count=count), donate_argnums=(0,))
-    return steps_jits[count]
+  def steps_jit(count, busy=True):
+    if (count, busy) not in steps_jits:
+      steps_jits[count, busy] = jax.jit(functools.partial(steps, count=count, busy=busy),
+                                        donate_argnums=(0,))
+    return steps_jits[count, busy]
+
+  def busy_call(first, count):
+    """Whether any of the call's steps has scheduled work (always, without ``scheduled``)."""
+    return scheduled is None or any(bool(scheduled(first + j)) for j in range(count))
 
   record: Dict[str, Any] = {
       "testproblem": problem.name, "batch_size": b, "num_epochs": epochs,
@@ -428,8 +446,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   # Compile outside the timed loop (the jit cache keeps it; calling step_jit, not the
   # AOT executable, tolerates optimizer states whose dtypes settle after one step).
   for count in sorted(call_lengths()):
-    (step_jit if count == 1 else steps_jit(count)).lower(
-        carry, x_all, y_all, perm0, 0, 0).compile()
+    for busy in (True,) if scheduled is None else (True, False):
+      if count == 1:
+        step_jit.lower(carry, x_all, y_all, perm0, 0, 0, busy=busy).compile()
+      else:
+        steps_jit(count, busy).lower(carry, x_all, y_all, perm0, 0, 0).compile()
   record["compile_time"] = time.perf_counter() - t_compile
 
   m = evaluate(0, 0.0)
@@ -505,11 +526,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       count = call_length(i, global_step)
       calls += 1
       first = global_step
+      busy = busy_call(global_step, count)
       if count == 1:
-        carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step)
+        carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step, busy=busy)
         logged, mons = None, None
       else:
-        carry, (losses, logged, mons) = steps_jit(count)(carry, x_all, y_all, perm, i, global_step)
+        carry, (losses, logged, mons) = steps_jit(count, busy)(carry, x_all, y_all, perm, i,
+                                                               global_step)
         loss = losses[-1]
         if monitored:
           mons = jax.device_get(mons)
