@@ -319,7 +319,11 @@ def monitor(inner: optax.GradientTransformation,
     curvature: diagonal curvature standing in for ``diag(H_B)`` in HessTrace and
       TIC: ``"diag_ggn"`` (exact diagonal GGN, ~C extra backward passes) or
       ``"diag_ggn_mc"`` (one Monte-Carlo sample, cheapest). Cockpit's default,
-      the exact Hessian diagonal, has no matrix-free counterpart here.
+      the exact Hessian diagonal, has no matrix-free counterpart here. Where
+      the loss is linear in the model's output (``curvax.problems``' 2-D test
+      functions, whose model outputs the loss value: ``value_loss``) the GGN is
+      zero, and so are HessTrace and TIC's curvature; HessMaxEV uses Hessian
+      products and is unaffected.
     learning_rate: SGD learning rate, required by ``cabs``.
     chunk_size: examples per vmap chunk for per-example gradients (None: all).
     hist_bins, hist_range: GradHist1d layout (Cockpit: 100 bins on (-2, 2)).
