@@ -47,10 +47,10 @@ def mlp_apply(params, x):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--steps", type=int, default=6)
-  parser.add_argument("--batch", type=int, default=1024)
-  parser.add_argument("--cg-max-iter", type=int, default=250)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=6, help="hessian_free steps timed")
+  parser.add_argument("--batch", type=int, default=1024, help="examples per batch")
+  parser.add_argument("--cg-max-iter", type=int, default=250, help="CG iterations at most")
   args = parser.parse_args()
 
   key = jax.random.PRNGKey(0)

@@ -182,9 +182,9 @@ REFERENCE = "floor: fixed rank-2 + SGD"
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--steps", type=int, default=469)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=469, help="steps per epoch")
+  parser.add_argument("--repeats", type=int, default=5, help="epochs timed per configuration")
   parser.add_argument("--one-call", action=argparse.BooleanOptionalAction, default=True,
                       help="also time each epoch as one jitted call (fori_loop)")
   args = parser.parse_args()

@@ -37,10 +37,10 @@ import time
 
 
 def _parse_args():
-  parser = argparse.ArgumentParser()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--devices", default="1,2,4", help="comma-separated device counts")
-  parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=7, help="timing rounds")
+  parser.add_argument("--batch", type=int, default=128, help="examples per batch")
   parser.add_argument("--products", type=int, default=10, help="GGN products per call")
   parser.add_argument("--cg-iters", type=int, default=10)
   return parser.parse_args()

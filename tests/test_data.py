@@ -1,6 +1,7 @@
 """curvax.problems data loaders on small files written in the real formats, and errors."""
 
 import gzip
+import importlib.util
 import os
 import pickle
 import tarfile
@@ -469,3 +470,14 @@ def test_unknown_idx_type_code_is_not_an_idx_file(tmp_path):
     path.write_bytes(struct.pack(">HBBI", 0, code, 1, 2) + b"\x00" * 16)
     with pytest.raises(ValueError, match="not an IDX file"):
       data.read_idx(str(path))
+
+
+def test_svhn_hint_names_scipy_only_when_scipy_is_missing(tmp_path, monkeypatch):
+  with pytest.raises(data.DataNotFoundError) as found:
+    data.find("svhn", str(tmp_path))
+  assert "pip install scipy" not in str(found.value)   # installed here (tests read .mat)
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "scipy" else real(name, *a))
+  with pytest.raises(data.DataNotFoundError, match="needs scipy"):
+    data.find("svhn", str(tmp_path))

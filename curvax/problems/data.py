@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import tarfile
@@ -97,8 +98,15 @@ DATASETS: Dict[str, dict] = {
                "e26dedcc434d2e4c54c9b2d4a06d8373"),
               ("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
                "eb5a983be6a315427106f1b164d9cef3")],
-        hint="SVHN's reader needs scipy (`pip install scipy`)."),
+        hint="SVHN's reader needs scipy (`pip install scipy`).", needs="scipy"),
 }
+
+
+def _importable(module: Optional[str]) -> bool:
+  """Whether ``module`` imports (False for None: a hint with no condition)."""
+  if module is None:
+    return False
+  return importlib.util.find_spec(module) is not None
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -162,7 +170,7 @@ def find(name: str, data_dir: Optional[str] = None) -> str:
       return folder
   wanted = ", ".join(" or ".join(alts) for alts in spec["files"])
   where = "\n".join(f"  - {p}" for p in paths)
-  hint = f"\n{spec['hint']}" if spec["hint"] else ""
+  hint = f"\n{spec['hint']}" if spec["hint"] and not _importable(spec.get("needs")) else ""
   if (data_dir is not None and data_dir not in paths and os.path.isdir(data_dir)
       and _complete(data_dir, spec["files"])):
     hint += (f"\n{data_dir} itself holds files of these names but is not searched for "

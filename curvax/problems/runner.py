@@ -236,7 +236,9 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
 
   Returns:
     The results dictionary written to JSON (with ``'path'`` when ``out`` is set),
-    plus the final ``'params'`` and ``'model_state'`` (not written). If the
+    plus the final ``'params'`` and ``'model_state'`` (not written). Its values
+    are the JSON's: a non-finite loss reads ``None`` (NaN) or ``+-1e308``
+    (+-inf), as in the file. If the
     optimizer state holds a `curvax.diagnostics.monitor`, its records (one per
     tracked step, `curvax.diagnostics.merge`d) are under ``'diagnostics'``.
   """
