@@ -37,6 +37,12 @@ def from_linen(module: Any, variables: Mapping[str, Any],
                ) -> Tuple[LinenApply, Any]:
   """Returns ``(apply_fn, params)`` for a Linen ``module`` and its ``variables``.
 
+  The returned ``apply_fn`` closes over ``variables``' other collections and
+  compares by identity: a function jitted with it as a static argument
+  recompiles for every new wrapper. To follow changing collections (batch
+  statistics), call ``from_linen`` inside the jitted step (it costs nothing
+  there) rather than passing a new wrapper in each step.
+
   Args:
     module: a ``flax.linen.Module``.
     variables: the dict returned by ``module.init``; must hold ``'params'``.
@@ -102,7 +108,10 @@ def from_nnx(model: Any, *, wrt: Any = None,
   iterations and line searches need. For fresh masks, advance the model's own
   RNG state (calling the model does; or ``nnx.reseed``) and call ``from_nnx``
   again (a new ``apply_fn``: jitted callers retrace); ``model.eval()`` turns
-  dropout off. Use `nnx_update` to write new parameters back.
+  dropout off. Per-example quantities (`curvax.curvature.per_example_statistics`
+  and what builds on it) are refused while dropout is active, as for batch
+  norm with batch statistics: one example at a time, the masks would not be the
+  batch's. Use `nnx_update` to write new parameters back.
 
   Frozen parameters: ``wrt`` selects the trainable variables, as
   ``nnx.Optimizer(model, tx, wrt=...)`` does (default ``nnx.Param``); the
@@ -153,7 +162,10 @@ def from_nnx(model: Any, *, wrt: Any = None,
   # place, so `params` would have followed the model's later updates.
   params = jax.tree_util.tree_map(lambda x: x, params)
   has_batch_stats = bool(jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat)))
-  return NNXApply(graphdef, rest, has_batch_stats, constant_batch_stats), params
+  modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
+  dropout = tuple("/".join(map(str, path)) for path, m in modules
+                  if isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0)
+  return NNXApply(graphdef, rest, has_batch_stats, constant_batch_stats, dropout), params
 
 
 def nnx_update(model: Any, params: Any) -> None:

@@ -156,7 +156,11 @@ def conv_class(impl: str = "auto"):
 
   ``'lax'``: ``nn.Conv``; ``'patches'``: `PatchConv`; ``'auto'``: `PatchConv` on
   the CPU backend (where convolutions inside control flow are slow), ``nn.Conv``
-  elsewhere. Both take the same arguments and hold the same parameters.
+  elsewhere. Both hold the same parameters and give the same outputs for the
+  arguments `PatchConv` takes (``features, kernel_size, strides, padding,
+  use_bias, dtype, param_dtype, kernel_init, bias_init``; not ``precision``,
+  ``mask``, ``promote_dtype``, dilations, ``feature_group_count``, circular or
+  causal padding) on inputs with one batch axis.
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}.")

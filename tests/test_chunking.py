@@ -78,7 +78,7 @@ def test_split_and_merge_chunks_are_strided_and_inverse():
   np.testing.assert_array_equal(_chunking.merge_chunks(chunks), a)
 
 
-@pytest.mark.parametrize("chunk", [0, -1, 2.0, "2"])
+@pytest.mark.parametrize("chunk", [0, -1, 2.0, "2", True, np.int64(0)])
 def test_map_reduce_and_sum_chunks_reject_a_bad_chunk_size(chunk):
   xs = jnp.ones((7, 2))
   with pytest.raises(ValueError, match="chunk_size"):
@@ -93,3 +93,12 @@ def test_expand_adds_a_batch_axis_of_one_to_every_leaf():
   assert out["x"].shape == (1, 2, 3) and out["y"].shape == (1,)
   np.testing.assert_array_equal(out["x"][0], tree["x"])
   np.testing.assert_array_equal(out["y"][0], tree["y"])
+
+
+def test_a_numpy_integer_chunk_size_is_an_int():
+  # np.int64(3) (e.g. from a config array) chunks like 3.
+  xs = jnp.arange(14.0).reshape(7, 2)
+  for chunk in (np.int64(3), np.int32(3)):
+    assert _chunking.check_chunk_size(chunk) == 3 and type(_chunking.check_chunk_size(chunk)) is int
+    np.testing.assert_allclose(_chunking.sum_chunks(jnp.sum, xs, chunk),
+                               _chunking.sum_chunks(jnp.sum, xs, 3))

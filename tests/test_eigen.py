@@ -442,3 +442,15 @@ def test_lanczos_and_vivit_in_half_precision(dtype, rtol):
   want = np.linalg.eigvalsh(np.asarray(explicit_ggn(apply_fn, loss, params, batch)))[::-1][:2]
   assert lam_low.dtype == dtype
   np.testing.assert_allclose(np.asarray(lam_low, np.float64), want, rtol=5e-2)
+
+
+def test_vivit_reports_nan_for_a_nonfinite_factor():
+  # A NaN loss (here: inf inputs) must read as NaN eigenvalues, as diag_ggn and
+  # top_eigenvalues report it, not as masked zeros (flat curvature).
+  apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy", n=5)
+  bad = (batch[0].at[0, 0].set(jnp.inf), batch[1])
+  res = eigen.ggn_eigenpairs(apply_fn, loss, params, bad, 3)
+  assert np.all(np.isnan(res.eigenvalues)) and not np.any(res.valid)
+  assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(res.eigenvectors))
+  ok = eigen.ggn_eigenpairs(apply_fn, loss, params, batch, 3)
+  assert np.all(np.isfinite(ok.eigenvalues)) and np.all(ok.valid)

@@ -417,3 +417,19 @@ def test_masked_wrappers_are_refused_with_a_pointer_to_wrt(make, wrap):
     opt = optax.multi_transform({True: tx, False: optax.set_to_zero()}, labels)
   with pytest.raises(TypeError, match=r"MaskedNode at .*l1.*wrt="):
     opt.init(params)
+
+
+def test_per_example_quantities_are_refused_while_nnx_dropout_is_active():
+  # One example at a time, each call draws masks of its own shape: the
+  # per-example losses would not be the batch's. Eval mode is fine.
+  model = _NNXDropout(nnx.Rngs(0))
+  apply_fn, params = flax_utils.from_nnx(model)
+  x, y = _data()
+  loss = curvax.losses.softmax_cross_entropy
+  with pytest.raises(ValueError, match=r"dropout in training mode \(\['drop'\]\)"):
+    curvax.curvature.per_example_statistics(apply_fn, loss, params, (x, y))
+  curvax.curvature.ggn_matvec(apply_fn, loss, params, (x, y))(params)   # batch products: fine
+  model.eval()
+  apply_fn, params = flax_utils.from_nnx(model)
+  stats = curvax.curvature.per_example_statistics(apply_fn, loss, params, (x, y))
+  np.testing.assert_allclose(stats.losses, loss(model(x), y), rtol=1e-12)

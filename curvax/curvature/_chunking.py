@@ -15,6 +15,7 @@ its own examples: data parallelism survives chunking, with no all-gather.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -26,9 +27,14 @@ def leading_size(tree: Any) -> int:
   return jnp.shape(jax.tree_util.tree_leaves(tree)[0])[0]
 
 
-def check_chunk_size(chunk_size: Optional[int]) -> None:
-  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+  """``chunk_size`` as a Python int (numpy integers too) or None, else ValueError."""
+  if chunk_size is None:
+    return None
+  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+      or chunk_size < 1):
     raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
+  return int(chunk_size)
 
 
 def split_chunks(a: jax.Array, chunk_size: int) -> jax.Array:
@@ -52,7 +58,7 @@ def map_reduce(fn: Callable[[Any], Tuple[Any, Any]], xs: Any,
   docstring) chunks go through a ``lax.scan`` and the last ``N mod chunk``
   examples are processed on their own.
   """
-  check_chunk_size(chunk_size)
+  chunk_size = check_chunk_size(chunk_size)
   n = leading_size(xs)
   if chunk_size is None or chunk_size >= n:
     return fn(xs)
@@ -86,7 +92,7 @@ def sum_chunks(fn: Callable[[Any], Any], xs: Any, chunk_size: Optional[int],
   of the ``lax.scan`` gathers its chunk ``[..., :, j, ...]``, so a leaf whose batch
   axis is not leading (``(K, N, ...)`` columns) is never transposed as a whole.
   """
-  check_chunk_size(chunk_size)
+  chunk_size = check_chunk_size(chunk_size)
   n = jnp.shape(jax.tree_util.tree_leaves(xs)[0])[axis]
   if chunk_size is None or chunk_size >= n:
     return fn(xs)

@@ -34,7 +34,9 @@ class GGNEigenpairs(NamedTuple):
   """Top GGN eigenpairs from the Gram matrix.
 
   Attributes:
-    eigenvalues: ``(k,)``, descending; entries that fail the threshold are 0.
+    eigenvalues: ``(k,)``, descending; entries that fail the threshold are 0;
+      all NaN (none ``valid``) when the factor is not finite (a NaN loss, an
+      inf parameter).
     eigenvectors: pytree shaped like params with leading axis ``k``: unit,
       mutually orthogonal eigenvectors; zero where not ``valid``.
     valid: ``(k,)`` bool, ``eigenvalue > threshold`` (shapes are static under
@@ -86,7 +88,7 @@ def ggn_eigenpairs(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any
     apply_fn, loss, params, batch: the model/loss pair and data.
     num_eigenpairs: ``k`` (static), at most ``N * K``.
     key, num_samples: Monte-Carlo factor with ``num_samples`` columns per
-      example instead of the exact one.
+      example instead of the exact one (``key`` alone: one column).
     threshold: eigenvalues ``lam <= threshold`` are masked (ViViT filters
       small ones because ``1/sqrt(lam)`` amplifies round-off; the thesis uses
       1e-4). It applies to the GGN eigenvalues ``lam = sigma^2`` (``sigma``:
@@ -126,12 +128,16 @@ def ggn_eigenpairs(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any
   if threshold is None:
     level = max(float(cols), float(dim) ** 0.5)
     threshold = level * jnp.finfo(lam.dtype).eps * jnp.maximum(jnp.max(lam), 0.0)
-  valid = lam > threshold
+  # A non-finite factor (a NaN loss, inf parameters) gives NaN eigenvalues, as
+  # every other curvature quantity does, not masked zeros that read as flat.
+  finite = jnp.all(jnp.isfinite(gram))
+  valid = (lam > threshold) & finite
   scale = jnp.where(valid, 1.0 / jnp.sqrt(jnp.where(valid, lam, 1.0)), 0.0)
-  coeffs = vec * scale  # (NK, k)
+  coeffs = jnp.where(valid, vec, 0.0) * scale  # (NK, k)
   eigenvectors = jax.tree_util.tree_map(
-      lambda leaf: jnp.einsum("ck,c...->k...", coeffs, leaf.reshape((cols,) + leaf.shape[2:])), v)
-  lam = jnp.where(valid, lam, 0.0)
+      lambda leaf: jnp.einsum("ck,c...->k...", coeffs, jnp.where(
+          finite, leaf, 0.0).reshape((cols,) + leaf.shape[2:])), v)
+  lam = jnp.where(finite, jnp.where(valid, lam, 0.0), jnp.nan)
   blocks = jnp.sum(jnp.square(vec.reshape(n, kk, -1)), axis=1)  # (N, k)
   per_example = n * lam * blocks
   return GGNEigenpairs(lam, eigenvectors, valid, vec, per_example)
@@ -296,6 +302,13 @@ def top_eigenpairs(matvec: Callable[[Any], Any], params: Any, key: Array,
   after ``num_iterations`` matrix-vector products. If the Krylov space is
   invariant with dimension ``j < k`` (`lanczos`), the values beyond the first
   ``j`` are NaN and their vectors zero.
+
+  Repeated eigenvalues: a Krylov space from one start vector holds one
+  eigenvector per distinct eigenvalue, so a multiple eigenvalue is found once
+  and the next distinct ones follow it (a linear layer under MSE with ``K``
+  outputs has each GGN eigenvalue ``K`` times: ``[1.59, 1.59, 1.59, 1.46]``
+  comes back as ``[1.59, 1.46, 0.99, 0.43]``). Where multiplicities matter,
+  `ggn_eigenpairs` (exact eigenvalues of the batch's GGN) reports them.
   """
   flat, unravel = ravel_pytree(params)
   if k > min(num_iterations, flat.shape[0]):

@@ -64,6 +64,13 @@ from curvax.curvature import _chunking
 
 Array = jax.Array
 
+DROPOUT_MESSAGE = (
+    "per-example quantities are ill-defined for a model with dropout in training "
+    "mode ({}): evaluated one example at a time, each call draws masks of its own "
+    "shape, so they would not be those of the batch's pass (the per-example losses "
+    "and gradients would not average to the batch's). Call model.eval() (or set "
+    "the Dropout modules deterministic) before from_nnx.")
+
 BATCH_NORM_MESSAGE = (
     "per-example quantities are ill-defined for a model with batch norm "
     "normalising with batch statistics (collection 'batch_stats' / nnx.BatchStat "
@@ -126,6 +133,7 @@ class NNXApply:
   rest: Any
   has_batch_stats: bool = False
   constant_batch_stats: bool = False
+  active_dropout: Tuple[str, ...] = ()
 
   def __call__(self, params, inputs):
     return _merge_copy(self.graphdef, params, self.rest)(inputs)
@@ -134,6 +142,8 @@ class NNXApply:
   def per_example_unsupported(self) -> Optional[str]:
     if self.has_batch_stats and not self.constant_batch_stats:
       return BATCH_NORM_MESSAGE
+    if self.active_dropout:
+      return DROPOUT_MESSAGE.format(list(self.active_dropout))
     return None
 
 

@@ -26,6 +26,13 @@ Two implementations:
   layers (and Dense layers on inputs with extra axes) form per-example gradients
   one layer at a time. See `curvax.curvature.flax_layers`.
 
+Per-example quantities assume the examples do not interact: batch norm with
+batch statistics is refused (`curvax.flax_utils`), and so is an NNX model
+with dropout active; a Linen model called with dropout active
+(``apply_kwargs={'train': True, 'rngs': ...}``) gets the batch pass's masks on
+the fast path, but on the ``vmap`` path each example draws its own, so the two
+differ there: use inference mode for per-example quantities.
+
 Neither path holds all ``N x params`` per-example gradients unless asked to
 (``return_gradients``): projections ``g_n' r`` on references (``dot_with``;
 ``r = g`` gives Cockpit's gradient tests) and additive element-wise reductions
@@ -130,7 +137,7 @@ def per_example_gradients(apply_fn: Callable[[Any, Any], Array], loss: Any,
   check_per_example_supported(apply_fn)
   loss = as_loss(loss)
   inputs, targets = _checks.check_batch(batch)
-  _chunking.check_chunk_size(chunk_size)
+  chunk_size = _chunking.check_chunk_size(chunk_size)
   one = _example_loss_and_grad(apply_fn, loss)
   batched = jax.vmap(one, in_axes=(None, 0, 0))
   grads, _ = _chunking.map_reduce(lambda xy: (batched(params, *xy)[1], ()),
