@@ -184,9 +184,9 @@ def hessian_free(
      measured on the disjoint batch stays far below the model's prediction,
      ``rho < 1/4`` nearly every step, and ``lambda`` grows until the steps
      vanish (notebooks/01: batch 128 on Fashion-MNIST reached ``max_damping``
-     in 131 steps). Use larger batches (seed 002: m = 256 to 6144 with a
-     disjoint batch of 1024), a smaller
-     ``max_damping``, or ``adapt_damping=False`` there.
+     within about 130 steps). Use larger batches (seed 002: m = 256 to 6144
+     with a disjoint batch of 1024), a smaller ``max_damping``, or
+     ``adapt_damping=False`` there.
   4. ``p`` = `curvax.solvers.cg_backtracking` over the stored iterates on
      ``L_eval`` (``use_cg_backtracking``).
   5. ``alpha`` = `curvax.solvers.armijo` on ``L_eval(theta + alpha p)`` with
