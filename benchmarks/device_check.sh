@@ -19,7 +19,10 @@
 #      merging more conds.
 #   3. diagnostics on 3c3d (#7: Cockpit's 1.5/2.0/21x every step, 1.0/1.0/1.3x
 #      every 64th): the first run gave 11/33/56x and 2.2/2.8/3.8x, untracked
-#      steps 2.1-3.0x: conds and host time, not instruments.
+#      steps 2.1-3.0x: conds and host time, not instruments. Since then: the
+#      "idle"/"host" columns time untracked steps compiled with
+#      update(..., scheduled=False) (no cond), and curvature_step_size's row
+#      "interval, host-scheduled" the same for #5: do they reach 1.0x / 1.05x?
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/curvax_device}"
@@ -40,3 +43,4 @@ run buffer_copies 60 benchmarks/buffer_copies.py
 run curvature_step_size 80 benchmarks/curvature_step_size.py --repeats 3
 run probabilistic_preconditioning 100 benchmarks/probabilistic_preconditioning.py --repeats 3
 run diagnostics 150 benchmarks/diagnostics.py --repeats 2
+run monitor_untracked 40 benchmarks/monitor_untracked.py --repeats 5
