@@ -66,8 +66,8 @@ def test_transform_runs_under_strict_promotion(name, dtype):
 def test_a_gradient_in_another_dtype_is_taken_in_the_parameters_dtype(name, param_dtype,
                                                                      grad_dtype):
   # The transform works in the parameters' dtypes: a gradient of another dtype
-  # gives the updates of the same gradient cast to them (it used to raise, or
-  # warn of mixed scatter types).
+  # gives the updates of the same gradient cast to them, to an ulp (it used to
+  # raise, or warn of mixed scatter types).
   k = jax.random.split(jax.random.PRNGKey(0), 3)
   params = {"w": (0.5 * jax.random.normal(k[0], (4, 8))).astype(param_dtype),
             "v": (0.5 * jax.random.normal(k[1], (8, 3))).astype(param_dtype)}
@@ -83,6 +83,10 @@ def test_a_gradient_in_another_dtype_is_taken_in_the_parameters_dtype(name, para
     for _ in range(4):
       got, state_a = step(other, state_a)
       want, state_b = step(cast, state_b)
+  # The same arithmetic; the two programs (the cast inside or outside) may fuse
+  # and round differently by an ulp (seen with jax 0.6).
+  eps = float(jnp.finfo(param_dtype).eps)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.dtype == param_dtype
-    np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64))
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                               rtol=8 * eps, atol=8 * eps * float(np.max(np.abs(w))))

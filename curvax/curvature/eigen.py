@@ -127,7 +127,8 @@ def ggn_eigenpairs(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any
   dim = sum(f.shape[1] for f in flat)
   if threshold is None:
     level = max(float(cols), float(dim) ** 0.5)
-    threshold = level * jnp.finfo(lam.dtype).eps * jnp.maximum(jnp.max(lam), 0.0)
+    threshold = (jnp.asarray(level * float(jnp.finfo(lam.dtype).eps), lam.dtype)
+                 * jnp.maximum(jnp.max(lam), 0.0))
   # A non-finite factor (a NaN loss, inf parameters) gives NaN eigenvalues, as
   # every other curvature quantity does, not masked zeros that read as flat.
   finite = jnp.all(jnp.isfinite(gram))
@@ -225,7 +226,9 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   # vectors in ``v0``'s dtypes; results come back in them.
   out_dtype = flat0.dtype
   dtype = at_least_float32(out_dtype)
-  tiny = jnp.finfo(dtype).eps
+  # An array of dtype: numpy < 2 makes a float32 scalar times an int float64,
+  # which strict promotion refuses against the float32 norms.
+  tiny = jnp.asarray(jnp.finfo(dtype).eps, dtype)
 
   def mv(x):
     out = matvec(unravel(x.astype(out_dtype)))

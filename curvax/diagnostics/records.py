@@ -15,6 +15,12 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def _value(variable: Any) -> Any:
+  """An nnx variable's value (``get_value`` in recent Flax, ``.value`` in 0.11)."""
+  get = getattr(variable, "get_value", None)
+  return get() if get is not None else variable.value
+
+
 def find_state(opt_state: Any) -> Optional[MonitorState]:
   """The first `MonitorState` inside ``opt_state`` (chain, inject_hyperparams,
   ``nnx.Optimizer.opt_state``, whose arrays are wrapped in ``nnx`` variables:
@@ -22,7 +28,7 @@ def find_state(opt_state: Any) -> Optional[MonitorState]:
   for leaf in jax.tree_util.tree_leaves(
       opt_state, is_leaf=lambda x: isinstance(x, MonitorState)):
     if isinstance(leaf, MonitorState):
-      return jax.tree_util.tree_map(lambda x: x.get_value() if _is_variable(x) else x, leaf,
+      return jax.tree_util.tree_map(lambda x: _value(x) if _is_variable(x) else x, leaf,
                                     is_leaf=_is_variable)
   return None
 
