@@ -12,8 +12,8 @@ per-example quantities take the ``vmap`` path), batch 128, SGD, monitored with
   it has no scheduled work, `curvax.diagnostics.is_scheduled`): no cond, the
   plain step's scratch.
 
-2 CPU cores, 2026-11-27, three runs: untracked 1.44x / 1.65x / 1.63x,
-``scheduled=False`` 0.92x / 1.18x / 1.17x. Nothing is donated here (each
+2 CPU cores, 2026-11-27, four runs: untracked 1.44x / 1.65x / 1.63x / 1.31x,
+``scheduled=False`` 0.92x / 1.18x / 1.17x / 0.90x. Nothing is donated here (each
 round reuses its inputs), so both monitored steps also copy the state's
 parameter-sized buffers (``init_params``, ``last_update``) to fresh outputs,
 which a training loop that donates its state does not. On a GPU the cond
@@ -37,16 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import curvax  # noqa: E402  (the checkout's curvax, not an installed copy)
 from curvax import diagnostics as dg  # noqa: E402
 from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
-
-SIZES = (784, 1000, 500, 100, 10)
-
-
-def apply_mlp(params, x):
-  for i, (w, b) in enumerate(params):
-    x = x @ w + b
-    if i < len(params) - 1:
-      x = jax.nn.relu(x)
-  return x
+# The same MLP as the curvature_step_size benchmark's.
+from curvature_step_size import SIZES, init_params, make_batch, mlp_apply  # noqa: E402
 
 
 def main():
@@ -55,14 +47,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
   args = parser.parse_args()
 
-  keys = jax.random.split(jax.random.PRNGKey(0), len(SIZES))
-  params = [(0.03 * jax.random.normal(k, (a, b)), jnp.zeros(b))
-            for k, a, b in zip(keys, SIZES[:-1], SIZES[1:])]
-  batch = (jax.random.normal(keys[-1], (128, SIZES[0])), jnp.arange(128) % SIZES[-1])
+  params = init_params(jax.random.PRNGKey(0))
+  batch = make_batch(jax.random.PRNGKey(1))
   loss = curvax.losses.softmax_cross_entropy
-  objective = curvax.losses.objective(apply_mlp, loss)
+  objective = curvax.losses.objective(mlp_apply, loss)
   sgd = optax.sgd(0.01)
-  tx = dg.monitor(sgd, apply_mlp, loss, args.preset, every=64)
+  tx = dg.monitor(sgd, mlp_apply, loss, args.preset, every=64)
 
   def make(update):
     @jax.jit

@@ -24,7 +24,7 @@ that knows the step number passes ``update(..., scheduled=False)`` (a Python
 bool, static under ``jax.jit``) on the steps where `is_scheduled` is False:
 that variant is compiled without the instruments and without any cond (and
 its scratch is the plain step's, so the CPU caveat above goes too: on the
-``vmap`` path, 1.6x SGD with the cond and 1.2x without, undonated,
+``vmap`` path, 1.3-1.65x SGD with the cond and 0.9-1.2x without, undonated,
 benchmarks/monitor_untracked.py). Other
 steps pass ``True`` (or nothing): the results are those of the device-side
 schedule. A step passed ``False`` computes nothing even if the schedule
