@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import jax
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,3 +20,13 @@ def at_least_float32(dtype: Any) -> np.dtype:
   """
   dtype = jnp.dtype(dtype)
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+def call_in_at_least_float32(routine: Callable[..., Any], *matrices: Any) -> Any:
+  """``routine`` (e.g. ``jnp.linalg.eigh``) on ``matrices`` cast to
+  `at_least_float32` of the first one's dtype (there are no half-precision
+  LAPACK/cuSOLVER kernels); results cast back to that dtype."""
+  dtype = matrices[0].dtype
+  wide = at_least_float32(dtype)
+  out = routine(*(m.astype(wide) for m in matrices))
+  return jax.tree_util.tree_map(lambda o: o.astype(dtype), out)

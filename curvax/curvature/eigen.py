@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from curvax import _checks
-from curvax._dtypes import at_least_float32
+from curvax._dtypes import at_least_float32, call_in_at_least_float32
 from curvax.curvature import _chunking, diagonals
 
 Array = jax.Array
@@ -122,7 +122,8 @@ def ggn_eigenpairs(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any
         f"`num_eigenpairs` must be an int in [1, N*K] = [1, {cols}]; got {num_eigenpairs!r}.")
   flat = [leaf.reshape(cols, -1) for leaf in leaves]
   gram = sum(f @ f.T for f in flat)
-  lam, vec = _eigh(gram)
+  # No half-precision eigh kernels: bfloat16 parameters give a bfloat16 Gram matrix.
+  lam, vec = call_in_at_least_float32(jnp.linalg.eigh, gram)
   lam, vec = lam[::-1][:num_eigenpairs], vec[:, ::-1][:, :num_eigenpairs]
   dim = sum(f.shape[1] for f in flat)
   if threshold is None:
@@ -163,15 +164,6 @@ class LanczosResult(NamedTuple):
   alphas: Array
   betas: Array
   iterations: Array
-
-
-def _eigh(matrix: Array) -> Tuple[Array, Array]:
-  """``jnp.linalg.eigh`` in at least float32, results in ``matrix``'s dtype: the
-  LAPACK/cuSOLVER kernels have no bfloat16 or float16 (parameters in those
-  dtypes give such small matrices here)."""
-  wide = at_least_float32(matrix.dtype)
-  values, vectors = jnp.linalg.eigh(matrix.astype(wide))
-  return values.astype(matrix.dtype), vectors.astype(matrix.dtype)
 
 
 def _tridiagonal(alphas: Array, betas: Array, size: Array) -> Array:
@@ -261,7 +253,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
     iterations = jnp.where(jnp.any(broken), jnp.argmax(broken) + 1, m)
   else:
     def converged(j, alphas, betas):
-      theta, y = _eigh(_tridiagonal(alphas, betas, j))
+      theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, j))
       top = slice(m - num_converged, m)
       residual = betas[j - 1] * jnp.abs(y[j - 1, top])
       return jnp.all(residual <= atol + rtol * jnp.abs(theta[top]))
@@ -278,7 +270,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
 
     iterations, q, alphas, betas, _ = jax.lax.while_loop(
         lambda c: (c[0] < m) & ~c[4], body, (jnp.asarray(0), q, alphas, betas, False))
-  theta, y = _eigh(_tridiagonal(alphas, betas, iterations))
+  theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, iterations))
   theta, y = theta[::-1], y[:, ::-1]
   real = jnp.arange(m) < iterations
   theta = jnp.where(real, theta, jnp.nan)

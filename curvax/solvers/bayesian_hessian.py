@@ -43,13 +43,13 @@ consistently in the Gram matrices"), so ``diag(S'S) = I`` on observed rows.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvax._dtypes import at_least_float32
+from curvax._dtypes import call_in_at_least_float32
 
 Array = jax.Array
 
@@ -110,15 +110,6 @@ def _products(blocks: Sequence[Array], wanted: Sequence[Tuple[int, int]]) -> lis
   return [blocks[p] @ blocks[q].T for p, q in wanted]
 
 
-def _small(routine: Callable[..., Any], *matrices: Array) -> Any:
-  """A LAPACK-style ``routine`` on small matrices in at least float32 (there are
-  no half-precision kernels); results in the first matrix's dtype."""
-  dtype = matrices[0].dtype
-  wide = at_least_float32(dtype)
-  out = routine(*(m.astype(wide) for m in matrices))
-  return jax.tree_util.tree_map(lambda o: o.astype(dtype), out)
-
-
 def observation_mask(directions: Array, num_observed: Optional[Array] = None) -> Array:
   """Boolean ``(M,)`` mask of the usable rows of ``directions``.
 
@@ -154,7 +145,7 @@ def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: A
   diag = jnp.diagonal(gram)
   mat = (jnp.square(prior_scale) * gram
          + jnp.diag(jnp.square(noise_scale) * diag + (1.0 - mask.astype(gram.dtype))))
-  return _small(jnp.linalg.inv, mat)
+  return call_in_at_least_float32(jnp.linalg.inv, mat)
 
 
 def posterior_matvec(v: Array, directions: Array, residuals: Array, coefficients: Array,
@@ -177,7 +168,8 @@ def posterior_inverse_matvec(g: Array, directions: Array, residuals: Array,
   s_delta, s_g = _products([directions, residuals, g[None]], [(0, 1), (0, 2)])
   sx = s_delta @ coefficients                            # S'X, (M, M)
   sg = s_g[:, 0]                                         # S'g, (M,)
-  z = _small(jnp.linalg.solve, jnp.eye(m, dtype=sx.dtype) + alpha * w2 * sx, sg)
+  z = call_in_at_least_float32(jnp.linalg.solve,
+                               jnp.eye(m, dtype=sx.dtype) + alpha * w2 * sx, sg)
   # ``x @ Delta`` rather than ``Delta' @ x``: see `low_rank_precondition`.
   return alpha * g - jnp.square(alpha) * w2 * ((coefficients @ z) @ residuals)
 
@@ -229,7 +221,7 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   gram = jnp.block([[g_xx, g_xs], [g_xs.T, g_ss]])       # A'A, (2M, 2M)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   d_inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-  mu, v = _small(jnp.linalg.eigh, gram * d_inv[:, None] * d_inv[None, :])
+  mu, v = call_in_at_least_float32(jnp.linalg.eigh, gram * d_inv[:, None] * d_inv[None, :])
   keep = mu > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.max(mu)
   t = d_inv[:, None] * v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, mu, 1.0)), 0.0)
   zx = t.T @ gram[:, :m]                                 # Z'X, (2M, M)
@@ -242,7 +234,7 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   outside = jnp.cumsum(~keep) <= n - jnp.sum(keep)
   k_mat = (jnp.diag(jnp.where(keep | outside, 1.0 / alpha, 0.0).astype(dtype))
            + jnp.square(prior_scale) * (zx @ zs.T))
-  u_k, sigma, _ = _small(jnp.linalg.svd, k_mat)
+  u_k, sigma, _ = call_in_at_least_float32(jnp.linalg.svd, k_mat)
   k = min(rank, n, p)
   coef = t @ u_k[:, :k]                                  # U = A coef, (2M, k)
   # U' = a' Delta + b' S, (k, n), written as k rows of 2M scaled-row sums:
@@ -254,7 +246,7 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   u = jnp.stack([sum(a[i, j] * residuals[i] + b[i, j] * directions[i] for i in range(m))
                  for j in range(k)]) if k else jnp.zeros((0, n), dtype)
   # (U U')^{-1/2} U: exact orthonormality of the rows (zero rows stay zero).
-  lam, w = _small(jnp.linalg.eigh, _products([u], [(0, 0)])[0])
+  lam, w = call_in_at_least_float32(jnp.linalg.eigh, _products([u], [(0, 0)])[0])
   ok = lam > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(jnp.max(lam), 1.0)
   inv_sqrt = (w * jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, lam, 1.0)), 0.0)) @ w.T
   return inv_sqrt @ u, sigma[:k]
