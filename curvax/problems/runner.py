@@ -467,26 +467,29 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   train_time, global_step = 0.0, 0
   tty = verbose and sys.stdout.isatty()
 
-  def _read(loss, j):
-    return float(np.asarray(loss).item() if j is None else np.asarray(loss)[j].item())
+  def item(a, j):
+    """Entry ``j`` of a stacked logged array (the array itself for ``j=None``), read back."""
+    return np.asarray(a).item() if j is None else np.asarray(a)[j].item()
 
   def diverged_at(s, value):
     """The reason, dated to the first non-finite loss up to step ``s``."""
-    first = next(((t, v) for t, v in ((t, _read(l, j)) for t, l, j in unchecked if t <= s)
-                  if not math.isfinite(v)), (s, value))
-    seen = "" if first[0] == s else f" (noticed at step {s})"
-    return f"non-finite mini-batch training loss ({first[1]}) at step {first[0]}{seen}"
+    first, first_value = s, value
+    for t, loss_t, j in unchecked:
+      if t <= s and not math.isfinite(float(item(loss_t, j))):
+        first, first_value = t, float(item(loss_t, j))
+        break
+    seen = "" if first == s else f" (noticed at step {s})"
+    return f"non-finite mini-batch training loss ({first_value}) at step {first}{seen}"
 
   def flush(upto_all: bool):
     """Reads back logged values (all, or all but the newest call's) and checks divergence."""
     while pending and (upto_all or pending[0][0] != calls):
       _, s, loss, scalars, j = pending.pop(0)
-      pick = (lambda a: np.asarray(a).item()) if j is None else (lambda a: np.asarray(a)[j].item())
-      value = float(pick(loss))
+      value = float(item(loss, j))
       record["minibatch_train_losses"].append(value)
       record["minibatch_steps"].append(s)
       for k, v in scalars.items():
-        record["optimizer_state"].setdefault(k, []).append(pick(v))
+        record["optimizer_state"].setdefault(k, []).append(item(v, j))
       if not math.isfinite(value):
         return diverged_at(s, value)
       unchecked[:] = [u for u in unchecked if u[0] > s]
