@@ -113,27 +113,45 @@ def require_callable(value: Any, name: str, transform: str,
   return value
 
 
-def check_not_masked(params: Any, transform: str) -> None:
-  """Raises if ``params`` holds ``optax.MaskedNode`` placeholders.
+def check_params(params: Any, transform: str) -> None:
+  """Raises if ``params`` cannot be the transform's parameters.
 
-  ``optax.masked`` and ``optax.multi_transform`` pass their inner
-  transformation the parameters with the other leaves replaced by
-  ``MaskedNode``; a curvature transform runs the model on ``params`` and
-  cannot do without them.
+  * ``optax.MaskedNode`` placeholders: ``optax.masked`` and
+    ``optax.multi_transform`` pass their inner transformation the parameters
+    with the other leaves replaced by ``MaskedNode``; a curvature transform
+    runs the model on ``params`` and cannot do without them.
+  * Leaves of integer or boolean dtype (a step counter, a mask): a curvature
+    transform differentiates the model with respect to every leaf of
+    ``params``, which needs floating dtypes (JAX's tangents of an integer are
+    ``float0``, and the failure would surface deep inside ``jvp``).
   """
   import optax  # pylint: disable=import-outside-toplevel
   is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-  paths = [jax.tree_util.keystr(path) for path, leaf in
-           jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
-           if is_masked(leaf)]
-  if paths:
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+
+  def listing(paths):
+    return f"{', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''}"
+
+  masked = [jax.tree_util.keystr(path) for path, leaf in flat if is_masked(leaf)]
+  if masked:
     raise TypeError(
-        f"{transform}: params hold optax.MaskedNode at {', '.join(paths[:4])}"
-        f"{' ...' if len(paths) > 4 else ''}: the transform is inside optax.masked or "
-        "optax.multi_transform, which hide those parameters from it, but it runs the "
-        "model on params. To freeze parameters, give it an apply_fn over the trainable "
-        "ones only, closing over the frozen ones (curvax.flax_utils.from_nnx(model, "
-        "wrt=...) does this for NNX), and pass only the trainable ones as params.")
+        f"{transform}: params hold optax.MaskedNode at {listing(masked)}: the transform "
+        "is inside optax.masked or optax.multi_transform, which hide those parameters "
+        "from it, but it runs the model on params. To freeze parameters, give it an "
+        "apply_fn over the trainable ones only, closing over the frozen ones "
+        "(curvax.flax_utils.from_nnx(model, wrt=...) does this for NNX), and pass only "
+        "the trainable ones as params.")
+  discrete = [f"{jax.tree_util.keystr(path)} ({jnp.result_type(leaf)})"
+              for path, leaf in flat
+              if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  if discrete:
+    raise TypeError(
+        f"{transform}: params leaves {listing(discrete)} are not floating point; the "
+        "transform differentiates the model with respect to every leaf of params. "
+        "Keep integer or boolean state out of params: close over it in apply_fn "
+        "(Linen: a collection other than 'params', which curvax.flax_utils.from_linen "
+        "closes over; NNX: a Variable type other than nnx.Param, or "
+        "from_nnx(model, wrt=...)).")
 
 
 def static_flag(value: Any, name: str, transform: str) -> Optional[bool]:

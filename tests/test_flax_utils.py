@@ -419,6 +419,24 @@ def test_masked_wrappers_are_refused_with_a_pointer_to_wrt(make, wrap):
     opt.init(params)
 
 
+@pytest.mark.parametrize("make", [
+    lambda a, l, lf: curvax.transforms.hessian_free(a, l),
+    lambda a, l, lf: curvax.transforms.curvature_step_size(optax.sgd(0.1), a, l),
+    lambda a, l, lf: curvax.transforms.probabilistic_preconditioning(lf),
+    lambda a, l, lf: curvax.diagnostics.monitor(optax.sgd(0.1), a, l),
+])
+@pytest.mark.parametrize("leaf", [jnp.asarray(3), np.asarray([True, False]), 2])
+def test_non_floating_params_leaves_are_refused_by_name(make, leaf):
+  # Without the check: a float0 tangent error from deep inside jvp.
+  params = {"w": jnp.ones((4, 3)), "count": leaf}
+  apply_fn = lambda p, x: x @ p["w"]  # noqa: E731
+  loss = curvax.losses.softmax_cross_entropy
+  tx = make(apply_fn, loss, curvax.losses.objective(apply_fn, loss))
+  with pytest.raises(TypeError, match=r"\['count'\] \((int|bool)"):
+    tx.init(params)
+  tx.init({"w": jnp.ones((4, 3)), "scale": 2.0})  # a Python float is fine
+
+
 def test_per_example_quantities_are_refused_while_nnx_dropout_is_active():
   # One example at a time, each call draws masks of its own shape: the
   # per-example losses would not be the batch's. Eval mode is fine.

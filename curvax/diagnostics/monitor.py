@@ -388,7 +388,7 @@ def monitor(inner: optax.GradientTransformation,
     return out
 
   def init_fn(params):
-    _checks.check_not_masked(params, "monitor")
+    _checks.check_params(params, "monitor")
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
     return own_buffers(MonitorState(
         inner_state=inner.init(params),

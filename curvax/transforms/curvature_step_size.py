@@ -320,7 +320,7 @@ def curvature_step_size(
   lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init_fn(params):
-    _checks.check_not_masked(params, _NAME)
+    _checks.check_params(params, _NAME)
     dtype = _float_dtype(params)
     nan = jnp.full((), jnp.nan, dtype)
     zero = jnp.zeros((), jnp.int32)

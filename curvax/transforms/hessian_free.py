@@ -275,7 +275,7 @@ def hessian_free(
   data_loss_fn = objective(apply_fn, loss)
 
   def init_fn(params):
-    _checks.check_not_masked(params, _NAME)
+    _checks.check_params(params, _NAME)
     dtype = optax.tree.dtype(params, "highest") if jax.tree_util.tree_leaves(params) \
         else jnp.float32
     zero = jnp.zeros((), dtype)

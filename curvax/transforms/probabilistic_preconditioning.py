@@ -360,17 +360,18 @@ def probabilistic_preconditioning(
 
   def _layout(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [jnp.asarray(x) for x in leaves]  # Python float leaves too
     if not leaves:
       raise ValueError(f"{_NAME}: params hold no arrays.")
     gids, num_groups = _group_ids(params, groups)
-    dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in leaves])
+    dtype = jnp.result_type(*[x.dtype for x in leaves])
     return leaves, treedef, gids, num_groups, dtype
 
   def _rank_of(size):
     return min(rank, size, 2 * num_obs) if estimate else 0
 
   def init_fn(params):
-    _checks.check_not_masked(params, _NAME)
+    _checks.check_params(params, _NAME)
     leaves, _, _, num_groups, dtype = _layout(params)
     # Every field gets its own buffer, so that the state can be donated to jit
     # (the inner state too: `own_buffers`).
