@@ -54,7 +54,10 @@ def record(opt_state: Any) -> Dict[str, Any]:
   parameter path) when the last update was a tracked step; ``alpha`` and
   ``alpha_step`` when it completed an Alpha. ``{}`` when it computed nothing.
   A training loop (e.g. the curvax.problems runner) appends the non-empty
-  records to a list and writes that list to its JSON.
+  records to a list and writes that list to its JSON. Non-finite values stay
+  Python floats (``nan``, ``inf``), which ``json.dump`` writes as the
+  non-standard ``NaN`` / ``Infinity`` (``allow_nan=False`` refuses them); the
+  runner writes ``null`` / ``+-1e308`` instead, which strict parsers accept.
 
   Raises:
     ValueError: if ``opt_state`` holds no monitor state, or a batched one.
