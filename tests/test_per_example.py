@@ -556,6 +556,9 @@ def test_dot_with_errors():
     pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=(bad,))
   with pytest.raises(ValueError, match="mean"):
     pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=("median",))
+  for unwrapped in (params, "mean"):  # one reference, not in a tuple
+    with pytest.raises(TypeError, match=r"dot_with=\(r,\)"):
+      pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=unwrapped)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
