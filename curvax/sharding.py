@@ -51,7 +51,9 @@ def data_mesh(devices: Optional[Sequence[Any]] = None, axis_name: str = "data") 
     axis_name: name of the mesh axis the batch is split along.
 
   Raises:
-    ValueError: no devices, or more requested than there are.
+    ValueError: no devices, more requested than there are, or one listed twice.
+    TypeError: ``devices`` holds something other than ``jax.Device`` objects
+      (device ids: pass ``[jax.devices()[i] for i in ids]``).
   """
   available = jax.devices()
   if devices is None:
@@ -66,6 +68,14 @@ def data_mesh(devices: Optional[Sequence[Any]] = None, axis_name: str = "data") 
   devices = list(devices)
   if not devices:
     raise ValueError("data_mesh: `devices` is empty.")
+  wrong = [d for d in devices if not isinstance(d, jax.Device)]
+  if wrong:
+    raise TypeError(
+        f"data_mesh: `devices` must hold jax.Device objects (e.g. jax.devices()[:2]) or "
+        f"be an int k for the first k devices; got {type(wrong[0]).__name__} "
+        f"{wrong[0]!r}.")
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"data_mesh: `devices` lists a device more than once: {devices}.")
   return Mesh(np.asarray(devices), (axis_name,))
 
 

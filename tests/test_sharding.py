@@ -354,6 +354,10 @@ def test_data_mesh_takes_the_devices_asked_for_in_order():
     curvax.sharding.data_mesh(0)
   with pytest.raises(ValueError, match="empty"):
     curvax.sharding.data_mesh([])
+  with pytest.raises(TypeError, match="jax.Device objects.*got int 0"):
+    curvax.sharding.data_mesh([0, 1])   # ids, not devices
+  with pytest.raises(ValueError, match="more than once"):
+    curvax.sharding.data_mesh([CPUS[1], CPUS[1]])
 
 
 def test_shard_batch_and_replicate_reject_bad_arguments():
