@@ -157,8 +157,10 @@ def _run_schedule(targets, flags=None, **kwargs):
   ``flags``: per step, the ``scheduled`` keyword (static; None: not passed).
   """
   eta = 0.5
+  # positive_only=True unless asked: the windows below mix signs to test which
+  # estimates count; test_interval_seed_rule_and_clip runs the default (the seed's rule).
   tx = curvature_step_size(optax.sgd(eta), scalar_apply, CountingMSE(), learning_rate=eta,
-                           **{**_SCHEDULE, **kwargs})
+                           **{**_SCHEDULE, "positive_only": True, **kwargs})
   params = {"w": jnp.zeros((1, 1))}
   u = {"w": jnp.ones((1, 1))}
   batch = (jnp.ones((1, 1)), jnp.zeros((1, 1)))
@@ -280,7 +282,7 @@ def test_computes_curvature_rejects_unknown_mode():
 
 def test_interval_seed_rule_and_clip():
   targets = [_W, _W, -0.2, 0.1, -0.6, 0.3, _W, 0.1, 0.9, 0.3, 0.5, _W]
-  # positive_only=False: median of all = (-0.2 + 0.1)/2 < 0 -> not applied.
+  # positive_only=False (the default): median of all = (-0.2 + 0.1)/2 < 0 -> not applied.
   records, _, _ = _run_schedule(targets, positive_only=False)
   np.testing.assert_allclose([r[0] for r in records][6:], [0.5] * 5 + [0.4])
   # positive_only=True: median of 0.1, 0.3 = 0.2; clip caps window 2's 0.4 at 0.35.
@@ -527,16 +529,31 @@ def test_infinite_estimate_is_never_applied_nor_enters_the_median():
 def test_interval_estimates_window_by_window():
   """``estimates`` holds the current window's usable values (NaN elsewhere):
   reset when a window starts, untouched outside windows."""
-  _, states = _dictated_run(_TARGETS, mode="interval", warmup_steps=2, interval=5,
-                            num_estimates=4)
   n = np.nan
-  w1, w2 = [0.2, n, 0.4, 0.3], [0.1, 0.9, 0.3, 0.5]
+  w2 = [0.1, 0.9, 0.3, 0.5]
+  # positive_only=True: usable = defined and positive.
+  _, states = _dictated_run(_TARGETS, mode="interval", warmup_steps=2, interval=5,
+                            num_estimates=4, positive_only=True)
+  w1 = [0.2, n, 0.4, 0.3]
   expected = ([[n] * 4] * 2
               + [[0.2, n, n, n], [0.2, n, n, n], [0.2, n, 0.4, n], w1, w1]
               + [[0.1, n, n, n], [0.1, 0.9, n, n], [0.1, 0.9, 0.3, n], w2, w2]
               + [[n] * 4] * 5 + [[0.7, n, n, n]])
   np.testing.assert_allclose(np.stack([s.estimates for s in states[1:]]), expected,
                              rtol=1e-12)
+  # The default (the seed's rule): every defined estimate, negative ones too.
+  _, states = _dictated_run(_TARGETS, mode="interval", warmup_steps=2, interval=5,
+                            num_estimates=4)
+  w1, w3 = [0.2, -0.1, 0.4, 0.3], [-0.2, n, -0.6, -0.1]
+  expected = ([[n] * 4] * 2
+              + [[0.2, n, n, n], [0.2, -0.1, n, n], [0.2, -0.1, 0.4, n], w1, w1]
+              + [[0.1, n, n, n], [0.1, 0.9, n, n], [0.1, 0.9, 0.3, n], w2, w2]
+              + [[-0.2, n, n, n], [-0.2, n, n, n], [-0.2, n, -0.6, n], w3, w3]
+              + [[0.7, n, n, n]])
+  np.testing.assert_allclose(np.stack([s.estimates for s in states[1:]]), expected,
+                             rtol=1e-12)
+  # window 1's median (0.2, -0.1, 0.4, 0.3) = 0.25; window 3's is negative: kept.
+  np.testing.assert_allclose([s.held_learning_rate for s in states][7], 0.25, rtol=1e-12)
 
 
 def test_measured_fields_are_kept_on_steps_without_curvature():

@@ -37,6 +37,9 @@ Array = jax.Array
 
 NORM_TEST_THRESHOLD = 0.9
 INNER_TEST_THRESHOLD = 0.9
+# Bollapragada et al.'s nu = tan 80 deg = 5.671; the Cockpit thesis (App. C) and
+# Cockpit's plots write "tan(80 deg) ~ 5.84", which is tan 80.28 deg. A reference
+# line only: no computation uses it.
 ORTHO_TEST_THRESHOLD = math.tan(math.radians(80.0))
 
 

@@ -164,7 +164,7 @@ def curvature_step_size(
     warmup_steps: int = 0,
     interval: int = 1000,
     num_estimates: int = 10,
-    positive_only: bool = True,
+    positive_only: bool = False,
     clip: Optional[Tuple[float, float]] = None,
     regularizer: Optional[Callable[[Any], Array]] = None,
     diagnostics: bool = False,
@@ -201,11 +201,14 @@ def curvature_step_size(
     learning rate stays at its held value; after the last of them the held
     learning rate becomes the median (mean of the two middle values for an
     even count) of the usable absolute estimates, clipped to ``clip``, and is
-    applied until the next window's median. Usable: defined and positive with
-    ``positive_only=True`` (curvax's default); with ``positive_only=False`` the
-    median of all defined estimates, applied only if positive (the seed's
-    literal rule). No usable estimate, or a non-positive median: the learning
-    rate is unchanged. Steps outside the windows compute no curvature
+    applied until the next window's median. By default (the seed's rule,
+    ``positive_only=False``) the median is of all defined estimates and is
+    applied only if positive: when most estimates say ``d`` is not a descent
+    direction on the evaluation batch, the learning rate stays. With
+    ``positive_only=True`` only the defined positive estimates count (a window
+    with a few positive estimates among negative ones then sets the learning
+    rate from those few). No usable estimate, or a non-positive median: the
+    learning rate is unchanged. Steps outside the windows compute no curvature
     (``lax.cond``, or ``scheduled=False``: see "Host-side schedule").
 
   ``every_step`` mode trusts each step's ``alpha*``: on a non-convex loss it
@@ -254,7 +257,8 @@ def curvature_step_size(
     warmup_steps: steps run with the inner optimizer unchanged, no curvature.
     interval: interval mode: window length ``I`` (>= ``num_estimates``).
     num_estimates: interval mode: consecutive estimates ``N`` per window.
-    positive_only: interval mode: median over the positive estimates only.
+    positive_only: interval mode: median over the positive estimates only
+      (default: over all defined estimates, applied if positive).
     clip: optional ``(lo, hi)``, ``0 <= lo <= hi``, bounds of the absolute
       learning rates derived from ``alpha*``.
     regularizer: optional ``r(params) -> scalar`` of the objective.
