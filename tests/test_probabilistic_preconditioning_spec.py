@@ -358,10 +358,6 @@ def test_defaults_round_structure_and_trajectory():
     np.testing.assert_allclose(b_k @ -updates[14][sl], g[sl], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "spec 'Rank-k estimate': the top-k singular pairs of the 2M x 2M matrix K = Z'BZ; B "
-    "differs from I / alpha on all of span[X, S] (up to 2M directions), so k may exceed M "
-    "(the seed code caps k at n - 1 only). The code rejects rank > num_observations."))
 def test_rank_above_num_observations_is_a_spec_configuration():
   """M = 1, k = 2: B = I / alpha + w^2 x s' has two singular values other than
   1 / alpha on span[x, s] (K is 2 x 2, no tie); the spec's rank-2 estimate
