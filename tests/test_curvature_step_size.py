@@ -417,6 +417,38 @@ def test_interval_mode_under_inject_hyperparams_follows_the_injected_schedule():
                              eval_batch=eval_batch)
 
 
+@pytest.mark.parametrize("debias", [False, True])
+def test_hessian_curvature_on_a_loss_valued_model(debias):
+  """A model whose output is the per-example loss (DeepOBS's 2-D functions):
+  the GGN is zero, so the default measures nothing (alpha undefined, the inner
+  step kept); curvature="hessian" steps to the minimiser of the quadratic model
+  from the Hessian, measured on eval_batch when debiasing."""
+  value_loss = curvax.losses.as_loss(lambda out, tgt: out[..., 0])
+  apply_fn = lambda p, x: ((1 - p["u"]) ** 2 + 10 * (p["v"] - p["u"] ** 2) ** 2  # noqa: E731
+                           + p["u"] * x[:, 0] + p["v"] * x[:, 1])[:, None]
+  params = {"u": jnp.asarray(-0.5), "v": jnp.asarray(1.5)}
+  batch = (jax.random.normal(jax.random.PRNGKey(0), (5, 2)), jnp.zeros(5))
+  eval_batch = (jax.random.normal(jax.random.PRNGKey(1), (5, 2)), jnp.zeros(5))
+  loss_fn = curvax.losses.objective(apply_fn, value_loss)
+  g = jax.grad(loss_fn)(params, batch)
+  kw = dict(batch=batch, eval_batch=eval_batch) if debias else dict(batch=batch)
+  ggn = curvature_step_size(optax.sgd(0.01), apply_fn, value_loss, debias=debias)
+  _, s = ggn.update(g, ggn.init(params), params, **kw)
+  assert float(s.denominator) == 0.0 and int(s.num_undefined) == 1
+  tx = curvature_step_size(optax.sgd(0.01), apply_fn, value_loss, debias=debias,
+                           curvature="hessian")
+  updates, s = jax.jit(lambda g, s, p: tx.update(g, s, p, **kw))(g, tx.init(params), params)
+  d = jax.tree.map(lambda v: -0.01 * v, g)
+  along = lambda a: loss_fn(jax.tree.map(lambda p, v: p + a * v, params, d),  # noqa: E731
+                            eval_batch if debias else batch)
+  np.testing.assert_allclose(s.numerator, jax.grad(along)(0.0), rtol=1e-10)
+  np.testing.assert_allclose(s.denominator, jax.grad(jax.grad(along))(0.0), rtol=1e-10)
+  assert bool(s.computed) and s.alpha > 0
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda v: s.alpha * v, d), rtol=1e-12)
+  with pytest.raises(ValueError, match="curvature must be 'ggn' or 'hessian'"):
+    curvature_step_size(optax.sgd(0.1), apply_fn, value_loss, curvature="fisher")
+
+
 def test_clear_errors():
   params, batch = _quadratic_problem(0)
   g = jax.tree.map(jnp.ones_like, params)

@@ -61,6 +61,55 @@ def test_regularizer_enters_slope_curvature_and_value():
   np.testing.assert_allclose(out.denominator - plain.denominator, 0.3 * dd, rtol=1e-10)
 
 
+@pytest.mark.parametrize("regularized", [False, True])
+@pytest.mark.parametrize("model,loss_name", [("mlp", "softmax_cross_entropy"),
+                                             ("mlp", "mean_squared_error")])
+def test_hessian_curvature_matches_dense_hessian(model, loss_name, regularized):
+  """curvature="hessian": d'Hd against jax.hessian of the objective (which,
+  on a nonlinear net, differs from d'Gd: checked, so the option is not the GGN)."""
+  apply_fn, loss, params, batch = problem(model, loss_name)
+  reg = (curvax.losses.l2_regularizer(0.3, lambda path, leaf: path[-1].key.startswith("w"))
+         if regularized else None)
+  d = _random_like(params, 4)
+  loss_fn = curvax.losses.objective(apply_fn, loss, reg)
+  flat_p, unravel = ravel_pytree(params)
+  hmat = jax.hessian(lambda w: loss_fn(unravel(w), batch))(flat_p)
+  out = jax.jit(lambda p, d, b: curvax.curvature.quadratic_step_size(
+      apply_fn, loss, p, d, b, regularizer=reg, curvature="hessian"))(params, d, batch)
+  num, ggn_den, value = _reference(apply_fn, loss, params, batch, d, reg)
+  den = flat(d) @ hmat @ flat(d)
+  np.testing.assert_allclose(out.numerator, num, rtol=1e-10)
+  np.testing.assert_allclose(out.denominator, den, rtol=1e-10)
+  np.testing.assert_allclose(out.loss, value, rtol=1e-12)
+  assert abs(den - ggn_den) > 1e-6 * abs(den)
+  np.testing.assert_allclose(out.alpha, -num / den if den > 0 else np.nan, rtol=1e-10)
+
+
+def test_hessian_curvature_on_a_value_output_model():
+  """A model that outputs the loss (value_loss, DeepOBS's 2-D functions): the
+  GGN is zero (alpha undefined), the Hessian is Rosenbrock's."""
+  value_loss = curvax.losses.as_loss(lambda out, tgt: out[..., 0])
+  f = lambda u, v: (1 - u) ** 2 + 100 * (v - u ** 2) ** 2  # noqa: E731
+  apply_fn = lambda p, x: (f(p["u"], p["v"]) + p["u"] * x[:, 0] + p["v"] * x[:, 1])[:, None]  # noqa: E731
+  params = {"u": jnp.asarray(-0.5), "v": jnp.asarray(1.5)}
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 2))
+  batch = (x, jnp.zeros(6))
+  d = {"u": jnp.asarray(0.3), "v": jnp.asarray(-0.2)}
+  ggn = curvax.curvature.quadratic_step_size(apply_fn, value_loss, params, d, batch)
+  assert float(ggn.denominator) == 0.0 and np.isnan(ggn.alpha)
+  hess = curvax.curvature.quadratic_step_size(apply_fn, value_loss, params, d, batch,
+                                              curvature="hessian")
+  u, v, du, dv = -0.5, 1.5, 0.3, -0.2
+  h = np.array([[2 - 400 * (v - u ** 2) + 800 * u ** 2, -400 * u], [-400 * u, 200]])
+  g = np.array([-2 * (1 - u) - 400 * u * (v - u ** 2), 200 * (v - u ** 2)]) + np.mean(x, 0)
+  dd = np.array([du, dv])
+  np.testing.assert_allclose(hess.denominator, dd @ h @ dd, rtol=1e-10)
+  np.testing.assert_allclose(hess.numerator, dd @ g, rtol=1e-10)
+  with pytest.raises(ValueError, match="curvature"):
+    curvax.curvature.quadratic_step_size(apply_fn, value_loss, params, d, batch,
+                                         curvature="fisher")
+
+
 def test_quadratic_objective_alpha_lands_on_minimiser_along_d():
   """Linear model + MSE: the objective is exactly quadratic, so h'(alpha*) = 0."""
   apply_fn = lambda p, x: x @ p["w"] + p["b"]

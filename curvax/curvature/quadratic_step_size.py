@@ -90,8 +90,8 @@ def directional_terms(apply_fn: Callable[[Any, Any], Array], loss: Any, params: 
 
 def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any,
                         direction: Any, batch: Any, *,
-                        regularizer: Optional[Callable[[Any], Array]] = None
-                        ) -> QuadraticStepSize:
+                        regularizer: Optional[Callable[[Any], Array]] = None,
+                        curvature: str = "ggn") -> QuadraticStepSize:
   r"""``alpha* = -d'g / d'Gd`` on ``batch`` from a single forward-mode pass.
 
   With the objective ``L(theta) = (1/N) sum_n l(f(theta, x_n), y_n) + r(theta)``,
@@ -126,10 +126,22 @@ def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params
     batch: ``(inputs, targets)``.
     regularizer: optional ``r(params) -> scalar`` added to the objective; its
       gradient enters the numerator and its Hessian the denominator.
+    curvature: ``"ggn"`` (default) or ``"hessian"``: ``d'Hd``, the second
+      directional derivative of the objective, from a JVP of that JVP
+      (forward over forward, about twice the GGN's cost, still no backward
+      pass). For models whose output is the loss itself (DeepOBS's 2-D test
+      functions, `curvax.problems`' ``value_loss``) the GGN is zero and only
+      ``"hessian"`` measures curvature; elsewhere ``d'Hd`` may be negative
+      (``alpha`` then undefined, NaN) where ``d'Gd`` is not.
 
   Returns:
     A `QuadraticStepSize` ``(alpha, numerator, denominator, loss)``.
   """
+  if curvature not in ("ggn", "hessian"):
+    raise ValueError(f"quadratic_step_size: curvature must be 'ggn' or 'hessian'; got "
+                     f"{curvature!r}.")
+  if curvature == "hessian":
+    return _hessian_step_size(apply_fn, loss, params, direction, batch, regularizer)
   values, slopes, curvatures = directional_terms(apply_fn, loss, params, direction, batch)
   objective = jnp.mean(values)
   numerator = jnp.mean(slopes)        # d'g = (1/N) sum_n u_n' grad_f l_n   (no backward pass)
@@ -144,5 +156,25 @@ def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params
     objective = objective + r_value
     numerator = numerator + r_slope
     denominator = denominator + r_curvature
+  return QuadraticStepSize(step_size_from_parts(numerator, denominator), numerator,
+                           denominator, objective)
+
+
+def _hessian_step_size(apply_fn, loss, params, direction, batch, regularizer):
+  """`quadratic_step_size` with ``d'Hd``: ``(L, d'g), (., d'Hd)`` from ``jvp(jvp(L))``."""
+  loss = as_loss(loss)
+  inputs, targets = _checks.check_batch(batch)
+  _checks.check_tree_like(direction, params, "direction")
+  direction = _in_params_dtypes(direction, params)
+
+  def value(p):
+    outputs = apply_fn(p, inputs)
+    loss.check_targets(outputs, targets)
+    out = jnp.mean(loss(outputs, targets))
+    return out if regularizer is None else out + regularizer(p)
+
+  def slope(p):
+    return jax.jvp(value, (p,), (direction,))
+  (objective, numerator), (_, denominator) = jax.jvp(slope, (params,), (direction,))
   return QuadraticStepSize(step_size_from_parts(numerator, denominator), numerator,
                            denominator, objective)

@@ -167,13 +167,15 @@ def curvature_step_size(
     positive_only: bool = False,
     clip: Optional[Tuple[float, float]] = None,
     regularizer: Optional[Callable[[Any], Array]] = None,
+    curvature: str = "ggn",
     diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales any optax optimizer's step to the minimiser of the quadratic model.
 
   The inner optimizer proposes ``d`` from the gradient it is given
   (``updates``; ``d`` includes its learning rate ``eta_t``). With ``g`` and
-  ``G`` the gradient and GGN of the objective at ``params`` (before the step),
+  ``G`` the gradient and GGN (``curvature="hessian"``: Hessian) of the
+  objective at ``params`` (before the step),
   the minimiser of the quadratic model along ``d`` is
 
   .. math:: \alpha^* = -\frac{d^\top g}{d^\top G d}
@@ -262,6 +264,9 @@ def curvature_step_size(
     clip: optional ``(lo, hi)``, ``0 <= lo <= hi``, bounds of the absolute
       learning rates derived from ``alpha*``.
     regularizer: optional ``r(params) -> scalar`` of the objective.
+    curvature: ``"ggn"`` (``d'Gd``, the spec's) or ``"hessian"`` (``d'Hd``,
+      for models whose output is the loss, where the GGN is zero; see
+      `curvax.curvature.quadratic_step_size`).
     diagnostics: measure ``direction_norm``, ``cos_batch`` and (debiasing)
       ``biased_numerator`` (reductions over the parameters, each about as
       costly as an elementwise optimizer update on XLA:CPU); when debiasing,
@@ -313,6 +318,8 @@ def curvature_step_size(
     lo, hi = clip
     if not 0 <= lo <= hi:
       raise ValueError(f"{_NAME}: clip must be (lo, hi) with 0 <= lo <= hi; got {clip}.")
+  if curvature not in ("ggn", "hessian"):
+    raise ValueError(f"{_NAME}: curvature must be 'ggn' or 'hessian'; got {curvature!r}.")
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(f"{_NAME}: inner must be an optax.GradientTransformation (e.g. "
                     f"optax.sgd(0.1)); got {type(inner).__name__}.")
@@ -378,7 +385,8 @@ def curvature_step_size(
     nan = jnp.full((), jnp.nan, dtype)
 
     def measure(d):
-      m = quadratic_step_size(apply_fn, loss, params, d, curv_batch, regularizer=regularizer)
+      m = quadratic_step_size(apply_fn, loss, params, d, curv_batch, regularizer=regularizer,
+                              curvature=curvature)
       if diagnostics:
         # Reductions over the parameters: on XLA:CPU each costs about as much as
         # the inner optimizer's update, so they are opt-in.
@@ -390,7 +398,8 @@ def curvature_step_size(
         biased_num = nan if debias else m.numerator
       if debias and diagnostics:
         biased_den = quadratic_step_size(apply_fn, loss, params, d, batch,
-                                         regularizer=regularizer).denominator
+                                         regularizer=regularizer,
+                                         curvature=curvature).denominator
         g_eval = jax.grad(objective(apply_fn, loss, regularizer))(params, eval_batch)
         cos_eval = -otu.tree_vdot(d, g_eval) / (d_norm * otu.tree_norm(g_eval))
       elif debias:
