@@ -4,7 +4,8 @@
 use DeepOBS's tuned learning rates where the showcase (seed 001, Table 5.2,
 DeepOBS 1.1, 10 seeds) gives them, else a generic default; ``nadamw`` is
 optax's. The curvax transforms are built with their defaults from the problem's
-model, loss and regulariser; they are imported only when asked for.
+model, loss and regulariser; they are imported only when asked for (on the 2-D
+test functions, whose GGN is zero, with ``curvature="hessian"`` unless given).
 
 ``build(name, problem, *, steps_per_epoch=None, **hyperparams) -> (optimizer, hyperparams)``.
 """
@@ -53,14 +54,30 @@ def _nadamw(problem, hp):
   return optax.nadamw(lr, **hp), dict(learning_rate=lr, **hp)
 
 
+def _curvature_default(problem, hp):
+  """``curvature="hessian"`` unless given, for problems whose model outputs the loss.
+
+  DeepOBS's 2-D functions (``value_loss``): the loss is the identity of the
+  model's output, whose Hessian is zero, so the GGN is zero and the transforms'
+  default curvature would measure nothing (Hessian-free would take damped
+  gradient steps of length ``1/lambda``, the curvature step size never one).
+  """
+  from curvax.problems import synthetic  # pylint: disable=import-outside-toplevel
+  if problem.loss is synthetic.value_loss:
+    hp.setdefault("curvature", "hessian")
+  return hp
+
+
 def _hessian_free(problem, hp):
   from curvax.transforms import hessian_free  # pylint: disable=import-outside-toplevel
+  hp = _curvature_default(problem, hp)
   return (hessian_free(problem.apply_fn, problem.loss, regularizer=problem.regularizer, **hp),
           dict(hp))
 
 
 def _curvature_step_size(problem, hp):
   from curvax.transforms import curvature_step_size  # pylint: disable=import-outside-toplevel
+  hp = _curvature_default(problem, hp)
   inner_name = hp.pop("inner", "sgd")
   inner_lr = hp.pop("inner_learning_rate", 1.0)
   inner, _ = build(inner_name, problem, learning_rate=inner_lr)

@@ -14,7 +14,8 @@ N(0, I)`` (10,000 draws, ``RandomState(42)``; validation seed 44); the test set
 is all zeros, so test loss is ``f`` itself and the gradient noise is additive,
 ``N(0, I / B)``. The model outputs that per-example value and the loss is the
 identity (``value_loss``): its output Hessian is zero, so use Hessian (not GGN)
-curvature on these problems.
+curvature on these problems (the runner builds ``hessian_free`` and
+``curvature_step_size`` with ``curvature="hessian"`` for them unless told otherwise).
 """
 
 from __future__ import annotations
