@@ -7,6 +7,9 @@ matrix-free code is compared against an independent computation.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +133,81 @@ def explicit_per_example_grads_jacrev(apply_fn, loss, params, batch):
   f_flat, unravel = ravel_pytree(params)
   x, y = batch
   return jax.jit(jax.jacrev(lambda w: loss(apply_fn(unravel(w), x), y)))(f_flat)
+
+
+# `curvax.solvers.CGStatus` codes, written out (the reference does not import them).
+CG_MAX_ITER, CG_MARTENS, CG_RESIDUAL, CG_NONPOSITIVE, CG_NONFINITE = 0, 1, 2, 3, 4
+
+
+def numpy_iterate_grid(max_iter):
+  """The distinct ``ceil(1.3^j) <= max_iter`` (exact, in rational arithmetic): the CG
+  iterations whose iterates Hessian-free keeps for backtracking."""
+  out, j = [], 0
+  while (v := math.ceil(Fraction(13, 10) ** j)) <= max_iter:
+    if not out or out[-1] != v:
+      out.append(v)
+    j += 1
+  return out
+
+
+def numpy_cg(a, b, x0, *, max_iter, tol, eps, martens=True, nonpositive_curvature="stop",
+             minv=None):
+  """Textbook preconditioned CG on the dense ``a x = b`` from ``x0`` (Martens &
+  Sutskever 2012, Alg. 2) with Martens' stopping test on ``phi(x) = x'ax/2 - b'x``
+  evaluated directly: stop at iteration ``i > k = max(10, ceil(i/10))`` once
+  ``phi_i < 0`` and ``(phi_i - phi_{i-k}) / phi_i < k eps``. ``minv``: the diagonal
+  of the inverse preconditioner (None: none). ``nonpositive_curvature="abs"``
+  takes ``|p'Ap|``.
+
+  Returns ``(x, iterations, status, kept)``, ``kept`` the iterates ``[(i, x_i)]``
+  at `numpy_iterate_grid` iterations, then the final one.
+  """
+  minv = np.ones_like(b) if minv is None else minv
+  phi = lambda x: 0.5 * x @ a @ x - b @ x  # noqa: E731
+  grid = set(numpy_iterate_grid(max_iter))
+  x, r = x0.copy(), b - a @ x0
+  z = minv * r
+  p = z.copy()
+  phis, kept, i, thr = [phi(x)], [], 0, tol ** 2 * (b @ b)
+  if not np.isfinite(r @ z):
+    status = CG_NONFINITE
+  elif r @ r <= thr:
+    status = CG_RESIDUAL
+  elif max_iter == 0:
+    status = CG_MAX_ITER
+  else:
+    while True:
+      ap = a @ p
+      pap = p @ ap
+      if not np.isfinite(pap):
+        status = CG_NONFINITE
+        break
+      curv = abs(pap) if nonpositive_curvature == "abs" else pap
+      if curv <= 0:  # the iteration is not taken; x_i is returned
+        status = CG_NONPOSITIVE
+        break
+      rz = r @ z
+      alpha = rz / curv
+      x_new, r_new = x + alpha * p, r - alpha * ap
+      z_new = minv * r_new
+      if not np.isfinite(r_new @ z_new):
+        status = CG_NONFINITE
+        break
+      p = z_new + (r_new @ z_new) / rz * p
+      x, r, z, i = x_new, r_new, z_new, i + 1
+      phis.append(phi(x))
+      if i in grid:
+        kept.append((i, x.copy()))
+      k = max(10, -(-i // 10))
+      if r @ r <= thr:
+        status = CG_RESIDUAL
+      elif martens and i > k and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < k * eps:
+        status = CG_MARTENS
+      elif i >= max_iter:
+        status = CG_MAX_ITER
+      else:
+        continue
+      break
+  if not kept or kept[-1][0] != i:
+    kept.append((i, x.copy()))
+  return x, i, status, kept

@@ -397,71 +397,6 @@ _CG_MAX_ITER, _CG_MARTENS, _CG_RESIDUAL, _CG_NONPOSITIVE = (
     solvers.CGStatus.NONPOSITIVE_CURVATURE)
 
 
-def _np_iterate_grid(max_iter):
-  """The CG iterations ceil(1.3^j) <= max_iter whose iterates are kept."""
-  grid, j = [], 0
-  while np.ceil(1.3 ** j - 1e-9) <= max_iter:
-    step = int(np.ceil(1.3 ** j - 1e-9))
-    if step not in grid:
-      grid.append(step)
-    j += 1
-  return grid
-
-
-def _np_cg(a, b, x0, max_iter, tol, eps, nonpositive_curvature="stop", martens=True):
-  """Unpreconditioned CG on the dense ``a x = b`` with Martens' stopping test.
-
-  Returns the final iterate, its iteration, the status code, the kept iterates
-  ``[(iteration, x), ...]`` (the grid iterations reached, then the final one)
-  and the quadratic model ``phi(x) = x'ax/2 - b'x`` at the final iterate.
-  """
-  def phi(x):
-    return 0.5 * x @ a @ x - b @ x
-
-  grid = _np_iterate_grid(max_iter)
-  x = x0.copy()
-  r = b - a @ x
-  d = r.copy()
-  phis = [phi(x)]
-  kept = []
-  i = 0
-  if r @ r <= tol ** 2 * (b @ b):
-    status = _CG_RESIDUAL
-  elif max_iter == 0:
-    status = _CG_MAX_ITER
-  else:
-    while True:
-      ad = a @ d
-      curv = d @ ad
-      if nonpositive_curvature == "abs" and curv != 0:
-        curv = abs(curv)   # saddle-free: |d'Ad|; phi stays the true model
-      if curv <= 0:  # the iteration is not taken; x_i is returned
-        status = _CG_NONPOSITIVE
-        break
-      step = (r @ r) / curv
-      x = x + step * d
-      r_new = r - step * ad
-      d = r_new + (r_new @ r_new) / (r @ r) * d
-      r = r_new
-      i += 1
-      phis.append(phi(x))
-      if i in grid:
-        kept.append((i, x.copy()))
-      k = max(10, int(np.ceil(0.1 * i)))
-      if r @ r <= tol ** 2 * (b @ b):
-        status = _CG_RESIDUAL
-      elif martens and i > k and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < k * eps:
-        status = _CG_MARTENS
-      elif i >= max_iter:
-        status = _CG_MAX_ITER
-      else:
-        continue
-      break
-  if not kept or kept[-1][0] != i:
-    kept.append((i, x.copy()))
-  return x, i, status, kept, phi(x)
-
-
 def _np_hessian_free_step(curv, g, eval_loss, damping, warm_start, *, cg_max_iter,
                           cg_decay_x0=0.95, cg_tol=1e-5, martens_eps=5e-4,
                           min_damping=1e-8, max_damping=1e8, linesearch_c=0.01,
@@ -471,9 +406,10 @@ def _np_hessian_free_step(curv, g, eval_loss, damping, warm_start, *, cg_max_ite
                           nonpositive_curvature="stop", martens_criterion=True):
   """One Hessian-free step on flat vectors; ``eval_loss(d) = L_eval(theta + d)``."""
   a = curv + damping * np.eye(len(g))
-  p_final, iterations, status, kept, phi = _np_cg(
-      a, -g, cg_decay_x0 * warm_start, cg_max_iter, cg_tol, martens_eps,
-      nonpositive_curvature, martens_criterion)
+  p_final, iterations, status, kept = ref.numpy_cg(
+      a, -g, cg_decay_x0 * warm_start, max_iter=cg_max_iter, tol=cg_tol, eps=martens_eps,
+      nonpositive_curvature=nonpositive_curvature, martens=martens_criterion)
+  phi = 0.5 * p_final @ a @ p_final + g @ p_final
   # Levenberg-Marquardt with the damped model's prediction at the final iterate.
   loss_before = eval_loss(np.zeros_like(g))
   rho = (eval_loss(p_final) - loss_before) / phi if phi < 0 else -np.inf

@@ -19,8 +19,6 @@ match.
 """
 
 import inspect
-import math
-from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -30,76 +28,15 @@ from jax.flatten_util import ravel_pytree
 
 import curvax
 from curvax import solvers
+from reference import (CG_MARTENS as MARTENS, CG_MAX_ITER as MAX_ITER, CG_NONFINITE as NONFINITE,
+                       CG_NONPOSITIVE as NONPOS, CG_RESIDUAL as RESIDUAL, numpy_cg,
+                       numpy_iterate_grid)
 
 hessian_free = curvax.transforms.hessian_free
 
-MAX_ITER, MARTENS, RESIDUAL, NONPOS, NONFINITE = 0, 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------- the reference
-
-def _np_grid(max_iter):
-  """The distinct ceil(1.3^j) <= max_iter, exactly."""
-  out, j = [], 0
-  while (v := math.ceil(Fraction(13, 10) ** j)) <= max_iter:
-    if not out or out[-1] != v:
-      out.append(v)
-    j += 1
-  return out
-
-
-def _np_cg(a, g, x0, *, max_iter, tol, martens, eps, npc, minv):
-  """PCG on ``a x = -g`` from ``x0``; see the module docstring."""
-  b = -g
-  phi = lambda x: 0.5 * x @ a @ x + g @ x  # noqa: E731
-  grid = set(_np_grid(max_iter))
-  x, r = x0.copy(), b - a @ x0
-  z = minv * r
-  p = z.copy()
-  phis, kept, i, thr = [phi(x)], [], 0, tol ** 2 * (b @ b)
-  if not np.isfinite(r @ z):
-    status = NONFINITE
-  elif r @ r <= thr:
-    status = RESIDUAL
-  elif max_iter == 0:
-    status = MAX_ITER
-  else:
-    while True:
-      ap = a @ p
-      pap = p @ ap
-      if not np.isfinite(pap):
-        status = NONFINITE
-        break
-      curv = abs(pap) if npc == "abs" else pap
-      if curv <= 0:
-        status = NONPOS
-        break
-      rz = r @ z
-      alpha = rz / curv
-      x_new, r_new = x + alpha * p, r - alpha * ap
-      z_new = minv * r_new
-      if not np.isfinite(r_new @ z_new):
-        status = NONFINITE
-        break
-      p = z_new + (r_new @ z_new) / rz * p
-      x, r, z, i = x_new, r_new, z_new, i + 1
-      phis.append(phi(x))
-      if i in grid:
-        kept.append((i, x.copy()))
-      k = max(10, -(-i // 10))
-      if r @ r <= thr:
-        status = RESIDUAL
-      elif martens and i > k and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < k * eps:
-        status = MARTENS
-      elif i >= max_iter:
-        status = MAX_ITER
-      else:
-        continue
-      break
-  if not kept or kept[-1][0] != i:
-    kept.append((i, x.copy()))
-  return x, i, status, kept
-
 
 def _np_step(theta, g, curv, eval_loss, damping, warm, fisher_diag=None, *, cg_max_iter=250,
              adapt_damping=True, min_damping=1e-8, max_damping=1e8, cg_tol=1e-5,
@@ -113,9 +50,9 @@ def _np_step(theta, g, curv, eval_loss, damping, warm, fisher_diag=None, *, cg_m
   a = curv + damping * np.eye(n)                                   # 1.
   minv = np.ones(n) if fisher_diag is None else \
       (fisher_diag + damping) ** -preconditioner_exponent
-  p_final, iters, status, kept = _np_cg(                           # 2.
-      a, g, cg_decay_x0 * warm, max_iter=cg_max_iter, tol=cg_tol,
-      martens=martens_criterion, eps=martens_eps, npc=nonpositive_curvature, minv=minv)
+  p_final, iters, status, kept = numpy_cg(                          # 2.
+      a, -g, cg_decay_x0 * warm, max_iter=cg_max_iter, tol=cg_tol, martens=martens_criterion,
+      eps=martens_eps, nonpositive_curvature=nonpositive_curvature, minv=minv)
   phi = 0.5 * p_final @ a @ p_final + g @ p_final                  # 3.
   l0, lf = eval_loss(theta), eval_loss(theta + p_final)
   rho = (lf - l0) / phi if phi < 0 and np.isfinite(l0) and np.isfinite(lf) else -np.inf
@@ -480,4 +417,4 @@ def test_defaults_are_the_specs():
   assert (cg["martens_min_window"], cg["martens_window_fraction"], cg["gamma"]) == (10, 0.1, 1.3)
   lm = defaults(solvers.levenberg_marquardt)
   assert (lm["lower"], lm["upper"], lm["increase"], lm["decrease"]) == (0.25, 0.75, 1.5, 2 / 3)
-  assert solvers.iterate_grid(250) == tuple(_np_grid(250))
+  assert solvers.iterate_grid(250) == tuple(numpy_iterate_grid(250))
