@@ -75,6 +75,44 @@ def test_cli_run_and_plot_quadratic_several_optimizers(tmp_path, capsys):
   assert cli.main(["list"]) == 0 and "hessian_free" in capsys.readouterr().out
 
 
+def test_cli_monitored_run_and_its_dashboard(tmp_path, capsys):
+  # run --monitor wraps the optimizer in curvax.diagnostics.monitor: the same steps
+  # (the monitor only watches), its records in the JSON, drawn by `dashboard`.
+  out = str(tmp_path / "res")
+  argv = ["run", "quadratic_deep", "--optimizer", "sgd", "--max-steps", "5", "--out", out]
+  assert cli.main(argv + ["--monitor", "economy", "--monitor-every", "2"]) == 0
+  path = glob.glob(os.path.join(out, "**", "*.json"), recursive=True)[0]
+  with open(path) as f:
+    r = json.load(f)
+  assert r["monitor"] == {"instruments": "economy", "every": 2}
+  assert [d["step"] for d in r["diagnostics"]] == [0, 2, 4]
+  p = problems.get("quadratic_deep")
+  plain = problems.run(p, "sgd", max_steps=5, verbose=False)
+  watched = problems.run(p, curvax.diagnostics.monitor(optax.sgd(1.58e-2), p.apply_fn, p.loss,
+                                                       every=2), max_steps=5, verbose=False)
+  assert r["minibatch_train_losses"] == plain["minibatch_train_losses"]
+  assert r["test_losses"] == plain["test_losses"]
+  np.testing.assert_allclose([d["grad_norm"] for d in r["diagnostics"]],
+                             [d["grad_norm"] for d in watched["diagnostics"]], rtol=1e-6)
+  png = str(tmp_path / "cockpit.png")
+  assert cli.main(["dashboard", path, "--out", png]) == 0 and os.path.getsize(png) > 10_000
+  assert cli.main(["dashboard", path]) == 0 and os.path.exists(path[:-5] + ".png")
+  capsys.readouterr()
+  assert cli.main(argv[:-2] + ["--out", str(tmp_path / "plain")]) == 0
+  unwatched = glob.glob(str(tmp_path / "plain" / "**" / "*.json"), recursive=True)[0]
+  assert cli.main(["dashboard", unwatched]) == 2
+  assert "holds no diagnostics; run with --monitor" in capsys.readouterr().err
+  assert cli.main(["dashboard", str(tmp_path / "missing.json")]) == 2
+  assert "cannot read" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(argv + ["--monitor-every", "2"])
+  assert "--monitor-every needs --monitor" in capsys.readouterr().err
+  assert cli.main(argv + ["--monitor", "first"]) == 2
+  assert "unknown preset 'first'" in capsys.readouterr().err
+  with pytest.raises(TypeError, match="monitor must be a preset name or a dict"):
+    problems.run(p, "sgd", max_steps=1, verbose=False, monitor=["loss"])
+
+
 def _write_result(folder, problem, seed, batch_size=128, num_epochs=1, name="sgd",
                   hyperparams=None, **extra):
   """A minimal results JSON in DeepOBS's layout (no training)."""

@@ -1,4 +1,4 @@
-"""Command line: ``python -m curvax.problems {run,plot,list} ...``.
+"""Command line: ``python -m curvax.problems {run,plot,dashboard,list} ...``.
 
 Examples::
 
@@ -8,6 +8,9 @@ Examples::
       --max-steps 100 --train-size 5000 --eval-size 2000 --out results/
   python -m curvax.problems run fmnist_mlp --optimizer hessian_free --devices 4 --out results/
   python -m curvax.problems plot results/
+  python -m curvax.problems run fmnist_mlp --optimizer sgd --max-steps 200 \\
+      --monitor business --monitor-every 20 --out results/
+  python -m curvax.problems dashboard results/fmnist_mlp/sgd/*/random_seed__0__*.json
 """
 
 from __future__ import annotations
@@ -51,12 +54,20 @@ def main(argv=None) -> int:
                  help="data-parallel over the first N devices (on CPU: N virtual devices)")
   r.add_argument("--steps-per-call", type=int, default=1,
                  help="steps per jitted call (lax.scan; helps small models on a GPU)")
+  r.add_argument("--monitor", default=None, metavar="PRESET",
+                 help="watch the run with curvax.diagnostics.monitor: economy, business "
+                      "or full (records under 'diagnostics' in the JSON)")
+  r.add_argument("--monitor-every", type=int, default=None, metavar="K",
+                 help="monitor every K-th step (default: the monitor's logarithmic schedule)")
   r.add_argument("--quiet", action="store_true")
   p = sub.add_parser("plot", help="plot learning curves of the results under a folder")
   p.add_argument("folder")
   p.add_argument("--out", default=None,
                  help="folder for one <problem>.png per problem (default: FOLDER), or a "
                       ".png file name if FOLDER holds results of one problem only")
+  d = sub.add_parser("dashboard", help="draw the diagnostics of a monitored run (--monitor)")
+  d.add_argument("result", help="a results JSON written by run --monitor")
+  d.add_argument("--out", default=None, help="PNG file (default: RESULT with .png)")
   sub.add_parser("list", help="list problems and optimizers")
   args = parser.parse_args(argv)
 
@@ -75,6 +86,15 @@ def main(argv=None) -> int:
     for path in paths:
       print(f"wrote {path}")
     return 0
+  if args.command == "dashboard":
+    return _dashboard(args, parser.prog)
+  if args.monitor_every is not None and args.monitor is None:
+    parser.error("--monitor-every needs --monitor PRESET")
+  monitor = None
+  if args.monitor is not None:
+    monitor = {"instruments": args.monitor}
+    if args.monitor_every is not None:
+      monitor["every"] = args.monitor_every
   if args.devices is not None and args.devices > 1:
     # Virtual CPU devices; read when JAX's backend starts, which has not happened yet.
     flag = "--xla_force_host_platform_device_count"
@@ -109,7 +129,8 @@ def main(argv=None) -> int:
                    log_every=args.log_every, eval_batch_size=args.eval_batch_size,
                    out=args.out, hyperparams=hp, max_steps=args.max_steps,
                    train_size=args.train_size, eval_size=args.eval_size, mesh=mesh,
-                   steps_per_call=args.steps_per_call, verbose=not args.quiet)
+                   steps_per_call=args.steps_per_call, monitor=monitor,
+                   verbose=not args.quiet)
     except (KeyError, ValueError, FileNotFoundError) as e:
       message = e.args[0] if isinstance(e, KeyError) and e.args else e
       print(f"{parser.prog} run: error: {message}", file=sys.stderr)
@@ -117,6 +138,35 @@ def main(argv=None) -> int:
     if result["status"] == "diverged":
       status = 1
   return status
+
+
+def _dashboard(args, prog) -> int:
+  """``dashboard RESULT.json``: `curvax.diagnostics.dashboard` of its records."""
+  import json  # pylint: disable=import-outside-toplevel
+  from curvax import diagnostics  # pylint: disable=import-outside-toplevel
+  try:
+    with open(args.result) as f:
+      result = json.load(f)
+  except (OSError, ValueError) as e:
+    print(f"{prog} dashboard: error: cannot read {args.result}: {e}", file=sys.stderr)
+    return 2
+  records = result.get("diagnostics") if isinstance(result, dict) else None
+  if not records:
+    print(f"{prog} dashboard: error: {args.result} holds no diagnostics; run with "
+          "--monitor PRESET to record them.", file=sys.stderr)
+    return 2
+  settings = result.get("monitor") or {}
+  hist_range = tuple(settings.get("hist_range", (-2.0, 2.0)))
+  out = args.out or os.path.splitext(args.result)[0] + ".png"
+  title = (f"{result.get('testproblem', '?')} / {result.get('optimizer_name', '?')} / "
+           f"seed {result.get('random_seed', '?')}")
+  try:
+    path = diagnostics.dashboard(records, out, title=title, hist_range=hist_range)
+  except ValueError as e:
+    print(f"{prog} dashboard: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path}")
+  return 0
 
 
 if __name__ == "__main__":

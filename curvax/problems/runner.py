@@ -163,6 +163,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         mesh: Optional[jax.sharding.Mesh] = None,
         steps_per_call: int = 1,
         scheduled: Optional[Callable[[int], bool]] = None,
+        monitor: Union[None, str, Dict[str, Any]] = None,
         verbose: bool = True) -> Dict[str, Any]:
   """Trains ``optimizer`` on ``problem`` and returns (and optionally writes) the results.
 
@@ -232,6 +233,15 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       step, built with ``update(..., scheduled=False)``: no ``lax.cond``, on which
       GPU runtimes wait for the host (docs/performance.md). The results are
       those without it when ``scheduled`` matches the optimizer's schedule.
+    monitor: watch the run with `curvax.diagnostics.monitor` (Cockpit's
+      instruments): a preset name (``'economy'``, ``'business'``, ``'full'``)
+      or a dict of the monitor's keywords (``instruments``, ``every``,
+      ``schedule``, ``curvature``, ``learning_rate``, ``hist_range``...); the
+      optimizer is wrapped as ``monitor(optimizer, problem.apply_fn,
+      problem.loss, **settings)``. Its steps are the optimizer's, unchanged;
+      the settings are recorded under ``'monitor'`` and the records under
+      ``'diagnostics'`` (`curvax.diagnostics.dashboard` draws them; the
+      command line: ``python -m curvax.problems dashboard RESULT.json``).
     verbose: print progress.
 
   Returns:
@@ -274,6 +284,15 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     optimizer, hyperparams = opt_lib.build(optimizer, problem, steps_per_epoch=steps_per_epoch,
                                            **hyperparams)
   optimizer_name = optimizer_name or "custom"
+  monitor_settings = None
+  if monitor is not None:
+    from curvax import diagnostics as diagnostics_lib  # pylint: disable=import-outside-toplevel
+    if not isinstance(monitor, (str, dict)):
+      raise TypeError(f"monitor must be a preset name or a dict of curvax.diagnostics.monitor "
+                      f"keywords; got {type(monitor).__name__}.")
+    monitor_settings = {"instruments": monitor} if isinstance(monitor, str) else dict(monitor)
+    optimizer = diagnostics_lib.monitor(optimizer, problem.apply_fn, problem.loss,
+                                        **monitor_settings)
   tx = optax.with_extra_args_support(optimizer)
   epochs = problem.num_epochs if epochs is None else epochs
 
@@ -395,6 +414,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       "testproblem": problem.name, "batch_size": b, "num_epochs": epochs,
       "random_seed": seed, "weight_decay": problem.weight_decay,
       "optimizer_name": optimizer_name, "optimizer_hyperparams": hyperparams,
+      **({"monitor": monitor_settings} if monitor_settings is not None else {}),
       # DeepOBS's key for a runner-side learning-rate schedule (lr_sched_epochs,
       # lr_sched_factors); curvax's optimizers carry their schedules inside.
       "analyzable_training_params": {},
