@@ -504,10 +504,6 @@ def test_runner_protocol_evaluations_logging_and_json(tmp_path):
   assert len(j["minibatch_train_losses"]) == len(steps) == 2 and np.diff(steps).tolist() == [9]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spec 1.3: on a NaN/Inf loss DeepOBS's PyTorch runner stops and fills the remaining "
-    "epochs with the epoch-0 values (num_epochs + 1 entries); curvax stops with "
-    "status='diverged' and shorter lists (runner.py docstring, a documented choice)"))
 def test_divergence_fills_the_remaining_epochs_with_epoch_0_values():
   """A diverged run's metric lists still have num_epochs + 1 entries, the missing ones the
   epoch-0 values, so DeepOBS's analyzer scores its speed as never converged
@@ -554,9 +550,6 @@ def test_momentum_and_adam_baselines_are_deepobs_updates():
 
 # ------------------------------------------------------------------ plots
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spec 2.7: DeepOBS's performance plot draws the mean over seeds with a +-1 std band; "
-    "curvax.problems.plot draws the 25-75% quantiles (plot.py docstring, a documented choice)"))
 def test_performance_plot_band_is_mean_plus_minus_one_std(tmp_path, monkeypatch):
   """Three seeds of one setting with test losses 1, 2, 6 at every evaluation: the line is
   their mean (3), the band mean -+ std (population std 2.16 or sample std 2.65), not the

@@ -227,7 +227,11 @@ def test_divergence_stops_cleanly_and_is_recorded(tmp_path):
                    log_every=2, out=str(tmp_path), verbose=False)
   # The first reason (with the offending value) stands; the diverged parameters are not evaluated.
   assert r["status"] == "diverged" and "non-finite mini-batch training loss (" in r["stop_reason"]
-  assert r["steps"] < 78 and len(r["test_losses"]) == 1
+  assert r["steps"] < 78 and r["eval_steps"] == [0, 78, 156, 234]
+  # DeepOBS's padding: epochs + 1 evaluations, the three after the divergence the
+  # epoch-0 values (not evaluated), with no wall time.
+  assert r["padded_evaluations"] == 3 and r["wall_times"][1:] == [None] * 3
+  assert r["test_losses"] == [r["test_losses"][0]] * 4 and r["eval_epochs"] == [0, 1, 2, 3]
   first_bad = next(s for s, v in zip(r["minibatch_steps"], r["minibatch_train_losses"])
                    if v is None or abs(v) >= 1e308)   # JSON stand-ins for nan and inf
   # noticed at the first logged non-finite loss (dated to an earlier step, if any)
@@ -504,7 +508,7 @@ def test_several_steps_per_call_give_the_one_step_per_call_run(monitored):
 def test_steps_per_call_stop_early_on_divergence_and_rejects_bad_values():
   r = problems.run("two_d_rosenbrock", "sgd", hyperparams={"learning_rate": 1.0}, epochs=3,
                    log_every=2, steps_per_call=4, verbose=False)
-  assert r["status"] == "diverged" and r["steps"] < 78 and len(r["test_losses"]) == 1
+  assert r["status"] == "diverged" and r["steps"] < 78 and r["padded_evaluations"] == 3
   for bad in (0, 2.0, True):
     with pytest.raises(ValueError, match="steps_per_call"):
       problems.run("quadratic_deep", "sgd", epochs=1, steps_per_call=bad, verbose=False)

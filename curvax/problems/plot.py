@@ -9,8 +9,10 @@ DeepOBS's setting folders separate; and the runner's training subset, evaluation
 subset, eval_batch size, step limit, evaluation interval and time budget where
 they are not the defaults, see
 `curvax.problems.runner.runner_settings`); the line is the mean over the setting's
-seeds, the band the 25-75% quantiles across seeds (runs that stopped early
-contribute to the points they reached).
+seeds, the band one standard deviation across seeds either side of it, as in
+DeepOBS (runs that stopped early contribute to the points they reached; a
+diverged run's padded evaluations, see `curvax.problems.runner`, are its
+epoch-0 values, as DeepOBS's).
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def plot(folder: str, out: Optional[str] = None) -> List[str]:
                         if key in r and r[key]])
         with np.errstate(all="ignore"), _quiet():
           mean = np.nanmean(y, axis=0)
-          lo, hi = np.nanpercentile(y, 25, axis=0), np.nanpercentile(y, 75, axis=0)
+          std = np.nanstd(y, axis=0)   # numpy's (and DeepOBS's) population std
+          lo, hi = mean - std, mean + std
           xe, xt = np.nanmean(epochs, axis=0), np.nanmean(times, axis=0)
         for col, x in enumerate((xe, xt)):
           ax = axes[ri, col]

@@ -7,8 +7,12 @@ are evaluated before the first epoch and after every epoch (so each list has
 seed and the step; the mini-batch training loss is logged every
 ``log_every`` steps; a non-finite training loss stops the run (noticed at the
 next logged step, the reason names the first non-finite one), recorded as
-``status='diverged'`` with the reason (DeepOBS's PyTorch runner instead pads the
-remaining epochs with the initial values). Reported losses include the L2 term.
+``status='diverged'`` with the reason; on DeepOBS's schedule (no ``max_steps``,
+``eval_every`` or ``time_budget``) the metric lists are then padded, as DeepOBS's
+PyTorch runner pads them, to ``epochs + 1`` entries with the epoch-0 values (so
+that DeepOBS's analyzer scores the run as never converged, not as fast; the
+padded wall times are null, ``padded_evaluations`` counts the entries). Reported
+losses include the L2 term.
 
 Every step is one jitted function: it slices the mini-batch out of the
 device-resident training set with the epoch's permutation (drawn on device),
@@ -149,6 +153,30 @@ def _jsonable(x):
   if isinstance(x, (int, float, str, bool)) or x is None:
     return x
   return str(x)
+
+
+_METRICS = ("train_losses", "valid_losses", "test_losses",
+            "train_accuracies", "valid_accuracies", "test_accuracies")
+
+
+def _pad_diverged(record: Dict[str, Any], epochs: int, steps_per_epoch: int) -> None:
+  """Pads a diverged run's evaluations to ``epochs + 1`` with the epoch-0 values.
+
+  DeepOBS's PyTorch runner does this, so that its analyzer (which scores speed
+  as the length of a curve that never reaches the target) ranks the run last.
+  """
+  done = len(record["test_losses"])
+  missing = epochs + 1 - done
+  if done == 0 or missing <= 0:
+    return
+  for key in _METRICS:
+    if record.get(key):
+      record[key] = record[key] + [record[key][0]] * missing
+  record["eval_epochs"] = record["eval_epochs"] + [float(e) for e in range(done, epochs + 1)]
+  record["eval_steps"] = record["eval_steps"] + [e * steps_per_epoch
+                                                 for e in range(done, epochs + 1)]
+  record["wall_times"] = record["wall_times"] + [None] * missing
+  record["padded_evaluations"] = missing
 
 
 def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformation, str], *,
@@ -611,6 +639,9 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       break
   if record["status"] == "running":
     record["status"] = "completed"
+  if (record["status"] == "diverged" and eval_every is None and max_steps is None
+      and time_budget is None):
+    _pad_diverged(record, epochs, steps_per_epoch)
   record["steps"] = global_step
   if monitored:
     from curvax import diagnostics as diagnostics_lib  # pylint: disable=import-outside-toplevel
