@@ -322,8 +322,9 @@ def _idx_by_hand(path):
 
 def test_real_fashion_mnist_matches_an_independent_idx_reader_and_problem_splits(monkeypatch):
   """Debian's dataset-fashion-mnist read with struct/np.frombuffer: `data.load` agrees
-  bit for bit, and fmnist_* splits are DeepOBS 1.2's (valid = the last 10,000 training
-  images, train_eval = the first 10,000 of the rest, test = t10k), scaled by 1/255."""
+  bit for bit, and fmnist_* splits have DeepOBS 1.2's sizes (valid = the last 10,000
+  training images, where DeepOBS's TensorFlow loader takes the first; train_eval = the
+  first 10,000 of the rest; test = t10k), scaled by 1/255."""
   folder = "/usr/share/datasets/fashion-mnist"
   if not os.path.isdir(folder):
     pytest.skip("Debian's dataset-fashion-mnist is not installed")

@@ -116,6 +116,9 @@ def _split_real(dataset: str, data_dir: Optional[str]):
     x, y = raw["train"]
     # DeepOBS's held-out size (26,032 of SVHN's 73,257, 10,000 elsewhere); a fifth
     # of the training set only for small copies, too small to hold it twice.
+    # Held out: the last examples. DeepOBS 1.2's TensorFlow loaders hold out the
+    # first ones (data.take(k), training on data.skip(k)), its PyTorch port a
+    # random subset; the committed results here come from this split.
     size = _DATASET_SIZES[dataset]
     k = size if len(y) >= 2 * size else len(y) // 5
     out = {"train": (x[:-k], y[:-k]), "valid": (x[-k:], y[-k:]),
