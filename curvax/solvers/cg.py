@@ -150,7 +150,8 @@ def cg(matvec: Callable[[Any], Any],
     preconditioner: ``r -> M^{-1} r`` (symmetric positive definite ``M``), or
       None for ``M = I``.
     max_iter: maximum number of iterations (static).
-    tol: relative residual tolerance.
+    tol: relative residual tolerance (``||r|| <= tol ||b||``; the default 1e-5
+      is PyTorchHessianFree's test, Martens' criterion usually stops CG first).
     martens_criterion: whether to use Martens' relative-progress test.
     martens_eps, martens_min_window, martens_window_fraction: its constants.
     nonpositive_curvature: ``"stop"`` or ``"abs"``.
