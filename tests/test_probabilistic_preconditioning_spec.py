@@ -358,14 +358,26 @@ def test_defaults_round_structure_and_trajectory():
     np.testing.assert_allclose(b_k @ -updates[14][sl], g[sl], rtol=1e-9, atol=1e-12)
 
 
-def test_rank_above_num_observations_is_a_spec_configuration():
-  """M = 1, k = 2: B = I / alpha + w^2 x s' has two singular values other than
-  1 / alpha on span[x, s] (K is 2 x 2, no tie); the spec's rank-2 estimate
-  and its inverse are well defined."""
+def test_rank_is_capped_where_the_estimate_only_shortens_steps():
+  """The spec takes the top k of K = (1/alpha) I + w^2 (Z'X)(Z'S)', the prior plus a
+  rank-M term: by Weyl its top M singular values are >= 1/alpha (the reference's and
+  the library's alike, so the inverse form scales steps by 1/(alpha sigma) <= 1), while
+  singular values beyond M are <= 1/alpha and unbounded below (their inverse enlarged
+  fmnist_mlp's steps up to 8e3-fold at M = 5, k = 10): rank > M is refused."""
   params, batches, loss_fn, slices, grad, hess = _problem("quad")
-  records = _spec_reference(grad, hess, ravel_pytree(params)[0], slices, [0, 0], 6,
-                            P=3, M=1, k=2)
+  records = _spec_reference(grad, hess, ravel_pytree(params)[0], slices, [0, 0], 8,
+                            P=3, M=2, k=2)
   states, updates = _run_library(
-      probabilistic_preconditioning(loss_fn, prior_iterations=3, num_observations=1, rank=2),
-      params, batches, loss_fn, 6)
+      probabilistic_preconditioning(loss_fn, prior_iterations=3, num_observations=2, rank=2),
+      params, batches, loss_fn, 8)
   _compare(states, updates, records, slices, [0, 0])
+  built = [t for t, ref in enumerate(records) if ref["phase"] == PRECONDITION]
+  assert built
+  for t in built:
+    inv_alpha = 1.0 / records[t]["alpha"][0]
+    for sigma in records[t]["sigma"]:
+      assert np.all(np.asarray(sigma) >= inv_alpha * (1 - 1e-12)), (t, sigma, inv_alpha)
+    for sigma in states[t].eigenvalues:
+      assert np.all(np.asarray(sigma) >= inv_alpha * (1 - 1e-9)), (t, sigma, inv_alpha)
+  with pytest.raises(ValueError, match="must not exceed num_observations"):
+    probabilistic_preconditioning(loss_fn, prior_iterations=3, num_observations=1, rank=2)

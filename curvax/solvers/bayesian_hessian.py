@@ -184,8 +184,11 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   span, not always of the whole ``n x n`` ``B``: outside the span ``B`` is
   ``(1/alpha) I``, so where ``1/alpha`` exceeds some of the span's singular
   values, ``B``'s own top ``k`` would include ``1/alpha`` (any direction
-  outside the span) in their place. The preconditioner built from ``U`` is the
-  same either way, since it applies ``alpha`` outside ``U``. Here ``Z`` is never formed: with ``A = [X S]`` and its
+  outside the span) in their place. For ``k <= M`` the two coincide: ``K`` is
+  ``(1/alpha) I`` plus a rank-``M`` term, so (Weyl) its top ``M`` singular values
+  are ``>= 1/alpha``, and the preconditioner applies ``alpha`` outside ``U``. Its
+  singular values beyond ``M`` are ``<= 1/alpha`` and unbounded below (the
+  transform refuses ``rank > M``). Here ``Z`` is never formed: with ``A = [X S]`` and its
   ``2M x 2M`` Gram matrix ``G = A'A`` (columns equilibrated,
   ``G = D Ghat D``, ``Ghat = V diag(mu) V'``), ``Z = A T`` with
   ``T = D^{-1} V diag(mu)^{-1/2}``, so ``Z'X = T' G[:, :M]`` and
