@@ -56,10 +56,16 @@ def data_mesh(devices: Optional[Sequence[Any]] = None, axis_name: str = "data") 
       (device ids: pass ``[jax.devices()[i] for i in ids]``).
   """
   available = jax.devices()
+  if isinstance(devices, (str, bool, float, np.floating, np.bool_)):
+    raise TypeError(
+        f"data_mesh: `devices` must be jax.Device objects (e.g. jax.devices()[:2]) or an "
+        f"int k for the first k devices; got {type(devices).__name__} {devices!r}.")
   if devices is None:
     devices = available
   elif isinstance(devices, (int, np.integer)):
-    if not 1 <= devices <= len(available):
+    if devices < 1:
+      raise ValueError(f"data_mesh: asked for {devices} devices; ask for at least 1.")
+    if devices > len(available):
       raise ValueError(
           f"data_mesh: asked for {devices} devices; {len(available)} available "
           f"({available[0].platform}). On CPU, set XLA_FLAGS="

@@ -559,6 +559,15 @@ def test_dot_with_errors():
   for unwrapped in (params, "mean"):  # one reference, not in a tuple
     with pytest.raises(TypeError, match=r"dot_with=\(r,\)"):
       pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=unwrapped)
+  as_list = list(params.values())   # list params: the list itself is one reference
+  list_apply = lambda p, x: apply_fn(dict(zip(params, p)), x)  # noqa: E731
+  with pytest.raises(TypeError, match=r"dot_with=\(r,\)"):
+    pe.per_example_statistics(list_apply, loss, as_list, batch, dot_with=as_list)
+  s = pe.per_example_statistics(list_apply, loss, as_list, batch, dot_with=(as_list,),
+                                method="vmap")
+  ref = pe.per_example_statistics(apply_fn, loss, params, batch, dot_with=(params,),
+                                  method="vmap")
+  np.testing.assert_allclose(s.dots[0], ref.dots[0], rtol=1e-12)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])

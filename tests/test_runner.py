@@ -111,6 +111,23 @@ def test_cli_monitored_run_and_its_dashboard(tmp_path, capsys):
   assert "unknown preset 'first'" in capsys.readouterr().err
   with pytest.raises(TypeError, match="monitor must be a preset name or a dict"):
     problems.run(p, "sgd", max_steps=1, verbose=False, monitor=["loss"])
+  with pytest.raises(SystemExit):
+    cli.main(argv + ["--monitor", "economy", "--monitor-every", "0"])
+  assert "--monitor-every must be a positive" in capsys.readouterr().err
+  # The optimizer's logged state keeps its names (CSS's alpha, not the monitor's Alpha).
+  kw = dict(max_steps=4, log_every=2, verbose=False)
+  css = problems.run("two_d_rosenbrock", "curvature_step_size", **kw)
+  watched = problems.run("two_d_rosenbrock", "curvature_step_size", monitor="economy", **kw)
+  assert watched["optimizer_state"] == css["optimizer_state"] and "alpha" in css["optimizer_state"]
+  # A diverged run's JSON (inf written as 1e308, nan as null) draws with those as inf/nan.
+  out = str(tmp_path / "div")
+  assert cli.main(["run", "two_d_beale", "--optimizer", "sgd", "--monitor", "economy", "--out",
+                   out, "--max-steps", "30"]) == 1
+  path = glob.glob(os.path.join(out, "**", "*.json"), recursive=True)[0]
+  assert cli.main(["dashboard", path]) == 0
+  assert cli._nonfinite({"a": [-1e308], "b": 2}) == {"a": [float("-inf")], "b": 2}
+  converted = cli._nonfinite([None, -1e308, 1e308, 3.0])
+  assert np.isnan(converted[0]) and converted[1:] == [float("-inf"), float("inf"), 3.0]
 
 
 def _write_result(folder, problem, seed, batch_size=128, num_epochs=1, name="sgd",

@@ -358,6 +358,11 @@ def test_data_mesh_takes_the_devices_asked_for_in_order():
     curvax.sharding.data_mesh([0, 1])   # ids, not devices
   with pytest.raises(ValueError, match="more than once"):
     curvax.sharding.data_mesh([CPUS[1], CPUS[1]])
+  for bad in ("cpu", 2.0, True):
+    with pytest.raises(TypeError, match="jax.Device objects .* or an int k"):
+      curvax.sharding.data_mesh(bad)
+  with pytest.raises(ValueError, match="ask for at least 1"):
+    curvax.sharding.data_mesh(-1)
 
 
 def test_shard_batch_and_replicate_reject_bad_arguments():

@@ -247,8 +247,11 @@ def per_example_statistics(apply_fn: Callable[[Any, Any], Array], loss: Any,
   inputs, targets = _checks.check_batch(batch)
   if direction is not None:
     _checks.check_tree_like(direction, params, "direction")
-  if not isinstance(dot_with, (list, tuple)):
-    # tuple(params_dict) would give its keys, tuple("mean") its letters.
+  if (not isinstance(dot_with, (list, tuple))
+      or (dot_with and jax.tree_util.tree_structure(dot_with)
+          == jax.tree_util.tree_structure(params))):
+    # tuple(params_dict) would give its keys, tuple("mean") its letters; a list
+    # shaped like list params is one reference, not a list of them.
     raise TypeError(
         "`dot_with` must be a tuple (or list) of references, each a pytree shaped like "
         f"params or 'mean'; got {type(dot_with).__name__}. For one reference r, pass "

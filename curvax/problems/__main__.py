@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                  help="watch the run with curvax.diagnostics.monitor: economy, business "
                       "or full (records under 'diagnostics' in the JSON)")
   r.add_argument("--monitor-every", type=int, default=None, metavar="K",
-                 help="monitor every K-th step (default: the monitor's logarithmic schedule)")
+                 help="monitor every K-th step (default: every step, the monitor's default)")
   r.add_argument("--quiet", action="store_true")
   p = sub.add_parser("plot", help="plot learning curves of the results under a folder")
   p.add_argument("folder")
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     return _dashboard(args, parser.prog)
   if args.monitor_every is not None and args.monitor is None:
     parser.error("--monitor-every needs --monitor PRESET")
+  if args.monitor_every is not None and args.monitor_every < 1:
+    parser.error(f"--monitor-every must be a positive number of steps, got {args.monitor_every}")
   monitor = None
   if args.monitor is not None:
     monitor = {"instruments": args.monitor}
@@ -140,6 +142,19 @@ def main(argv=None) -> int:
   return status
 
 
+def _nonfinite(x):
+  """The runner's JSON stand-ins back to floats: ``None`` -> nan, ``+-1e308`` -> ``+-inf``."""
+  if isinstance(x, dict):
+    return {k: _nonfinite(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_nonfinite(v) for v in x]
+  if x is None:
+    return float("nan")
+  if isinstance(x, float) and abs(x) >= 1e308:
+    return float("inf") if x > 0 else float("-inf")
+  return x
+
+
 def _dashboard(args, prog) -> int:
   """``dashboard RESULT.json``: `curvax.diagnostics.dashboard` of its records."""
   import json  # pylint: disable=import-outside-toplevel
@@ -155,8 +170,10 @@ def _dashboard(args, prog) -> int:
     print(f"{prog} dashboard: error: {args.result} holds no diagnostics; run with "
           "--monitor PRESET to record them.", file=sys.stderr)
     return 2
-  settings = result.get("monitor") or {}
-  hist_range = tuple(settings.get("hist_range", (-2.0, 2.0)))
+  settings = result.get("monitor")
+  settings = settings if isinstance(settings, dict) else {}
+  hist_range = tuple(settings.get("hist_range") or (-2.0, 2.0))
+  records = _nonfinite(records)
   out = args.out or os.path.splitext(args.result)[0] + ".png"
   title = (f"{result.get('testproblem', '?')} / {result.get('optimizer_name', '?')} / "
            f"seed {result.get('random_seed', '?')}")

@@ -269,7 +269,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       problem.loss, **settings)``. Its steps are the optimizer's, unchanged;
       the settings are recorded under ``'monitor'`` and the records under
       ``'diagnostics'`` (`curvax.diagnostics.dashboard` draws them; the
-      command line: ``python -m curvax.problems dashboard RESULT.json``).
+      command line: ``python -m curvax.problems dashboard RESULT.json``), and
+      ``optimizer_state`` logs the optimizer's fields as without the monitor.
+      With ``monitor=``, ``scheduled`` is the monitor's schedule
+      (`curvax.diagnostics.is_scheduled`): the monitor does not hand
+      ``scheduled`` to the optimizer inside it.
     verbose: print progress.
 
   Returns:
@@ -323,6 +327,10 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
                                         **monitor_settings)
   tx = optax.with_extra_args_support(optimizer)
   epochs = problem.num_epochs if epochs is None else epochs
+  # With monitor=, the optimizer's own state fields keep their names in
+  # `optimizer_state` (the monitor's values are under 'diagnostics').
+  log_state = (loggable_state if monitor_settings is None
+               else lambda state: loggable_state(state.inner_state))
 
   key = jax.random.PRNGKey(seed)
   k_init, k_perm, k_step = jax.random.split(key, 3)
@@ -391,7 +399,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         mon = records.find_state(carry[2])._replace(
             inner_state=(), count=(), init_params=(), last_update=(), alpha_start=(),
             key=(), eigenvector=())
-      return carry, (loss, loggable_state(carry[2]), mon)
+      return carry, (loss, log_state(carry[2]), mon)
     return jax.lax.scan(body, carry, jnp.arange(count))
 
   steps_jits: Dict[Tuple[int, bool], Callable[..., Any]] = {}
@@ -599,7 +607,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
               carry[2] if mons is None else jax.tree.map(lambda a: a[j], mons)))  # pylint: disable=cell-var-from-loop
         if s % log_every == 0 or s == 1:
           if logged is None:
-            pending.append((calls, s, loss, loggable_state(carry[2]), None))
+            pending.append((calls, s, loss, log_state(carry[2]), None))
           else:
             pending.append((calls, s, losses, logged, j))
       if pending and pending[-1][0] == calls:
