@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from curvax import _checks
-from curvax.losses import as_loss
+from curvax.losses import as_loss, objective as objective_of
 
 Array = jax.Array
 
@@ -147,12 +147,8 @@ def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params
   numerator = jnp.mean(slopes)        # d'g = (1/N) sum_n u_n' grad_f l_n   (no backward pass)
   denominator = jnp.mean(curvatures)  # d'Gd = (1/N) sum_n u_n' H_n u_n   (no GGN matvec)
   if regularizer is not None:
-    direction = _in_params_dtypes(direction, params)
-
-    def slope_of_r(p):
-      return jax.jvp(regularizer, (p,), (direction,))
-    (r_value, r_slope), (_, r_curvature) = jax.jvp(
-        slope_of_r, (params,), (direction,))
+    r_value, r_slope, r_curvature = _along(regularizer, params,
+                                           _in_params_dtypes(direction, params))
     objective = objective + r_value
     numerator = numerator + r_slope
     denominator = denominator + r_curvature
@@ -160,21 +156,21 @@ def quadratic_step_size(apply_fn: Callable[[Any, Any], Array], loss: Any, params
                            denominator, objective)
 
 
-def _hessian_step_size(apply_fn, loss, params, direction, batch, regularizer):
-  """`quadratic_step_size` with ``d'Hd``: ``(L, d'g), (., d'Hd)`` from ``jvp(jvp(L))``."""
-  loss = as_loss(loss)
-  inputs, targets = _checks.check_batch(batch)
-  _checks.check_tree_like(direction, params, "direction")
-  direction = _in_params_dtypes(direction, params)
-
-  def value(p):
-    outputs = apply_fn(p, inputs)
-    loss.check_targets(outputs, targets)
-    out = jnp.mean(loss(outputs, targets))
-    return out if regularizer is None else out + regularizer(p)
-
+def _along(f: Callable[[Any], Array], params: Any, direction: Any
+           ) -> Tuple[Array, Array, Array]:
+  """``(f, d'grad f, d'Hess(f) d)`` at ``params``: a JVP of a JVP (forward over forward)."""
   def slope(p):
-    return jax.jvp(value, (p,), (direction,))
-  (objective, numerator), (_, denominator) = jax.jvp(slope, (params,), (direction,))
+    return jax.jvp(f, (p,), (direction,))
+  (value, first), (_, second) = jax.jvp(slope, (params,), (direction,))
+  return value, first, second
+
+
+def _hessian_step_size(apply_fn, loss, params, direction, batch, regularizer):
+  """`quadratic_step_size` with ``d'Hd`` of the whole objective (`_along`)."""
+  _checks.check_batch(batch)
+  _checks.check_tree_like(direction, params, "direction")
+  loss_fn = objective_of(apply_fn, loss, regularizer)
+  objective, numerator, denominator = _along(lambda p: loss_fn(p, batch), params,
+                                             _in_params_dtypes(direction, params))
   return QuadraticStepSize(step_size_from_parts(numerator, denominator), numerator,
                            denominator, objective)
