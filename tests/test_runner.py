@@ -16,6 +16,7 @@ import curvax
 import curvax.problems as problems
 from curvax.problems import __main__ as cli
 from curvax.problems import models, optimizers
+from curvax.problems import runner as runner_lib
 from curvax.problems.problems import _flax_problem, _mnist_pre
 
 
@@ -125,8 +126,8 @@ def test_cli_monitored_run_and_its_dashboard(tmp_path, capsys):
                    out, "--max-steps", "30"]) == 1
   path = glob.glob(os.path.join(out, "**", "*.json"), recursive=True)[0]
   assert cli.main(["dashboard", path]) == 0
-  assert cli._nonfinite({"a": [-1e308], "b": 2}) == {"a": [float("-inf")], "b": 2}
-  converted = cli._nonfinite([None, -1e308, 1e308, 3.0])
+  assert runner_lib.from_jsonable({"a": [-1e308], "b": 2}) == {"a": [float("-inf")], "b": 2}
+  converted = runner_lib.from_jsonable([None, -1e308, 1e308, 3.0])
   assert np.isnan(converted[0]) and converted[1:] == [float("-inf"), float("inf"), 3.0]
 
 

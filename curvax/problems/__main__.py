@@ -142,19 +142,6 @@ def main(argv=None) -> int:
   return status
 
 
-def _nonfinite(x):
-  """The runner's JSON stand-ins back to floats: ``None`` -> nan, ``+-1e308`` -> ``+-inf``."""
-  if isinstance(x, dict):
-    return {k: _nonfinite(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [_nonfinite(v) for v in x]
-  if x is None:
-    return float("nan")
-  if isinstance(x, float) and abs(x) >= 1e308:
-    return float("inf") if x > 0 else float("-inf")
-  return x
-
-
 def _dashboard(args, prog) -> int:
   """``dashboard RESULT.json``: `curvax.diagnostics.dashboard` of its records."""
   import json  # pylint: disable=import-outside-toplevel
@@ -173,7 +160,8 @@ def _dashboard(args, prog) -> int:
   settings = result.get("monitor")
   settings = settings if isinstance(settings, dict) else {}
   hist_range = tuple(settings.get("hist_range") or (-2.0, 2.0))
-  records = _nonfinite(records)
+  from curvax.problems.runner import from_jsonable  # pylint: disable=import-outside-toplevel
+  records = from_jsonable(records)
   out = args.out or os.path.splitext(args.result)[0] + ".png"
   title = (f"{result.get('testproblem', '?')} / {result.get('optimizer_name', '?')} / "
            f"seed {result.get('random_seed', '?')}")

@@ -139,6 +139,10 @@ def runner_settings(record: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
+# What the JSON holds for +-inf (strict JSON has no infinities; NaN is null).
+_JSON_INF = 1e308
+
+
 def _jsonable(x):
   if isinstance(x, dict):
     return {str(k): _jsonable(v) for k, v in x.items()}
@@ -149,10 +153,23 @@ def _jsonable(x):
     if isinstance(x, list):
       return _jsonable(x)
   if isinstance(x, float) and not math.isfinite(x):
-    return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+    return None if math.isnan(x) else (_JSON_INF if x > 0 else -_JSON_INF)
   if isinstance(x, (int, float, str, bool)) or x is None:
     return x
   return str(x)
+
+
+def from_jsonable(x):
+  """`_jsonable`'s stand-ins back to floats: ``None`` -> nan, ``+-1e308`` -> ``+-inf``."""
+  if isinstance(x, dict):
+    return {k: from_jsonable(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [from_jsonable(v) for v in x]
+  if x is None:
+    return float("nan")
+  if isinstance(x, float) and abs(x) >= _JSON_INF:
+    return math.copysign(math.inf, x)
+  return x
 
 
 _METRICS = ("train_losses", "valid_losses", "test_losses",
@@ -531,8 +548,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     """The reason, dated to the first non-finite loss up to step ``s``."""
     first, first_value = s, value
     for t, loss_t, j in unchecked:
-      if t <= s and not math.isfinite(float(item(loss_t, j))):
-        first, first_value = t, float(item(loss_t, j))
+      if t > s:
+        continue
+      v = float(item(loss_t, j))
+      if not math.isfinite(v):
+        first, first_value = t, v
         break
     seen = "" if first == s else f" (noticed at step {s})"
     return f"non-finite mini-batch training loss ({first_value}) at step {first}{seen}"
