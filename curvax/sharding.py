@@ -56,10 +56,14 @@ def data_mesh(devices: Optional[Sequence[Any]] = None, axis_name: str = "data") 
       (device ids: pass ``[jax.devices()[i] for i in ids]``).
   """
   available = jax.devices()
-  if isinstance(devices, (str, bool, float, np.floating, np.bool_)):
-    raise TypeError(
+
+  def not_devices(x):
+    return TypeError(
         f"data_mesh: `devices` must be jax.Device objects (e.g. jax.devices()[:2]) or an "
-        f"int k for the first k devices; got {type(devices).__name__} {devices!r}.")
+        f"int k for the first k devices; got {type(x).__name__} {x!r}.")
+
+  if isinstance(devices, (str, bool, float, np.floating, np.bool_)):
+    raise not_devices(devices)
   if devices is None:
     devices = available
   elif isinstance(devices, (int, np.integer)):
@@ -76,10 +80,7 @@ def data_mesh(devices: Optional[Sequence[Any]] = None, axis_name: str = "data") 
     raise ValueError("data_mesh: `devices` is empty.")
   wrong = [d for d in devices if not isinstance(d, jax.Device)]
   if wrong:
-    raise TypeError(
-        f"data_mesh: `devices` must hold jax.Device objects (e.g. jax.devices()[:2]) or "
-        f"be an int k for the first k devices; got {type(wrong[0]).__name__} "
-        f"{wrong[0]!r}.")
+    raise not_devices(wrong[0])
   if len(set(devices)) != len(devices):
     raise ValueError(f"data_mesh: `devices` lists a device more than once: {devices}.")
   return Mesh(np.asarray(devices), (axis_name,))
