@@ -379,7 +379,7 @@ def probabilistic_preconditioning(
     return leaves, treedef, gids, num_groups, dtype
 
   def _rank_of(size):
-    return min(rank, size, 2 * num_obs) if estimate else 0
+    return min(rank, size) if estimate else 0   # rank <= num_obs, checked above
 
   def init_fn(params):
     _checks.check_params(params, _NAME)
