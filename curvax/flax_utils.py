@@ -10,7 +10,9 @@ Every curvax curvature function takes a pure ``apply_fn(params, inputs)`` and a
   `nnx_update(model, params)` writes parameters back into the model.
 
 The returned ``apply_fn`` is an ordinary callable (jit it, close over it, pass
-it to `curvax.curvature.ggn_matvec`). It also lets per-example statistics
+it to `curvax.curvature.ggn_matvec`) and a pytree whose leaves are the
+constant state (Linen's other collections, NNX's non-``Param`` state): pass it
+to a jitted function as an ordinary argument. It also lets per-example statistics
 refuse batch norm (a ``batch_stats`` collection / ``nnx.BatchStat`` state) with
 a clear error, and lets Linen models use the per-layer fast path.
 
@@ -37,11 +39,13 @@ def from_linen(module: Any, variables: Mapping[str, Any],
                ) -> Tuple[LinenApply, Any]:
   """Returns ``(apply_fn, params)`` for a Linen ``module`` and its ``variables``.
 
-  The returned ``apply_fn`` closes over ``variables``' other collections and
-  compares by identity: a function jitted with it as a static argument
-  recompiles for every new wrapper. To follow changing collections (batch
-  statistics), call ``from_linen`` inside the jitted step (it costs nothing
-  there) rather than passing a new wrapper in each step.
+  The returned ``apply_fn`` holds ``variables``' other collections as
+  constants. It is a pytree whose leaves are their arrays (and any arrays in
+  ``apply_kwargs``, e.g. ``rngs`` keys); the module and the other
+  ``apply_kwargs`` are static. Pass it to a jitted function as an ordinary
+  (not static) argument: to follow changing collections (batch statistics),
+  rebuild it with ``from_linen`` each step, which does not recompile while
+  the module, the keywords and the collections' shapes and dtypes stay the same.
 
   Args:
     module: a ``flax.linen.Module``.
@@ -107,7 +111,8 @@ def from_nnx(model: Any, *, wrt: Any = None,
   keeps the objective a fixed function of the parameters, as Hessian-free's CG
   iterations and line searches need. For fresh masks, advance the model's own
   RNG state (calling the model does; or ``nnx.reseed``) and call ``from_nnx``
-  again (a new ``apply_fn``: jitted callers retrace); ``model.eval()`` turns
+  again (``apply_fn`` is a pytree of ``rest``'s arrays: passed to a jitted
+  function as an argument, the new one does not retrace); ``model.eval()`` turns
   dropout off. Per-example quantities (`curvax.curvature.per_example_statistics`
   and what builds on it) are refused while dropout is active, as for batch
   norm with batch statistics: one example at a time, the masks would not be the

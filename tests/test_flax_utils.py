@@ -451,3 +451,186 @@ def test_per_example_quantities_are_refused_while_nnx_dropout_is_active():
   apply_fn, params = flax_utils.from_nnx(model)
   stats = curvax.curvature.per_example_statistics(apply_fn, loss, params, (x, y))
   np.testing.assert_allclose(stats.losses, loss(model(x), y), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# The wrappers are pytrees: ordinary (traced) arguments of jitted functions.
+
+
+def _traced_call():
+  """``f(apply_fn, params, x) = apply_fn(params, x)`` under ``jit`` (apply_fn not
+  static) and the list its traces append to (one entry per compilation)."""
+  traces = []
+
+  @jax.jit
+  def f(apply_fn, params, x):
+    traces.append(1)
+    return apply_fn(params, x)
+
+  return f, traces
+
+
+def _eval_batch_norm_wrapper(kind, seed):
+  """``(apply_fn, params, expected outputs on _data()'s inputs)`` for batch norm in
+  inference mode whose running averages are drawn from ``seed``; the expected
+  outputs come from the model itself (``module.apply`` / the NNX model)."""
+  x, _ = _data()
+  mean = _random_tree(jnp.zeros(5, F64), seed)
+  var = _random_tree(jnp.zeros(5, F64), seed + 1, True)
+  if kind == "linen":
+    module = _LinenEvalBatchNorm()
+    params = _random_tree(module.init(jax.random.PRNGKey(2), x, train=False)["params"], 5)
+    variables = {"params": params, "batch_stats": {"BatchNorm_0": {"mean": mean, "var": var}}}
+    apply_fn, params = flax_utils.from_linen(module, variables, {"train": False},
+                                             constant_batch_stats=True)
+    return apply_fn, params, module.apply(variables, x, train=False)
+  model = _NNXEvalBatchNorm(nnx.Rngs(2))
+  model.bn.mean = nnx.BatchStat(mean)
+  model.bn.var = nnx.BatchStat(var)
+  model.eval()
+  apply_fn, params = flax_utils.from_nnx(model, constant_batch_stats=True)
+  return apply_fn, params, model(x)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_rebuilt_wrapper_with_new_batch_stats_does_not_recompile(kind):
+  """Batch norm in inference mode, wrapper rebuilt with other running averages
+  (same shapes) and passed to a jitted function as an ordinary argument: each
+  call gives its own model's outputs (the statistics are traced, not baked in
+  at the first trace), and the function is compiled once."""
+  x, _ = _data()
+  f, traces = _traced_call()
+  outputs = []
+  for seed in (3, 7):
+    apply_fn, params, expected = _eval_batch_norm_wrapper(kind, seed)
+    outputs.append(f(apply_fn, params, x))
+    np.testing.assert_allclose(outputs[-1], expected, rtol=1e-12, atol=1e-12)
+  assert np.abs(outputs[0] - outputs[1]).max() > 1e-3   # the statistics matter
+  assert len(traces) == 1
+
+
+def test_linen_list_valued_kwargs_survive_flatten_and_jit():
+  """``mutable=['batch_stats']`` (a list, unhashable) in the static part: the
+  round trip through flatten/unflatten and a jitted call give the outputs of
+  ``module.apply(..., mutable=['batch_stats'])[0]``; wrappers rebuilt with a
+  new list have the same tree structure and share the compilation."""
+  x, _ = _data()
+  module = _LinenEvalBatchNorm()
+  variables = dict(module.init(jax.random.PRNGKey(2), x, train=False))
+  variables["params"] = _random_tree(variables["params"], 5)
+  expected = module.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  make = lambda: flax_utils.from_linen(  # noqa: E731
+      module, variables, {"train": True, "mutable": ["batch_stats"]})
+  apply_fn, params = make()
+  leaves, treedef = jax.tree_util.tree_flatten(apply_fn)
+  again = jax.tree_util.tree_unflatten(treedef, leaves)
+  assert again.kwargs == {"train": True, "mutable": ["batch_stats"]}
+  assert again.per_example_unsupported == apply_fn.per_example_unsupported is not None
+  np.testing.assert_allclose(again(params, x), expected, rtol=1e-12)
+  assert jax.tree_util.tree_structure(make()[0]) == treedef
+  f, traces = _traced_call()
+  np.testing.assert_allclose(f(apply_fn, params, x), expected, rtol=1e-12)
+  np.testing.assert_allclose(f(make()[0], params, x), expected, rtol=1e-12)
+  assert len(traces) == 1
+
+
+class _LinenListAttribute(nn.Module):
+  """A list attribute makes the module unhashable (Flax hashes its fields)."""
+  features: list
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.BatchNorm(use_running_average=not train, param_dtype=F64)(
+        nn.Dense(self.features[0], param_dtype=F64)(x))
+    return nn.Dense(3, param_dtype=F64)(h)
+
+
+def test_unhashable_static_parts_compare_by_identity():
+  """A module or keyword value that cannot be hashed (a list attribute; a set
+  for ``mutable``, which Flax accepts) is static by identity: the wrapper works
+  under jit, rebuilding it with the same objects reuses the compilation, and
+  new objects compile again (never a stale trace)."""
+  x, _ = _data()
+  module = _LinenListAttribute([5])
+  with pytest.raises(TypeError):
+    hash(module)
+  variables = module.init(jax.random.PRNGKey(2), x, train=False)
+  mutable = {"batch_stats"}
+  expected = module.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  f, traces = _traced_call()
+  for m, s in [(module, mutable), (module, mutable), (_LinenListAttribute([5]), mutable),
+               (module, {"batch_stats"})]:
+    apply_fn, params = flax_utils.from_linen(m, variables, {"train": True, "mutable": s})
+    np.testing.assert_allclose(f(apply_fn, params, x), expected, rtol=1e-12)
+  assert len(traces) == 3
+
+
+class _LinenDropout(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dropout(0.5, deterministic=False)(nn.Dense(5, param_dtype=F64)(x))
+    return nn.Dense(3, param_dtype=F64)(h)
+
+
+def test_array_keywords_are_leaves():
+  """Arrays among the keywords (``rngs`` keys) are leaves after the
+  collections': a new key traces through the same compilation and gives
+  ``module.apply`` with that key."""
+  x, _ = _data()
+  module = _LinenDropout()
+  variables = module.init(jax.random.PRNGKey(2), x)
+  f, traces = _traced_call()
+  outputs = []
+  for seed in (0, 1):
+    key = jax.random.PRNGKey(seed)
+    apply_fn, params = flax_utils.from_linen(module, variables, {"rngs": {"dropout": key}})
+    leaves = jax.tree_util.tree_leaves(apply_fn)
+    assert len(leaves) == 1 and leaves[0] is key
+    outputs.append(f(apply_fn, params, x))
+    np.testing.assert_allclose(outputs[-1],
+                               module.apply(variables, x, rngs={"dropout": key}), rtol=1e-12)
+  assert np.abs(outputs[0] - outputs[1]).max() > 1e-6   # the keys matter
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("kind", ["linen", "linen_params_only", "nnx_batch_norm", "nnx"])
+def test_wrapper_leaves_round_trip_and_jitted_curvature(kind):
+  """The leaves are exactly the constant state (none without it); flatten and
+  unflatten give a wrapper with the same outputs; a GGN product and per-example
+  statistics in a jitted function taking ``apply_fn`` as an argument equal the
+  unjitted ones."""
+  x, y = _data()
+  batch = (x, y)
+  loss = curvax.losses.softmax_cross_entropy
+  if kind.startswith("linen"):
+    module = _LinenWithConstants() if kind == "linen" else nn.Dense(3, param_dtype=F64)
+    variables = module.init(jax.random.PRNGKey(2), x)
+    apply_fn, params = flax_utils.from_linen(module, variables)
+    constants = jax.tree_util.tree_leaves({k: v for k, v in variables.items() if k != "params"})
+    assert len(constants) == (1 if kind == "linen" else 0)
+    leaves = jax.tree_util.tree_leaves(apply_fn)
+    assert len(leaves) == len(constants) and all(a is b for a, b in zip(leaves, constants))
+  else:
+    model = (_NNXEvalBatchNorm if kind == "nnx_batch_norm" else _NNXMLP)(nnx.Rngs(2))
+    model.eval()
+    apply_fn, params = flax_utils.from_nnx(model, constant_batch_stats=True)
+    constants = jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param)))
+    assert len(constants) == (2 if kind == "nnx_batch_norm" else 0)
+    leaves = jax.tree_util.tree_leaves(apply_fn)
+    assert len(leaves) == len(constants)
+    for a, b in zip(leaves, constants):
+      np.testing.assert_array_equal(a, b)
+  leaves, treedef = jax.tree_util.tree_flatten(apply_fn)
+  again = jax.tree_util.tree_unflatten(treedef, leaves)
+  assert type(again) is type(apply_fn) and again is not apply_fn
+  np.testing.assert_array_equal(again(params, x), apply_fn(params, x))
+  v = _random_tree(params, 7)
+
+  def curvature(apply_fn, params, batch, v):
+    gv = curvax.curvature.ggn_matvec(apply_fn, loss, params, batch)(v)
+    stats = curvax.curvature.per_example_statistics(apply_fn, loss, params, batch)
+    return gv, stats.gradient_norms, stats.second_moment
+
+  expected = curvature(apply_fn, params, batch, v)
+  got = jax.jit(curvature)(again, params, batch, v)
+  chex.assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-13)

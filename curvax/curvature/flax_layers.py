@@ -58,6 +58,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 
 from curvax.curvature import _chunking
@@ -82,12 +83,47 @@ BATCH_NORM_MESSAGE = (
     "declare them constants; otherwise remove batch norm.")
 
 
+class _ByIdentity:
+  """Static pytree data for an unhashable value: equal only to a wrapper of the same object."""
+  __slots__ = ("value",)
+
+  def __init__(self, value):
+    self.value = value
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.value is self.value
+
+  def __hash__(self):
+    return id(self.value)
+
+
+def _static(value):
+  """``value`` as pytree aux data: itself if hashable (compared by value in
+  ``jit``'s cache), else `_ByIdentity` (a Linen module with a list attribute)."""
+  try:
+    hash(value)
+  except TypeError:
+    return _ByIdentity(value)
+  return value
+
+
+def _unstatic(value):
+  return value.value if isinstance(value, _ByIdentity) else value
+
+
+def _set_fields(obj, **fields):
+  for name, value in fields.items():
+    object.__setattr__(obj, name, value)
+  return obj
+
+
+@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinenApply:
   """``apply_fn(params, inputs)`` for a Flax Linen module.
 
   Calls ``module.apply({'params': params, **collections}, inputs, **kwargs)``;
-  the non-``params`` collections are closed over (constants for curvature).
+  the non-``params`` collections are constants for curvature.
   With a ``mutable`` keyword (other than False) ``module.apply`` returns
   ``(outputs, updated collections)``: only the outputs are returned, the
   updates (e.g. batch norm's running averages in training mode) are discarded.
@@ -95,11 +131,25 @@ class LinenApply:
   ``'batch_stats'``, unless ``constant_batch_stats`` declares that the model
   normalises with them (batch norm in inference mode; see
   `curvax.flax_utils.from_linen`).
+
+  A pytree: its leaves are the arrays of ``collections``, then the array
+  values in ``kwargs`` (e.g. ``rngs`` keys), traced when it is passed to a
+  jitted function; the module and the other ``kwargs`` values (``train``,
+  ``mutable``...) are static, compared by value (by identity if unhashable).
+  ``kwargs`` is copied down to its leaves (dicts, lists, tuples).
   """
   module: Any
   collections: Mapping[str, Any]
   kwargs: Mapping[str, Any]
   constant_batch_stats: bool = False
+  # (treedef of kwargs, its leaves: None for an array, else the static value).
+  _kwargs_spec: Any = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    leaves, treedef = jax.tree_util.tree_flatten(dict(self.kwargs))
+    static = tuple(None if isinstance(leaf, (jax.Array, np.ndarray)) else _static(leaf)
+                   for leaf in leaves)
+    _set_fields(self, kwargs=treedef.unflatten(leaves), _kwargs_spec=(treedef, static))
 
   def __call__(self, params, inputs):
     outputs = self.module.apply({"params": params, **self.collections}, inputs,
@@ -115,19 +165,49 @@ class LinenApply:
       return BATCH_NORM_MESSAGE
     return None
 
+  def _children_and_aux(self):
+    treedef, static = self._kwargs_spec
+    arrays = tuple(leaf for leaf, s in zip(treedef.flatten_up_to(self.kwargs), static)
+                   if s is None)
+    return ((self.collections, arrays),
+            (_static(self.module), treedef, static, self.constant_batch_stats))
 
+  def tree_flatten(self):
+    return self._children_and_aux()
+
+  def tree_flatten_with_keys(self):
+    (collections, arrays), aux = self._children_and_aux()
+    return (((jax.tree_util.GetAttrKey("collections"), collections),
+             (jax.tree_util.GetAttrKey("kwargs"), arrays)), aux)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    module, treedef, static, constant_batch_stats = aux
+    collections, arrays = children
+    arrays = iter(arrays)
+    leaves = [next(arrays) if s is None else _unstatic(s) for s in static]
+    return _set_fields(object.__new__(cls), module=_unstatic(module),
+                       collections=collections, kwargs=treedef.unflatten(leaves),
+                       constant_batch_stats=constant_batch_stats,
+                       _kwargs_spec=(treedef, static))
+
+
+@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class NNXApply:
   """``apply_fn(params, inputs)`` for a Flax NNX module split into graph and state.
 
   Calls ``nnx.merge(graphdef, params, rest)(inputs)`` on fresh copies of the
-  variables (`_merge_copy`); ``rest`` (non-``Param`` state) is closed over.
+  variables (`_merge_copy`); ``rest`` (non-``Param`` state) is constant.
   Whatever the call writes to the rebuilt model (batch norm's running averages
   in training mode, a dropout RNG's count) goes to those copies and is
   discarded: every call sees the same ``rest``. Per-example quantities are
   refused when the model has ``nnx.BatchStat`` state, unless
   ``constant_batch_stats`` declares that it normalises with it (see
   `curvax.flax_utils.from_nnx`).
+
+  A pytree: its leaves are those of ``rest``, traced when it is passed to a
+  jitted function; the graph definition and the flags are static.
   """
   graphdef: Any
   rest: Any
@@ -145,6 +225,22 @@ class NNXApply:
     if self.active_dropout:
       return DROPOUT_MESSAGE.format(list(self.active_dropout))
     return None
+
+  def _aux(self):
+    return (_static(self.graphdef), self.has_batch_stats, self.constant_batch_stats,
+            tuple(self.active_dropout))
+
+  def tree_flatten(self):
+    return (self.rest,), self._aux()
+
+  def tree_flatten_with_keys(self):
+    return ((jax.tree_util.GetAttrKey("rest"), self.rest),), self._aux()
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    graphdef, has_batch_stats, constant_batch_stats, active_dropout = aux
+    return cls(_unstatic(graphdef), children[0], has_batch_stats, constant_batch_stats,
+               active_dropout)
 
 
 def _merge_copy(graphdef, *states):
