@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import curvax
-from curvax.curvature import eigen
+from curvax.curvature import eigen, krylov
 from reference import (LOSSES, explicit_ggn, explicit_hessian, explicit_jacobians,
                        explicit_output_hessians, flat, problem)
 
@@ -121,8 +121,8 @@ def test_lanczos_matches_eigh():
   @jax.jit
   def run(params, batch, key):
     mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
-    full = eigen.lanczos(mv, v0, p + 5)  # clipped to p: the whole spectrum
-    top = eigen.top_eigenvalues(mv, params, key, k=2, num_iterations=25)
+    full = krylov.lanczos(mv, v0, p + 5)  # clipped to p: the whole spectrum
+    top = krylov.top_eigenvalues(mv, params, key, k=2, num_iterations=25)
     return full, top
 
   full, top = run(params, batch, jax.random.PRNGKey(0))
@@ -149,7 +149,7 @@ def test_top_eigenpairs_cold_and_warm_starts_match_eigh():
   @jax.jit
   def run(params, batch, warm):
     mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
-    return eigen.top_eigenpairs(mv, params, key, k=2, num_iterations=30, warm_start=warm)
+    return krylov.top_eigenpairs(mv, params, key, k=2, num_iterations=30, warm_start=warm)
 
   cold = run(params, batch, None)
   for warm in [None, jax.tree_util.tree_map(jnp.zeros_like, params), unravel(vec[:, -1])]:
@@ -162,7 +162,7 @@ def test_top_eigenpairs_cold_and_warm_starts_match_eigh():
       jnp.zeros_like, params))[0], cold[0], rtol=1e-12)
   mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
   with pytest.raises(ValueError, match="warm_start"):
-    eigen.top_eigenpairs(mv, params, key, warm_start={"w": jnp.zeros(3)})
+    krylov.top_eigenpairs(mv, params, key, warm_start={"w": jnp.zeros(3)})
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -178,8 +178,8 @@ def test_lanczos_with_a_tolerance_stops_on_the_residual_bound(k):
   @jax.jit
   def run(params, batch):
     mv = curvax.curvature.hessian_matvec(loss_fn, params, batch)
-    return (eigen.lanczos(mv, v0, p, rtol=rtol, num_converged=k),
-            eigen.top_eigenvalues(mv, params, jax.random.PRNGKey(1), k=k, num_iterations=p,
+    return (krylov.lanczos(mv, v0, p, rtol=rtol, num_converged=k),
+            krylov.top_eigenvalues(mv, params, jax.random.PRNGKey(1), k=k, num_iterations=p,
                                   rtol=rtol))
 
   res, top = run(params, batch)
@@ -201,34 +201,34 @@ def test_lanczos_with_a_tolerance_stops_on_the_residual_bound(k):
 def test_lanczos_with_a_tolerance_on_negative_definite_and_invariant_spaces():
   # All eigenvalues negative: the padded tridiagonal must not report a spurious top.
   d = -jnp.concatenate([jnp.array([1.0]), jnp.linspace(50.0, 80.0, 29)])
-  res = eigen.lanczos(lambda v: d * v, jnp.ones(30), 30, rtol=1e-6)
+  res = krylov.lanczos(lambda v: d * v, jnp.ones(30), 30, rtol=1e-6)
   assert int(res.iterations) < 30
   np.testing.assert_allclose(res.ritz_values[0], -1.0, rtol=1e-6)
   assert np.all(np.asarray(res.ritz_values[1:int(res.iterations)]) < -49.0)
   # A 2-dimensional invariant start space: stops after 2 products, the rest NaN.
   d2 = jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
-  res = eigen.lanczos(lambda v: d2 * v, jnp.array([1.0, 1.0, 0, 0, 0]), 5, rtol=1e-3)
+  res = krylov.lanczos(lambda v: d2 * v, jnp.array([1.0, 1.0, 0, 0, 0]), 5, rtol=1e-3)
   assert int(res.iterations) == 2
   np.testing.assert_allclose(res.ritz_values[:2], [3.0, 2.0], rtol=1e-12)
   assert np.all(np.isnan(res.ritz_values[2:]))
   with pytest.raises(ValueError, match="num_converged"):
-    eigen.lanczos(lambda v: v, jnp.ones(3), 2, rtol=1e-3, num_converged=3)
+    krylov.lanczos(lambda v: v, jnp.ones(3), 2, rtol=1e-3, num_converged=3)
   with pytest.raises(ValueError, match="rtol"):
-    eigen.lanczos(lambda v: v, jnp.ones(3), 2, rtol=-1.0)
+    krylov.lanczos(lambda v: v, jnp.ones(3), 2, rtol=-1.0)
 
 
 def test_lanczos_invariant_subspace_and_errors():
   d = jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
   # Start in a 2-dimensional invariant subspace: breakdown after two steps.
-  res = eigen.lanczos(lambda v: d * v, jnp.array([1.0, 1.0, 0, 0, 0]), 4)
+  res = krylov.lanczos(lambda v: d * v, jnp.array([1.0, 1.0, 0, 0, 0]), 4)
   assert int(res.iterations) == 2
   np.testing.assert_allclose(res.ritz_values[:2], [3.0, 2.0], rtol=1e-12)
   assert np.all(np.isnan(res.ritz_values[2:]))
   assert np.all(_rows(res.ritz_vectors)[2:] == 0)
   with pytest.raises(ValueError, match="num_iterations"):
-    eigen.lanczos(lambda v: v, d, 0)
+    krylov.lanczos(lambda v: v, d, 0)
   with pytest.raises(ValueError, match="matvec"):
-    eigen.lanczos(lambda v: v[:2], d, 2)
+    krylov.lanczos(lambda v: v[:2], d, 2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -239,15 +239,15 @@ def test_lanczos_without_a_tolerance_reports_no_spurious_ritz_values_after_a_bre
   (which came out on top for the negative definite one)."""
   rtol = 1e-5 if dtype == jnp.float32 else 1e-12
   neg = -jnp.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], dtype)
-  top = eigen.top_eigenvalues(lambda v: neg * v, jnp.zeros(6, dtype), jax.random.PRNGKey(0),
+  top = krylov.top_eigenvalues(lambda v: neg * v, jnp.zeros(6, dtype), jax.random.PRNGKey(0),
                               1, 5)
   np.testing.assert_allclose(top, np.linalg.eigvalsh(np.diag(neg))[-1:], rtol=rtol)
-  res = eigen.lanczos(lambda v: neg * v, jnp.ones(6, dtype), 5)
+  res = krylov.lanczos(lambda v: neg * v, jnp.ones(6, dtype), 5)
   assert int(res.iterations) == 2
   np.testing.assert_allclose(res.ritz_values[:2], [-1.0, -2.0], rtol=rtol)
 
   spd = jnp.array([1.0, 1.0, 1.0, 2.0, 2.0, 3.0], dtype)
-  res = eigen.lanczos(lambda v: spd * v, jnp.ones(6, dtype) + 0.01 * jnp.arange(6, dtype=dtype), 5)
+  res = krylov.lanczos(lambda v: spd * v, jnp.ones(6, dtype) + 0.01 * jnp.arange(6, dtype=dtype), 5)
   assert int(res.iterations) == 3
   np.testing.assert_allclose(res.ritz_values[:3],
                              np.unique(np.linalg.eigvalsh(np.diag(spd)))[::-1], rtol=rtol)
@@ -316,7 +316,7 @@ def test_lanczos_with_an_unreachable_tolerance_takes_all_steps_and_checks_atol()
   Ritz values of 4 steps are those of the explicit Krylov tridiagonal matrix."""
   d = jnp.linspace(1.0, 2.0, 10) ** 2
   v0 = jnp.ones(10) + 0.1 * jnp.arange(10.0)
-  res = eigen.lanczos(lambda v: d * v, v0, 4, rtol=0.0)
+  res = krylov.lanczos(lambda v: d * v, v0, 4, rtol=0.0)
   assert int(res.iterations) == 4
   assert np.all(np.isfinite(res.ritz_values))
   # Reference: orthonormal Krylov basis by QR, projected matrix Q' A Q.
@@ -326,7 +326,7 @@ def test_lanczos_with_an_unreachable_tolerance_takes_all_steps_and_checks_atol()
                              np.linalg.eigvalsh(q.T @ np.diag(np.asarray(d)) @ q)[::-1],
                              rtol=1e-9)
   with pytest.raises(ValueError, match="atol"):
-    eigen.lanczos(lambda v: v, jnp.ones(3), 2, rtol=1e-3, atol=-1.0)
+    krylov.lanczos(lambda v: v, jnp.ones(3), 2, rtol=1e-3, atol=-1.0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -369,7 +369,7 @@ def test_lanczos_early_stop_ritz_values_are_those_of_the_krylov_space():
   of A projected on the j-dimensional Krylov space, uncoupled from the padding."""
   d = jnp.concatenate([jnp.array([10.0, 6.0]), jnp.linspace(1.0, 2.0, 18)])
   v0 = jnp.ones(20) + 0.05 * jnp.arange(20.0)
-  res = eigen.lanczos(lambda v: d * v, v0, 20, rtol=1e-4, num_converged=2)
+  res = krylov.lanczos(lambda v: d * v, v0, 20, rtol=1e-4, num_converged=2)
   j = int(res.iterations)
   assert 2 <= j < 20 and res.betas[j - 1] > 1e-3
   np.testing.assert_allclose(res.ritz_values[:j], _krylov_ritz_values(d, v0, j), rtol=1e-9)
@@ -385,7 +385,7 @@ def test_lanczos_breakdown_ritz_values_far_below_the_diagonal(sign):
   d = sign * jnp.array([0.0, 10.0, 4.0, 4.0, 4.0])
   v0 = jnp.array([1.0, 1.0, 0.0, 0.0, 0.0])
   for kwargs in ({}, dict(rtol=1e-8)):
-    res = eigen.lanczos(lambda v: d * v, v0, 5, **kwargs)
+    res = krylov.lanczos(lambda v: d * v, v0, 5, **kwargs)
     assert int(res.iterations) == 2
     np.testing.assert_allclose(res.ritz_values[:2], np.sort([0.0, 10.0 * sign])[::-1],
                                atol=1e-12)
@@ -398,7 +398,7 @@ def test_lanczos_does_not_stop_before_num_converged_steps():
   second pair has converged too."""
   d = jnp.linspace(1.0, 2.0, 10) ** 2
   v0 = jnp.zeros(10).at[-1].set(1.0) + 1e-7 * jnp.cos(jnp.arange(10.0))
-  res = eigen.lanczos(lambda v: d * v, v0, 10, rtol=1e-3, num_converged=2)
+  res = krylov.lanczos(lambda v: d * v, v0, 10, rtol=1e-3, num_converged=2)
   assert int(res.iterations) >= 2
   np.testing.assert_allclose(res.ritz_values[0], d[-1], rtol=1e-10)
   np.testing.assert_allclose(res.ritz_values[1], d[-2], rtol=1e-2)
@@ -409,13 +409,13 @@ def test_lanczos_with_a_tolerance_stops_at_a_breakdown_before_num_converged_step
   must stop at the breakdown (2 steps), not multiply the zero vector on and
   report a spurious 0 Ritz value, which tops a negative definite matrix."""
   d = -jnp.array([3.0, 2.0, 2.0, 1.0, 0.5])
-  res = eigen.lanczos(lambda v: d * v, jnp.array([1.0, 1.0, 0, 0, 0]), 5, rtol=1e-3,
+  res = krylov.lanczos(lambda v: d * v, jnp.array([1.0, 1.0, 0, 0, 0]), 5, rtol=1e-3,
                       num_converged=3)
   assert int(res.iterations) == 2
   np.testing.assert_allclose(res.ritz_values[:2], [-2.0, -3.0], rtol=1e-12)
   assert np.all(np.isnan(res.ritz_values[2:]))
   neg = -jnp.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
-  top = eigen.top_eigenvalues(lambda v: neg * v, jnp.zeros(6), jax.random.PRNGKey(0), 3, 5,
+  top = krylov.top_eigenvalues(lambda v: neg * v, jnp.zeros(6), jax.random.PRNGKey(0), 3, 5,
                               rtol=1e-6)
   np.testing.assert_allclose(top[:2], [-1.0, -2.0], rtol=1e-10)
   assert np.isnan(top[2])
@@ -431,7 +431,7 @@ def test_lanczos_and_vivit_in_half_precision(dtype, rtol):
   lam = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
   a = (q * lam) @ q.T
   mv = lambda v: {"w": (jnp.asarray(a, jnp.float32) @ v["w"].astype(jnp.float32)).astype(dtype)}
-  out = jax.jit(lambda v: eigen.lanczos(mv, v, 6, rtol=rtol))({"w": jnp.ones(6, dtype)})
+  out = jax.jit(lambda v: krylov.lanczos(mv, v, 6, rtol=rtol))({"w": jnp.ones(6, dtype)})
   assert out.ritz_values.dtype == dtype and out.ritz_vectors["w"].dtype == dtype
   np.testing.assert_allclose(np.asarray(out.ritz_values[0], np.float64), 8.0, rtol=2e-2)
   apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")

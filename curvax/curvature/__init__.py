@@ -12,9 +12,9 @@ from curvax.curvature.per_example import (
     per_example_statistics)
 from curvax.curvature.diagonals import (
     diag_ggn, diag_ggn_mc, hutchinson_diagonal, hutchinson_trace)
-from curvax.curvature.eigen import (
-    GGNEigenpairs, LanczosResult, ggn_eigenpairs, ggn_factor, lanczos, top_eigenpairs,
-    top_eigenvalues)
+from curvax.curvature.eigen import GGNEigenpairs, ggn_eigenpairs, ggn_factor
+from curvax.curvature.krylov import (
+    BlockLanczosResult, LanczosResult, block_lanczos, lanczos, top_eigenpairs, top_eigenvalues)
 from curvax.curvature.quadratic_step_size import (
     QuadraticStepSize, quadratic_step_size, step_size_from_parts, step_size_is_defined)
 
@@ -23,7 +23,8 @@ __all__ = [
     "gradient_second_moment", "gradient_variance", "mean_gradient", "per_example_gradient_norms",
     "per_example_gradients", "per_example_statistics",
     "diag_ggn", "diag_ggn_mc", "hutchinson_diagonal", "hutchinson_trace",
-    "GGNEigenpairs", "LanczosResult", "ggn_eigenpairs", "ggn_factor", "lanczos", "top_eigenpairs",
+    "GGNEigenpairs", "ggn_eigenpairs", "ggn_factor",
+    "BlockLanczosResult", "LanczosResult", "block_lanczos", "lanczos", "top_eigenpairs",
     "top_eigenvalues",
     "QuadraticStepSize", "quadratic_step_size", "step_size_from_parts", "step_size_is_defined",
     "ModelLinearization", "add_regularizer_curvature", "fisher_matvec", "ggn_matvec", "hessian_matvec",

@@ -1,4 +1,4 @@
-r"""Eigen-structure: top GGN eigenpairs through the Gram matrix (ViViT), Lanczos.
+r"""Top GGN eigenpairs through the Gram matrix of its factor (ViViT).
 
 ViViT (Dangel, Tatzel & Hennig 2022; thesis §7.2, Eqs. 7.3-7.5, spec §2.4).
 With ``V = (1/sqrt N) [J_n' s_{n,k}]_{n,k}`` (``D x NK``, exact or Monte-Carlo
@@ -9,22 +9,19 @@ App. D.1.1), and for an eigenpair ``(lam_k, e~_k)`` of ``G~`` with ``lam_k > 0``
 Per-example curvatures along ``e_k`` come for free:
 ``e_k' G_n e_k = N lam_k ||[e~_k]_n||^2`` (``[.]_n``: example ``n``'s ``K`` entries).
 
-Lanczos (Lanczos 1950; Golub & Van Loan §10.1) on any symmetric matvec, with
-full re-orthogonalisation against a fixed ``(m+1) x D`` buffer inside a
-``lax.fori_loop``: ``m`` products, ``O(m^2 D)`` extra work; meant for ``m`` in
-the tens.
+For any symmetric matvec (GGN, Hessian, Fisher), `curvax.curvature.lanczos`
+and `curvax.curvature.block_lanczos` (module ``krylov``) find extreme eigenpairs
+from products alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from curvax import _checks
-from curvax._dtypes import at_least_float32, call_in_at_least_float32
+from curvax._dtypes import call_in_at_least_float32
 from curvax.curvature import _chunking, diagonals
 
 Array = jax.Array
@@ -143,186 +140,3 @@ def ggn_eigenpairs(apply_fn: Callable[[Any, Any], Array], loss: Any, params: Any
   blocks = jnp.sum(jnp.square(vec.reshape(n, kk, -1)), axis=1)  # (N, k)
   per_example = n * lam * blocks
   return GGNEigenpairs(lam, eigenvectors, valid, vec, per_example)
-
-
-class LanczosResult(NamedTuple):
-  """Lanczos output.
-
-  Attributes:
-    ritz_values: ``(m,)`` eigenvalues of the tridiagonal matrix, descending.
-    ritz_vectors: pytree with leading axis ``m``, the matching Ritz vectors.
-    alphas: ``(m,)`` diagonal of the tridiagonal matrix.
-    betas: ``(m,)`` off-diagonal (``betas[:m-1]``) and the last residual norm.
-    iterations: the size ``j <= m`` of the tridiagonal matrix: the Lanczos
-      steps up to the first breakdown (invariant Krylov space) or, with a
-      tolerance, up to convergence. ``ritz_values[j:]`` are NaN and
-      ``ritz_vectors[j:]`` zero. With a tolerance ``j`` matrix-vector products
-      are taken, without one ``m`` (those after a breakdown multiply zero).
-  """
-  ritz_values: Array
-  ritz_vectors: Any
-  alphas: Array
-  betas: Array
-  iterations: Array
-
-
-def _tridiagonal(alphas: Array, betas: Array, size: Array) -> Array:
-  """The leading ``size x size`` tridiagonal block of ``(alphas, betas)``, padded to
-  ``m x m`` with a decoupled diagonal below every eigenvalue of the block
-  (Gershgorin), so that the block's eigenvalues are the ``size`` largest."""
-  m = alphas.shape[0]
-  inside = jnp.arange(m) < size
-  off = jnp.where(jnp.arange(m - 1) < size - 1, betas[:m - 1], 0.0)
-  radius = jnp.abs(jnp.concatenate([off, jnp.zeros(1, off.dtype)])) + jnp.abs(
-      jnp.concatenate([jnp.zeros(1, off.dtype), off]))
-  floor = jnp.min(jnp.where(inside, alphas - radius, jnp.inf)) - 1.0
-  diag = jnp.where(inside, alphas, floor)
-  return jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
-
-
-def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
-            rtol: Optional[float] = None, atol: float = 0.0,
-            num_converged: int = 1) -> LanczosResult:
-  r"""Lanczos with full re-orthogonalisation: at most ``num_iterations`` steps.
-
-  Args:
-    matvec: a symmetric linear map on pytrees shaped like ``v0``.
-    v0: starting vector (nonzero pytree).
-    num_iterations: ``m`` (static); clipped to the dimension.
-    rtol, atol: with ``rtol``, stop after step ``j`` once each of the top
-      ``num_converged`` Ritz pairs ``(theta, x = Q_j y)`` has the residual
-      ``||A x - theta x|| = beta_j |y_j| <= atol + rtol |theta|`` (Parlett, *The
-      Symmetric Eigenvalue Problem*, Thm. 13.1.1 / Eq. 13.2.1: an eigenvalue of
-      ``A`` lies within that distance of ``theta``), or once the Krylov space is
-      invariant. Without ``rtol``, all ``m`` steps run.
-
-  If the Krylov space becomes invariant after ``j < m`` steps (``beta_j ~ 0``
-  relative to ``||A q_j||``: a breakdown), the remaining basis vectors are zero,
-  and the Ritz values are those of the leading ``j x j`` tridiagonal block, the
-  exact eigenvalues of ``A`` on that space; ``ritz_values[j:]`` are NaN
-  (``iterations = j``). Zero-padding the tridiagonal matrix instead would add
-  spurious 0 Ritz values, above the true ones when ``A`` is negative definite.
-  """
-  flat0, unravel = ravel_pytree(v0)
-  dim = flat0.shape[0]
-  if not isinstance(num_iterations, int) or num_iterations < 1:
-    raise ValueError(f"`num_iterations` must be a positive int; got {num_iterations!r}.")
-  if rtol is not None and not (rtol >= 0 and atol >= 0):
-    raise ValueError(f"`rtol` and `atol` must be >= 0; got {rtol!r}, {atol!r}.")
-  m = min(num_iterations, dim)
-  if not isinstance(num_converged, int) or not 1 <= num_converged <= m:
-    raise ValueError(f"`num_converged` must be an int in [1, {m}]; got {num_converged!r}.")
-  # The recurrence runs in at least float32: with bfloat16 vectors its
-  # breakdown test (beta against 100 eps ||A q||) and re-orthogonalisation fail
-  # (a 6 x 6 test matrix's top eigenvalue 8 came out as 1.76). The matvec sees
-  # vectors in ``v0``'s dtypes; results come back in them.
-  out_dtype = flat0.dtype
-  dtype = at_least_float32(out_dtype)
-  # An array of dtype: numpy < 2 makes a float32 scalar times an int float64,
-  # which strict promotion refuses against the float32 norms.
-  tiny = jnp.asarray(jnp.finfo(dtype).eps, dtype)
-
-  def mv(x):
-    out = matvec(unravel(x.astype(out_dtype)))
-    _checks.check_tree_like(out, v0, "matvec(v)", "v0")
-    return ravel_pytree(out)[0].astype(dtype)
-
-  def step(i, q, alphas, betas):
-    w = mv(q[i])
-    w_norm = jnp.linalg.norm(w)
-    alpha = jnp.dot(w, q[i])
-    # Full re-orthogonalisation (twice is enough, Giraud et al. 2005); the
-    # rows of q beyond i are zero, so all previous vectors are removed.
-    w = w - q.T @ (q @ w)
-    w = w - q.T @ (q @ w)
-    beta = jnp.linalg.norm(w)
-    ok = beta > 100 * tiny * w_norm
-    q = q.at[i + 1].set(jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0))
-    return q, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(ok, beta, 0.0))
-
-  flat0 = flat0.astype(dtype)
-  q = jnp.zeros((m + 1, dim), dtype).at[0].set(flat0 / jnp.linalg.norm(flat0))
-  alphas = jnp.zeros((m,), dtype)
-  betas = jnp.zeros((m,), dtype)
-  if rtol is None:
-    q, alphas, betas = jax.lax.fori_loop(
-        0, m, lambda i, c: step(i, *c), (q, alphas, betas))
-    # Step i breaks down iff it sets beta_i = 0; its alpha_i is still valid,
-    # and every later step multiplies the zero vector.
-    broken = betas == 0
-    iterations = jnp.where(jnp.any(broken), jnp.argmax(broken) + 1, m)
-  else:
-    def converged(j, alphas, betas):
-      theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, j))
-      top = slice(m - num_converged, m)
-      residual = betas[j - 1] * jnp.abs(y[j - 1, top])
-      return jnp.all(residual <= atol + rtol * jnp.abs(theta[top]))
-
-    def body(carry):
-      j, q, alphas, betas, _ = carry
-      q, alphas, betas = step(j, q, alphas, betas)
-      j = j + 1
-      # A breakdown ends the loop even before `num_converged` steps: the space
-      # is invariant, and a further step would multiply the zero vector (and
-      # add a spurious 0 Ritz value).
-      done = ((j >= num_converged) & converged(j, alphas, betas)) | (betas[j - 1] == 0)
-      return j, q, alphas, betas, done
-
-    iterations, q, alphas, betas, _ = jax.lax.while_loop(
-        lambda c: (c[0] < m) & ~c[4], body, (jnp.asarray(0), q, alphas, betas, False))
-  theta, y = jnp.linalg.eigh(_tridiagonal(alphas, betas, iterations))
-  theta, y = theta[::-1], y[:, ::-1]
-  real = jnp.arange(m) < iterations
-  theta = jnp.where(real, theta, jnp.nan)
-  y = jnp.where(real[None, :] & real[:, None], y, 0.0)
-  vectors = (q[:m].T @ y).T.astype(out_dtype)
-  return LanczosResult(theta.astype(out_dtype), jax.vmap(unravel)(vectors),
-                       alphas.astype(out_dtype), betas.astype(out_dtype), iterations)
-
-
-def top_eigenpairs(matvec: Callable[[Any], Any], params: Any, key: Array,
-                   k: int = 1, num_iterations: int = 20, *,
-                   rtol: Optional[float] = None, atol: float = 0.0,
-                   warm_start: Optional[Any] = None) -> Tuple[Array, Any]:
-  """Largest ``k`` eigenvalues (descending) and their Ritz vectors (a pytree
-  with leading axis ``k``) of a symmetric matvec by Lanczos.
-
-  Starts from a Gaussian vector shaped like ``params`` drawn with ``key``, plus,
-  if given, ``warm_start`` scaled to the same norm (e.g. the top eigenvector of
-  the previous training step: the top eigenvector moves slowly, and a start
-  close to it needs fewer products, while the Gaussian half keeps a component
-  along every eigenvector, as a cold start has; a zero ``warm_start`` is a cold
-  start). With ``rtol`` (and ``atol``), stops as soon as the top ``k`` Ritz
-  values are within ``atol + rtol |theta|`` of eigenvalues (`lanczos`), else
-  after ``num_iterations`` matrix-vector products. If the Krylov space is
-  invariant with dimension ``j < k`` (`lanczos`), the values beyond the first
-  ``j`` are NaN and their vectors zero.
-
-  Repeated eigenvalues: a Krylov space from one start vector holds one
-  eigenvector per distinct eigenvalue, so a multiple eigenvalue is found once
-  and the next distinct ones follow it (a linear layer under MSE with ``K``
-  outputs has each GGN eigenvalue ``K`` times: ``[1.59, 1.59, 1.59, 1.46]``
-  comes back as ``[1.59, 1.46, 0.99, 0.43]``). Where multiplicities matter,
-  `ggn_eigenpairs` (exact eigenvalues of the batch's GGN) reports them.
-  """
-  flat, unravel = ravel_pytree(params)
-  if k > min(num_iterations, flat.shape[0]):
-    raise ValueError(f"k={k} exceeds the number of Lanczos iterations "
-                     f"({min(num_iterations, flat.shape[0])}).")
-  v0 = jax.random.normal(key, flat.shape, flat.dtype)
-  if warm_start is not None:
-    _checks.check_tree_like(warm_start, params, "warm_start", "params")
-    warm = ravel_pytree(warm_start)[0].astype(flat.dtype)
-    norm = jnp.linalg.norm(warm)
-    v0 = v0 / jnp.linalg.norm(v0) + jnp.where(norm > 0, warm / jnp.where(norm > 0, norm, 1), 0)
-  result = lanczos(matvec, unravel(v0), num_iterations, rtol=rtol, atol=atol, num_converged=k)
-  return (result.ritz_values[:k],
-          jax.tree_util.tree_map(lambda v: v[:k], result.ritz_vectors))
-
-
-def top_eigenvalues(matvec: Callable[[Any], Any], params: Any, key: Array,
-                    k: int = 1, num_iterations: int = 20, *,
-                    rtol: Optional[float] = None, atol: float = 0.0) -> Array:
-  """Largest ``k`` eigenvalues (descending) of a symmetric matvec by Lanczos
-  (`top_eigenpairs` from a Gaussian start)."""
-  return top_eigenpairs(matvec, params, key, k, num_iterations, rtol=rtol, atol=atol)[0]
