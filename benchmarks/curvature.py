@@ -12,6 +12,8 @@ in three rounds of their own afterwards.
 * GGN-vp / HVP "one-shot": linearisation plus one product.
 * per-example statistics and diagonal GGN: the generic ``vmap`` path and the
   per-layer fast path (Linen Dense layers, BackPACK's contractions).
+* top-4 GGN eigenvalues from 20 products: Lanczos (20 steps) and block Lanczos
+  (5 steps of 4 products, batched by ``vmap``).
 
 Run: ``python benchmarks/curvature.py [--repeats 15] [--k 10]``.
 Targets (issue 2): GGN-vp in CG <= 1.3x a gradient, HVP <= 2x.
@@ -88,6 +90,10 @@ def main():
       "diag_ggn_exact": jax.jit(lambda p, b: C.diag_ggn(apply_fn, loss, p, b, method="layers")),
       "diag_ggn_mc_1": jax.jit(lambda p, b: C.diag_ggn_mc(
           apply_fn, loss, p, b, jax.random.PRNGKey(1), 1, method="layers")),
+      "lanczos_20": jax.jit(lambda p, b: C.top_eigenvalues(
+          ggn(p, b), p, jax.random.PRNGKey(2), k=4, num_iterations=20)),
+      "block_lanczos_4x5": jax.jit(lambda p, b: C.top_eigenvalues(
+          ggn(p, b), p, jax.random.PRNGKey(2), k=4, num_iterations=5, block_size=4)),
   }
   if args.slow:
     fns["diag_ggn_exact_vmap"] = jax.jit(lambda p, b: C.diag_ggn(apply_fn, loss, p, b, method="vmap"))
@@ -117,6 +123,8 @@ def main():
       ("2nd moment+var+norms, fast path", med["stats_fast_path"], "", ""),
       ("diag GGN exact, fast path (C - 1 = 9 columns)", med["diag_ggn_exact"], "", ""),
       ("diag GGN MC 1 sample, fast path", med["diag_ggn_mc_1"], "", ""),
+      ("top-4 GGN eigenvalues, Lanczos 20 steps", med["lanczos_20"], "", ""),
+      ("top-4, block Lanczos 5 steps x 4", med["block_lanczos_4x5"], "", ""),
   ]
   if args.slow:
     rows.append(("diag GGN exact, vmap over examples", med["diag_ggn_exact_vmap"], "", ""))

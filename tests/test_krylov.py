@@ -93,13 +93,14 @@ def test_block_lanczos_on_an_invariant_space_gives_exact_values_and_nan_beyond_i
   breakdown no spurious Ritz value appears (NaN, zero vectors)."""
   d = jnp.array([2.0, 2.0, 1.0, 1.0, 1.0, 0.5])
   v0 = jnp.asarray(np.random.default_rng(3).normal(size=(2, 6)))
-  res = krylov.block_lanczos(lambda v: d * v, v0, 3, rtol=rtol)
+  # With a tolerance on all five pairs, only the invariant space meets it.
+  res = krylov.block_lanczos(lambda v: d * v, v0, 3, rtol=rtol, num_converged=5)
   np.testing.assert_array_equal([res.iterations, res.rank], [3, 5])
   np.testing.assert_allclose(res.ritz_values[:5], [2.0, 2.0, 1.0, 1.0, 0.5], rtol=1e-12)
   assert np.isnan(res.ritz_values[5]) and np.isnan(res.residual_norms[5])
   np.testing.assert_array_equal(res.ritz_vectors[5], 0.0)
   assert np.all(np.asarray(res.residual_norms[:5]) < 1e-12)
-  negative = krylov.block_lanczos(lambda v: -d * v, v0, 3, rtol=rtol)  # all below zero padding
+  negative = krylov.block_lanczos(lambda v: -d * v, v0, 3, rtol=rtol, num_converged=5)  # all below zero padding
   np.testing.assert_allclose(negative.ritz_values[:5], [-0.5, -1.0, -1.0, -2.0, -2.0], rtol=1e-12)
 
 
@@ -204,3 +205,23 @@ def test_block_lanczos_errors():
   # Steps are clipped to ceil(D / b): 3 steps of 2 span R^6.
   res = krylov.block_lanczos(mv, jnp.asarray(np.random.default_rng(0).normal(size=(2, 6))), 9)
   np.testing.assert_allclose(res.ritz_values, np.arange(6.0, 0.0, -1.0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("near_span", [True, False])
+def test_reorthogonalisation_is_orthogonal_to_working_precision(near_span):
+  """`_project_out` in float32: a vector 1e-5 away from the span of 10 basis
+  vectors (one Gram-Schmidt pass cancels ~all of it and leaves round-off of
+  ~eps ||w|| along the basis, ~3e-4 of the remainder; DGKS's criterion triggers
+  the second pass) and a generic vector (one pass suffices) both come out
+  orthogonal to the basis to ~eps of their norm; the coefficients are q w'."""
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(np.linalg.qr(rng.normal(size=(1000, 10)))[0].T, jnp.float32)
+  coeffs = rng.normal(size=10)
+  noise = rng.normal(size=1000)
+  w = (coeffs @ np.asarray(q, np.float64) + 1e-5 * noise) if near_span else noise
+  out, first = jax.jit(krylov._project_out)(jnp.asarray(w, jnp.float32)[None], q)
+  out = np.asarray(out[0], np.float64)
+  along = np.abs(np.asarray(q, np.float64) @ out).max() / np.linalg.norm(out)
+  assert along < 5e-6
+  np.testing.assert_allclose(np.asarray(first)[:, 0], np.asarray(q, np.float64) @ w,
+                             rtol=1e-4, atol=1e-5)
