@@ -202,9 +202,25 @@ def test_block_lanczos_errors():
     krylov.top_eigenpairs(mv, jnp.zeros(6), jax.random.PRNGKey(0), block_size=0)
   with pytest.raises(ValueError, match="k=7 exceeds"):
     krylov.top_eigenpairs(mv, jnp.zeros(6), jax.random.PRNGKey(0), k=7, block_size=2)
-  # Steps are clipped to ceil(D / b): 3 steps of 2 span R^6.
+  # 3 steps of 2 span R^6; later steps multiply zeros (breakdown).
   res = krylov.block_lanczos(mv, jnp.asarray(np.random.default_rng(0).normal(size=(2, 6))), 9)
-  np.testing.assert_allclose(res.ritz_values, np.arange(6.0, 0.0, -1.0), rtol=1e-10)
+  np.testing.assert_allclose(res.ritz_values[:6], np.arange(6.0, 0.0, -1.0), rtol=1e-10)
+  np.testing.assert_array_equal([res.iterations, res.rank], [3, 6])
+
+
+@pytest.mark.parametrize("rtol", [None, 1e-10])
+def test_block_lanczos_with_a_dropped_start_vector_still_reaches_the_whole_space(rtol):
+  """A zero start row leaves blocks of 2 for a nominal b = 3: ceil(D / 3) = 4 steps
+  span only 8 of 10 dimensions; the run goes on until the space is whole."""
+  rng = np.random.default_rng(6)
+  u, _ = np.linalg.qr(rng.normal(size=(10, 10)))
+  spectrum = np.arange(10, 0, -1.0) - 3.5
+  a = jnp.asarray(u @ np.diag(spectrum) @ u.T)
+  v0 = rng.normal(size=(3, 10))
+  v0[2] = 0.0
+  res = krylov.block_lanczos(lambda v: a @ v, jnp.asarray(v0), 50, rtol=rtol, num_converged=10)
+  assert int(res.rank) == 10
+  np.testing.assert_allclose(res.ritz_values[:10], spectrum, atol=1e-10)
 
 
 @pytest.mark.parametrize("near_span", [True, False])

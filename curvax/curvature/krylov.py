@@ -235,7 +235,11 @@ class BlockLanczosResult(NamedTuple):
     residual_norms: ``(s,)``, ``||A x - theta x||`` of each Ritz pair, computed
       from the last block's remainder (no further products); an eigenvalue of
       ``A`` lies within that distance of ``theta`` (Parlett, *The Symmetric
-      Eigenvalue Problem*, Thm. 4.5.1). NaN beyond ``rank``.
+      Eigenvalue Problem*, Thm. 4.5.1). NaN beyond ``rank``. As `lanczos`'
+      ``beta_j |y_j|``, this is the residual of the recurrence in exact
+      arithmetic on the computed basis: once it falls below round-off
+      (``~ eps ||A||`` in the working dtype) the residual of the returned
+      vectors stays at that level (in float64 the two agree to ~1e-15).
     iterations: block steps taken (each ``b`` products): up to the first
       breakdown (every new basis vector dependent: an invariant space) or, with
       a tolerance, up to convergence.
@@ -316,7 +320,7 @@ def block_lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
     matvec: a symmetric linear map on pytrees shaped like one row of ``v0``.
     v0: starting block: a pytree whose leaves have a leading axis ``b`` (``b``
       linearly independent vectors, e.g. Gaussian; dependent ones are dropped).
-    num_iterations: ``m`` (static), block steps; clipped to ``ceil(D / b)``.
+    num_iterations: ``m`` (static), block steps; clipped to ``D``.
     rtol, atol: with ``rtol``, stop after a step once each of the top
       ``num_converged`` Ritz pairs has ``||A x - theta x|| <= atol + rtol
       |theta|`` (`BlockLanczosResult.residual_norms`), or once the space is
@@ -342,7 +346,9 @@ def block_lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   dtype, tiny = op.dtype, op.tiny
   flat0 = jax.vmap(lambda v: ravel_pytree(v)[0])(v0).astype(dtype)
   dim = flat0.shape[1]
-  m = min(num_iterations, -(-dim // b))
+  # Dropped vectors shrink later blocks, so ceil(D / b) steps may not span R^D;
+  # each step before a breakdown adds a vector, so D steps always do.
+  m = min(num_iterations, dim)
   size = m * b
   _check_num_converged(num_converged, size)
   mv = jax.vmap(op.mv)
