@@ -309,7 +309,8 @@ def block_lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   r"""Block Lanczos with full re-orthogonalisation: at most ``num_iterations`` block steps.
 
   Eigenvalues of multiplicity up to ``b`` (the block size) are found as often as
-  they occur, which `lanczos` from one vector cannot do (it finds each once).
+  they occur; `lanczos` from one vector finds each once (a second copy grows
+  only out of round-off, many steps later).
   Each step applies ``matvec`` to ``b`` vectors at once (``jax.vmap``: batched
   products, e.g. a GGN's JVPs and VJPs on ``b`` tangents in one pass).
   The Ritz pairs are the eigenpairs of ``T = Q' A Q`` (Rayleigh-Ritz on the
