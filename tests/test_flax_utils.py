@@ -574,8 +574,8 @@ class _LinenDropout(nn.Module):
 
 def test_array_keywords_are_leaves():
   """Arrays among the keywords (``rngs`` keys) are leaves after the
-  collections': a new key traces through the same compilation and gives
-  ``module.apply`` with that key."""
+  collections', with their paths in the keywords: a new key traces through the
+  same compilation and gives ``module.apply`` with that key."""
   x, _ = _data()
   module = _LinenDropout()
   variables = module.init(jax.random.PRNGKey(2), x)
@@ -584,8 +584,9 @@ def test_array_keywords_are_leaves():
   for seed in (0, 1):
     key = jax.random.PRNGKey(seed)
     apply_fn, params = flax_utils.from_linen(module, variables, {"rngs": {"dropout": key}})
-    leaves = jax.tree_util.tree_leaves(apply_fn)
-    assert len(leaves) == 1 and leaves[0] is key
+    leaves = jax.tree_util.tree_leaves_with_path(apply_fn)
+    assert len(leaves) == 1 and leaves[0][1] is key
+    assert jax.tree_util.keystr(leaves[0][0]) == ".kwargs['rngs']['dropout']"
     outputs.append(f(apply_fn, params, x))
     np.testing.assert_allclose(outputs[-1],
                                module.apply(variables, x, rngs={"dropout": key}), rtol=1e-12)

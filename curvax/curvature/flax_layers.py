@@ -166,9 +166,11 @@ class LinenApply:
     return None
 
   def _children_and_aux(self):
+    # The array keywords as ``kwargs``' own tree with None (an empty subtree)
+    # for the static values, so that their key paths read ``.kwargs['rngs']...``.
     treedef, static = self._kwargs_spec
-    arrays = tuple(leaf for leaf, s in zip(treedef.flatten_up_to(self.kwargs), static)
-                   if s is None)
+    arrays = treedef.unflatten([leaf if s is None else None for leaf, s in
+                                zip(treedef.flatten_up_to(self.kwargs), static)])
     return ((self.collections, arrays),
             (_static(self.module), treedef, static, self.constant_batch_stats))
 
@@ -184,8 +186,8 @@ class LinenApply:
   def tree_unflatten(cls, aux, children):
     module, treedef, static, constant_batch_stats = aux
     collections, arrays = children
-    arrays = iter(arrays)
-    leaves = [next(arrays) if s is None else _unstatic(s) for s in static]
+    leaves = [leaf if s is None else _unstatic(s)
+              for leaf, s in zip(treedef.flatten_up_to(arrays), static)]
     return _set_fields(object.__new__(cls), module=_unstatic(module),
                        collections=collections, kwargs=treedef.unflatten(leaves),
                        constant_batch_stats=constant_batch_stats,
