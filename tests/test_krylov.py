@@ -249,7 +249,6 @@ def test_block_lanczos_on_a_ggn_agrees_with_the_vivit_gram_eigenpairs():
   of the GGN factor. The GGN has rank <= N (C - 1) = 12 of 43, so the block
   Krylov space becomes invariant within 10 steps of 2 and the two agree to
   round-off, eigenvectors included (up to sign)."""
-
   apply_fn, loss, params, batch = problem("mlp", "softmax_cross_entropy")
 
   @jax.jit
