@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, prepared as one run (about 5-6 minutes on an H200).
+# The GPU checks, prepared as one run (about 6-7 minutes on an H200).
 #
 # First run on a device: 2026-11-27, one H200 (figures in docs/performance.md).
 # On a device machine, from the repository root, with the image's own
@@ -23,6 +23,9 @@
 #      "idle"/"host" columns time untracked steps compiled with
 #      update(..., scheduled=False) (no cond), and curvature_step_size's row
 #      "interval, host-scheduled" the same for #5: do they reach 1.0x / 1.05x?
+#   4. curvature products and Krylov solvers (GGN-vp per product, Lanczos vs
+#      block Lanczos from 20 products): on CPU re-orthogonalisation is
+#      memory-bound (Lanczos ~5x its products on 1.3M parameters); on a GPU?
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/curvax_device}"
@@ -44,3 +47,4 @@ run curvature_step_size 80 benchmarks/curvature_step_size.py --repeats 3
 run probabilistic_preconditioning 100 benchmarks/probabilistic_preconditioning.py --repeats 3
 run diagnostics 150 benchmarks/diagnostics.py --repeats 2
 run monitor_untracked 40 benchmarks/monitor_untracked.py --repeats 5
+run curvature 60 benchmarks/curvature.py --repeats 5
