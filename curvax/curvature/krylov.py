@@ -162,7 +162,7 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   (``iterations = j``). Zero-padding the tridiagonal matrix instead would add
   spurious 0 Ritz values, above the true ones when ``A`` is negative definite.
   """
-  flat0, unravel = ravel_pytree(v0)
+  flat0 = ravel_pytree(v0)[0]
   dim = flat0.shape[0]
   _check_iterations(num_iterations, rtol, atol)
   m = min(num_iterations, dim)
@@ -219,8 +219,8 @@ def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
   real = jnp.arange(m) < iterations
   theta = jnp.where(real, theta, jnp.nan)
   y = jnp.where(real[None, :] & real[:, None], y, 0.0)
-  vectors = (q[:m].T @ y).T.astype(op.out_dtype)
-  return LanczosResult(theta.astype(op.out_dtype), jax.vmap(unravel)(vectors),
+  vectors = jnp.einsum("kd,kr->rd", q[:m], y).astype(op.out_dtype)
+  return LanczosResult(theta.astype(op.out_dtype), jax.vmap(op.unravel)(vectors),
                        alphas.astype(op.out_dtype), betas.astype(op.out_dtype), iterations)
 
 
