@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,3 +212,27 @@ def numpy_cg(a, b, x0, *, max_iter, tol, eps, martens=True, nonpositive_curvatur
   if not kept or kept[-1][0] != i:
     kept.append((i, x.copy()))
   return x, i, status, kept
+
+
+def linen_calls(module, variables, x, **kw):
+  """(module class name, module, input, output) of every Linen submodule call, in order
+  (one jitted apply; the interceptor records the calls while tracing)."""
+  meta = []
+
+  def run(variables, x):
+    meta.clear()
+    arrays = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == "__call__" and type(context.module) is not type(module):
+        meta.append((type(context.module).__name__, context.module))
+        arrays.append((args[0], out))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      out = module.apply(variables, x, **kw)
+    return arrays, out
+
+  arrays, out = jax.jit(run)(variables, x)
+  return [(n, m, i, o) for (n, m), (i, o) in zip(meta, arrays)], out

@@ -11,6 +11,7 @@ import curvax.problems as problems
 from curvax.problems import models, synthetic
 from curvax.problems.problem import SPLITS
 from curvax.problems.problems import _flax_problem, _image_pre, _mnist_pre
+from reference import linen_calls
 
 IMAGE = {"mnist": (28, 28, 1), "fmnist": (28, 28, 1), "cifar10": (32, 32, 3),
          "cifar100": (32, 32, 3), "svhn": (32, 32, 3)}
@@ -578,31 +579,6 @@ def test_initialisations_of_the_conv_models_follow_deepobs():
       assert 1.6 * std < np.abs(w).max() <= np.sqrt(3) * std * (1 + 1e-6), name
 
 
-def _calls(module, variables, x, **kw):
-  """(module class name, module, input, output) of every Linen submodule call, in order
-  (one jitted apply; the interceptor records the calls while tracing)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  meta = []
-
-  def run(variables, x):
-    meta.clear()
-    arrays = []
-
-    def interceptor(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      if context.method_name == "__call__" and type(context.module) is not type(module):
-        meta.append((type(context.module).__name__, context.module))
-        arrays.append((args[0], out))
-      return out
-
-    with nn.intercept_methods(interceptor):
-      out = module.apply(variables, x, **kw)
-    return arrays, out
-
-  arrays, out = jax.jit(run)(variables, x)
-  return [(n, m, i, o) for (n, m), (i, o) in zip(meta, arrays)], out
-
-
 def _lrelu_ref(a):
   a = np.asarray(a, np.float64)
   return np.where(a > 0, a, 0.3 * a)
@@ -623,7 +599,7 @@ def test_vae_wiring_follows_deepobs():
   variables["params"]["Dense_1"]["bias"] = jnp.full((8,), 2.0, jnp.float32)
   x = jnp.asarray(rng.rand(8, 28, 28, 1), jnp.float32)
   latent = {"latent": jax.random.PRNGKey(7)}
-  seen, out = _calls(module, variables, x, rngs=latent)
+  seen, out = linen_calls(module, variables, x, rngs=latent)
   layers = [(n, i, np.asarray(o, np.float64)) for n, _, i, o in seen if n != "Dropout"]
   names = [n for n, _, _ in layers]
   assert names == ["Conv"] * 3 + ["Dense"] * 4 + ["ConvTranspose"] * 3 + ["Dense"]
@@ -684,7 +660,7 @@ def test_allcnnc_and_wrn_structure_follow_deepobs():
     std = np.sqrt(2.0 / (np.prod(w.shape[:-1]) + np.prod(w.shape[:-2]) * w.shape[-1]))
     assert np.all(np.asarray(layer["bias"]) == np.float32(0.1))
     assert abs(w.std() / std - 1) < 0.15 and np.abs(w).max() <= 2.28 * std
-  seen, out = _calls(allc, v, x)
+  seen, out = linen_calls(allc, v, x)
   assert [m.rate for n, m, _, _ in seen if n == "Dropout"] == [0.2, 0.5, 0.5]
   convs = [np.asarray(o) for n, _, _, o in seen if n == "Conv"]
   assert len(convs) == 9
@@ -694,7 +670,7 @@ def test_allcnnc_and_wrn_structure_follow_deepobs():
   wrn = models.WideResNet(10, depth=10, width=2, conv_impl="lax")
   x = jnp.asarray(rng.normal(0, 1, (2, 8, 8, 3)), jnp.float32)
   v = jax.jit(wrn.init)(jax.random.PRNGKey(0), x)
-  seen, _ = _calls(wrn, v, x)   # eval mode: running statistics
+  seen, _ = linen_calls(wrn, v, x)   # eval mode: running statistics
   bns = [m for n, m, _, _ in seen if n == "BatchNorm"]
   assert len(bns) == 7 and all((m.momentum, m.epsilon) == (0.9, 1e-5) for m in bns)
   conv_inputs = [np.asarray(i) for n, _, i, _ in seen if n == "Conv"]

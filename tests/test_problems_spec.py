@@ -23,6 +23,7 @@ import pytest
 
 import curvax.problems as problems
 from curvax.problems import models, optimizers
+from reference import linen_calls
 
 # ------------------------------------------------------------------ layer tracing
 
@@ -333,26 +334,9 @@ def _run_layers(module, x):
   rng = np.random.RandomState(0)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
   v = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), shapes)
-  meta = []
-
-  def run(v, x):
-    meta.clear()
-    arrays = []
-
-    def interceptor(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      name = type(context.module).__name__
-      if context.method_name == "__call__" and name in _KINDS:
-        meta.append(_KINDS[name])
-        arrays.append((args[0], out))
-      return out
-
-    with nn.intercept_methods(interceptor):
-      return arrays, module.apply(v, x)
-
-  arrays, out = jax.jit(run)(v, x)
-  return [(k, np.asarray(i, np.float64), np.asarray(o, np.float64))
-          for k, (i, o) in zip(meta, arrays)], np.asarray(out, np.float64)
+  calls, out = linen_calls(module, v, x)
+  return [(_KINDS[name], np.asarray(i, np.float64), np.asarray(o, np.float64))
+          for name, _, i, o in calls if name in _KINDS], np.asarray(out, np.float64)
 
 
 @pytest.mark.parametrize("arch", ["2c2d", "3c3d"])
