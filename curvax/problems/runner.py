@@ -172,8 +172,8 @@ def from_jsonable(x):
   return x
 
 
-_METRICS = ("train_losses", "valid_losses", "test_losses",
-            "train_accuracies", "valid_accuracies", "test_accuracies")
+_ACCURACIES = ("train_accuracies", "valid_accuracies", "test_accuracies")
+_METRICS = ("train_losses", "valid_losses", "test_losses") + _ACCURACIES
 
 
 def _pad_diverged(record: Dict[str, Any], epochs: int, steps_per_epoch: int) -> None:
@@ -471,8 +471,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       # DeepOBS's key for a runner-side learning-rate schedule (lr_sched_epochs,
       # lr_sched_factors); curvax's optimizers carry their schedules inside.
       "analyzable_training_params": {},
-      "train_losses": [], "valid_losses": [], "test_losses": [],
-      "train_accuracies": [], "valid_accuracies": [], "test_accuracies": [],
+      **{key: [] for key in _METRICS},
       "minibatch_train_losses": [], "minibatch_steps": [], "optimizer_state": {},
       "eval_steps": [], "eval_epochs": [], "wall_times": [],
       "eval_batch_size": e, "train_size": n, "full_train_size": full_train_size,
@@ -676,7 +675,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     record["diagnostics"] = diagnostics_lib.merge([d for d in diagnostics if d])
   record["train_time"] = train_time
   if not problem.has_accuracy:
-    for k in ("train_accuracies", "valid_accuracies", "test_accuracies"):
+    for k in _ACCURACIES:
       del record[k]
   record = _jsonable(record)
   if out is not None:
