@@ -125,18 +125,25 @@ class LanczosResult(NamedTuple):
   iterations: Array
 
 
+def _decoupled(t: Array, active: Array) -> Array:
+  """Symmetric ``t`` restricted to its ``active`` rows and columns, the others
+  moved onto a diagonal below every eigenvalue of the active block
+  (Gershgorin), so that its eigenvalues sort first, with no spurious zeros
+  among them (zero padding would put zeros above a negative definite block)."""
+  t = jnp.where(active[:, None] & active[None, :], t, 0.0)
+  diag = jnp.diagonal(t)
+  radius = jnp.sum(jnp.abs(t), axis=1) - jnp.abs(diag)
+  floor = jnp.min(jnp.where(active, diag - radius, jnp.inf)) - 1.0
+  return t + jnp.diag(jnp.where(active, 0.0, floor))
+
+
 def _tridiagonal(alphas: Array, betas: Array, size: Array) -> Array:
   """The leading ``size x size`` tridiagonal block of ``(alphas, betas)``, padded to
-  ``m x m`` with a decoupled diagonal below every eigenvalue of the block
-  (Gershgorin), so that the block's eigenvalues are the ``size`` largest."""
+  ``m x m`` (`_decoupled`), so that the block's eigenvalues are the ``size`` largest."""
   m = alphas.shape[0]
-  inside = jnp.arange(m) < size
-  off = jnp.where(jnp.arange(m - 1) < size - 1, betas[:m - 1], 0.0)
-  radius = jnp.abs(jnp.concatenate([off, jnp.zeros(1, off.dtype)])) + jnp.abs(
-      jnp.concatenate([jnp.zeros(1, off.dtype), off]))
-  floor = jnp.min(jnp.where(inside, alphas - radius, jnp.inf)) - 1.0
-  diag = jnp.where(inside, alphas, floor)
-  return jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+  off = betas[:m - 1]
+  t = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+  return _decoupled(t, jnp.arange(m) < size)
 
 
 def lanczos(matvec: Callable[[Any], Any], v0: Any, num_iterations: int, *,
@@ -278,8 +285,8 @@ def _rayleigh_ritz(c: Array, filled: Array, b: int, iterations: Array,
   Column block ``i`` of ``c`` holds ``Q' A Q_i`` computed at step ``i``, when the
   blocks after ``i + 1`` were still zero: the block upper triangle of ``T = Q'
   A Q``, mirrored (``A`` symmetric). Dropped and unbuilt basis vectors are
-  decoupled onto a diagonal below every eigenvalue (Gershgorin), so they sort
-  last instead of adding spurious zeros. With ``A Q = Q T + E``, ``E`` nonzero
+  decoupled (`_decoupled`), so they sort last instead of adding spurious
+  zeros. With ``A Q = Q T + E``, ``E`` nonzero
   in the last block only (its remainder ``R``, Gram ``R R'``), the residual of
   ``(theta, Q y)`` is ``||R' y_last||``.
   """
@@ -288,12 +295,7 @@ def _rayleigh_ritz(c: Array, filled: Array, b: int, iterations: Array,
   active = (block < iterations) & filled[:size]
   upper = block[:, None] < block[None, :]
   t = jnp.where(upper, c, jnp.where(upper.T, c.T, 0.5 * (c + c.T)))
-  t = jnp.where(active[:, None] & active[None, :], t, 0.0)
-  diag = jnp.diagonal(t)
-  radius = jnp.sum(jnp.abs(t), axis=1) - jnp.abs(diag)
-  floor = jnp.min(jnp.where(active, diag - radius, jnp.inf)) - 1.0
-  t = t + jnp.diag(jnp.where(active, 0.0, floor))
-  theta, y = jnp.linalg.eigh(t)
+  theta, y = jnp.linalg.eigh(_decoupled(t, active))
   theta, y = theta[::-1], y[:, ::-1]
   rank = jnp.sum(active)
   real = jnp.arange(size) < rank
