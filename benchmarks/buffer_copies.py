@@ -24,13 +24,23 @@ step: CG's loop starts with ``r = z = p`` (no preconditioner), three carried
 buffers from one value, beside CG's tens of GGN products. The monitor tracked
 on every step copies small histogram buffers.
 
-Copies are a structural property, not a timing: the numbers do not depend on
-the machine's load. Usage: python benchmarks/buffer_copies.py [--show 3]
+Beside the copies it prints each step's shape as the device runs it: the
+kernels launched outside control flow ("kernels": fusions, library calls such
+as cuBLAS GEMMs, copies), the ``conditional`` and ``while`` instructions (on
+XLA:GPU each is a host round-trip for its predicate) and the kernels inside
+them. On a GPU, a step of this small MLP costs a few microseconds per kernel
+launch, so these counts, not FLOPs, set the ratios of the speed benchmarks
+(docs/performance.md). ``--dump DIR`` writes each optimized program to DIR.
+
+Copies and kernels are structural properties, not timings: the numbers do not
+depend on the machine's load. Usage:
+python benchmarks/buffer_copies.py [--show 3] [--dump DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import jax
@@ -57,6 +67,65 @@ def large_copies(compiled_text: str, min_elements: int):
     if size >= min_elements:
       out.append((tuple(dims), size * _ITEMSIZE.get(m.group(1), 4) / 1e6, line.strip()))
   return out
+
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_OPCODE = re.compile(r"=\s*(?:\([^=]*\)|\S+)\s+([\w\-]+)\(")
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+         "add-dependency", "opt-barrier", "partition-id", "replica-id"}
+_NESTED = re.compile(r"(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+)"
+                     r"|false_computation=%?([\w.\-]+)|body=%?([\w.\-]+)"
+                     r"|condition=%?([\w.\-]+))")
+_CALL = re.compile(r"to_apply=%?([\w.\-]+)")
+
+
+def computations(compiled_text: str):
+  """``name -> [(opcode, line)]`` of the optimized program, and the ENTRY's name."""
+  comps, entry, name = {}, None, None
+  for line in re.sub(r"/\*index=\d+\*/", "", compiled_text).splitlines():
+    m = _HEADER.match(line)
+    if m:
+      name = m.group(2)
+      comps[name] = []
+      entry = name if m.group(1) else entry
+    elif name is not None and line.strip() == "}":
+      name = None
+    elif name is not None:
+      op = _OPCODE.search(line)
+      if op:
+        comps[name].append((op.group(1), line))
+  return comps, entry
+
+
+def kernel_counts(compiled_text: str):
+  """``(kernels, conds, whiles, kernels in control flow)`` of a compiled step.
+
+  Walks from ENTRY through control flow (``conditional`` branches, ``while``
+  bodies and conditions, XLA:CPU's ``call`` wrappers) without entering fusions:
+  each instruction met that is not free (parameters, tuples, bitcasts, ...) is
+  one launch. Kernels in control flow are summed over all branches (an upper
+  bound for one execution) and counted once per ``while`` (not per iteration).
+  """
+  comps, entry = computations(compiled_text)
+  counts = {"straight": 0, "cond": 0, "while": 0, "nested": 0}
+
+  def walk(name, nested):
+    for opcode, line in comps.get(name, ()):
+      if opcode in ("conditional", "while"):
+        counts["cond" if opcode == "conditional" else "while"] += 1
+        for m in _NESTED.finditer(line):
+          for group in m.groups():
+            for callee in (group or "").replace("%", "").split(","):
+              if callee.strip():
+                walk(callee.strip(), True)
+      elif opcode == "call":
+        for callee in _CALL.findall(line):
+          walk(callee, nested)
+      elif opcode not in _FREE:
+        counts["nested" if nested else "straight"] += 1
+
+  walk(entry, False)
+  return counts["straight"], counts["cond"], counts["while"], counts["nested"]
 
 
 def steps(params, batch, eval_batch):
@@ -87,6 +156,9 @@ def steps(params, batch, eval_batch):
       "curvature_step_size debiased": make(css(debias=True), two),
       "curvature_step_size interval": make(
           css(debias=True, mode="interval", interval=100, num_estimates=10), two),
+      "  interval, scheduled=False": make(
+          css(debias=True, mode="interval", interval=100, num_estimates=10),
+          dict(two, scheduled=False)),
       "probabilistic_preconditioning": make(pp()),
       "  adaptive (no preconditioning)": make(pp(precondition=False,
                                                  estimate_preconditioner=True)),
@@ -94,6 +166,7 @@ def steps(params, batch, eval_batch):
       "monitor economy every 64": make(mon("economy", 64)),
       "monitor business every 64": make(mon("business", 64)),
       "monitor economy every step": make(mon("economy", 1)),
+      "monitor economy, scheduled=False": make(mon("economy", 64), {"scheduled": False}),
   }
 
 
@@ -101,6 +174,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--show", type=int, default=0,
                       help="print this many copy instructions of each step")
+  parser.add_argument("--dump", default=None,
+                      help="write each step's optimized program (HLO text) to this folder")
   args = parser.parse_args()
 
   key = jax.random.PRNGKey(0)
@@ -114,12 +189,21 @@ def main():
   params_mb = sum(l.size * l.dtype.itemsize for l in leaves) / 1e6
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; parameters {params_mb:.1f} MB; "
         f"copies of >= {min_kernel} elements in each donated step's ENTRY")
-  print(f"{'transform':34s} {'copies':>6s} {'MB':>7s}")
+  print(f"{'transform':34s} {'copies':>6s} {'MB':>7s} {'kernels':>7s} {'conds':>5s} "
+        f"{'whiles':>6s} {'in them':>7s}")
+  if args.dump:
+    os.makedirs(args.dump, exist_ok=True)
   for name, (step, tx) in steps(params, batch, eval_batch).items():
     state = tx.init(params)
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile().as_text()
     copies = large_copies(text, min_kernel)
-    print(f"{name:34s} {len(copies):6d} {sum(c[1] for c in copies):7.2f}")
+    kernels, conds, whiles, nested = kernel_counts(text)
+    print(f"{name:34s} {len(copies):6d} {sum(c[1] for c in copies):7.2f} {kernels:7d} "
+          f"{conds:5d} {whiles:6d} {nested:7d}")
+    if args.dump:
+      file = re.sub(r"[^\w]+", "_", name.strip()).strip("_") + ".txt"
+      with open(os.path.join(args.dump, file), "w") as f:
+        f.write(text)
     for shape, mb, line in copies[:args.show]:
       print(f"    {shape} {mb:.2f} MB: {line[:110]}")
 
