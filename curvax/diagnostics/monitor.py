@@ -421,8 +421,9 @@ def monitor(inner: optax.GradientTransformation,
       refs = (new_updates,) if need_alpha else ()
       if shared_end:
         refs += (state.last_update,)
-      pe_losses, mean_g, second, sq_norms, dots, slopes, counts = _per_example(
-          apply_fn, loss, params, batch, chunk_size, refs, want, hist_bins, hist_range)
+      with jax.named_scope("per_example"):  # names the stages in profiles
+        pe_losses, mean_g, second, sq_norms, dots, slopes, counts = _per_example(
+            apply_fn, loss, params, batch, chunk_size, refs, want, hist_bins, hist_range)
       p0 = slopes[0] if need_alpha else None
       if shared_end:
         end = (pe_losses, slopes[1])
@@ -432,13 +433,15 @@ def monitor(inner: optax.GradientTransformation,
     start = state.alpha_start
     if need_alpha:
       if not need_pe:  # else s'g_i came with the per-example statistics
-        _, p0 = _losses_and_slopes(apply_fn, loss, params, batch, new_updates)
+        with jax.named_scope("alpha_start"):
+          _, p0 = _losses_and_slopes(apply_fn, loss, params, batch, new_updates)
       start = jnp.stack([jnp.mean(pe_losses), alpha_lib.sample_variance(pe_losses),
                          jnp.mean(p0), alpha_lib.sample_variance(p0),
                          otu.tree_norm(new_updates)]).astype(dtype)
     diag = None
     if need_diag:
-      diag = _diag_curvature(curvature, apply_fn, loss, params, batch, key, chunk_size)
+      with jax.named_scope("diag_curvature"):
+        diag = _diag_curvature(curvature, apply_fn, loss, params, batch, key, chunk_size)
     for n in names:
       if n == "loss":
         out[n] = cast(jnp.mean(pe_losses))
@@ -474,9 +477,10 @@ def monitor(inner: optax.GradientTransformation,
         from curvax.curvature import hessian_matvec  # pylint: disable=g-import-not-at-top
         from curvax.losses import objective  # pylint: disable=g-import-not-at-top
         mv = hessian_matvec(objective(apply_fn, loss), params, batch)
-        value, vector = _top_eigenpair(mv, params, state.eigenvector,
-                                       jax.random.fold_in(key, 1), eigen_iterations,
-                                       eigen_rtol)
+        with jax.named_scope("hess_max_ev"):
+          value, vector = _top_eigenpair(mv, params, state.eigenvector,
+                                         jax.random.fold_in(key, 1), eigen_iterations,
+                                         eigen_rtol)
         out[n] = cast(value)
         eigenvector = otu.tree_cast_like(vector, state.eigenvector)
     return out, start, end, eigenvector
@@ -532,8 +536,8 @@ def monitor(inner: optax.GradientTransformation,
       else:
         alpha = jax.lax.cond(
             finish,
-            lambda: end_point(*_losses_and_slopes(apply_fn, loss, params, batch,
-                                                  state.last_update)),
+            lambda: end_point(*jax.named_scope("alpha_end")(_losses_and_slopes)(
+                apply_fn, loss, params, batch, state.last_update)),
             lambda: state.alpha)
       alpha_step = jnp.where(finish, count - 1, state.alpha_step)
       alpha_fresh = finish
