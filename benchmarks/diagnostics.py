@@ -31,9 +31,12 @@ every step 1.5x / 2.0x / 21x, every 64th step 1.0x / 1.0x / 1.3x. The first
 GPU run (one H200, 2026-11-27, plain step 1.0 ms) gave every step 11x / 33x
 (15x with ``:mc``) / 56x, every 64th 2.2x / 2.8x / 3.8x, untracked steps
 2.1-3.0x: far from Cockpit's there (on 2 CPU cores: 1.5x / 5.5x / 14x and
-1.0x / 1.1x / 1.3x). Not yet split up; suspects: the untracked steps' 2-3 conds
-(each a host sync on XLA:GPU) and, tracked, the histograms' scatter-adds into
-100 bins (atomics on a GPU): try ``--presets economy-grad_hist_1d``.
+1.0x / 1.1x / 1.3x). The second (2026-11-28; profiled by profile_steps.py):
+every 64th 2.64x, 2.23x with the untracked steps scheduled on the host, whose
+device time equals the plain step's (0.46 against 0.44 ms): the rest is host
+time for the monitor state's 76 arrays. A tracked economy step: 16.8 ms on the
+device, 10.5 ms of it cuDNN's per-example conv weight gradients (``vmap`` of
+the transpose), 2.8 ms the histogram's scatter-add (docs/performance.md).
 
 Cockpit itself on the same machine: ``benchmarks/peers/cockpit_3c3d.py`` (2 CPU
 cores, 2026-11-27: every step 11.5x / 24.4x / 125x, every 64th 1.21x / 1.42x / 3.02x
