@@ -211,3 +211,23 @@ def tree_all_finite(tree: Any) -> jax.Array:
   if not flags:
     return jnp.asarray(True)
   return jnp.all(jnp.stack(flags))
+
+
+def scaled_tree_all_finite(scale: jax.Array, tree: Any) -> jax.Array:
+  """``tree_all_finite(scale * tree)``, without forming ``scale * tree``.
+
+  ``|scale x_i|`` is largest at ``max_i |x_i|`` (rounding is monotone), so
+  ``scale * max|x|``, computed in each leaf's dtype as the step would be, is
+  finite exactly when every ``scale * x_i`` is (a NaN or infinity in ``x``
+  makes the maximum non-finite; ``jnp.max`` propagates NaN). The maxima do not
+  depend on ``scale``, so XLA can compute them with the other reductions of
+  ``tree`` (a direction's dot products) instead of after ``scale`` is known:
+  on a GPU each separate reduction is a kernel launch (docs/performance.md).
+  """
+  flags = [jnp.isfinite(jnp.asarray(scale).astype(x.dtype)
+                        * jnp.max(jnp.abs(x), initial=jnp.zeros((), x.dtype)))
+           for x in jax.tree_util.tree_leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not flags:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack(flags))

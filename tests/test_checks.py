@@ -1,4 +1,5 @@
-"""curvax._checks.tree_all_finite: the non-finite guard shared by the transforms."""
+"""curvax._checks.tree_all_finite (and its scaled form): the non-finite guards shared by
+the transforms, and the trace-time input checks."""
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,28 @@ def test_tree_all_finite_no_overflow_false_alarm(dtype):
   assert bool(jax.jit(_checks.tree_all_finite)(huge))
   assert not bool(jax.jit(_checks.tree_all_finite)(
       {**huge, "a": huge["a"].at[0].set(-np.inf)}))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("scale", [0.0, 1.0, -3.0, 1e10, 1e36, 7e4, np.inf, np.nan])
+@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan, "huge"])
+def test_scaled_tree_all_finite_equals_checking_the_scaled_tree(dtype, scale, bad):
+  # The shortcut (one max per leaf, scaled afterwards) against the definition:
+  # every entry of scale * tree, formed in the leaf's dtype.
+  rng = np.random.RandomState(0)
+  tree = {"w": jnp.asarray(rng.randn(3, 4), dtype), "b": jnp.asarray(rng.randn(5), dtype),
+          "n": jnp.arange(3), "e": jnp.zeros((0,), dtype)}
+  if bad == "huge":   # finite, but scaling may overflow it (float16: 65504)
+    tree["b"] = tree["b"].at[2].set(0.5 * float(jnp.finfo(dtype).max))
+  elif bad is not None:
+    tree["w"] = tree["w"].at[1, 2].set(bad)
+  scale = jnp.asarray(scale, jnp.float32)
+  step = jax.tree.map(lambda x: scale.astype(x.dtype) * x
+                      if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+  expected = bool(_checks.tree_all_finite(step))
+  assert bool(jax.jit(_checks.scaled_tree_all_finite)(scale, tree)) == expected
+  assert bool(_checks.scaled_tree_all_finite(scale, {})) and bool(
+      _checks.scaled_tree_all_finite(scale, {"i": jnp.arange(2)}))
 
 
 # ---------------------------------------------------------------------------
