@@ -697,3 +697,25 @@ def test_constructor_boundaries():
     curvature_step_size(optax.sgd(0.1), linear_apply, MSE, mode="interval", num_estimates=0)
   with pytest.raises(ValueError, match="clip"):
     curvature_step_size(optax.sgd(0.1), linear_apply, MSE, clip=(-0.1, 1.0))
+
+
+def test_state_packs_its_scalars_into_two_arrays():
+  # Each array of a state costs host time per jitted call (docs/performance.md):
+  # the scalars live in ``values`` and ``counts`` and are read by name.
+  params, batch = _quadratic_problem(0)
+  inner = optax.adam(0.1)
+  tx = curvature_step_size(inner, linear_apply, MSE, debias=False, learning_rate=0.5)
+  state = tx.init(params)
+  n_inner = len(jax.tree_util.tree_leaves(inner.init(params)))
+  assert len(jax.tree_util.tree_leaves(state)) == n_inner + 4  # count, values, counts, estimates
+  grads = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, batch)
+  _, state = jax.jit(functools.partial(tx.update, batch=batch))(grads, state, params)
+  scalars = state.scalars()
+  assert list(scalars) == list(state._scalar_names)
+  assert all(jnp.shape(v) == () for v in scalars.values())
+  assert scalars["computed"].dtype == jnp.bool_ and bool(scalars["computed"])
+  assert int(state.num_computed) == 1 and int(state.num_nonfinite) == 0
+  np.testing.assert_allclose(state.alpha_absolute, state.alpha * 0.5, rtol=1e-6)
+  assert float(state.alpha) > 0
+  np.testing.assert_allclose(state.scale, state.alpha, rtol=1e-6)
+  np.testing.assert_allclose(state.learning_rate, state.alpha_absolute, rtol=1e-6)

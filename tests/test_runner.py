@@ -310,6 +310,28 @@ def test_loggable_state_of_optax_states():
   assert all(jnp.ndim(v) == 0 for v in logged.values())   # float(v) works
 
 
+def test_loggable_state_names_packed_scalars():
+  # curvature_step_size packs its scalars into two arrays: logged by name, as
+  # the fields below them (the inner state's hyperparameters, count).
+  css = curvax.transforms.curvature_step_size(
+      optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+      lambda p, x: x @ p["w"], curvax.losses.mean_squared_error, debias=False)
+  params = {"w": jnp.ones((3, 2))}
+  state = optax.chain(optax.clip(1.0), css).init(params)
+  batch = (jnp.arange(12.0).reshape(4, 3), jnp.zeros((4, 2)))
+  grads = jax.grad(curvax.losses.objective(lambda p, x: x @ p["w"],
+                                           curvax.losses.mean_squared_error))(params, batch)
+  _, s = css.update(grads, state[1], params, batch=batch)
+  logged = problems.loggable_state((state[0], s))
+  names = {n for n in logged if n.startswith("1.")}
+  assert names == {"1." + n for n in s._scalar_names if n != "computed"} | {
+      "1.count", "1.inner_state.count", "1.inner_state.hyperparams.learning_rate",
+      "1.estimates"}
+  for name in ("alpha", "numerator", "denominator", "num_computed", "learning_rate"):
+    np.testing.assert_array_equal(logged["1." + name], getattr(s, name))
+  assert float(logged["1.num_computed"]) == 1 and np.isfinite(float(logged["1.alpha"]))
+
+
 def _tiny_bn_problem():
   """A small WRN (same BN threading code as svhn_wrn164) on random images."""
   p = _flax_problem("tiny_wrn", models.WideResNet(10, depth=10, width=1), (32, 32, 3),

@@ -59,26 +59,56 @@ def loggable_state(state: Any) -> Dict[str, jax.Array]:
   Scalar leaves (and one-element ones, e.g. a per-group value with one group,
   returned as scalars) anywhere below a NamedTuple field, e.g.
   ``{'0.damping': ..., '1.count': ..., 'hyperparams.learning_rate': ...}``;
-  arrays with more than one element are skipped.
+  arrays with more than one element are skipped. A state that packs its
+  scalars into arrays and names them in ``_scalar_names`` (e.g.
+  `curvax.transforms.CurvatureStepSizeState`) is logged by those names.
   """
+  return _scalar_leaves(state, "", named=False)
+
+
+def _is_packed(x) -> bool:
+  return isinstance(x, tuple) and hasattr(type(x), "_scalar_names")
+
+
+def _scalar_leaves(tree: Any, prefix: str, named: bool) -> Dict[str, jax.Array]:
+  """`loggable_state` below ``prefix``; ``named``: the tree is a NamedTuple's field."""
   out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    if not any(isinstance(p, jax.tree_util.GetAttrKey) for p in path):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_packed):
+    here = prefix + _dotted(path)
+    if _is_packed(leaf):
+      for name in leaf._scalar_names:  # pylint: disable=protected-access
+        value = getattr(leaf, name)
+        if jnp.issubdtype(jnp.result_type(value), jnp.number):  # as below: no bools
+          out[here + name] = _loggable(value)
+      for field in leaf._fields:
+        if field not in ("values", "counts"):  # the packed arrays, logged by name above
+          out.update(_scalar_leaves(getattr(leaf, field), here + field + ".", named=True))
+      continue
+    if not named and not any(isinstance(p, jax.tree_util.GetAttrKey) for p in path):
       continue
     if jnp.size(leaf) != 1 or not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
       continue
-    parts = []
-    for p in path:
-      if isinstance(p, jax.tree_util.GetAttrKey):
-        parts.append(p.name)
-      elif isinstance(p, jax.tree_util.SequenceKey):
-        parts.append(str(p.idx))
-      elif isinstance(p, jax.tree_util.DictKey):
-        parts.append(str(p.key))
-    # A copy: the runner donates the state to the next step, which would delete
-    # the state's own buffer before this value is read back.
-    out[".".join(parts)] = jnp.array(leaf, copy=True).reshape(())
+    out[here[:-1]] = _loggable(leaf)
   return out
+
+
+def _dotted(path) -> str:
+  """``'a.0.b.'`` for the key path of ``x.a[0]['b']`` (empty for the root)."""
+  parts = []
+  for p in path:
+    if isinstance(p, jax.tree_util.GetAttrKey):
+      parts.append(p.name)
+    elif isinstance(p, jax.tree_util.SequenceKey):
+      parts.append(str(p.idx))
+    elif isinstance(p, jax.tree_util.DictKey):
+      parts.append(str(p.key))
+  return "".join(part + "." for part in parts)
+
+
+def _loggable(leaf) -> jax.Array:
+  # A copy: the runner donates the state to the next step, which would delete
+  # the state's own buffer before this value is read back.
+  return jnp.array(leaf, copy=True).reshape(())
 
 
 def _monitored(opt_state: Any) -> bool:

@@ -27,6 +27,15 @@ _NAME = "curvature_step_size"
 STATIC_ARGS = ("inner", "apply_fn", "loss", "regularizer", "num_estimates")
 
 
+#: The scalar quantities of `CurvatureStepSizeState`, packed in ``values`` (in
+#: the parameters' float dtype) and ``counts`` (int32), in this order.
+_VALUE_FIELDS = ("alpha", "alpha_absolute", "numerator", "denominator", "eval_loss",
+                 "biased_numerator", "biased_denominator", "hybrid", "cos_batch", "cos_eval",
+                 "direction_norm", "learning_rate", "held_learning_rate", "scale")
+_COUNT_FIELDS = ("computed", "num_computed", "num_negative", "num_undefined",
+                 "num_nonfinite")
+
+
 class CurvatureStepSizeState(NamedTuple):
   """State of `curvature_step_size`: everything a researcher logs.
 
@@ -35,9 +44,23 @@ class CurvatureStepSizeState(NamedTuple):
   the first such step. "Absolute" is relative times the inner learning rate
   ``eta_t`` (the ``learning_rate`` argument).
 
+  The scalars are packed in two arrays, ``values`` and ``counts``, and read
+  by name (``state.alpha``, ``state.num_computed``, ...; all of them:
+  ``state.scalars()``): each array of a state costs a jitted call host time
+  (measured ~10 us per array in and out on a GPU machine, where a step of a
+  small model is shorter than that), and XLA:GPU updates each scalar array
+  with a kernel of its own (docs/performance.md).
+
   Attributes:
     count: number of updates so far.
     inner_state: the inner optimizer's state.
+    values: the float scalars below, in the parameters' dtype.
+    counts: the int32 scalars below (``computed`` as 0 / 1).
+    estimates: interval mode: absolute ``alpha*`` of the current estimation
+      window (NaN where not usable); shape ``(num_estimates,)`` (``(1,)`` in
+      ``every_step`` mode).
+
+  Scalars (properties):
     alpha: relative ``alpha* = -d'g / d'Gd`` (the factor on ``eta_t``); NaN if
       undefined (``d'Gd <= 0`` or not finite).
     alpha_absolute: ``alpha * eta_t``, the learning rate the method proposes.
@@ -62,10 +85,7 @@ class CurvatureStepSizeState(NamedTuple):
     held_learning_rate: the learning rate carried to the next step: the
       fallback of ``every_step`` mode, the current median of ``interval`` mode.
     scale: the factor applied to ``d`` this step (``learning_rate / eta_t``).
-    computed: whether this step computed curvature.
-    estimates: interval mode: absolute ``alpha*`` of the current estimation
-      window (NaN where not usable); shape ``(num_estimates,)`` (``(1,)`` in
-      ``every_step`` mode).
+    computed: whether this step computed curvature (bool).
     num_computed, num_negative, num_undefined: counts over all curvature steps
       of computed, negative and undefined ``alpha*``.
     num_nonfinite: updates zeroed because the step ``(lr / eta_t) d`` was not
@@ -73,31 +93,37 @@ class CurvatureStepSizeState(NamedTuple):
   """
   count: Array
   inner_state: Any
-  alpha: Array
-  alpha_absolute: Array
-  numerator: Array
-  denominator: Array
-  eval_loss: Array
-  biased_numerator: Array
-  biased_denominator: Array
-  hybrid: Array
-  cos_batch: Array
-  cos_eval: Array
-  direction_norm: Array
-  learning_rate: Array
-  held_learning_rate: Array
-  scale: Array
-  computed: Array
+  values: Array
+  counts: Array
   estimates: Array
-  num_computed: Array
-  num_negative: Array
-  num_undefined: Array
-  num_nonfinite: Array
+
+  #: The names of the packed scalars (read by `curvax.problems.loggable_state`).
+  _scalar_names = _VALUE_FIELDS + _COUNT_FIELDS
+
+  def scalars(self) -> dict:
+    """``{name: scalar}`` of all packed scalars (``computed`` as a bool)."""
+    return {name: getattr(self, name) for name in self._scalar_names}
 
   @property
   def negative_fraction(self) -> Array:
     """Fraction of negative ``alpha*`` among all computed so far."""
     return self.num_negative / jnp.maximum(self.num_computed, 1)
+
+
+def _packed_property(array: str, index: int, name: str, cast=None):
+  def get(self):
+    value = getattr(self, array)[..., index]
+    return value if cast is None else value.astype(cast)
+  get.__name__ = name
+  return property(get, doc=f"``{array}[..., {index}]``: see the class docstring.")
+
+
+for _i, _name in enumerate(_VALUE_FIELDS):
+  setattr(CurvatureStepSizeState, _name, _packed_property("values", _i, _name))
+for _i, _name in enumerate(_COUNT_FIELDS):
+  setattr(CurvatureStepSizeState, _name,
+          _packed_property("counts", _i, _name, bool if _name == "computed" else None))
+del _i, _name
 
 
 class _Measurement(NamedTuple):
@@ -336,14 +362,13 @@ def curvature_step_size(
     nan = jnp.full((), jnp.nan, dtype)
     zero = jnp.zeros((), jnp.int32)
     eta0 = jnp.asarray(lr_fn(jnp.zeros((), jnp.int32)), dtype)
+    values = dict.fromkeys(_VALUE_FIELDS, nan)
+    values.update(learning_rate=eta0, held_learning_rate=eta0, scale=jnp.ones((), dtype))
     return own_buffers(CurvatureStepSizeState(
-        count=zero, inner_state=inner.init(params), alpha=nan, alpha_absolute=nan,
-        numerator=nan, denominator=nan, eval_loss=nan, biased_numerator=nan,
-        biased_denominator=nan, hybrid=nan, cos_batch=nan, cos_eval=nan,
-        direction_norm=nan, learning_rate=eta0, held_learning_rate=eta0,
-        scale=jnp.ones((), dtype), computed=jnp.zeros((), bool),
-        estimates=jnp.full((num_slots,), jnp.nan, dtype), num_computed=zero,
-        num_negative=zero, num_undefined=zero, num_nonfinite=zero))
+        count=zero, inner_state=inner.init(params),
+        values=jnp.stack([values[f] for f in _VALUE_FIELDS]),
+        counts=jnp.zeros((len(_COUNT_FIELDS),), jnp.int32),
+        estimates=jnp.full((num_slots,), jnp.nan, dtype)))
 
   def clip_lr(lr):
     return lr if clip is None else jnp.clip(lr, clip[0], clip[1])
@@ -365,7 +390,7 @@ def curvature_step_size(
             "pass eval_batch=... or build the transform with debias=False.")
       _checks.check_batch(eval_batch, "eval_batch")
     curv_batch = eval_batch if debias else batch
-    dtype = state.alpha.dtype
+    dtype = state.values.dtype
 
     def propose():
       return inner.update(updates, state.inner_state, params, batch=batch,
@@ -461,39 +486,27 @@ def curvature_step_size(
     # The guard checks the step itself: a finite d times a finite, usable
     # learning rate can still overflow (the seed saw alpha* above 1e14).
     step = jax.tree.map(lambda x: scale.astype(x.dtype) * x, d)
-    finite = _checks.tree_all_finite(step)
+    finite = _checks.scaled_tree_all_finite(scale, d)  # = tree_all_finite(step)
     new_updates = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), step)
 
     def keep(new, old):
       return jnp.where(compute, new, old)
 
     hybrid = step_size_from_parts(meas.numerator, meas.biased_denominator)
-    one = jnp.ones((), jnp.int32)
-    zero = jnp.zeros((), jnp.int32)
+    # Measured quantities are kept from the last step that computed them: one
+    # select over the packed vector.
+    measured = jnp.stack([alpha, alpha_abs, meas.numerator, meas.denominator,
+                          meas.eval_loss, meas.biased_numerator, meas.biased_denominator,
+                          hybrid, meas.cos_batch, meas.cos_eval,
+                          meas.direction_norm]).astype(dtype)
+    values = jnp.concatenate([keep(measured, state.values[:measured.shape[0]]),
+                              jnp.stack([lr, new_held, scale]).astype(dtype)])
+    increments = jnp.stack([compute, compute, compute & defined & (alpha < 0),
+                            compute & ~defined, ~finite]).astype(jnp.int32)
+    counts = jnp.concatenate([increments[:1], state.counts[1:] + increments[1:]])
     new_state = CurvatureStepSizeState(
-        count=optax.safe_int32_increment(t),
-        inner_state=inner_state,
-        alpha=keep(alpha, state.alpha),
-        alpha_absolute=keep(alpha_abs, state.alpha_absolute),
-        numerator=keep(meas.numerator, state.numerator),
-        denominator=keep(meas.denominator, state.denominator),
-        eval_loss=keep(meas.eval_loss, state.eval_loss),
-        biased_numerator=keep(meas.biased_numerator, state.biased_numerator),
-        biased_denominator=keep(meas.biased_denominator, state.biased_denominator),
-        hybrid=keep(hybrid, state.hybrid),
-        cos_batch=keep(meas.cos_batch, state.cos_batch),
-        cos_eval=keep(meas.cos_eval, state.cos_eval),
-        direction_norm=keep(meas.direction_norm, state.direction_norm),
-        learning_rate=lr.astype(dtype),
-        held_learning_rate=new_held.astype(dtype),
-        scale=scale,
-        computed=jnp.asarray(compute),
-        estimates=estimates.astype(dtype),
-        num_computed=state.num_computed + jnp.where(compute, one, zero),
-        num_negative=state.num_negative + jnp.where(compute & defined & (alpha < 0), one, zero),
-        num_undefined=state.num_undefined + jnp.where(compute & ~defined, one, zero),
-        num_nonfinite=state.num_nonfinite + jnp.where(finite, zero, one),
-    )
+        count=optax.safe_int32_increment(t), inner_state=inner_state, values=values,
+        counts=counts, estimates=estimates.astype(dtype))
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
