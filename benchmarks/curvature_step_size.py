@@ -46,7 +46,12 @@ call (``lax.fori_loop``): no per-step host work. On an H200 (2026-11-27) the
 bare step took 0.15-0.16 ms per call and 0.085 ms in a loop; per call biased
 1.8-2.4x, debiased 1.8-2.4x, interval 2.2-3.0x (46 arrays per call against 25,
 and the interval mode's cond syncs with the host); in a loop 2.0x / 2.3x /
-1.7-1.9x, the arithmetic alone 1.7x: see docs/performance.md. (On XLA:CPU the
+1.7-1.9x, the arithmetic alone 1.7x. The second run (2026-11-28): per call
+2.34x / 2.97x / 3.10x (host-scheduled 2.65x), in a loop 2.03x / 2.31x /
+1.80-1.88x, the device time ~2.1 us per kernel (92 kernels biased, nadamw 40):
+see docs/performance.md. Since then the state packs its 19 scalars into two
+arrays (46 -> 29 arrays per call) and the non-finite guard shares its
+reductions with the direction's (not yet timed on a GPU). (On XLA:CPU the
 loop rows vary from run to run, a loop body runs slower than a top-level step,
 jax-ml/jax#12868: read them on a GPU.)
 
