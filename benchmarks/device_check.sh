@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, prepared as one run (about 8-9 minutes on an H200).
 #
-# First run on a device: 2026-11-27, one H200 (figures in docs/performance.md).
+# Runs on a device: 2026-11-27 and 2026-11-28, one H200 each (figures in
+# docs/performance.md; the second took 504 s, the machine's start ~40 s more).
 # On a device machine, from the repository root, with the image's own
 # jax/optax/flax (curvax needs no install):
 #
@@ -15,21 +16,22 @@
 #   2. profile_steps: per step of each transform (MLP) and monitor preset
 #      (3c3d), device busy time against wall time, kernels per step and the
 #      most expensive instructions with their JAX op_name; the steps' optimized
-#      HLO comes back as hlo.tar.gz. The first run found the small steps bound
-#      by launches and host round-trips; this says by how much, and where the
-#      tracked monitor steps (11/33/56x a plain step there) spend their time.
+#      HLO comes back as hlo.tar.gz. The second run found a step's device time
+#      ~2.1 us per kernel (nadamw 40, curvature_step_size biased 92) and the
+#      per-call time set by the host's work per array; since then CSS's state
+#      went from 38 to 21 arrays: fewer kernels?
 #   3. diagnostics on 3c3d (#7: Cockpit's 1.5/2.0/21x every step, 1.0/1.0/1.3x
-#      every 64th; the first run: 11/33/56x and 2.2/2.8/3.8x, untracked steps
-#      2.1-3.0x). Its "idle"/"host" columns time untracked steps compiled
-#      without the cond: do they reach 1.0x?
+#      every 64th; the second run: 12.8/41.5/56.1x and 2.6/3.0/4.0x, 2.2/2.7/
+#      3.4x host-scheduled). Its "idle"/"host" columns time untracked steps
+#      compiled without the cond.
+#      "loop" / "loop host" (--blocks): blocks of 64 steps with parameters and
+#      state donated, as a training loop runs them (the other columns are
+#      composed from undonated steps).
 #   4. probabilistic_preconditioning per epoch (#4: <= 1.2x SGD; the first
 #      run: 9-11x one call per step, 3.5-3.9x in blocks of steps).
-#   5. curvature products and Krylov solvers (GGN-vp per product, Lanczos vs
-#      block Lanczos from 20 products): on CPU re-orthogonalisation is
-#      memory-bound (Lanczos ~5x its products on 1.3M parameters); on a GPU?
-# Not in this run (time): benchmarks/buffer_copies.py (parameter copies and
-# kernel counts of the compiled steps) and monitor_untracked.py; both run
-# on a device too.
+# Not in this run (time): benchmarks/curvature.py (on the second run: a GGN-vp
+# 0.15x a gradient, Lanczos from 20 products 14.9x), buffer_copies.py (copies,
+# kernel counts) and monitor_untracked.py; all run on a device too.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/curvax_device}"
@@ -46,11 +48,12 @@ python3 -c "import jax, optax, flax; print('jax', jax.__version__, 'optax', opta
 'flax', flax.__version__, jax.devices())" 2>&1 | tee "$out/versions.log"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
 
-# In order of what the open issues need; the total of the timeouts (~550 s)
-# fits one call of the 15 minutes a task's session may hold a device.
+# In order of what the open issues need; the total of the timeouts (~510 s)
+# fits one call (at most 600 s) of the 15 minutes a task's session may hold a
+# device, with time to start the machine.
 run curvature_step_size 80 benchmarks/curvature_step_size.py --repeats 3
-run profile_steps 150 benchmarks/profile_steps.py --calls 20 --dump "$out/hlo"
+run profile_steps 120 benchmarks/profile_steps.py --calls 20 --presets economy \
+    --dump "$out/hlo"
 tar -C "$out" -czf "$out/hlo.tar.gz" hlo 2>/dev/null && rm -rf "$out/hlo"
-run diagnostics 150 benchmarks/diagnostics.py --repeats 2
+run diagnostics 210 benchmarks/diagnostics.py --repeats 2 --blocks 3
 run probabilistic_preconditioning 100 benchmarks/probabilistic_preconditioning.py --repeats 3
-run curvature 60 benchmarks/curvature.py --repeats 5

@@ -18,13 +18,20 @@ full) the script times, with jit and after compilation, three kinds of steps:
   compiled without the instruments and without any cond; column "host" of
   every-k tracking uses it for the k - 2 untracked steps);
 
-and reports, as ratios to a plain jitted SGD step (gradient + update):
+and reports, as ratios to a plain jitted SGD step (gradient + update), none
+of them donated (each round reuses its inputs):
 
 * every step tracked: a monitor built with ``every=1`` (no ``lax.cond``: on
   XLA:CPU per-example conv gradients inside a conditional run several times
   slower with ``--conv-impl lax``), in steady state (each step includes Alpha's
   end point);
 * every 64th step: ``(tracked + after + 62 * untracked) / 64``, amortised.
+
+With ``--blocks N``, also N blocks of 64 consecutive steps run as a training
+loop runs them: one call per step, parameters and state donated (the monitor
+then updates its parameter-sized buffers in place), the schedule's conds
+("loop") or host-scheduled steps ("loop host"), each block's time as a ratio
+to 64 plain donated SGD steps.
 
 Cockpit's published figures (thesis Fig. C.8 / 7.6b, GPU, CIFAR-10 3c3d):
 every step 1.5x / 2.0x / 21x, every 64th step 1.0x / 1.0x / 1.3x. The first
@@ -55,6 +62,7 @@ the batch plus the conv layers' per-example column products) in HessTrace and TI
   python benchmarks/diagnostics.py [--batch 128] [--repeats 3]
       [--presets economy,business,business:mc,full]
       [--every 64] [--chunk-size N] [--curvature diag_ggn_mc] [--conv-impl lax]
+      [--blocks 3]
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ from curvax import flax_utils
 from curvax.problems import models
 
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
-from _timing import interleaved_medians  # noqa: E402  (benchmarks/_timing.py)
+from _timing import interleaved_medians, time_carried_calls  # noqa: E402  (benchmarks/_timing.py)
 
 COCKPIT = {"economy": (1.5, 1.0), "business": (2.0, 1.0), "full": (21.0, 1.3)}
 
@@ -123,6 +131,11 @@ def main():
                   "per-layer fast path); raw: the same net in jax.lax (vmap path)")
   ap.add_argument("--conv-impl", default="auto", choices=["auto", "lax", "patches"],
                   help="convolutions of the Linen model (curvax.layers.conv_class)")
+  ap.add_argument("--blocks", type=int, default=0,
+                  help="also time this many blocks of `every` consecutive steps, one call "
+                  "per step with parameters and state donated, as a training loop runs "
+                  "them: the schedule's conds, and host-scheduled (columns 'loop', "
+                  "'loop host'); 0: skip")
   ap.add_argument("--cache-allocator", action="store_true",
                   help="cache large malloc blocks (benchmarks/_allocator.py)")
   args = ap.parse_args()
@@ -206,16 +219,62 @@ def main():
             f"step timed interleaved with its own)\n")
       print(f"{'preset':{width}s} {'tracked':>9s} {'after':>9s} {'untracked':>10s} "
             f"{'idle':>7s}   {'every step':>10s} {'(Cockpit)':>9s}   "
-            f"{'every ' + str(args.every):>9s} {'host':>7s} {'(Cockpit)':>9s}")
+            f"{'every ' + str(args.every):>9s} {'host':>7s} {'(Cockpit)':>9s}"
+            + (f"   {'loop':>8s} {'loop host':>9s}" if args.blocks else ""))
       header = True
     r = {k: v / t["plain"] for k, v in t.items()}
     k = args.every
     every_k = (r["tracked"] + r["after"] + (k - 2) * r["untracked"]) / k
     host_k = (r["tracked"] + r["after"] + (k - 2) * r["idle"]) / k
     c1, ck = COCKPIT.get(name, (float("nan"), float("nan")))  # nan: no published figure
+    loop = ""
+    if args.blocks:
+      b = _donated_blocks(obj, sgd, tx, instruments, params, batch, args.every, args.blocks)
+      loop = f"   {b['monitor'] / b['plain']:7.2f}x {b['monitor, host'] / b['plain']:9.2f}x"
     print(f"{preset:{width}s} {r['tracked']:8.2f}x {r['after']:8.2f}x {r['untracked']:9.2f}x "
           f"{r['idle']:6.2f}x   {r['every1']:9.2f}x {c1:8.1f}x   {every_k:8.2f}x "
-          f"{host_k:6.2f}x {ck:8.1f}x", flush=True)
+          f"{host_k:6.2f}x {ck:8.1f}x{loop}", flush=True)
+
+
+def _donated_blocks(obj, sgd, tx, instruments, params, batch, every, blocks):
+  """Median seconds of ``every`` consecutive steps, one donated call per step.
+
+  As a training loop runs them (`curvax.problems.run` donates its carry too):
+  parameters and optimizer state donated to each call, so that untracked steps
+  update them in place, and the block holds one tracked step, the step after
+  it and ``every - 2`` untracked ones. Three runs, interleaved block by block:
+  plain SGD; the monitor with its device-side schedule (conds); the monitor
+  scheduled on the host (`dg.is_scheduled` picks ``scheduled=False`` on steps
+  without work: two compiled steps, no conds). Each block starts at a tracked
+  step of its run (the monitors' counts are multiples of ``every``).
+  """
+  def compile_step(opt, **kw):
+    def step(p, s, b):
+      u, s = opt.update(jax.grad(obj)(p, b), s, p, **kw)
+      return optax.apply_updates(p, u), s
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  plain = compile_step(sgd)
+  device = compile_step(tx, batch=batch)
+  busy, idle = (compile_step(tx, batch=batch, scheduled=flag) for flag in (True, False))
+  host_step = lambda t: busy if dg.is_scheduled(t, every=every, instruments=instruments) else idle
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+
+  def block(step_of):
+    done = [0]  # steps so far: the host knows the step number, as a training loop does
+    def call(p, s, b):
+      for t in range(done[0], done[0] + every):
+        p, s = step_of(t)(p, s, b)
+      done[0] += every
+      return p, s
+    return call
+
+  runs = {"plain": [block(lambda t: plain), copy(params), sgd.init(params)],
+          "monitor": [block(lambda t: device), copy(params), tx.init(params)],
+          "monitor, host": [block(host_step), copy(params), tx.init(params)]}
+  time_carried_calls(runs, batch, repeats=1)  # compiles every variant, reaches steady state
+  times = time_carried_calls(runs, batch, repeats=blocks)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _instruments(spec):
