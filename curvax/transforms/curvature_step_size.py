@@ -6,6 +6,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.tree_utils as otu
 
@@ -489,21 +490,20 @@ def curvature_step_size(
     finite = _checks.scaled_tree_all_finite(scale, d)  # = tree_all_finite(step)
     new_updates = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), step)
 
-    def keep(new, old):
-      return jnp.where(compute, new, old)
-
     hybrid = step_size_from_parts(meas.numerator, meas.biased_denominator)
-    # Measured quantities are kept from the last step that computed them: one
-    # select over the packed vector.
-    measured = jnp.stack([alpha, alpha_abs, meas.numerator, meas.denominator,
-                          meas.eval_loss, meas.biased_numerator, meas.biased_denominator,
-                          hybrid, meas.cos_batch, meas.cos_eval,
-                          meas.direction_norm]).astype(dtype)
-    values = jnp.concatenate([keep(measured, state.values[:measured.shape[0]]),
-                              jnp.stack([lr, new_held, scale]).astype(dtype)])
-    increments = jnp.stack([compute, compute, compute & defined & (alpha < 0),
-                            compute & ~defined, ~finite]).astype(jnp.int32)
-    counts = jnp.concatenate([increments[:1], state.counts[1:] + increments[1:]])
+    # The packed scalars, by name. Measured quantities are kept from the last
+    # step that computed them (one select over the vector); the rest is this
+    # step's; counters accumulate, ``computed`` does not.
+    measured = dict(meas._asdict(), alpha=alpha, alpha_absolute=alpha_abs, hybrid=hybrid)
+    now = dict(measured, learning_rate=lr, held_learning_rate=new_held, scale=scale)
+    values = jnp.where(np.array([f in measured for f in _VALUE_FIELDS]) & ~compute,
+                       state.values,
+                       jnp.stack([jnp.asarray(now[f], dtype) for f in _VALUE_FIELDS]))
+    steps = dict(computed=compute, num_computed=compute,
+                 num_negative=compute & defined & (alpha < 0),
+                 num_undefined=compute & ~defined, num_nonfinite=~finite)
+    counts = (jnp.where(np.array([f != "computed" for f in _COUNT_FIELDS]), state.counts, 0)
+              + jnp.stack([steps[f] for f in _COUNT_FIELDS]).astype(jnp.int32))
     new_state = CurvatureStepSizeState(
         count=optax.safe_int32_increment(t), inner_state=inner_state, values=values,
         counts=counts, estimates=estimates.astype(dtype))
