@@ -3,9 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from curvax import diagnostics as dg
 from curvax._packed import PackedDict
+
+import reference as ref
 
 
 def _values(scale=1.0):
@@ -53,3 +57,23 @@ def test_leading_axes_from_vmap_and_host_copies():
   host = jax.tree_util.tree_map(np.asarray, stacked)   # numpy vectors slice the same way
   assert isinstance(host["hist"], np.ndarray)
   np.testing.assert_array_equal(host["hist"][2], np.arange(5.0) * 2)
+
+
+def test_monitor_records_are_one_array_per_dtype():
+  # The monitor's records (dozens of scalars and per-layer values) travel as
+  # one array (per dtype) through every jitted step, and read as before.
+  apply_fn, loss, params, batch = ref.problem("mlp", n=6)
+  tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, "business", every=1)
+  state = tx.init(params)
+  assert len(jax.tree_util.tree_leaves(state.diagnostics)) <= 2
+  grads = jax.grad(lambda p: jnp.mean(loss(apply_fn(p, batch[0]), batch[1])))(params)
+  _, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))(grads, state, params)
+  layers = state.diagnostics["grad_norm_layers"]
+  assert jax.tree_util.tree_structure(layers) == jax.tree_util.tree_structure(params)
+  for norm, g in zip(jax.tree_util.tree_leaves(layers), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_allclose(norm, np.linalg.norm(np.ravel(g)), rtol=1e-6)
+  np.testing.assert_allclose(state.diagnostics["grad_norm"],
+                             np.linalg.norm(np.concatenate([np.ravel(g) for g in
+                                                            jax.tree_util.tree_leaves(grads)])),
+                             rtol=1e-6)
+  assert dg.record(state)["step"] == 0

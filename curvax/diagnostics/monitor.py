@@ -91,6 +91,7 @@ import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax._buffers import ordered_after, own_buffers
+from curvax._packed import PackedDict
 from curvax.diagnostics import step_quality as alpha_lib
 from curvax.diagnostics import curvature as curv_lib
 from curvax.diagnostics import gradient_tests
@@ -123,8 +124,10 @@ class MonitorState(NamedTuple):
     count: number of updates so far (the step index ``t`` of the next update).
     tracked: whether the last update computed the instruments.
     tracked_step: the step of the values in ``diagnostics`` (-1 before any).
-    diagnostics: dict name -> array: scalars, per-layer trees (``*_layers``),
-      histograms; the values of the last tracked step.
+    diagnostics: the values of the last tracked step, read like a dict
+      ``name -> array``: scalars, per-layer trees (``*_layers``), histograms.
+      Stored as a `curvax._packed.PackedDict` (one array per dtype instead of
+      one per value: each array of a state costs host time per jitted call).
     alpha: Alpha of step ``alpha_step`` (NaN before any).
     alpha_step: the step ``alpha`` refers to (-1 before any).
     alpha_fresh: whether the last update completed an Alpha.
@@ -385,7 +388,7 @@ def monitor(inner: optax.GradientTransformation,
         out[n] = z
       if n in ("grad_norm", "update_size", "distance", "hess_trace"):
         out[n + "_layers"] = layers
-    return out
+    return PackedDict.pack(out)
 
   def init_fn(params):
     _checks.check_params(params, "monitor")
@@ -483,7 +486,7 @@ def monitor(inner: optax.GradientTransformation,
                                          eigen_rtol)
         out[n] = cast(value)
         eigenvector = otu.tree_cast_like(vector, state.eigenvector)
-    return out, start, end, eigenvector
+    return PackedDict.pack(out), start, end, eigenvector
 
   def update_fn(updates, state, params=None, *, batch=None, scheduled=None, **extra_args):
     scheduled = _checks.static_flag(scheduled, "scheduled", "monitor")

@@ -73,7 +73,9 @@ def record(opt_state: Any) -> Dict[str, Any]:
   out: Dict[str, Any] = {}
   if bool(state.tracked):
     out["step"] = int(state.tracked_step)
-    for name, value in state.diagnostics.items():
+    # One transfer per packed vector, then numpy slices (not a device op per value).
+    diagnostics = jax.tree_util.tree_map(np.asarray, state.diagnostics)
+    for name, value in diagnostics.items():
       out[name] = _json(value, name in _COUNTS)
   if bool(state.alpha_fresh):
     out["alpha"] = float(state.alpha)
