@@ -22,8 +22,9 @@
 #      went from 38 to 21 arrays: fewer kernels?
 #   3. diagnostics on 3c3d (#7: Cockpit's 1.5/2.0/21x every step, 1.0/1.0/1.3x
 #      every 64th; the second run: 12.8/41.5/56.1x and 2.6/3.0/4.0x, 2.2/2.7/
-#      3.4x host-scheduled). Its "idle"/"host" columns time untracked steps
-#      compiled without the cond.
+#      3.4x host-scheduled; the untracked steps lost host time to the state's
+#      76 arrays, now 33: does "loop host" approach 1.0x?). Its "idle"/"host"
+#      columns time untracked steps compiled without the cond.
 #      "loop" / "loop host" (--blocks): blocks of 64 steps with parameters and
 #      state donated, as a training loop runs them (the other columns are
 #      composed from undonated steps).
