@@ -86,7 +86,8 @@ class PackedDict(Mapping):
     return any(entry[0] == key for entry in self._layout[0])
 
   def __repr__(self) -> str:
-    return f"PackedDict(keys={list(self)}, vectors={[getattr(v, 'shape', v) for v in self._vectors]})"
+    shapes = [getattr(v, "shape", v) for v in self._vectors]
+    return f"PackedDict(keys={list(self)}, vectors={shapes})"
 
   def unpack(self) -> Dict[str, Any]:
     """The plain dict it was packed from."""
