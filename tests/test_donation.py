@@ -8,6 +8,7 @@ two leaves share a buffer, and deletes any state leaf that IS a parameter array.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,8 @@ import pytest
 import curvax
 from curvax import diagnostics as dg
 from curvax._buffers import ordered_after, own_buffers
+
+import reference as ref
 
 LOSS = curvax.losses.softmax_cross_entropy
 
@@ -149,3 +152,34 @@ def test_steps_inside_one_jitted_loop_match_steps_called_one_by_one(name):
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), (p, s), (p_ref, s_ref))
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(p),
                                                      jax.tree_util.tree_leaves(params)))
+
+
+def _copied_parameters(step, params, state):
+  """Names of the donated step's parameter leaves that its program copies (ENTRY)."""
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile().as_text()
+  entry = text[text.index("\nENTRY"):]
+  n = len(jax.tree_util.tree_leaves(params))   # the params come first among the arguments
+  names = {m.group(1) for m in re.finditer(r"%([\w.\-]+) = [^=]*? parameter\((\d+)\)", entry)
+           if int(m.group(2)) < n}
+  return names & set(re.findall(r"copy\(%([\w.\-]+)\)", entry))
+
+
+@pytest.mark.parametrize("preset", ["economy", "business"])
+def test_monitor_tracking_every_step_copies_no_parameter(preset):
+  # The instruments read params; `ordered_after` makes the update wait for
+  # each of them, so XLA updates params in place instead of copying them first
+  # (a plain optax step does copy the kernels its backward pass reads: the
+  # check can fail). Packing the records must not hide their dependencies.
+  apply_fn, loss, params, batch = ref.problem("mlp", n=6)
+  obj = curvax.losses.objective(apply_fn, loss)
+
+  def stepper(tx, **kw):
+    def step(p, s):
+      u, s = tx.update(jax.grad(obj)(p, batch), s, p, **kw)
+      return optax.apply_updates(p, u), s
+    return step
+
+  sgd = optax.sgd(0.1)
+  assert _copied_parameters(stepper(sgd), params, sgd.init(params))
+  tx = dg.monitor(sgd, apply_fn, loss, preset, every=1)
+  assert not _copied_parameters(stepper(tx, batch=batch), params, tx.init(params))
