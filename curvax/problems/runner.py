@@ -60,8 +60,9 @@ def loggable_state(state: Any) -> Dict[str, jax.Array]:
   returned as scalars) anywhere below a NamedTuple field, e.g.
   ``{'0.damping': ..., '1.count': ..., 'hyperparams.learning_rate': ...}``;
   arrays with more than one element are skipped. A state that packs its
-  scalars into arrays and names them in ``_scalar_names`` (e.g.
-  `curvax.transforms.CurvatureStepSizeState`) is logged by those names.
+  scalars into arrays (the fields ``_packed_fields``) and names them in
+  ``_scalar_names`` (e.g. `curvax.transforms.CurvatureStepSizeState`) is
+  logged by those names, and by its other fields as usual.
   """
   return _scalar_leaves(state, "", named=False)
 
@@ -81,7 +82,7 @@ def _scalar_leaves(tree: Any, prefix: str, named: bool) -> Dict[str, jax.Array]:
         if jnp.issubdtype(jnp.result_type(value), jnp.number):  # as below: no bools
           out[here + name] = _loggable(value)
       for field in leaf._fields:
-        if field not in ("values", "counts"):  # the packed arrays, logged by name above
+        if field not in leaf._packed_fields:  # pylint: disable=protected-access
           out.update(_scalar_leaves(getattr(leaf, field), here + field + ".", named=True))
       continue
     if not named and not any(isinstance(p, jax.tree_util.GetAttrKey) for p in path):

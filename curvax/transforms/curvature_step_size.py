@@ -98,8 +98,10 @@ class CurvatureStepSizeState(NamedTuple):
   counts: Array
   estimates: Array
 
-  #: The names of the packed scalars (read by `curvax.problems.loggable_state`).
+  #: The packed scalars' names and the fields holding them (read by
+  #: `curvax.problems.loggable_state`).
   _scalar_names = _VALUE_FIELDS + _COUNT_FIELDS
+  _packed_fields = ("values", "counts")
 
   def scalars(self) -> dict:
     """``{name: scalar}`` of all packed scalars (``computed`` as a bool)."""
