@@ -43,7 +43,10 @@ def ordered_after(tree: T, values: Any) -> T:
   computed from ``values`` (``1 + 0 * v`` with ``v`` a finite float taken from
   each array) adds that dependency at no cost: the product fuses into the
   parameter update, and ``x * 1`` is ``x`` exactly (infinities and NaNs
-  included). Floating-point leaves only.
+  included). Floating-point leaves only. Since one element stands for each
+  array, pass an array assembled from parts (a concatenation, e.g. a
+  `curvax._packed.PackedDict`'s vectors) as its parts: XLA folds element 0 of
+  a concatenation into its first part and the others would stay unordered.
   """
   firsts = [jnp.ravel(v)[0].astype(jnp.float32) for v in jax.tree_util.tree_leaves(values)
             if isinstance(v, jax.Array) and v.size]
