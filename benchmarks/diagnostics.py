@@ -167,20 +167,8 @@ def main():
         f"device {jax.devices()[0]}")
 
   sgd = optax.sgd(1e-3)
-
-  @jax.jit
-  def plain_step(p, s, b):
-    g = jax.grad(obj)(p, b)
-    u, s = sgd.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  def make_step(tx, scheduled=None):
-    @jax.jit
-    def step(p, s, b):
-      g = jax.grad(obj)(p, b)
-      u, s = tx.update(g, s, p, batch=b, scheduled=scheduled)
-      return optax.apply_updates(p, u), s
-    return step
+  plain_step = _training_step(obj, sgd)
+  make_step = functools.partial(_training_step, obj)
 
   header = False
   width = max(10, *(len(p) for p in args.presets.split(",")))
@@ -236,6 +224,21 @@ def main():
           f"{host_k:6.2f}x {ck:8.1f}x{loop}", flush=True)
 
 
+def _training_step(obj, tx, scheduled=None, donate=False):
+  """Jitted ``(params, state, batch) -> (params, state)``: gradient, ``tx``, update.
+
+  ``tx.update`` gets ``batch`` and ``scheduled`` (a plain optax ``tx`` ignores
+  them). With ``donate``, parameters and state are donated, as a training loop
+  does.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def step(p, s, b):
+    u, s = tx.update(jax.grad(obj)(p, b), s, p, batch=b, scheduled=scheduled)
+    return optax.apply_updates(p, u), s
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
 def _donated_blocks(obj, sgd, tx, instruments, params, batch, every, blocks):
   """Median seconds of ``every`` consecutive steps, one donated call per step.
 
@@ -248,15 +251,9 @@ def _donated_blocks(obj, sgd, tx, instruments, params, batch, every, blocks):
   without work: two compiled steps, no conds). Each block starts at a tracked
   step of its run (the monitors' counts are multiples of ``every``).
   """
-  def compile_step(opt, **kw):
-    def step(p, s, b):
-      u, s = opt.update(jax.grad(obj)(p, b), s, p, **kw)
-      return optax.apply_updates(p, u), s
-    return jax.jit(step, donate_argnums=(0, 1))
-
-  plain = compile_step(sgd)
-  device = compile_step(tx, batch=batch)
-  busy, idle = (compile_step(tx, batch=batch, scheduled=flag) for flag in (True, False))
+  plain = _training_step(obj, sgd, donate=True)
+  device = _training_step(obj, tx, donate=True)
+  busy, idle = (_training_step(obj, tx, scheduled=flag, donate=True) for flag in (True, False))
   host_step = lambda t: busy if dg.is_scheduled(t, every=every, instruments=instruments) else idle
   copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
 
