@@ -80,8 +80,8 @@ def print_host_times(runs, *args, width: int = 36) -> None:
     print(f"  {name:{width}s} {1e3 * seconds:6.3f} ms/call   ({arrays} arrays in and out)")
 
 
-def steps_in_one_call(body, num_steps: int):
-  """``num_steps`` training steps as ONE jitted, donated call (a ``fori_loop``).
+def steps_in_one_call(body, num_steps: int, scheduled=None):
+  """``num_steps`` training steps as ONE jitted, donated call (``fori_loop``s).
 
   ``body(t, params, state, data) -> (params, state)`` is one step, picking its
   batch(es) out of ``data`` (stacked batches) by the step index ``t``. Returns
@@ -89,11 +89,44 @@ def steps_in_one_call(body, num_steps: int):
   this takes the host's per-call work (argument and output handling, launch)
   out of the step rate, which on a GPU and a small model can dominate it; it is
   what docs/performance.md recommends there.
+
+  With ``scheduled`` (a host function of the step's index in the call: whether
+  it has scheduled work), ``body`` also takes ``scheduled=`` and the call runs
+  one loop per run of equal flags (the same runs every call): the steps
+  without scheduled work in a loop of the variant compiled without conds.
   """
+  flags = [True] * num_steps if scheduled is None else [bool(scheduled(t))
+                                                        for t in range(num_steps)]
+  runs = []                     # (first step, end, flag)
+  for t, flag in enumerate(flags):
+    if runs and runs[-1][2] == flag:
+      runs[-1] = (runs[-1][0], t + 1, flag)
+    else:
+      runs.append((t, t + 1, flag))
+
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run(params, state, data):
-    return jax.lax.fori_loop(0, num_steps, lambda t, c: body(t, *c, data), (params, state))
+    carry = (params, state)
+    for first, end, flag in runs:
+      step = (lambda t, c, f=flag: body(t, *c, data, scheduled=f)) if scheduled is not None \
+          else (lambda t, c: body(t, *c, data))
+      carry = jax.lax.fori_loop(first, end, step, carry)
+    return carry
   return run
+
+
+class HostScheduled:
+  """A jitted step called with ``scheduled=schedule(t)``, ``t`` counted here
+  (every call is one update, from 0): two compiled variants, the one passed
+  ``scheduled=False`` without the transform's ``lax.cond``s."""
+
+  def __init__(self, jitted, schedule):
+    self.jitted, self.schedule, self.t = jitted, schedule, 0
+
+  def __call__(self, *args):
+    flag = bool(self.schedule(self.t))
+    self.t += 1
+    return self.jitted(*args, scheduled=flag)
 
 
 def time_carried_calls(runs, *args, repeats: int) -> dict:

@@ -76,7 +76,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import curvax  # noqa: E402  (the checkout's curvax, not an installed copy)
-from _timing import (print_host_times, steps_in_one_call,  # noqa: E402  (benchmarks/_timing.py)
+from _timing import (HostScheduled, print_host_times, steps_in_one_call,  # noqa: E402  (benchmarks/_timing.py)
                      time_carried_calls)
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
 
@@ -129,38 +129,30 @@ def step_fn(tx, loss_fn, needs_batches):
   return step
 
 
-class HostScheduled:
-  """A step called with ``scheduled=computes_curvature(t, **schedule)``, ``t``
-  counted here (every call is one update): two compiled variants, and the one
-  without curvature has no ``lax.cond``."""
-
-  def __init__(self, jitted, schedule):
-    self.jitted, self.schedule, self.t = jitted, schedule, 0
-
-  def __call__(self, params, state, batch, eval_batch):
-    flag = curvax.transforms.computes_curvature(self.t, **self.schedule)
-    self.t += 1
-    return self.jitted(params, state, batch, eval_batch, scheduled=flag)
-
-
 def make_step(tx, loss_fn, needs_batches, schedule=None):
   # Parameters and state donated, as a training loop (and curvax.problems.run)
   # would: XLA updates them in place instead of allocating fresh outputs (which
   # glibc maps anew: hundreds of page faults per step of the bare optimizer).
   jitted = functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames="scheduled")(
       step_fn(tx, loss_fn, needs_batches))
-  return jitted if schedule is None else HostScheduled(jitted, schedule)
+  return jitted if schedule is None else HostScheduled(
+      jitted, lambda t: curvax.transforms.computes_curvature(t, **schedule))
 
 
-def make_block_call(tx, loss_fn, needs_batches, num_steps):
+def make_block_call(tx, loss_fn, needs_batches, num_steps, schedule=None):
   """``num_steps`` steps as one jitted call; batches i % 2 and 2 + i % 2 of
-  the stacked four, as the per-call loop uses them."""
+  the stacked four, as the per-call loop uses them. With ``schedule`` (the
+  keywords of `computes_curvature`; blocks start at multiples of the
+  interval) the steps without curvature run in loops of the variant without
+  the cond."""
   one = step_fn(tx, loss_fn, needs_batches)
 
-  def body(t, params, state, data):
+  def body(t, params, state, data, scheduled=None):
     pick = lambda i: jax.tree.map(lambda a: a[i], data)  # noqa: E731
-    return one(params, state, pick(t % 2), pick(2 + t % 2))
-  return steps_in_one_call(body, num_steps)
+    return one(params, state, pick(t % 2), pick(2 + t % 2), scheduled)
+  scheduled = None if schedule is None else (
+      lambda t: curvax.transforms.computes_curvature(t, **schedule))
+  return steps_in_one_call(body, num_steps, scheduled)
 
 
 def main():
@@ -242,9 +234,8 @@ def main():
     stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
     calls = {}
     for name, (tx, needs) in variants.items():
-      if name in host_scheduled:   # a loop on the device has no host to schedule
-        continue
-      call = make_block_call(tx, loss_fn, needs, args.steps)
+      # Host-scheduled: the call's steps without curvature in their own loop.
+      call = make_block_call(tx, loss_fn, needs, args.steps, host_scheduled.get(name))
       params, state = call(*jax.tree.map(jnp.copy, (params0, tx.init(params0))), stacked)
       jax.block_until_ready(params)
       calls[name] = [call, params, state]
@@ -258,6 +249,9 @@ def main():
       print(f"  {name:30s} {1e3 * med:9.3f} {med / bare:7.3f} "
             f"{np.min(times[name]) / np.min(times['bare']):9.3f} "
             f"{'' if target is None else f'<= {target}':>7s}")
+    state = calls["interval, host-scheduled"][2]
+    print(f"  (interval, host-scheduled: curvature computed on {int(state.num_computed)} of "
+          f"{int(state.count)} steps)")
 
   print(f"curvature_step_size on {jax.devices()[0].platform}: MLP {'-'.join(map(str, SIZES))}, "
         f"batch 128, float32, inner={args.inner}, {args.repeats} repeats x {args.steps} steps")

@@ -68,7 +68,7 @@ import curvax
 from curvax.solvers import bayesian_hessian as bh
 
 import _allocator  # noqa: E402  (benchmarks/_allocator.py)
-from _timing import (print_host_times, steps_in_one_call,  # noqa: E402  (benchmarks/_timing.py)
+from _timing import (HostScheduled, print_host_times, steps_in_one_call,  # noqa: E402  (benchmarks/_timing.py)
                      time_carried_calls)
 
 
@@ -203,28 +203,42 @@ def main():
   })
   configs = {"SGD (lr 0.01)": optax.sgd(0.01)}
   configs.update({name: pp(**kw, restart_every=steps) for name, kw in _PP_KWARGS.items()})
+  # update(..., scheduled=estimates_preconditioner(t, ...)): the steps without
+  # estimation compiled without the phases' conds.
+  host_scheduled = {f"{name}, host-scheduled": _PP_KWARGS[name]
+                    for name in ("PreconditionedSGD", "OnlyAdaptiveSGD (prior only)")}
+  configs.update({name: pp(**kw, restart_every=steps) for name, kw in host_scheduled.items()})
+
+  def schedule(name):
+    kw = {k: v for k, v in host_scheduled[name].items() if k != "loss_fn"}
+    return lambda t: curvax.transforms.estimates_preconditioner(t, restart_every=steps, **kw)
   configs[REFERENCE] = optax.chain(fixed_low_rank_preconditioner(jax.random.PRNGKey(2)),
                                    optax.sgd(0.01))
 
   def step_fn(tx):
-    def step(params, state, batch):
+    def step(params, state, batch, scheduled=None):
       grads = jax.grad(loss_fn)(params, batch)
-      updates, state = tx.update(grads, state, params, batch=batch)
+      kw = {} if scheduled is None else {"scheduled": scheduled}
+      updates, state = tx.update(grads, state, params, batch=batch, **kw)
       return optax.apply_updates(params, updates), state
     return step
 
-  def make_step(tx):
+  def make_step(tx, name=None):
     # Donating params and state lets XLA update the estimation buffers in place
     # (without it every step copies S, Delta and the prior sums: ~(2M + 4) x params).
-    return functools.partial(jax.jit, donate_argnums=(0, 1))(step_fn(tx))
+    jitted = functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames="scheduled")(
+        step_fn(tx))
+    return HostScheduled(jitted, schedule(name)) if name in host_scheduled else jitted
 
   stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
 
-  def make_epoch_call(tx):
+  def make_epoch_call(tx, name):
+    # An epoch starts a round (restart_every = steps): its first steps estimate.
     one = step_fn(tx)
     return steps_in_one_call(
-        lambda t, p, s, data: one(p, s, jax.tree.map(lambda a: a[t % num_distinct], data)),
-        steps)
+        lambda t, p, s, data, scheduled=None: one(
+            p, s, jax.tree.map(lambda a: a[t % num_distinct], data), scheduled),
+        steps, schedule(name) if name in host_scheduled else None)
 
   def epoch(step, params, state):
     for t in range(steps):
@@ -234,7 +248,7 @@ def main():
 
   runners = {}
   for name, tx in configs.items():
-    step = make_step(tx)
+    step = make_step(tx, name)
     state = tx.init(params0)
     params, state = step(jax.tree.map(jnp.copy, params0), state, batches[0])       # compile
     jax.block_until_ready(params)
@@ -255,7 +269,7 @@ def main():
     print(f"{label}:")
     for name in configs:
       t = np.median(times[name])
-      print(f"  {name:36s} {t:8.3f} s/epoch   {t / base:5.2f}x SGD   "
+      print(f"  {name:46s} {t:8.3f} s/epoch   {t / base:5.2f}x SGD   "
             f"(fastest/fastest {np.min(times[name]) / fastest:5.2f}x)   "
             f"{faults[name] / (args.repeats * steps):7.0f} page faults/step")
 
@@ -264,7 +278,7 @@ def main():
     # work, so this is the step rate the device alone allows.
     calls = {}
     for name, tx in configs.items():
-      call = make_epoch_call(tx)
+      call = make_epoch_call(tx, name)
       params, state = call(jax.tree.map(jnp.copy, params0), tx.init(params0), stacked)
       jax.block_until_ready(params)
       calls[name] = [call, params, state]
@@ -273,7 +287,7 @@ def main():
     print("each epoch ONE jitted call (lax.fori_loop over its steps; no per-step host work):")
     for name in configs:
       t = np.median(times[name])
-      print(f"  {name:36s} {t:8.3f} s/epoch   {t / base:5.2f}x SGD   "
+      print(f"  {name:46s} {t:8.3f} s/epoch   {t / base:5.2f}x SGD   "
             f"(fastest/fastest {np.min(times[name]) / np.min(times['SGD (lr 0.01)']):5.2f}x)")
 
   print(f"device: {jax.devices()[0].device_kind}; {data_name} data; {steps} steps/epoch, "
@@ -284,14 +298,15 @@ def main():
             "see benchmarks/_allocator.py)")
   if args.one_call:
     measure_one_call()
-  phase_costs(make_step, configs, params0, batches)
+  phase_costs(make_step, {k: v for k, v in configs.items() if k not in host_scheduled},
+              params0, batches)
   for name, run in runners.items():
-    if name not in _PP_KWARGS:
+    if name not in _PP_KWARGS and name not in host_scheduled:
       continue
     st = run[2]
     print(f"  {name}: alpha={np.asarray(st.alpha)} skipped={int(st.num_skipped)} "
           f"restarts={int(st.num_restarts)}")
-  print_host_times(runners, batches[0])
+  print_host_times(runners, batches[0], width=46)
 
 
 if __name__ == "__main__":

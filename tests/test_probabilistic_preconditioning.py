@@ -21,7 +21,8 @@ import pytest
 import curvax
 from curvax.solvers import bayesian_hessian as bh
 from curvax.transforms.probabilistic_preconditioning import (
-    POSTERIOR, PRECONDITION, PRIOR, STATIC_ARGS, probabilistic_preconditioning)
+    POSTERIOR, PRECONDITION, PRIOR, STATIC_ARGS, estimates_preconditioner,
+    probabilistic_preconditioning)
 
 pp_module = importlib.import_module("curvax.transforms.probabilistic_preconditioning")
 BATCH = (jnp.ones((2, 1)), jnp.zeros((2, 1)))
@@ -944,3 +945,128 @@ def test_all_bfloat16_parameters_follow_the_float32_run():
   assert np.all(np.isfinite(low)) and np.linalg.norm(low) > 0
   assert low @ ref32 / (np.linalg.norm(low) * np.linalg.norm(ref32)) > 0.99
   np.testing.assert_allclose(np.asarray(s_low.alpha, np.float64), s32.alpha, rtol=2e-2)
+
+
+# ------------------------------------------------------------ host-side schedule
+def _noisy_setup():
+  a, e, b, x0, batches = _noisy_problem(num_batches=16)
+  a_j, e_j, b_j = jnp.asarray(a), jnp.asarray(e), jnp.asarray(b)
+  names = sorted(NOISY_SIZES)
+
+  def loss_fn(params, batch):
+    x = jnp.concatenate([params[k] for k in names])
+    return 0.5 * x @ (a_j + batch[0][0, 0] * e_j) @ x - (b_j + batch[1][0]) @ x
+
+  ends = np.cumsum([NOISY_SIZES[k] for k in names])
+  params = {k: jnp.asarray(x0[end - NOISY_SIZES[k]:end]) for k, end in zip(names, ends)}
+  return loss_fn, params, [tuple(map(jnp.asarray, bt)) for bt in batches]
+
+
+def _run_scheduled(tx, loss_fn, params, batches, flags):
+  """Runs one step per batch with ``scheduled=flags[t]``; counts traces per flag."""
+  traces = []
+
+  @jax.jit
+  def busy(p, s, b):
+    traces.append(True)
+    return tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=True)
+
+  @jax.jit
+  def idle(p, s, b):
+    traces.append(False)
+    return tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=False)
+
+  state = tx.init(params)
+  states, updates = [state], []
+  for flag, b in zip(flags, batches):
+    u, state = (busy if flag else idle)(params, state, b)
+    params = optax.apply_updates(params, u)
+    states.append(state)
+    updates.append(u)
+  return states, updates, traces
+
+
+SCHEDULE_CASES = {
+    "preconditioned": {},
+    "only_adaptive": {"precondition": False},
+    "adaptive_no_apply": {"precondition": False, "estimate_preconditioner": True},
+    "one_observation": {"num_observations": 1, "rank": 1},
+    "momentum": {"inner": optax.trace(decay=0.9)},
+    "no_restart": {"restart_every": None},
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEDULE_CASES))
+def test_host_scheduled_steps_match_the_device_schedule(case):
+  """Steps passed ``scheduled=estimates_preconditioner(t, ...)`` give the
+  results of steps that branch on the device (every field, every step), and
+  the host's schedule is exactly the steps that estimate: True where the
+  device-side run's step started in an estimation phase or built the
+  estimate, False elsewhere (so it spares every cond that can be spared)."""
+  kw = {"prior_iterations": 3, "num_observations": 2, "rank": 2, "restart_every": 7,
+        **SCHEDULE_CASES[case]}
+  loss_fn, params, batches = _noisy_setup()
+  tx = probabilistic_preconditioning(loss_fn, **kw)
+  host_kw = {k: v for k, v in kw.items() if k not in ("rank", "inner")}
+  flags = [estimates_preconditioner(t, **host_kw) for t in range(len(batches))]
+  ref_states, ref_updates, _ = _run_scheduled(tx, loss_fn, params, batches, [True] * 16)
+  states, updates, traces = _run_scheduled(tx, loss_fn, params, batches, flags)
+  assert sorted(set(traces)) == [False, True] and len(traces) == 2     # each compiled once
+  for got, want in zip(updates, ref_updates):
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=0)
+  for got, want in zip(states, ref_states):
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=0)
+  assert int(states[-1].num_skipped) == 0
+  # The schedule is the device's: estimation (phase PRIOR/POSTERIOR at the
+  # step's start) or the build (first PRECONDITION step of a round with a
+  # posterior phase: round_step == apply_start).
+  estimate = kw.get("estimate_preconditioner", kw.get("precondition", True))
+  apply_start, finish_in_prior, _ = pp_module._round_layout(  # pylint: disable=protected-access
+      estimate, kw["prior_iterations"], kw["num_observations"])
+  device = [int(s.phase) != PRECONDITION
+            or (not finish_in_prior and int(s.round_step) == apply_start)
+            for s in ref_states[:-1]]
+  assert flags == device
+  assert not all(flags) and any(flags)
+
+
+def test_scheduled_false_compiles_no_cond():
+  params = {"x": jnp.ones(N)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: SHARED.update(g, s, p, batch=BATCH, scheduled=False))(
+      grads, SHARED.init(params), params)
+  assert not any(e.primitive.name in ("cond", "while") for e in jaxpr.jaxpr.eqns)
+  with pytest.raises(TypeError, match="scheduled"):
+    jax.jit(lambda s, f: SHARED.update(grads, s, params, batch=BATCH, scheduled=f))(
+        SHARED.init(params), True)
+
+
+def test_scheduled_false_while_the_round_runs_late_waits():
+  """P = M = 2, restart_every = 6: the host schedules steps 0-3 of each round.
+  A non-finite first batch retakes a prior step, so on the device the build
+  falls on step 4, which the host passed False: steps 4 and 5 wait (zero
+  updates, counted), nothing of the round changes (and the restart after
+  step 5 cuts it as usual), and a step passed True goes on where the round stood (it builds, and steps as the device-side
+  run's step 4 did)."""
+  tx = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2,
+                                     restart_every=6)
+  params = {"x": jnp.ones(N)}
+  batches = [NAN_BATCH] + [BATCH] * 7
+  flags = [estimates_preconditioner(t, prior_iterations=2, num_observations=2, restart_every=6)
+           for t in range(8)]
+  assert flags == [True] * 4 + [False] * 2 + [True] * 2
+  states, updates, _ = _run_scheduled(tx, SINGLE, params, batches, flags)
+  assert [int(s.num_skipped) for s in states[1:]] == [1, 1, 1, 1, 2, 3, 3, 3]
+  assert not any(np.any(np.asarray(u["x"])) for u in updates[:6])
+  for f in ("round_step", "phase", "num_observations", "directions", "residuals", "alpha"):
+    chex.assert_trees_all_equal(getattr(states[5], f), getattr(states[4], f))
+  assert int(states[6].round_step) == 0 and int(states[6].num_restarts) == 1   # cut on time
+  # Without the restart the waiting round resumes at the next step passed True.
+  tx_long = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2)
+  ref, ref_updates, _ = _run_scheduled(tx_long, SINGLE, params, batches[:6], [True] * 6)
+  got, got_updates, _ = _run_scheduled(tx_long, SINGLE, params, batches[:6],
+                                       [True] * 4 + [False, True])
+  assert np.any(np.asarray(ref_updates[4]["x"]))
+  chex.assert_trees_all_close(got_updates[5], ref_updates[4], rtol=1e-12)
+  chex.assert_trees_all_close(got[6].eigenvectors, ref[5].eigenvectors, rtol=1e-12)
+  assert int(got[6].num_skipped) == int(ref[6].num_skipped) + 1

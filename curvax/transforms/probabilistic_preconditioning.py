@@ -159,7 +159,8 @@ class ProbabilisticPreconditioningState(NamedTuple):
     sum_directions: sum of the prior directions v_i (shaped like params).
     sum_products: sum of the prior products u_i = H_i v_i (shaped like params).
     inner_state: state of the inner optimizer.
-    num_skipped: steps skipped because of non-finite values.
+    num_skipped: steps skipped because of non-finite values, and steps passed
+      ``scheduled=False`` while the round still estimated (they wait).
     num_failed_fits: prior fits rejected (non-finite or zero alpha, w in an
       active group, or no active group); each restarts the round.
     num_negative_curvature: prior fits with a negative sum v'u in some group
@@ -244,6 +245,48 @@ def _group_sum(per_leaf: Sequence[Array], gids: Sequence[int], num_groups: int) 
       jnp.stack(per_leaf))
 
 
+def _round_layout(estimate: bool, num_prior: int, num_obs: int) -> Tuple[int, bool, int]:
+  """Where a round's steps fall (see the module docstring's table).
+
+  Returns ``apply_start`` (the round step of the first inner step),
+  ``finish_in_prior`` (no posterior phase: OnlyAdaptiveSGD, or ``M = 1``; the
+  prior's last step also builds the estimate and resets the inner state) and
+  ``busy_steps``, the number of steps at the start of a round that estimate
+  (the prior's, the posterior's and, with a posterior phase, the step at
+  ``apply_start`` that builds the rank-k estimate before its inner step).
+  """
+  apply_start = num_prior + num_obs - 1 if estimate else num_prior
+  finish_in_prior = not estimate or num_obs == 1
+  return apply_start, finish_in_prior, apply_start + (0 if finish_in_prior else 1)
+
+
+def estimates_preconditioner(step: int, *, prior_iterations: int = 10,
+                             num_observations: int = 5, restart_every: Optional[int] = None,
+                             precondition: bool = True,
+                             estimate_preconditioner: Optional[bool] = None) -> bool:
+  """Whether `probabilistic_preconditioning` with these settings estimates at ``step``.
+
+  Evaluated on the host, for ``update(..., scheduled=...)``: ``step`` counts
+  updates from 0, like the state's ``count``; the keywords are the
+  transform's. True on the first steps of every round (the round restarts at
+  multiples of ``restart_every``): the prior's ``P`` steps, the posterior's
+  ``M - 1`` and the step that builds the rank-k estimate. A loop that knows
+  the step number compiles two variants of its step and calls the one
+  without estimation (``scheduled=False``: no ``lax.cond``, on which GPU
+  runtimes wait for the host) on the other steps.
+
+  This is the schedule of a round that runs as planned. A retaken
+  observation (non-finite values) or a failed prior fit makes the device's
+  round late, and steps then passed ``scheduled=False`` wait until the next
+  step passed ``True`` (see `probabilistic_preconditioning`, "Host-side
+  schedule"); ``scheduled=True`` is always right.
+  """
+  estimate = precondition if estimate_preconditioner is None else bool(estimate_preconditioner)
+  _, _, busy_steps = _round_layout(estimate, int(prior_iterations), int(num_observations))
+  position = int(step) if restart_every is None else int(step) % int(restart_every)
+  return position < busy_steps
+
+
 def probabilistic_preconditioning(
     loss_fn: Callable[[Any, Any], Array],
     *,
@@ -315,13 +358,29 @@ def probabilistic_preconditioning(
       ``(path, leaf) -> label`` or a pytree of labels shaped like params; each
       group gets its own ``alpha``, ``w``, ``lam`` and learning rate.
 
+  Host-side schedule: each estimation phase is a ``lax.cond`` on the state,
+  and a GPU runtime waits for the host at each (three per step, taken or
+  not). A loop that knows the step number can pass ``scheduled`` (a Python
+  bool, static under ``jax.jit``): ``scheduled=False`` compiles the step
+  without estimation and without the conds, ``True`` (or ``None``, the
+  default) with them; `estimates_preconditioner` says which::
+
+    @functools.partial(jax.jit, static_argnames="scheduled")
+    def step(params, state, batch, scheduled): ...
+    step(params, state, batch, scheduled=estimates_preconditioner(t, **kw))
+
+  The results are the same as with ``scheduled=True`` on every step. A step
+  passed ``False`` while the state still estimates (a round that ran late)
+  waits: it returns a zero update, leaves the round where it was and counts
+  itself in ``num_skipped`` (the restart schedule still counts it).
+
   Unknown keyword arguments raise ``TypeError`` (as for `hessian_free` and
   `curvature_step_size`): a misspelt option, or one of the seed's names
   (``lr``, ``est_rank``, ``weight_decay``), is an error, not silently the default.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
-    params, *, batch, **extra_args)`` needs ``params`` and ``batch`` (the batch
+    params, *, batch, scheduled=None, **extra_args)`` needs ``params`` and ``batch`` (the batch
     the gradient ``updates`` was computed on). ``update`` accepts other keywords
     (``optax.chain`` forwards every keyword to every member) and passes them on
     to the inner transformation.
@@ -361,7 +420,7 @@ def probabilistic_preconditioning(
         "posterior is the prior plus a rank-num_observations term; its singular values "
         "beyond that fall below the prior's 1/alpha, and inverting them would enlarge "
         "the step without bound.")
-  apply_start = num_prior + num_obs - 1 if estimate else num_prior
+  apply_start, finish_in_prior, busy_steps = _round_layout(estimate, num_prior, num_obs)
   if restart_every is not None:
     restart_every = _static_int(restart_every, "restart_every", apply_start + 1)
   if learning_rate is not None and not isinstance(learning_rate, jax.core.Tracer):
@@ -405,7 +464,8 @@ def probabilistic_preconditioning(
         num_skipped=izero(), num_failed_fits=izero(), num_negative_curvature=izero(),
         posterior_retakes=izero())
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def update_fn(updates, state, params=None, *, batch=None, scheduled=None, **extra_args):
+    scheduled = _checks.static_flag(scheduled, "scheduled", _NAME)
     _checks.require_kwarg(batch, "batch", _NAME)
     _checks.check_batch(batch)
     if params is None:
@@ -623,7 +683,6 @@ def probabilistic_preconditioning(
     # and Delta on every posterior step (the build read the rows just written
     # in place), and a branch that built from S and Delta as they came in,
     # before writing, made it copy them on every step: kept apart.
-    finish_in_prior = not estimate or num_obs == 1    # no posterior phase
     prior_out = prior_fields + tuple(f for f in fit_fields if f not in prior_fields)
     build_out = ("eigenvectors", "eigenvalues", "inner_state")
     if finish_in_prior:
@@ -650,13 +709,23 @@ def probabilistic_preconditioning(
       return state._replace(**dict(zip(fields, jax.lax.cond(pred, branch, unchanged(fields),
                                                             state))))
 
-    state = cond(phase == PRIOR, prior_branch, prior_out, state)
-    if not finish_in_prior:
-      state = cond(phase == POSTERIOR, posterior_step, post_fields, state)
-      starting = (phase == PRECONDITION) & (state.round_step == apply_start)
-      state = cond(starting, build_and_reset, build_out, state)
+    if scheduled is False:
+      # The caller's host schedule says no estimation is due (see
+      # `estimates_preconditioner`): compiled without the conds. If the round's
+      # estimation is still running (it ran late: a retaken observation or a
+      # failed fit), the step waits: zero update, the round unchanged, counted
+      # in num_skipped (the next step passed scheduled=True goes on with it).
+      in_precondition = (phase == PRECONDITION) & (state.round_step >= busy_steps)
+      waiting = ~in_precondition
+    else:
+      state = cond(phase == PRIOR, prior_branch, prior_out, state)
+      if not finish_in_prior:
+        state = cond(phase == POSTERIOR, posterior_step, post_fields, state)
+        starting = (phase == PRECONDITION) & (state.round_step == apply_start)
+        state = cond(starting, build_and_reset, build_out, state)
+      in_precondition = (phase == PRECONDITION) & (state.round_step >= apply_start)
+      waiting = jnp.zeros((), bool)
     inner_state = state.inner_state
-    in_precondition = (phase == PRECONDITION) & (state.round_step >= apply_start)
 
     # Computed on every step and selected with ``where``, not in a cond: the
     # step is a few elementwise passes (plus the inner optimizer's), so XLA
@@ -705,7 +774,8 @@ def probabilistic_preconditioning(
         inner_state=optax.tree_utils.tree_where(apply, new_inner, inner_state),
         round_step=state.round_step + in_precondition.astype(state.round_step.dtype),
         learning_rate=jnp.where(in_precondition, lr, state.learning_rate),
-        num_skipped=state.num_skipped + (in_precondition & ~finite).astype(jnp.int32))
+        num_skipped=state.num_skipped + ((in_precondition & ~finite) | waiting).astype(
+            jnp.int32))
 
     r = new_state.round_step
     count = optax.safe_increment(state.count)
