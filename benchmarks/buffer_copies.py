@@ -48,7 +48,8 @@ import numpy as np
 import optax
 
 import curvax
-from probabilistic_preconditioning import mlp_apply, mlp_init  # benchmarks/: the same MLP
+from probabilistic_preconditioning import (  # benchmarks/: the same MLP
+    fixed_low_rank_preconditioner, mlp_apply, mlp_init)
 
 _COPY = re.compile(r"=\s*(\w+)\[([0-9,]*)\]\S*\s+copy\(")
 _ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1}
@@ -160,6 +161,9 @@ def steps(params, batch, eval_batch):
           css(debias=True, mode="interval", interval=100, num_estimates=10),
           dict(two, scheduled=False)),
       "probabilistic_preconditioning": make(pp()),
+      "  scheduled=False": make(pp(), {"scheduled": False}),
+      "  fixed rank-2 + SGD (reference)": make(optax.with_extra_args_support(optax.chain(
+          fixed_low_rank_preconditioner(jax.random.PRNGKey(2)), optax.sgd(0.1)))),
       "  adaptive (no preconditioning)": make(pp(precondition=False,
                                                  estimate_preconditioner=True)),
       "  momentum inner": make(pp(inner=optax.trace(0.9))),

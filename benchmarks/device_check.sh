@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, prepared as one run (about 8-9 minutes on an H200).
+# The GPU checks, prepared as one run (about 9 minutes on an H200).
 #
 # Runs on a device: 2026-11-27 and 2026-11-28, one H200 each (figures in
 # docs/performance.md; the second took 504 s, the machine's start ~40 s more).
@@ -9,18 +9,26 @@
 #   bash benchmarks/device_check.sh          # logs also go to $OUT (or /tmp/curvax_device)
 #
 # What it answers, in order:
-#   1. curvature_step_size, one call per step and one call per block of steps:
+#   1. probabilistic_preconditioning per epoch (#4: <= 1.2x SGD; the second
+#      run: 12.5x one call per step, 3.74x one call per epoch, floor 1.34x).
+#      New since: "host-scheduled" rows (update(..., scheduled=False) on the
+#      steps without estimation: no conds; per epoch call, the estimation
+#      steps and the others in two loops), its scalars packed (72 -> 58 state
+#      arrays) and its per-leaf factors and finiteness checks in one kernel
+#      each (XLA:CPU: 91 -> 71 kernels per preconditioning step, floor 67).
+#   2. curvature_step_size, one call per step and one call per block of steps:
 #      issue #5's ratios (biased <= 1.4x, debiased <= 1.8x, interval <= 1.05x)
 #      and the host time per call; "interval, host-scheduled" compiles the
-#      steps without curvature without the cond (update(..., scheduled=False)).
-#   2. profile_steps: per step of each transform (MLP) and monitor preset
+#      steps without curvature without the cond (update(..., scheduled=False)),
+#      now also inside a block (two loops). Since the second run: state 38 ->
+#      21 arrays, fewer kernels (XLA:CPU biased 135 -> 114).
+#   3. profile_steps: per step of each transform (MLP) and monitor preset
 #      (3c3d), device busy time against wall time, kernels per step and the
 #      most expensive instructions with their JAX op_name; the steps' optimized
 #      HLO comes back as hlo.tar.gz. The second run found a step's device time
 #      ~2.1 us per kernel (nadamw 40, curvature_step_size biased 92) and the
-#      per-call time set by the host's work per array; since then CSS's state
-#      went from 38 to 21 arrays: fewer kernels?
-#   3. diagnostics on 3c3d (#7: Cockpit's 1.5/2.0/21x every step, 1.0/1.0/1.3x
+#      per-call time set by the host's work per array.
+#   4. diagnostics on 3c3d (#7: Cockpit's 1.5/2.0/21x every step, 1.0/1.0/1.3x
 #      every 64th; the second run: 12.8/41.5/56.1x and 2.6/3.0/4.0x, 2.2/2.7/
 #      3.4x host-scheduled; the untracked steps lost host time to the state's
 #      76 arrays, now 33: does "loop host" approach 1.0x?). Its "idle"/"host"
@@ -28,8 +36,6 @@
 #      "loop" / "loop host" (--blocks): blocks of 64 steps with parameters and
 #      state donated, as a training loop runs them (the other columns are
 #      composed from undonated steps).
-#   4. probabilistic_preconditioning per epoch (#4: <= 1.2x SGD; the first
-#      run: 9-11x one call per step, 3.5-3.9x in blocks of steps).
 # Not in this run (time): benchmarks/curvature.py (on the second run: a GGN-vp
 # 0.15x a gradient, Lanczos from 20 products 14.9x), buffer_copies.py (copies,
 # kernel counts) and monitor_untracked.py; all run on a device too.
@@ -49,12 +55,12 @@ python3 -c "import jax, optax, flax; print('jax', jax.__version__, 'optax', opta
 'flax', flax.__version__, jax.devices())" 2>&1 | tee "$out/versions.log"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
 
-# In order of what the open issues need; the total of the timeouts (~510 s)
+# In order of what the open issues need; the total of the timeouts (~570 s)
 # fits one call (at most 600 s) of the 15 minutes a task's session may hold a
-# device, with time to start the machine.
-run curvature_step_size 80 benchmarks/curvature_step_size.py --repeats 3
+# device, with time to start the machine; the last one is cut first.
+run probabilistic_preconditioning 140 benchmarks/probabilistic_preconditioning.py --repeats 3
+run curvature_step_size 90 benchmarks/curvature_step_size.py --repeats 3
 run profile_steps 120 benchmarks/profile_steps.py --calls 20 --presets economy \
     --dump "$out/hlo"
 tar -C "$out" -czf "$out/hlo.tar.gz" hlo 2>/dev/null && rm -rf "$out/hlo"
 run diagnostics 210 benchmarks/diagnostics.py --repeats 2 --blocks 3
-run probabilistic_preconditioning 100 benchmarks/probabilistic_preconditioning.py --repeats 3

@@ -198,6 +198,10 @@ def static_int(value: Any, name: str, transform: str, minimum: int,
   return as_int
 
 
+#: Leaves up to this size are checked for finiteness together (`_all_float_leaves`).
+SMALL_LEAF = 4096
+
+
 def tree_all_finite(tree: Any) -> jax.Array:
   """Whether every floating-point entry of ``tree`` is finite (a traced bool).
 
@@ -226,9 +230,23 @@ def scaled_tree_all_finite(scale: jax.Array, tree: Any) -> jax.Array:
 
 
 def _all_float_leaves(flag, tree: Any) -> jax.Array:
-  """``flag(x)`` and-ed over the floating-point leaves of ``tree`` (True if none)."""
-  flags = [flag(x) for x in jax.tree_util.tree_leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  """``flag(x)`` and-ed over the floating-point leaves of ``tree`` (True if none).
+
+  ``flag`` is a reduction that ands over entries (the checks above), so the
+  leaves of at most `SMALL_LEAF` entries of one dtype are flagged together, as
+  one vector: on a GPU each reduction is a kernel launch, and a network's
+  biases or a transform's per-leaf scalars would each cost one.
+  """
+  small, flags = {}, []
+  for x in jax.tree_util.tree_leaves(tree):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      continue
+    if jnp.size(x) <= SMALL_LEAF:
+      small.setdefault(jnp.result_type(x), []).append(jnp.ravel(x))
+    else:
+      flags.append(flag(x))
+  flags += [flag(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+            for parts in small.values()]
   if not flags:
     return jnp.asarray(True)
   return jnp.all(jnp.stack(flags))

@@ -12,7 +12,7 @@ read like the dict it was packed from (``d["loss"]``, ``d.items()``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +99,54 @@ class PackedDict(Mapping):
   @classmethod
   def tree_unflatten(cls, layout, vectors):
     return cls(tuple(vectors), layout)
+
+
+def install_packed_fields(cls: type, packs: Mapping[str, Sequence[str]],
+                          casts: Optional[Mapping[str, Any]] = None) -> type:
+  """Names the entries of a NamedTuple's packed arrays, as if they were fields.
+
+  ``packs`` maps an array field of ``cls`` to the names of its entries along
+  the last axis: ``state.<name>`` reads ``state.<field>[..., i]`` (cast to
+  ``casts[name]`` if given; leading axes, e.g. of ``vmap``ped states, kept),
+  ``state._replace(<name>=value)`` writes it, ``state.scalars()`` returns all
+  of them by name; ``cls._scalar_names`` and ``cls._packed_fields`` list the
+  names and the array fields (`curvax.problems.loggable_state` logs by them).
+  A state holds its scalars this way because each array of a state costs a
+  jitted call host time, and XLA:GPU updates each scalar array with a kernel
+  of its own (docs/performance.md). Returns ``cls``.
+  """
+  casts = dict(casts or {})
+  where = {}
+  for field, names in packs.items():
+    if field not in cls._fields:
+      raise ValueError(f"{cls.__name__} has no field {field!r} to pack into.")
+    for i, name in enumerate(names):
+      if name in where or name in cls._fields:
+        raise ValueError(f"{cls.__name__}: {name!r} is named twice.")
+      where[name] = (field, i)
+
+      def get(self, field=field, i=i, cast=casts.get(name)):
+        value = getattr(self, field)[..., i]
+        return value if cast is None else value.astype(cast)
+      get.__name__ = name
+      setattr(cls, name, property(get, doc=f"``{field}[..., {i}]``: see the class docstring."))
+
+  replace_fields = cls._replace
+
+  def _replace(self, **changes):
+    packed = {name: changes.pop(name) for name in list(changes) if name in where}
+    new = replace_fields(self, **changes)
+    arrays = {}
+    for name, value in packed.items():
+      field, i = where[name]
+      array = arrays.get(field, getattr(new, field))
+      arrays[field] = array.at[..., i].set(jnp.asarray(value).astype(array.dtype))
+    return replace_fields(new, **arrays) if arrays else new
+
+  _replace.__doc__ = replace_fields.__doc__
+  cls._replace = _replace
+  cls._scalar_names = tuple(where)
+  cls._packed_fields = tuple(packs)
+  cls.scalars = lambda self: {name: getattr(self, name) for name in where}
+  cls.scalars.__doc__ = "``{name: value}`` of all packed entries."
+  return cls

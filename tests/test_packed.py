@@ -1,5 +1,7 @@
 """curvax._packed.PackedDict: a dict of pytrees stored as one vector per dtype."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 
 from curvax import diagnostics as dg
-from curvax._packed import PackedDict
+from curvax._packed import PackedDict, install_packed_fields
 
 import reference as ref
 
@@ -77,3 +79,50 @@ def test_monitor_records_are_one_array_per_dtype():
                                                             jax.tree_util.tree_leaves(grads)])),
                              rtol=1e-6)
   assert dg.record(state)["step"] == 0
+
+
+class _Packed(NamedTuple):
+  count: jax.Array
+  ints: jax.Array
+  floats: jax.Array
+  other: jax.Array
+
+
+install_packed_fields(_Packed, {"ints": ("a", "flag"), "floats": ("x", "y", "z")},
+                      casts={"flag": bool})
+
+
+def _packed_state():
+  return _Packed(jnp.asarray(3), jnp.asarray([4, 1], jnp.int32),
+                 jnp.asarray([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), jnp.zeros(2))
+
+
+def test_installed_names_read_and_replace_entries_of_packed_arrays():
+  s = _packed_state()
+  assert int(s.a) == 4 and s.flag.dtype == jnp.bool_ and bool(s.flag)
+  np.testing.assert_array_equal(s.y, [2.0, 5.0])             # one value per row (group)
+  assert list(s.scalars()) == ["a", "flag", "x", "y", "z"] == list(_Packed._scalar_names)
+  assert _Packed._packed_fields == ("ints", "floats")
+  t = s._replace(a=7, z=jnp.asarray([-1.0, -2.0]), count=jnp.asarray(9), flag=False)
+  np.testing.assert_array_equal(t.ints, [7, 0])
+  np.testing.assert_array_equal(t.floats, [[1.0, 2.0, -1.0], [4.0, 5.0, -2.0]])
+  assert int(t.count) == 9 and t.ints.dtype == jnp.int32
+  np.testing.assert_array_equal(s.ints, [4, 1])               # the original is unchanged
+  with pytest.raises(ValueError):
+    s._replace(nonexistent=1)
+  # Leading axes (vmap over states) are kept; under jit the names trace.
+  batched = jax.vmap(lambda c: _packed_state()._replace(a=c))(jnp.arange(3))
+  np.testing.assert_array_equal(batched.a, [0, 1, 2])
+  assert float(jax.jit(lambda st: st.x.sum() + st.a)(s)) == 5.0 + 4
+
+
+def test_install_rejects_unknown_fields_and_repeated_names():
+  class Twice(NamedTuple):
+    p: jax.Array
+    q: jax.Array
+  with pytest.raises(ValueError, match="no field"):
+    install_packed_fields(Twice, {"r": ("a",)})
+  with pytest.raises(ValueError, match="named twice"):
+    install_packed_fields(Twice, {"p": ("a",), "q": ("a",)})
+  with pytest.raises(ValueError, match="named twice"):
+    install_packed_fields(Twice, {"p": ("q",)})

@@ -306,8 +306,13 @@ def test_loggable_state_of_optax_states():
   # One-element arrays (per-group values with one group) are logged too.
   pp = curvax.transforms.probabilistic_preconditioning(lambda p, b: jnp.sum(p["w"] ** 2))
   logged = problems.loggable_state(pp.init({"w": jnp.ones(3)}))
-  assert {"alpha", "learning_rate", "prior_scale"} <= set(logged)
+  assert {"alpha", "learning_rate", "prior_scale", "phase", "num_skipped"} <= set(logged)
   assert all(jnp.ndim(v) == 0 for v in logged.values())   # float(v) works
+  # With a value per group of several groups, those are not scalars: not logged.
+  pp = curvax.transforms.probabilistic_preconditioning(
+      lambda p, b: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2), groups="leaf")
+  logged = problems.loggable_state(pp.init({"w": jnp.ones(3), "b": jnp.ones(2)}))
+  assert "phase" in logged and "alpha" not in logged and "learning_rate" not in logged
 
 
 def test_loggable_state_names_packed_scalars():

@@ -79,7 +79,8 @@ def _scalar_leaves(tree: Any, prefix: str, named: bool) -> Dict[str, jax.Array]:
     if _is_packed(leaf):
       for name in leaf._scalar_names:  # pylint: disable=protected-access
         value = getattr(leaf, name)
-        if jnp.issubdtype(jnp.result_type(value), jnp.number):  # as below: no bools
+        # As below: numbers (no bools) with one element (a value per group: one group).
+        if jnp.size(value) == 1 and jnp.issubdtype(jnp.result_type(value), jnp.number):
           out[here + name] = _loggable(value)
       for field in leaf._fields:
         if field not in leaf._packed_fields:  # pylint: disable=protected-access

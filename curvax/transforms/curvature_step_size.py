@@ -12,6 +12,7 @@ import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax._buffers import own_buffers
+from curvax._packed import install_packed_fields
 from curvax.curvature.quadratic_step_size import (quadratic_step_size,
                                                    step_size_from_parts,
                                                    step_size_is_defined)
@@ -98,35 +99,15 @@ class CurvatureStepSizeState(NamedTuple):
   counts: Array
   estimates: Array
 
-  #: The packed scalars' names and the fields holding them (read by
-  #: `curvax.problems.loggable_state`).
-  _scalar_names = _VALUE_FIELDS + _COUNT_FIELDS
-  _packed_fields = ("values", "counts")
-
-  def scalars(self) -> dict:
-    """``{name: scalar}`` of all packed scalars (``computed`` as a bool)."""
-    return {name: getattr(self, name) for name in self._scalar_names}
-
   @property
   def negative_fraction(self) -> Array:
     """Fraction of negative ``alpha*`` among all computed so far."""
     return self.num_negative / jnp.maximum(self.num_computed, 1)
 
 
-def _packed_property(array: str, index: int, name: str, cast=None):
-  def get(self):
-    value = getattr(self, array)[..., index]
-    return value if cast is None else value.astype(cast)
-  get.__name__ = name
-  return property(get, doc=f"``{array}[..., {index}]``: see the class docstring.")
-
-
-for _i, _name in enumerate(_VALUE_FIELDS):
-  setattr(CurvatureStepSizeState, _name, _packed_property("values", _i, _name))
-for _i, _name in enumerate(_COUNT_FIELDS):
-  setattr(CurvatureStepSizeState, _name,
-          _packed_property("counts", _i, _name, bool if _name == "computed" else None))
-del _i, _name
+# state.alpha, ..., state.scalars(); _scalar_names, _packed_fields (loggable_state).
+install_packed_fields(CurvatureStepSizeState, {"values": _VALUE_FIELDS, "counts": _COUNT_FIELDS},
+                      casts={"computed": bool})
 
 
 class _Measurement(NamedTuple):

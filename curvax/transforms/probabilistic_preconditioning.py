@@ -107,11 +107,13 @@ from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence, Tupl
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax._buffers import own_buffers
+from curvax._packed import install_packed_fields
 from curvax.curvature import hessian_matvec
 from curvax.solvers import bayesian_hessian as bh
 
@@ -131,11 +133,33 @@ STATIC_ARGS = ("loss_fn", "rank", "num_observations", "prior_iterations", "resta
                "groups")
 
 
+#: The counters packed in `ProbabilisticPreconditioningState.counts` (int32)
+#: and the per-group values packed in ``group_values`` (last axis), in order.
+_COUNT_FIELDS = ("round_step", "phase", "num_observations", "num_restarts", "num_skipped",
+                 "num_failed_fits", "num_negative_curvature", "posterior_retakes")
+_GROUP_FIELDS = ("alpha", "prior_scale", "noise_scale", "learning_rate", "sum_vu", "sum_uu",
+                 "sum_vv")
+
+
 class ProbabilisticPreconditioningState(NamedTuple):
   """State of `probabilistic_preconditioning`.
 
+  The scalars and the per-group values are packed, read by name as
+  properties (``state.phase``, ``state.alpha``, ...; all of them:
+  ``state.scalars()``; ``state._replace(phase=...)`` writes them): each array
+  of a state costs a jitted call host time, and XLA:GPU updates each small
+  array with a kernel of its own (docs/performance.md).
+
   Attributes:
     count: number of ``update`` calls.
+    counts: int32 ``(8,)``, the counters below, from ``round_step`` to
+      ``posterior_retakes`` (``_COUNT_FIELDS``).
+    group_values: ``(G, 7)`` in the parameters' float dtype, the per-group
+      values below (``alpha`` ... ``sum_vv``, ``_GROUP_FIELDS``).
+    eigenvalues, eigenvectors, directions, residuals, sum_directions,
+    sum_products, inner_state: arrays, below.
+
+  Packed (properties):
     round_step: position of the NEXT step in the current estimation round.
     phase: phase the next step runs: 0 prior (`PRIOR`), 1 posterior
       observations (`POSTERIOR`), 2 preconditioned inner step (`PRECONDITION`).
@@ -169,6 +193,24 @@ class ProbabilisticPreconditioningState(NamedTuple):
       finite one); at `MAX_POSTERIOR_RETAKES` the posterior phase ends early.
   """
   count: Array
+  counts: Array
+  group_values: Array
+  eigenvalues: Tuple[Array, ...]
+  eigenvectors: Tuple[Tuple[Array, ...], ...]
+  directions: Tuple[Array, ...]
+  residuals: Tuple[Array, ...]
+  sum_directions: Any
+  sum_products: Any
+  inner_state: Any
+
+
+install_packed_fields(ProbabilisticPreconditioningState,
+                      {"counts": _COUNT_FIELDS, "group_values": _GROUP_FIELDS})
+
+
+class _Fields(NamedTuple):
+  """`ProbabilisticPreconditioningState` unpacked: what ``update`` works on."""
+  count: Array
   round_step: Array
   phase: Array
   num_observations: Array
@@ -191,6 +233,23 @@ class ProbabilisticPreconditioningState(NamedTuple):
   num_failed_fits: Array
   num_negative_curvature: Array
   posterior_retakes: Array
+
+
+def _unpack(state: ProbabilisticPreconditioningState) -> _Fields:
+  return _Fields(**{f: getattr(state, f) for f in _Fields._fields})
+
+
+def _pack(fields: _Fields, group_dtype: Any) -> ProbabilisticPreconditioningState:
+  # One array each: XLA:GPU computes the new counters in one kernel, not one
+  # kernel per scalar field.
+  return ProbabilisticPreconditioningState(
+      count=fields.count,
+      counts=jnp.stack([jnp.asarray(getattr(fields, f)).astype(jnp.int32)
+                        for f in _COUNT_FIELDS]),
+      group_values=jnp.stack([getattr(fields, f).astype(group_dtype) for f in _GROUP_FIELDS],
+                             axis=-1),
+      **{f: getattr(fields, f) for f in ProbabilisticPreconditioningState._fields
+         if f in _Fields._fields and f != "count"})
 
 
 def _static_int(value: Any, name: str, minimum: int) -> int:
@@ -448,7 +507,7 @@ def probabilistic_preconditioning(
     zeros_g = lambda: jnp.zeros((num_groups,), dtype)
     lr0 = zeros_g() if learning_rate is None else zeros_g() + jnp.asarray(learning_rate, dtype)
     izero = lambda: jnp.zeros([], jnp.int32)
-    return ProbabilisticPreconditioningState(
+    return _pack(_Fields(
         count=izero(), round_step=izero(), phase=izero(), num_observations=izero(),
         num_restarts=izero(), alpha=zeros_g(), prior_scale=zeros_g(), noise_scale=zeros_g(),
         learning_rate=lr0,
@@ -462,7 +521,7 @@ def probabilistic_preconditioning(
         sum_products=optax.tree_utils.tree_zeros_like(params),
         inner_state=own_buffers(inner.init(params)),
         num_skipped=izero(), num_failed_fits=izero(), num_negative_curvature=izero(),
-        posterior_retakes=izero())
+        posterior_retakes=izero()), dtype)
 
   def update_fn(updates, state, params=None, *, batch=None, scheduled=None, **extra_args):
     scheduled = _checks.static_flag(scheduled, "scheduled", _NAME)
@@ -472,6 +531,8 @@ def probabilistic_preconditioning(
       raise TypeError(f"{_NAME}.update needs `params` (Hessian-vector products are taken "
                       "at params): call update(grads, state, params, batch=...).")
     _checks.check_tree_like(updates, params, "updates")
+    group_dtype = state.group_values.dtype
+    state = _unpack(state)
     # The gradient in the parameters' dtypes, as the estimate's buffers (a
     # gradient of another dtype made the phases' branches disagree).
     updates = otu.tree_cast_like(updates, params)
@@ -734,10 +795,15 @@ def probabilistic_preconditioning(
     # (mnist_mlp's preconditioning-phase step on XLA:CPU, 2 cores: ~8.0 ->
     # ~6.9 ms). In the estimation phases the result is discarded.
     if precondition:
-      coefs = [bh.low_rank_coefficients(
-                   g, u, bh.preconditioner_scales(sigma, leaf_scalar(state.alpha, i), form))
-               for i, (g, u, sigma) in enumerate(
-                   zip(g_flat, state.eigenvectors, state.eigenvalues))]
+      # The factors c (C1/C2) of all leaves in one elementwise pass (per leaf,
+      # XLA:GPU launched two kernels for each leaf's k numbers).
+      ranks = [s.shape[0] for s in state.eigenvalues]
+      scales = jnp.split(bh.preconditioner_scales(
+          jnp.concatenate(state.eigenvalues),
+          jnp.concatenate([jnp.broadcast_to(leaf_scalar(state.alpha, i), (k,))
+                           for i, k in enumerate(ranks)]), form), np.cumsum(ranks)[:-1])
+      coefs = [bh.low_rank_coefficients(g, u, c)
+               for g, u, c in zip(g_flat, state.eigenvectors, scales)]
       # In the gradient's dtypes (a group's scalars may be wider than a leaf).
       g_tilde = unflat([bh.low_rank_precondition(g, u, coefficients=c).astype(g.dtype)
                         for g, u, c in zip(g_flat, state.eigenvectors, coefs)])
@@ -790,6 +856,6 @@ def probabilistic_preconditioning(
           posterior_retakes=jnp.where(restart, 0, new_state.posterior_retakes))
     phase = jnp.where(r < num_prior, PRIOR, jnp.where(r < apply_start, POSTERIOR, PRECONDITION))
     new_state = new_state._replace(round_step=r, phase=phase.astype(jnp.int32), count=count)
-    return new_updates, new_state
+    return new_updates, _pack(new_state, group_dtype)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
