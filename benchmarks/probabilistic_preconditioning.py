@@ -43,8 +43,11 @@ Then (``--one-call``, the default) each epoch once more as ONE jitted call, a
 data, 2026-11-27) one call per step gave PreconditionedSGD 9-11x SGD (host time
 per call 0.7-1.2 ms against SGD's 0.1 ms, and its conds' host syncs; floor row
 1.3-1.8x), one call per epoch 3.5-3.9x (floor 1.3-1.4x, OnlyAdaptiveSGD 1.6-1.7x):
-see docs/performance.md. (On XLA:CPU a loop body runs slower than a top-level
-step, jax-ml/jax#12868: read those rows on a GPU.)
+see docs/performance.md. The third run (2026-11-28) added the "host-scheduled" rows
+(``update(..., scheduled=estimates_preconditioner(t, ...))``: the steps without
+estimation compiled without conds; per epoch call, two loops): one call per epoch
+2.11x against 3.96x, OnlyAdaptiveSGD 1.33x, floor 1.38x. (On XLA:CPU a loop body runs
+slower than a top-level step, jax-ml/jax#12868: read those rows on a GPU.)
 
 Fashion-MNIST batches when installed, else synthetic ones of the same shapes.
 Each configuration runs whole epochs of jitted steps (one compiled step, a
