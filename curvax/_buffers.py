@@ -32,7 +32,7 @@ def own_buffers(tree: T) -> T:
       lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
 
 
-def ordered_after(tree: T, values: Any) -> T:
+def ordered_after(tree: T, values: Any, whole: Any = ()) -> T:
   """``tree``, unchanged, computed after every array in ``values``.
 
   XLA orders operations by their data dependencies only. When a transform's
@@ -47,9 +47,15 @@ def ordered_after(tree: T, values: Any) -> T:
   array, pass an array assembled from parts (a concatenation, e.g. a
   `curvax._packed.PackedDict`'s vectors) as its parts: XLA folds element 0 of
   a concatenation into its first part and the others would stay unordered.
+  Or pass it in ``whole``: each array there is summed, so every element (every
+  part) comes first, at one reduction per array (a `PackedDict` of dozens of
+  records: a few reductions, where its parts' elements cost XLA:GPU a kernel
+  each).
   """
   firsts = [jnp.ravel(v)[0].astype(jnp.float32) for v in jax.tree_util.tree_leaves(values)
             if isinstance(v, jax.Array) and v.size]
+  firsts += [jnp.sum(v).astype(jnp.float32) for v in jax.tree_util.tree_leaves(whole)
+             if isinstance(v, jax.Array) and v.size]
   if not firsts:
     return tree
   v = sum(jnp.where(jnp.isfinite(x), x, 0.0) for x in firsts)

@@ -550,10 +550,13 @@ def monitor(inner: optax.GradientTransformation,
     # caller's in-place parameter update and the in-place store of the update
     # below. Without that data dependency XLA copied the parameters and the
     # stored update (params-sized, each) on every step.
-    # (Each record's value, not the packed vectors: `ordered_after` reads one
-    # element of each array, and XLA folds element 0 of a concatenation into
-    # its first operand, which would leave the other records unordered.)
-    new_updates = ordered_after(new_updates, (diagnostics.unpack(), start, alpha))
+    # (The packed records whole: `ordered_after` reads one element of each
+    # array in its second argument, and XLA folds element 0 of a
+    # concatenation into its first operand, which would leave the other
+    # records unordered; one element of each record cost a kernel each on a
+    # GPU.) The idle variant has no instruments to order.
+    if not idle:
+      new_updates = ordered_after(new_updates, (start, alpha), whole=diagnostics)
     if need_alpha and not idle:
       last_update = jax.lax.cond(
           is_tracked, lambda: otu.tree_cast_like(new_updates, state.last_update),
