@@ -91,11 +91,12 @@ def steps_in_one_call(body, num_steps: int, scheduled=None):
   what docs/performance.md recommends there.
 
   With ``scheduled`` (a host function of the step's index in the call: whether
-  it has scheduled work), ``body`` also takes ``scheduled=`` and the call runs
-  one loop per run of equal flags (the same runs every call): the steps
-  without scheduled work in a loop of the variant compiled without conds.
+  it has scheduled work, or which: a phase name), ``body`` also takes
+  ``scheduled=`` and the call runs one loop per run of equal values (the same
+  runs every call): e.g. the steps without scheduled work in a loop of the
+  variant compiled without conds.
   """
-  flags = [True] * num_steps if scheduled is None else [bool(scheduled(t))
+  flags = [True] * num_steps if scheduled is None else [_static(scheduled(t))
                                                         for t in range(num_steps)]
   runs = []                     # (first step, end, flag)
   for t, flag in enumerate(flags):
@@ -115,6 +116,11 @@ def steps_in_one_call(body, num_steps: int, scheduled=None):
   return run
 
 
+def _static(value):
+  """A schedule's value for ``update(..., scheduled=...)``: a phase name, else a bool."""
+  return value if isinstance(value, str) else bool(value)
+
+
 class HostScheduled:
   """A jitted step called with ``scheduled=schedule(t)``, ``t`` counted here
   (every call is one update, from 0): two compiled variants, the one passed
@@ -124,7 +130,7 @@ class HostScheduled:
     self.jitted, self.schedule, self.t = jitted, schedule, 0
 
   def __call__(self, *args):
-    flag = bool(self.schedule(self.t))
+    flag = _static(self.schedule(self.t))
     self.t += 1
     return self.jitted(*args, scheduled=flag)
 

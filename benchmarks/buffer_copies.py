@@ -162,6 +162,8 @@ def steps(params, batch, eval_batch):
           dict(two, scheduled=False)),
       "probabilistic_preconditioning": make(pp()),
       "  scheduled=False": make(pp(), {"scheduled": False}),
+      **{f"  scheduled={phase!r}": make(pp(), {"scheduled": phase})
+         for phase in ("prior", "posterior", "build")},
       "  fixed rank-2 + SGD (reference)": make(optax.with_extra_args_support(optax.chain(
           fixed_low_rank_preconditioner(jax.random.PRNGKey(2)), optax.sgd(0.1)))),
       "  adaptive (no preconditioning)": make(pp(precondition=False,

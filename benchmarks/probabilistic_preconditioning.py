@@ -43,10 +43,11 @@ Then (``--one-call``, the default) each epoch once more as ONE jitted call, a
 data, 2026-11-27) one call per step gave PreconditionedSGD 9-11x SGD (host time
 per call 0.7-1.2 ms against SGD's 0.1 ms, and its conds' host syncs; floor row
 1.3-1.8x), one call per epoch 3.5-3.9x (floor 1.3-1.4x, OnlyAdaptiveSGD 1.6-1.7x):
-see docs/performance.md. The third run (2026-11-28) added the "host-scheduled" rows
-(``update(..., scheduled=estimates_preconditioner(t, ...))``: the steps without
+see docs/performance.md. The third run (2026-11-28) added "host-scheduled" rows, then
+with ``update(..., scheduled=estimates_preconditioner(t, ...))`` (the steps without
 estimation compiled without conds; per epoch call, two loops): one call per epoch
-2.11x against 3.96x, OnlyAdaptiveSGD 1.33x, floor 1.38x. (On XLA:CPU a loop body runs
+2.11x against 3.96x, OnlyAdaptiveSGD 1.33x, floor 1.38x. They now pass
+``scheduled=estimation_phase(t, ...)``: every step without conds, one loop per phase. (On XLA:CPU a loop body runs
 slower than a top-level step, jax-ml/jax#12868: read those rows on a GPU.)
 
 Fashion-MNIST batches when installed, else synthetic ones of the same shapes.
@@ -206,15 +207,15 @@ def main():
   })
   configs = {"SGD (lr 0.01)": optax.sgd(0.01)}
   configs.update({name: pp(**kw, restart_every=steps) for name, kw in _PP_KWARGS.items()})
-  # update(..., scheduled=estimates_preconditioner(t, ...)): the steps without
-  # estimation compiled without the phases' conds.
+  # update(..., scheduled=estimation_phase(t, ...)): every step compiled
+  # without conds, with its phase's work only.
   host_scheduled = {f"{name}, host-scheduled": _PP_KWARGS[name]
                     for name in ("PreconditionedSGD", "OnlyAdaptiveSGD (prior only)")}
   configs.update({name: pp(**kw, restart_every=steps) for name, kw in host_scheduled.items()})
 
   def schedule(name):
     kw = {k: v for k, v in host_scheduled[name].items() if k != "loss_fn"}
-    return lambda t: curvax.transforms.estimates_preconditioner(t, restart_every=steps, **kw)
+    return lambda t: curvax.transforms.estimation_phase(t, restart_every=steps, **kw)
   configs[REFERENCE] = optax.chain(fixed_low_rank_preconditioner(jax.random.PRNGKey(2)),
                                    optax.sgd(0.01))
 

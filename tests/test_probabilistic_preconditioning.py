@@ -9,6 +9,7 @@ dense numpy re-implementation of the spec's round (`_dense_round`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import chex
@@ -21,7 +22,7 @@ import pytest
 import curvax
 from curvax.solvers import bayesian_hessian as bh
 from curvax.transforms.probabilistic_preconditioning import (
-    POSTERIOR, PRECONDITION, PRIOR, STATIC_ARGS, estimates_preconditioner,
+    POSTERIOR, PRECONDITION, PRIOR, STATIC_ARGS, estimates_preconditioner, estimation_phase,
     probabilistic_preconditioning)
 
 pp_module = importlib.import_module("curvax.transforms.probabilistic_preconditioning")
@@ -963,23 +964,18 @@ def _noisy_setup():
 
 
 def _run_scheduled(tx, loss_fn, params, batches, flags):
-  """Runs one step per batch with ``scheduled=flags[t]``; counts traces per flag."""
+  """Runs one step per batch with ``scheduled=flags[t]``; lists the values traced."""
   traces = []
 
-  @jax.jit
-  def busy(p, s, b):
-    traces.append(True)
-    return tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=True)
-
-  @jax.jit
-  def idle(p, s, b):
-    traces.append(False)
-    return tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=False)
+  @functools.partial(jax.jit, static_argnames="scheduled")
+  def step(p, s, b, scheduled):
+    traces.append(scheduled)
+    return tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=scheduled)
 
   state = tx.init(params)
   states, updates = [state], []
   for flag, b in zip(flags, batches):
-    u, state = (busy if flag else idle)(params, state, b)
+    u, state = step(params, state, b, scheduled=flag)
     params = optax.apply_updates(params, u)
     states.append(state)
     updates.append(u)
@@ -996,8 +992,9 @@ SCHEDULE_CASES = {
 }
 
 
+@pytest.mark.parametrize("by_phase", [False, True], ids=["estimates", "phase"])
 @pytest.mark.parametrize("case", sorted(SCHEDULE_CASES))
-def test_host_scheduled_steps_match_the_device_schedule(case):
+def test_host_scheduled_steps_match_the_device_schedule(case, by_phase):
   """Steps passed ``scheduled=estimates_preconditioner(t, ...)`` give the
   results of steps that branch on the device (every field, every step), and
   the host's schedule is exactly the steps that estimate: True where the
@@ -1008,10 +1005,11 @@ def test_host_scheduled_steps_match_the_device_schedule(case):
   loss_fn, params, batches = _noisy_setup()
   tx = probabilistic_preconditioning(loss_fn, **kw)
   host_kw = {k: v for k, v in kw.items() if k not in ("rank", "inner")}
-  flags = [estimates_preconditioner(t, **host_kw) for t in range(len(batches))]
+  host = estimation_phase if by_phase else estimates_preconditioner
+  flags = [host(t, **host_kw) for t in range(len(batches))]
   ref_states, ref_updates, _ = _run_scheduled(tx, loss_fn, params, batches, [True] * 16)
   states, updates, traces = _run_scheduled(tx, loss_fn, params, batches, flags)
-  assert sorted(set(traces)) == [False, True] and len(traces) == 2     # each compiled once
+  assert len(traces) == len(set(traces)) == len(set(flags))     # each compiled once
   for got, want in zip(updates, ref_updates):
     chex.assert_trees_all_close(got, want, rtol=1e-12, atol=0)
   for got, want in zip(states, ref_states):
@@ -1026,19 +1024,35 @@ def test_host_scheduled_steps_match_the_device_schedule(case):
   device = [int(s.phase) != PRECONDITION
             or (not finish_in_prior and int(s.round_step) == apply_start)
             for s in ref_states[:-1]]
-  assert flags == device
+  assert [f is not False for f in flags] == device
   assert not all(flags) and any(flags)
+  if by_phase:     # one variant per phase the round has, none with a cond
+    assert set(flags) == ({"prior", False} if finish_in_prior
+                          else {"prior", "posterior", "build", False})
 
 
-def test_scheduled_false_compiles_no_cond():
+@pytest.mark.parametrize("scheduled", [False, "prior", "posterior", "build"])
+def test_host_scheduled_steps_compile_no_cond(scheduled):
   params = {"x": jnp.ones(N)}
   grads = jax.tree.map(jnp.ones_like, params)
-  jaxpr = jax.make_jaxpr(lambda g, s, p: SHARED.update(g, s, p, batch=BATCH, scheduled=False))(
+  jaxpr = jax.make_jaxpr(lambda g, s, p: SHARED.update(g, s, p, batch=BATCH,
+                                                       scheduled=scheduled))(
       grads, SHARED.init(params), params)
   assert not any(e.primitive.name in ("cond", "while") for e in jaxpr.jaxpr.eqns)
+
+
+def test_bad_scheduled_values():
+  params = {"x": jnp.ones(N)}
+  grads = jax.tree.map(jnp.ones_like, params)
   with pytest.raises(TypeError, match="scheduled"):
     jax.jit(lambda s, f: SHARED.update(grads, s, params, batch=BATCH, scheduled=f))(
         SHARED.init(params), True)
+  with pytest.raises(ValueError, match="one of"):
+    SHARED.update(grads, SHARED.init(params), params, batch=BATCH, scheduled="posterio")
+  only_adaptive = probabilistic_preconditioning(SINGLE, prior_iterations=2, precondition=False)
+  with pytest.raises(ValueError, match="no posterior phase"):
+    only_adaptive.update(grads, only_adaptive.init(params), params, batch=BATCH,
+                         scheduled="build")
 
 
 def test_scheduled_false_while_the_round_runs_late_waits():
@@ -1061,6 +1075,16 @@ def test_scheduled_false_while_the_round_runs_late_waits():
   for f in ("round_step", "phase", "num_observations", "directions", "residuals", "alpha"):
     chex.assert_trees_all_equal(getattr(states[5], f), getattr(states[4], f))
   assert int(states[6].round_step) == 0 and int(states[6].num_restarts) == 1   # cut on time
+  # By phase: the retaken prior step makes the device one step late, so the
+  # host's posterior and build steps (2, 3) and the steps after wait too.
+  phases = [estimation_phase(t, prior_iterations=2, num_observations=2, restart_every=6)
+            for t in range(6)]
+  assert phases == ["prior", "prior", "posterior", "build", False, False]
+  by_phase, phase_updates, _ = _run_scheduled(tx, SINGLE, params, batches[:6], phases)
+  assert [int(s.num_skipped) for s in by_phase[1:]] == [1, 1, 2, 3, 4, 5]
+  assert not any(np.any(np.asarray(u["x"])) for u in phase_updates)
+  for f in ("round_step", "phase", "sum_vu", "sum_directions", "directions"):
+    chex.assert_trees_all_equal(getattr(by_phase[5], f), getattr(by_phase[2], f))
   # Without the restart the waiting round resumes at the next step passed True.
   tx_long = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2)
   ref, ref_updates, _ = _run_scheduled(tx_long, SINGLE, params, batches[:6], [True] * 6)

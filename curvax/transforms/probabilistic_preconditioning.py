@@ -319,6 +319,34 @@ def _round_layout(estimate: bool, num_prior: int, num_obs: int) -> Tuple[int, bo
   return apply_start, finish_in_prior, apply_start + (0 if finish_in_prior else 1)
 
 
+#: The steps of an estimation round by name, for ``update(..., scheduled=...)``.
+SCHEDULED_PHASES = ("prior", "posterior", "build")
+
+
+def estimation_phase(step: int, *, prior_iterations: int = 10, num_observations: int = 5,
+                     restart_every: Optional[int] = None, precondition: bool = True,
+                     estimate_preconditioner: Optional[bool] = None) -> Union[bool, str]:
+  """Which estimation step `probabilistic_preconditioning` takes at ``step``.
+
+  ``"prior"``, ``"posterior"``, ``"build"`` (the rank-k estimate, then the
+  first preconditioned step) or ``False`` (a preconditioning step), for
+  ``update(..., scheduled=estimation_phase(t, ...))``: each value compiles a
+  step with that work and no ``lax.cond`` (on a GPU each cond waits for the
+  host, and the estimation steps' branches ran as separate launches). The
+  keywords are the transform's; see `estimates_preconditioner` for rounds
+  that run late.
+  """
+  estimate = precondition if estimate_preconditioner is None else bool(estimate_preconditioner)
+  num_prior = int(prior_iterations)
+  apply_start, _, busy_steps = _round_layout(estimate, num_prior, int(num_observations))
+  position = int(step) if restart_every is None else int(step) % int(restart_every)
+  if position < num_prior:
+    return "prior"
+  if position >= busy_steps:
+    return False
+  return "build" if position == apply_start else "posterior"
+
+
 def estimates_preconditioner(step: int, *, prior_iterations: int = 10,
                              num_observations: int = 5, restart_every: Optional[int] = None,
                              precondition: bool = True,
@@ -340,10 +368,10 @@ def estimates_preconditioner(step: int, *, prior_iterations: int = 10,
   step passed ``True`` (see `probabilistic_preconditioning`, "Host-side
   schedule"); ``scheduled=True`` is always right.
   """
-  estimate = precondition if estimate_preconditioner is None else bool(estimate_preconditioner)
-  _, _, busy_steps = _round_layout(estimate, int(prior_iterations), int(num_observations))
-  position = int(step) if restart_every is None else int(step) % int(restart_every)
-  return position < busy_steps
+  return estimation_phase(step, prior_iterations=prior_iterations,
+                          num_observations=num_observations, restart_every=restart_every,
+                          precondition=precondition,
+                          estimate_preconditioner=estimate_preconditioner) is not False
 
 
 def probabilistic_preconditioning(
@@ -422,16 +450,19 @@ def probabilistic_preconditioning(
   not). A loop that knows the step number can pass ``scheduled`` (a Python
   bool, static under ``jax.jit``): ``scheduled=False`` compiles the step
   without estimation and without the conds, ``True`` (or ``None``, the
-  default) with them; `estimates_preconditioner` says which::
+  default) with them; `estimates_preconditioner` says which. Or pass the
+  step's phase, ``"prior"``, ``"posterior"`` or ``"build"``, as
+  `estimation_phase` gives it: then every step is compiled without conds,
+  each with its phase's work only::
 
     @functools.partial(jax.jit, static_argnames="scheduled")
     def step(params, state, batch, scheduled): ...
-    step(params, state, batch, scheduled=estimates_preconditioner(t, **kw))
+    step(params, state, batch, scheduled=estimation_phase(t, **kw))
 
   The results are the same as with ``scheduled=True`` on every step. A step
-  passed ``False`` while the state still estimates (a round that ran late)
-  waits: it returns a zero update, leaves the round where it was and counts
-  itself in ``num_skipped`` (the restart schedule still counts it).
+  passed ``False`` or a phase while the state needs other work (a round that
+  ran late) waits: it returns a zero update, leaves the round where it was
+  and counts itself in ``num_skipped`` (the restart schedule still counts it).
 
   Unknown keyword arguments raise ``TypeError`` (as for `hessian_free` and
   `curvature_step_size`): a misspelt option, or one of the seed's names
@@ -524,7 +555,15 @@ def probabilistic_preconditioning(
         posterior_retakes=izero()), dtype)
 
   def update_fn(updates, state, params=None, *, batch=None, scheduled=None, **extra_args):
-    scheduled = _checks.static_flag(scheduled, "scheduled", _NAME)
+    if isinstance(scheduled, str):
+      if scheduled not in SCHEDULED_PHASES:
+        raise ValueError(f"{_NAME}.update: scheduled must be None, a bool or one of "
+                         f"{SCHEDULED_PHASES}; got {scheduled!r}.")
+      if finish_in_prior and scheduled != "prior":
+        raise ValueError(f"{_NAME}.update: scheduled={scheduled!r}, but these settings have "
+                         "no posterior phase (estimation_phase says which steps are which).")
+    else:
+      scheduled = _checks.static_flag(scheduled, "scheduled", _NAME)
     _checks.require_kwarg(batch, "batch", _NAME)
     _checks.check_batch(batch)
     if params is None:
@@ -572,14 +611,16 @@ def probabilistic_preconditioning(
     phase = state.phase
 
     # ---------------------------------------------------------------- prior
-    def prior_step(carry):
+    def prior_step(carry, gate=True):
+      # ``gate`` False: the sums stay as they were (a host-scheduled step whose
+      # state is in another phase; its other fields are discarded by the caller).
       sum_vu, sum_uu, sum_vv, sum_dirs, sum_prods, r, skipped = carry
       u_tree = hvp(updates)
       u_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(u_tree)]
       finite = _checks.tree_all_finite(g_flat + u_flat)
       first = r == 0
       keep = lambda x: jnp.where(first, jnp.zeros_like(x), x)
-      pick = lambda new, old: jnp.where(finite, new, old)
+      pick = lambda new, old: jnp.where(finite & gate, new, old)
       vu = _group_sum([jnp.vdot(v, u) for v, u in zip(g_flat, u_flat)], gids, num_groups)
       uu = _group_sum([jnp.vdot(u, u) for u in u_flat], gids, num_groups)
       vv = _group_sum([jnp.vdot(v, v) for v in g_flat], gids, num_groups)
@@ -588,7 +629,7 @@ def probabilistic_preconditioning(
              jax.tree.map(lambda s, v: pick(keep(s) + v, s), sum_dirs, updates),
              jax.tree.map(lambda s, u: pick(keep(s) + u, s), sum_prods, u_tree),
              pick(r + 1, r), skipped + jnp.where(finite, 0, 1).astype(skipped.dtype))
-      return new, finite & (r == num_prior - 1)
+      return new, finite & gate & (r == num_prior - 1)
 
     prior_fields = ("sum_vu", "sum_uu", "sum_vv", "sum_directions", "sum_products",
                     "round_step", "num_skipped")
@@ -598,7 +639,7 @@ def probabilistic_preconditioning(
                   "num_negative_curvature", "directions", "residuals", "num_observations",
                   "round_step", "num_failed_fits")
 
-    def fit(state, do_fit):
+    def fit(state, do_fit, gate=True):
       # (P1), (P2), (P3), on the prior phase's last step (``do_fit``); the
       # fields are returned unchanged on its other steps.
       # Negative average curvature (a saddle region of a non-convex loss): use
@@ -650,10 +691,14 @@ def probabilistic_preconditioning(
           y1 = -(su / num_prior) * inv
           zero = jnp.zeros((), buf.dtype)
           write_i = write & leaf_scalar(active, i)
-          dirs.append(jnp.zeros_like(buf).at[0].set(
-              jnp.where(write_i, s1, zero).astype(buf.dtype)))
-          res.append(jnp.zeros_like(buf).at[0].set(
-              jnp.where(write_i, y1 - s1 / leaf_scalar(alpha, i), zero).astype(buf.dtype)))
+          new_s = jnp.zeros_like(buf).at[0].set(jnp.where(write_i, s1, zero).astype(buf.dtype))
+          new_d = jnp.zeros_like(buf).at[0].set(
+              jnp.where(write_i, y1 - s1 / leaf_scalar(alpha, i), zero).astype(buf.dtype))
+          if gate is not True:   # another phase's S and Delta are kept
+            new_s = jnp.where(gate, new_s, buf)
+            new_d = jnp.where(gate, new_d, state.residuals[i])
+          dirs.append(new_s)
+          res.append(new_d)
         out.update(directions=tuple(dirs), residuals=tuple(res),
                    num_observations=jnp.where(write, one, out["num_observations"]))
       return state._replace(**out)
@@ -663,7 +708,10 @@ def probabilistic_preconditioning(
     post_fields = ("directions", "residuals", "num_observations", "round_step", "num_skipped",
                    "posterior_retakes")
 
-    def posterior_step(state):
+    def posterior_step(state, gate=True):
+      # ``gate`` False: rows are written as for a skipped observation (zeros
+      # at row m, where the rows hold zeros or nothing that is read, or out
+      # of bounds: dropped); the caller discards the other fields.
       m = state.num_observations
       coeffs = [bh.posterior_coefficients(s, leaf_scalar(state.prior_scale, i),
                                           leaf_scalar(state.noise_scale, i), m)
@@ -680,6 +728,7 @@ def probabilistic_preconditioning(
                     zip(g_flat, state.directions, state.residuals, coeffs))]
       y_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(hvp(unflat(d_flat)))]
       finite = _checks.tree_all_finite(d_flat + y_flat)
+      written = finite & gate
       dirs, res = [], []
       for i, (d, y, s_buf, r_buf) in enumerate(
           zip(d_flat, y_flat, state.directions, state.residuals)):
@@ -692,9 +741,11 @@ def probabilistic_preconditioning(
         # skipped observation writes zeros, which leaves row m as it was
         # without reading it (reading it copied the row: ~1 ms per leaf).
         zero = jnp.zeros((), s_buf.dtype)
-        dirs.append(s_buf.at[m].set(jnp.where(finite, s_new, zero).astype(s_buf.dtype)))
+        dirs.append(s_buf.at[m].set(jnp.where(written, s_new, zero).astype(s_buf.dtype),
+                                    mode="drop"))
         res.append(r_buf.at[m].set(jnp.where(
-            finite, y * inv - s_new / leaf_scalar(state.alpha, i), zero).astype(r_buf.dtype)))
+            written, y * inv - s_new / leaf_scalar(state.alpha, i), zero).astype(r_buf.dtype),
+                                   mode="drop"))
       skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
       # A non-finite observation is retaken on the next batch, at most
       # MAX_POSTERIOR_RETAKES times in a row: a degenerate estimate (e.g. no
@@ -753,11 +804,11 @@ def probabilistic_preconditioning(
       vecs, vals = build(state) if estimate else (state.eigenvectors, state.eigenvalues)
       return vecs, vals, inner.init(params)
 
-    def prior_branch(state):
-      carry, do_fit = prior_step(tuple(getattr(state, f) for f in prior_fields))
-      state = fit(state._replace(**dict(zip(prior_fields, carry))), do_fit)
+    def prior_branch(state, gate=True):
+      carry, do_fit = prior_step(tuple(getattr(state, f) for f in prior_fields), gate)
+      state = fit(state._replace(**dict(zip(prior_fields, carry))), do_fit, gate)
       if finish_in_prior:   # the round's last estimation step: (L1) and the reset
-        done = state.round_step == apply_start
+        done = (state.round_step == apply_start) & gate
         state = state._replace(**dict(zip(build_out, jax.tree.map(
             lambda a, b: jnp.where(done, a, b), build_and_reset(state),
             tuple(getattr(state, f) for f in build_out)))))
@@ -770,15 +821,16 @@ def probabilistic_preconditioning(
       return state._replace(**dict(zip(fields, jax.lax.cond(pred, branch, unchanged(fields),
                                                             state))))
 
-    if scheduled is False:
-      # The caller's host schedule says no estimation is due (see
-      # `estimates_preconditioner`): compiled without the conds. If the round's
-      # estimation is still running (it ran late: a retaken observation or a
-      # failed fit), the step waits: zero update, the round unchanged, counted
-      # in num_skipped (the next step passed scheduled=True goes on with it).
-      in_precondition = (phase == PRECONDITION) & (state.round_step >= busy_steps)
-      waiting = ~in_precondition
-    else:
+    def selected(pred, branch, fields, state, gated=()):
+      # The branch computed unconditionally, its fields kept where ``pred``
+      # (those in ``gated``: the branch, given ``pred``, kept them itself; a
+      # select over them made XLA copy or re-read parameter-sized buffers).
+      new = branch(state)
+      return state._replace(**{
+          f: n if f in gated else jax.tree.map(lambda a, b: jnp.where(pred, a, b), n, o)
+          for f, n, o in zip(fields, new, unchanged(fields)(state))})
+
+    if scheduled is None or scheduled is True:
       state = cond(phase == PRIOR, prior_branch, prior_out, state)
       if not finish_in_prior:
         state = cond(phase == POSTERIOR, posterior_step, post_fields, state)
@@ -786,6 +838,30 @@ def probabilistic_preconditioning(
         state = cond(starting, build_and_reset, build_out, state)
       in_precondition = (phase == PRECONDITION) & (state.round_step >= apply_start)
       waiting = jnp.zeros((), bool)
+    else:
+      # The caller's host schedule says which step this is (see
+      # `estimation_phase`): compiled without conds, with that phase's work
+      # (if any) applied where the state agrees. A state that needs other
+      # work (a round that ran late: a retaken observation or a failed fit)
+      # makes the step wait: zero update, the round unchanged, counted in
+      # num_skipped; a step passed the phase the state is in goes on with it.
+      ran = jnp.zeros((), bool)
+      ready = busy_steps
+      if scheduled == "prior":
+        ran = phase == PRIOR
+        state = selected(ran, lambda st: prior_branch(st, ran), prior_out, state,
+                         gated=("sum_directions", "sum_products", "directions", "residuals")
+                         + (build_out if finish_in_prior else ()))
+      elif scheduled == "posterior":
+        ran = phase == POSTERIOR
+        state = selected(ran, lambda st: posterior_step(st, ran), post_fields, state,
+                         gated=("directions", "residuals"))
+      elif scheduled == "build":
+        starting = (phase == PRECONDITION) & (state.round_step == apply_start)
+        state = selected(starting, build_and_reset, build_out, state)
+        ready = apply_start
+      in_precondition = (phase == PRECONDITION) & (state.round_step >= ready)
+      waiting = ~(ran | in_precondition)
     inner_state = state.inner_state
 
     # Computed on every step and selected with ``where``, not in a cond: the
