@@ -565,17 +565,20 @@ def test_every_call_length_is_compiled_before_training(monkeypatch):
   compiled, called = [], set()
   real_jit = jax.jit
 
+  def length(fun):   # steps per call: one run of the call's layout (no schedule)
+    return sum(n for _, n in getattr(fun, "keywords", {}).get("layout", ((True, 1),)))
+
   def counting_jit(fun, *args, **kwargs):
     jitted = real_jit(fun, *args, **kwargs)
 
     class Wrapped:
       def __call__(self, *a, **k):
         if getattr(fun, "__name__", "") != "<lambda>":   # not the permutation
-          called.add(getattr(fun, "keywords", {}).get("count", 1))
+          called.add(length(fun))
         return jitted(*a, **k)
 
       def lower(self, *a, **k):
-        compiled.append(getattr(fun, "keywords", {}).get("count", 1))
+        compiled.append(length(fun))
         return jitted.lower(*a, **k)
     return Wrapped()
 
@@ -863,3 +866,97 @@ def test_host_schedule_gives_the_records_of_the_device_schedule(steps_per_call):
   assert all("alpha" in d for d in got["diagnostics"])
   with pytest.raises(TypeError, match="scheduled must be a function"):
     curvax.problems.run(problem, optax.sgd(0.1), scheduled=True, **kw)
+
+
+@pytest.mark.parametrize("max_layouts", [4, 0])
+def test_host_schedule_splits_calls_into_loops_of_equal_schedule(monkeypatch, max_layouts):
+  # probabilistic_preconditioning estimates on the first 4 steps of every
+  # epoch (P = M = 2, restarts every epoch of 8 steps); with 8 steps per call
+  # every call is 4 estimation steps, then 4 without: two loops in one
+  # program, the second of the step compiled with scheduled=False. With more
+  # distinct layouts than runner.MAX_LAYOUTS (here 0), each call with an
+  # estimation step runs the device-scheduled step throughout. The results
+  # are the device-side schedule's either way.
+  from curvax.problems import runner as runner_lib
+  monkeypatch.setattr(runner_lib, "MAX_LAYOUTS", max_layouts)
+  problem = curvax.problems.get("quadratic_deep", batch_size=8)
+  hp = dict(prior_iterations=2, num_observations=2, rank=1)
+  seen = []
+
+  def make():
+    inner = curvax.transforms.probabilistic_preconditioning(problem.loss_fn, restart_every=8,
+                                                           **hp)
+
+    def update(updates, state, params=None, **kw):
+      seen.append(kw.get("scheduled"))     # at trace time
+      return inner.update(updates, state, params, **kw)
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+  kw = dict(max_steps=24, train_size=64, eval_size=16, log_every=1, steps_per_call=8,
+            verbose=False)
+  want = curvax.problems.run(problem, make(), **kw)
+  schedule = lambda t: curvax.transforms.estimates_preconditioner(t, restart_every=8, **{
+      k: v for k, v in hp.items() if k != "rank"})
+  seen.clear()
+  got = curvax.problems.run(problem, make(), scheduled=schedule, **kw)
+  assert (False in seen) == (max_layouts > 0)
+  assert got["minibatch_train_losses"] == want["minibatch_train_losses"]
+  assert got["optimizer_state"] == want["optimizer_state"]
+  assert got["optimizer_state"]["num_skipped"][-1] == 0
+  assert got["optimizer_state"]["num_restarts"][-1] == 3
+
+
+def test_auto_schedule_of_registered_optimizers_and_the_command_line(tmp_path):
+  # scheduled="auto": the registered optimizer's host schedule, built from the
+  # hyperparameters it was built with (PP restarts every epoch: 8 steps).
+  from curvax.problems import optimizers as opt_lib
+  problem = curvax.problems.get("quadratic_deep", batch_size=8)
+  hp = dict(prior_iterations=2, num_observations=2, rank=1)
+  kw = dict(max_steps=16, train_size=64, eval_size=16, log_every=1, steps_per_call=8,
+            hyperparams=hp, verbose=False)
+  want = curvax.problems.run(problem, "probabilistic_preconditioning", **kw)
+  got = curvax.problems.run(problem, "probabilistic_preconditioning", scheduled="auto", **kw)
+  assert got["minibatch_train_losses"] == want["minibatch_train_losses"]
+  assert got["optimizer_state"] == want["optimizer_state"]
+  schedule = opt_lib.host_schedule("probabilistic_preconditioning",
+                                   dict(hp, restart_every=8))
+  assert [schedule(t) for t in range(10)] == (["prior"] * 2 + ["posterior", "build"]
+                                               + [False] * 4 + ["prior"] * 2)
+  css = opt_lib.host_schedule("curvature_step_size",
+                              {"mode": "interval", "interval": 5, "num_estimates": 2})
+  assert [css(t) for t in range(7)] == [True, True, False, False, False, True, True]
+  assert opt_lib.host_schedule("sgd", {}) is None
+  with pytest.raises(KeyError, match="unknown optimizer"):
+    opt_lib.host_schedule("nope", {})
+  with pytest.raises(ValueError, match="scheduled='auto' needs"):
+    curvax.problems.run(problem, optax.sgd(0.1), scheduled="auto", max_steps=1, verbose=False)
+  # The command line's --host-schedule.
+  from curvax.problems.__main__ import main
+  assert main(["run", "quadratic_deep", "--optimizer", "probabilistic_preconditioning",
+               "--max-steps", "4", "--train-size", "64", "--eval-size", "16",
+               "--batch-size", "8", "--host-schedule", "--quiet", "--out", str(tmp_path),
+               "--hp", "prior_iterations=2", "num_observations=2", "rank=1"]) == 0
+
+
+def test_schedule_functions_take_the_transforms_defaults():
+  # The host schedules must agree with the transforms when a keyword is left out.
+  import inspect
+  pairs = [(curvax.transforms.estimates_preconditioner,
+            curvax.transforms.probabilistic_preconditioning),
+           (curvax.transforms.computes_curvature, curvax.transforms.curvature_step_size)]
+  for host, transform in pairs:
+    params = inspect.signature(transform).parameters
+    for name, p in inspect.signature(host).parameters.items():
+      if name != "step":
+        assert p.default == params[name].default, (host.__name__, name)
+
+
+def test_auto_schedule_with_a_monitor_is_the_monitors():
+  problem = curvax.problems.get("quadratic_deep", batch_size=8)
+  kw = dict(max_steps=8, train_size=64, eval_size=16, log_every=1, steps_per_call=4,
+            monitor={"instruments": ["loss", "grad_norm"], "every": 4}, verbose=False)
+  want = curvax.problems.run(problem, optax.sgd(0.05), **kw)
+  got = curvax.problems.run(problem, optax.sgd(0.05), scheduled="auto", **kw)
+  assert got["minibatch_train_losses"] == want["minibatch_train_losses"]
+  assert got["diagnostics"] == want["diagnostics"]
+  assert [d["step"] for d in got["diagnostics"]] == [0, 4]

@@ -54,6 +54,11 @@ def main(argv=None) -> int:
                  help="data-parallel over the first N devices (on CPU: N virtual devices)")
   r.add_argument("--steps-per-call", type=int, default=1,
                  help="steps per jitted call (lax.scan; helps small models on a GPU)")
+  r.add_argument("--host-schedule", action="store_true",
+                 help="compile the steps without scheduled work (curvature_step_size's "
+                      "interval mode, probabilistic_preconditioning's steps between "
+                      "estimations, the monitor's untracked steps) without their conds, "
+                      "on which GPU runtimes wait for the host (run(..., scheduled='auto'))")
   r.add_argument("--monitor", default=None, metavar="PRESET",
                  help="watch the run with curvax.diagnostics.monitor: economy, business "
                       "or full (records under 'diagnostics' in the JSON)")
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
                    out=args.out, hyperparams=hp, max_steps=args.max_steps,
                    train_size=args.train_size, eval_size=args.eval_size, mesh=mesh,
                    steps_per_call=args.steps_per_call, monitor=monitor,
+                   scheduled="auto" if args.host_schedule else None,
                    verbose=not args.quiet)
     except (KeyError, ValueError, FileNotFoundError) as e:
       message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -7,7 +7,9 @@ optax's. The curvax transforms are built with their defaults from the problem's
 model, loss and regulariser; they are imported only when asked for (on the 2-D
 test functions, whose GGN is zero, with ``curvature="hessian"`` unless given).
 
-``build(name, problem, *, steps_per_epoch=None, **hyperparams) -> (optimizer, hyperparams)``.
+``build(name, problem, *, steps_per_epoch=None, **hyperparams) -> (optimizer, hyperparams)``;
+``host_schedule(name, hyperparams)``: the optimizer's schedule on the host, for
+``curvax.problems.run(..., scheduled=...)``.
 """
 
 from __future__ import annotations
@@ -125,3 +127,28 @@ def build(name: str, problem: Any, *, steps_per_epoch: Optional[int] = None,
   if name == "probabilistic_preconditioning":
     return _probabilistic_preconditioning(problem, dict(hyperparams), steps_per_epoch)
   return OPTIMIZERS[name](problem, dict(hyperparams))
+
+
+def host_schedule(name: str, hyperparams: dict) -> Optional[Callable[[int], Any]]:
+  """``t -> bool`` (or a phase name): whether (which) registered optimizer ``name`` (built with
+  ``hyperparams``, as `build` returns them) has scheduled work at update ``t``.
+
+  For ``curvax.problems.run(..., scheduled=...)`` (``scheduled="auto"``):
+  ``curvature_step_size`` computes curvature on the steps of
+  `curvax.transforms.computes_curvature`, ``probabilistic_preconditioning``
+  names each step's phase (`curvax.transforms.estimation_phase`); ``None``
+  for the others, which have nothing scheduled (every step is alike).
+  """
+  if name not in OPTIMIZERS:
+    raise KeyError(f"unknown optimizer '{name}'; registered: {', '.join(names())}.")
+  from curvax import transforms  # pylint: disable=import-outside-toplevel
+  if name == "curvature_step_size":
+    keys = ("mode", "warmup_steps", "interval", "num_estimates")
+    settings = {k: hyperparams[k] for k in keys if k in hyperparams}
+    return lambda t: transforms.computes_curvature(t, **settings)
+  if name == "probabilistic_preconditioning":
+    keys = ("prior_iterations", "num_observations", "restart_every", "precondition",
+            "estimate_preconditioner")
+    settings = {k: hyperparams[k] for k in keys if k in hyperparams}
+    return lambda t: transforms.estimation_phase(t, **settings)
+  return None

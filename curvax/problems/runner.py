@@ -228,6 +228,10 @@ def _pad_diverged(record: Dict[str, Any], epochs: int, steps_per_epoch: int) -> 
   record["padded_evaluations"] = missing
 
 
+#: At most this many programs of differently scheduled steps per call (`run`).
+MAX_LAYOUTS = 4
+
+
 def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformation, str], *,
         epochs: Optional[int] = None, seed: int = 0, log_every: int = 10,
         eval_batch_size: Optional[int] = None, out: Optional[str] = None,
@@ -239,7 +243,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         callback: Optional[Callable[..., None]] = None,
         mesh: Optional[jax.sharding.Mesh] = None,
         steps_per_call: int = 1,
-        scheduled: Optional[Callable[[int], bool]] = None,
+        scheduled: Union[None, str, Callable[[int], bool]] = None,
         monitor: Union[None, str, Dict[str, Any]] = None,
         verbose: bool = True) -> Dict[str, Any]:
   """Trains ``optimizer`` on ``problem`` and returns (and optionally writes) the results.
@@ -303,13 +307,22 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       (`benchmarks/problems.py`), while other programs' loop bodies run slower
       than top-level steps on XLA:CPU (jax-ml/jax#12868).
     scheduled: host-side schedule, ``scheduled(t) -> bool`` for update ``t``
-      (from 0): whether the optimizer has scheduled work there, e.g.
+      (from 0): whether the optimizer has scheduled work there (or which: a
+      string, passed on as ``update(..., scheduled=...)``), e.g.
       ``lambda t: curvax.diagnostics.is_scheduled(t, every=64)`` for a
-      monitor or ``curvax.transforms.computes_curvature`` for
-      curvature_step_size. A call whose steps have none runs a second compiled
-      step, built with ``update(..., scheduled=False)``: no ``lax.cond``, on which
-      GPU runtimes wait for the host (docs/performance.md). The results are
-      those without it when ``scheduled`` matches the optimizer's schedule.
+      monitor, ``curvax.transforms.computes_curvature`` for
+      curvature_step_size or ``curvax.transforms.estimation_phase`` for
+      probabilistic_preconditioning (its phase by name); ``"auto"``: the monitor's with
+      ``monitor=``, else that of the registered optimizer named by
+      ``optimizer`` (`curvax.problems.optimizers.host_schedule`). Steps without
+      run a second compiled step, built with ``update(..., scheduled=False)``:
+      no ``lax.cond``, on which GPU runtimes wait for the host
+      (docs/performance.md). With ``steps_per_call``, a call runs one loop per
+      run of steps of equal schedule (e.g. an epoch's estimation steps, then
+      the others) when the run needs at most `MAX_LAYOUTS` such programs, else
+      a call with any scheduled step runs the step with conds throughout. The
+      results are those without it when ``scheduled`` matches the optimizer's
+      schedule.
     monitor: watch the run with `curvax.diagnostics.monitor` (Cockpit's
       instruments): a preset name (``'economy'``, ``'business'``, ``'full'``)
       or a dict of the monitor's keywords (``instruments``, ``every``,
@@ -335,8 +348,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   """
   if log_every < 1:
     raise ValueError(f"log_every must be a positive number of steps, got {log_every}.")
-  if scheduled is not None and not callable(scheduled):
-    raise TypeError(f"scheduled must be a function step -> bool (or None); got {scheduled!r}.")
+  if scheduled is not None and not callable(scheduled) and scheduled != "auto":
+    raise TypeError(f"scheduled must be a function step -> bool, 'auto' or None; got "
+                    f"{scheduled!r}.")
+  if scheduled == "auto" and monitor is None and not isinstance(optimizer, str):
+    raise ValueError("scheduled='auto' needs a registered optimizer's name (its schedule: "
+                     "curvax.problems.optimizers.host_schedule) or monitor=; pass the "
+                     "schedule of your optimizer as a function step -> bool.")
   if max_steps is not None and max_steps < 1:
     raise ValueError(f"max_steps must be a positive number of steps (or None), got {max_steps}.")
   if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
@@ -362,8 +380,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   hyperparams = dict(hyperparams or {})
   if isinstance(optimizer, str):
     optimizer_name = optimizer_name or optimizer
+    registered = optimizer
     optimizer, hyperparams = opt_lib.build(optimizer, problem, steps_per_epoch=steps_per_epoch,
                                            **hyperparams)
+    if scheduled == "auto" and monitor is None:
+      scheduled = opt_lib.host_schedule(registered, hyperparams)
   optimizer_name = optimizer_name or "custom"
   monitor_settings = None
   if monitor is not None:
@@ -374,6 +395,10 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     monitor_settings = {"instruments": monitor} if isinstance(monitor, str) else dict(monitor)
     optimizer = diagnostics_lib.monitor(optimizer, problem.apply_fn, problem.loss,
                                         **monitor_settings)
+    if scheduled == "auto":
+      schedule_settings = {k: monitor_settings[k] for k in ("every", "schedule", "instruments")
+                           if k in monitor_settings}
+      scheduled = lambda t: diagnostics_lib.is_scheduled(t, **schedule_settings)  # noqa: E731
   tx = optax.with_extra_args_support(optimizer)
   epochs = problem.num_epochs if epochs is None else epochs
   # With monitor=, the optimizer's own state fields keep their names in
@@ -423,8 +448,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       # value_fn disagreed with `value` and `grad` on dropout and VAE problems).
       extra = dict(value=loss, grad=grads,
                    value_fn=lambda p: problem.train_loss(p, model_state, batch, k_drop)[0])
-    if not busy:     # the host knows this step has no scheduled work
-      extra["scheduled"] = False
+    if busy is not True:     # the host knows this step's scheduled work (False: none)
+      extra["scheduled"] = busy
     updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
                                    eval_batch=eval_batch, **extra)
     params = optax.apply_updates(params, updates)
@@ -438,9 +463,10 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   step_jit = jax.jit(step, donate_argnums=(0,), static_argnames="busy")
   perm_jit = jax.jit(lambda k: jax.random.permutation(k, n))
 
-  def steps(carry, x, y, perm, i0, step0, *, count, busy=True):
-    """``count`` steps in one program; returns what the host logs of each."""
-    def body(carry, j):
+  def steps(carry, x, y, perm, i0, step0, *, layout):
+    """The call's steps in one program, one loop per run ``(busy, length)`` of
+    ``layout``; returns what the host logs of each step."""
+    def body(busy, carry, j):
       carry, loss = step(carry, x, y, perm, i0 + j, step0 + j, busy)
       mon = None
       if monitored:   # the fields `curvax.diagnostics.record` reads, nothing params-sized
@@ -449,9 +475,16 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
             inner_state=(), count=(), init_params=(), last_update=(), alpha_start=(),
             key=(), eigenvector=())
       return carry, (loss, log_state(carry[2]), mon)
-    return jax.lax.scan(body, carry, jnp.arange(count))
+    outs, offset = [], 0
+    for busy, length in layout:
+      carry, out = jax.lax.scan(functools.partial(body, busy), carry,
+                                offset + jnp.arange(length))
+      outs.append(out)
+      offset += length
+    return carry, (outs[0] if len(outs) == 1 else
+                   jax.tree.map(lambda *parts: jnp.concatenate(parts), *outs))
 
-  steps_jits: Dict[Tuple[int, bool], Callable[..., Any]] = {}
+  steps_jits: Dict[Tuple[Tuple[bool, int], ...], Callable[..., Any]] = {}
 
   def call_length(i, global_step):
     """Steps in the call that starts at step ``i`` of an epoch."""
@@ -485,15 +518,58 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
         global_step += count
     return lengths or {1}
 
-  def steps_jit(count, busy=True):
-    if (count, busy) not in steps_jits:
-      steps_jits[count, busy] = jax.jit(functools.partial(steps, count=count, busy=busy),
-                                        donate_argnums=(0,))
-    return steps_jits[count, busy]
+  def steps_jit(layout):
+    if layout not in steps_jits:
+      steps_jits[layout] = jax.jit(functools.partial(steps, layout=layout), donate_argnums=(0,))
+    return steps_jits[layout]
 
-  def busy_call(first, count):
-    """Whether any of the call's steps has scheduled work (always, without ``scheduled``)."""
-    return scheduled is None or any(bool(scheduled(first + j)) for j in range(count))
+  def runs_of(first, count):
+    """The call's steps as runs ``((busy, length), ...)`` of equal schedule
+    (one run of busy steps without ``scheduled``)."""
+    if scheduled is None:
+      return ((True, count),)
+    runs = []
+    for j in range(count):
+      busy = scheduled(first + j)
+      busy = busy if isinstance(busy, str) else bool(busy)
+      if runs and runs[-1][0] == busy:
+        runs[-1] = (busy, runs[-1][1] + 1)
+      else:
+        runs.append((busy, 1))
+    return tuple(runs)
+
+  def coarse(runs):
+    """One run for the whole call: busy (with conds) unless none of its steps is."""
+    return ((any(busy is not False for busy, _ in runs), sum(length for _, length in runs)),)
+
+  def planned_calls():
+    """``(first step, length)`` of every call of the run (if it runs to the end)."""
+    global_step = 0
+    for _ in range(epochs):
+      i = 0
+      while i < steps_per_epoch and (max_steps is None or global_step < max_steps):
+        count = call_length(i, global_step)
+        yield global_step, count
+        i += count
+        global_step += count
+
+  # A call's steps run in one loop per run of equal schedule, each loop of a
+  # step compiled for it (without the conds where nothing is scheduled), when
+  # the run's calls need at most MAX_LAYOUTS such programs (e.g. an
+  # estimation at every epoch's start); else a call with any scheduled step is
+  # compiled with the conds throughout and the others without.
+  split_calls = False
+  if scheduled is not None and steps_per_call > 1:
+    layouts = set()
+    for first, count in planned_calls():
+      layouts.add(runs_of(first, count))
+      if len(layouts) > MAX_LAYOUTS:
+        break
+    split_calls = len(layouts) <= MAX_LAYOUTS
+
+  def layout_of(first, count):
+    runs = runs_of(first, count)
+    return runs if split_calls else coarse(runs)
 
   record: Dict[str, Any] = {
       "testproblem": problem.name, "batch_size": b, "num_epochs": epochs,
@@ -551,12 +627,15 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   perm0 = perm_jit(jax.random.fold_in(k_perm, 1))
   # Compile outside the timed loop (the jit cache keeps it; calling step_jit, not the
   # AOT executable, tolerates optimizer states whose dtypes settle after one step).
-  for count in sorted(call_lengths()):
-    for busy in (True,) if scheduled is None else (True, False):
-      if count == 1:
-        step_jit.lower(carry, x_all, y_all, perm0, 0, 0, busy=busy).compile()
-      else:
-        steps_jit(count, busy).lower(carry, x_all, y_all, perm0, 0, 0).compile()
+  if scheduled is None:
+    plans = {((True, count),) for count in call_lengths()}
+  else:
+    plans = {layout_of(first, count) for first, count in planned_calls()}
+  for layout in sorted(plans, key=repr):
+    if sum(length for _, length in layout) == 1:
+      step_jit.lower(carry, x_all, y_all, perm0, 0, 0, busy=layout[0][0]).compile()
+    else:
+      steps_jit(layout).lower(carry, x_all, y_all, perm0, 0, 0).compile()
   record["compile_time"] = time.perf_counter() - t_compile
 
   m = evaluate(0, 0.0)
@@ -638,13 +717,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       count = call_length(i, global_step)
       calls += 1
       first = global_step
-      busy = busy_call(global_step, count)
+      layout = layout_of(global_step, count)
       if count == 1:
-        carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step, busy=busy)
+        carry, loss = step_jit(carry, x_all, y_all, perm, i, global_step, busy=layout[0][0])
         logged, mons = None, None
       else:
-        carry, (losses, logged, mons) = steps_jit(count, busy)(carry, x_all, y_all, perm, i,
-                                                               global_step)
+        carry, (losses, logged, mons) = steps_jit(layout)(carry, x_all, y_all, perm, i,
+                                                          global_step)
         loss = losses[-1]
         if monitored:
           mons = jax.device_get(mons)
