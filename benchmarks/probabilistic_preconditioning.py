@@ -255,6 +255,8 @@ def main():
     step = make_step(tx, name)
     state = tx.init(params0)
     params, state = step(jax.tree.map(jnp.copy, params0), state, batches[0])       # compile
+    if name in host_scheduled:     # each phase's step compiles on its first use
+      params, state = epoch(step, params, state)
     jax.block_until_ready(params)
     runners[name] = [step, params, state]
 

@@ -321,8 +321,8 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       run of steps of equal schedule (e.g. an epoch's estimation steps, then
       the others) when the run needs at most `MAX_LAYOUTS` such programs, else
       a call with any scheduled step runs the step with conds throughout. The
-      results are those without it when ``scheduled`` matches the optimizer's
-      schedule.
+      results are those without it (up to rounding: the programs differ) when
+      ``scheduled`` matches the optimizer's schedule.
     monitor: watch the run with `curvax.diagnostics.monitor` (Cockpit's
       instruments): a preset name (``'economy'``, ``'business'``, ``'full'``)
       or a dict of the monitor's keywords (``instruments``, ``every``,

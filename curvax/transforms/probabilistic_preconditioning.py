@@ -459,8 +459,8 @@ def probabilistic_preconditioning(
     def step(params, state, batch, scheduled): ...
     step(params, state, batch, scheduled=estimation_phase(t, **kw))
 
-  The results are the same as with ``scheduled=True`` on every step. A step
-  passed ``False`` or a phase while the state needs other work (a round that
+  The results are those of ``scheduled=True`` on every step (up to rounding:
+  the programs differ, and so may XLA's fusions). A step passed ``False`` or a phase while the state needs other work (a round that
   ran late) waits: it returns a zero update, leaves the round where it was
   and counts itself in ``num_skipped`` (the restart schedule still counts it).
 
