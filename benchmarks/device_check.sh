@@ -9,13 +9,12 @@
 #   bash benchmarks/device_check.sh          # logs also go to $OUT (or /tmp/curvax_device)
 #
 # What it answers, in order:
-#   1. probabilistic_preconditioning per epoch (#4: <= 1.2x SGD; the second
-#      run: 12.5x one call per step, 3.74x one call per epoch, floor 1.34x).
-#      New since: "host-scheduled" rows (update(..., scheduled=False) on the
-#      steps without estimation: no conds; per epoch call, the estimation
-#      steps and the others in two loops), its scalars packed (72 -> 58 state
-#      arrays) and its per-leaf factors and finiteness checks in one kernel
-#      each (XLA:CPU: 91 -> 71 kernels per preconditioning step, floor 67).
+#   1. probabilistic_preconditioning per epoch (#4: <= 1.2x SGD; the third
+#      run and its follow-up: 3.7-4.0x one call per epoch with the conds,
+#      "host-scheduled" 1.91x (every step compiled without conds, each with
+#      its phase's work: update(..., scheduled=estimation_phase(t, ...)), one
+#      loop per phase), floor 1.39x; the posterior and build steps ~80% idle
+#      in their small per-leaf jnp.linalg calls).
 #   2. curvature_step_size, one call per step and one call per block of steps:
 #      issue #5's ratios (biased <= 1.4x, debiased <= 1.8x, interval <= 1.05x)
 #      and the host time per call; "interval, host-scheduled" compiles the
@@ -29,10 +28,11 @@
 #      ~2.1 us per kernel (nadamw 40, curvature_step_size biased 92) and the
 #      per-call time set by the host's work per array.
 #   4. diagnostics on 3c3d (#7: Cockpit's 1.5/2.0/21x every step, 1.0/1.0/1.3x
-#      every 64th; the second run: 12.8/41.5/56.1x and 2.6/3.0/4.0x, 2.2/2.7/
-#      3.4x host-scheduled; the untracked steps lost host time to the state's
-#      76 arrays, now 33: does "loop host" approach 1.0x?). Its "idle"/"host"
-#      columns time untracked steps compiled without the cond.
+#      every 64th; the third run, cut after three rows: every 64th 2.0/2.5x,
+#      host-scheduled 1.7/2.1x, donated blocks host-scheduled 2.5/2.9x; since
+#      then the idle step lost 33 kernels of record slices, MLP: 72 -> 39, SGD
+#      33). Its "idle"/"host" columns time untracked steps compiled without
+#      the cond.
 #      "loop" / "loop host" (--blocks): blocks of 64 steps with parameters and
 #      state donated, as a training loop runs them (the other columns are
 #      composed from undonated steps).
