@@ -8,6 +8,8 @@ import time
 import jax
 import numpy as np
 
+from curvax.problems.runner import schedule_runs
+
 
 def median_time(fn, *args, repeats: int = 5) -> float:
   """Median wall time in seconds of ``fn(*args)`` over ``repeats`` calls.
@@ -96,29 +98,19 @@ def steps_in_one_call(body, num_steps: int, scheduled=None):
   runs every call): e.g. the steps without scheduled work in a loop of the
   variant compiled without conds.
   """
-  flags = [True] * num_steps if scheduled is None else [_static(scheduled(t))
-                                                        for t in range(num_steps)]
-  runs = []                     # (first step, end, flag)
-  for t, flag in enumerate(flags):
-    if runs and runs[-1][2] == flag:
-      runs[-1] = (runs[-1][0], t + 1, flag)
-    else:
-      runs.append((t, t + 1, flag))
+  runs = (((True, num_steps),) if scheduled is None
+          else schedule_runs(scheduled, 0, num_steps))
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run(params, state, data):
-    carry = (params, state)
-    for first, end, flag in runs:
+    carry, first = (params, state), 0
+    for flag, length in runs:
       step = (lambda t, c, f=flag: body(t, *c, data, scheduled=f)) if scheduled is not None \
           else (lambda t, c: body(t, *c, data))
-      carry = jax.lax.fori_loop(first, end, step, carry)
+      carry = jax.lax.fori_loop(first, first + length, step, carry)
+      first += length
     return carry
   return run
-
-
-def _static(value):
-  """A schedule's value for ``update(..., scheduled=...)``: a phase name, else a bool."""
-  return value if isinstance(value, str) else bool(value)
 
 
 class HostScheduled:
@@ -130,7 +122,7 @@ class HostScheduled:
     self.jitted, self.schedule, self.t = jitted, schedule, 0
 
   def __call__(self, *args):
-    flag = _static(self.schedule(self.t))
+    (flag, _), = schedule_runs(self.schedule, self.t, 1)
     self.t += 1
     return self.jitted(*args, scheduled=flag)
 

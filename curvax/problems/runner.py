@@ -232,6 +232,22 @@ def _pad_diverged(record: Dict[str, Any], epochs: int, steps_per_epoch: int) -> 
 MAX_LAYOUTS = 4
 
 
+def schedule_runs(schedule: Callable[[int], Any], first: int,
+                  count: int) -> Tuple[Tuple[Any, int], ...]:
+  """Steps ``first .. first + count - 1`` as runs ``((value, length), ...)`` of
+  equal ``schedule(t)``, each value as ``update(..., scheduled=...)`` takes it
+  (a phase name, else a bool): one loop per run, each of its own variant."""
+  runs = []
+  for t in range(first, first + count):
+    value = schedule(t)
+    value = value if isinstance(value, str) else bool(value)
+    if runs and runs[-1][0] == value:
+      runs[-1] = (value, runs[-1][1] + 1)
+    else:
+      runs.append((value, 1))
+  return tuple(runs)
+
+
 def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformation, str], *,
         epochs: Optional[int] = None, seed: int = 0, log_every: int = 10,
         eval_batch_size: Optional[int] = None, out: Optional[str] = None,
@@ -528,15 +544,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     (one run of busy steps without ``scheduled``)."""
     if scheduled is None:
       return ((True, count),)
-    runs = []
-    for j in range(count):
-      busy = scheduled(first + j)
-      busy = busy if isinstance(busy, str) else bool(busy)
-      if runs and runs[-1][0] == busy:
-        runs[-1] = (busy, runs[-1][1] + 1)
-      else:
-        runs.append((busy, 1))
-    return tuple(runs)
+    return schedule_runs(scheduled, first, count)
 
   def coarse(runs):
     """One run for the whole call: busy (with conds) unless none of its steps is."""
