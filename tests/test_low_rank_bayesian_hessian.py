@@ -263,3 +263,81 @@ def test_low_rank_rows_are_orthonormal_to_float32_rounding(dependence):
   u32, _ = bh.low_rank_factors(f32(s), f32(d), c32, f32(alpha), f32(w), 3)
   u = np.asarray(u32, np.float64)
   np.testing.assert_allclose(u @ u.T, np.eye(3), atol=16 * np.finfo(np.float32).eps)
+
+
+def _primitive_counts(fn, *args):
+  """Primitive name -> count in ``fn``'s jaxpr, sub-jaxprs (pjit, custom_jvp) included."""
+  counts: dict = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+      for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+          v = getattr(v, "jaxpr", v)                     # ClosedJaxpr -> Jaxpr
+          if hasattr(v, "eqns"):
+            walk(v)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return counts
+
+
+def _blocks():
+  """Five blocks: four of float64, one with a single entry (so k = 1), one of
+  float32; each with its own alpha, w, lam."""
+  out = []
+  for seed, (n, dtype) in enumerate([(9, np.float64), (9, np.float64), (7, np.float64),
+                                     (1, np.float64), (9, np.float32)]):
+    s, d, _, _, _, m = _setup(n=n, seed=seed)
+    out.append((s.astype(dtype), d.astype(dtype), 0.5 + 0.2 * seed, 1.0 + 0.3 * seed,
+                0.1 + 0.1 * seed))
+  return out, m
+
+
+def test_posterior_inverse_matvec_blocks_match_single_blocks_and_dense():
+  blocks, m = _blocks()
+  rng = np.random.default_rng(7)
+  gs = [rng.normal(size=s.shape[1]).astype(s.dtype) for s, *_ in blocks]
+  s_, d_, a_, w_, l_ = zip(*blocks)
+  got = jax.jit(bh.posterior_inverse_matvec_blocks)(gs, s_, d_, a_, w_, l_, m)
+  for g, (s, d, alpha, w, lam), out in zip(gs, blocks, got):
+    single = bh.posterior_inverse_matvec(g, s, d, bh.posterior_coefficients(s, w, lam, m),
+                                         alpha, w)
+    tol = 1e-5 if s.dtype == np.float32 else 1e-10
+    assert out.dtype == single.dtype
+    np.testing.assert_allclose(out, single, rtol=tol, atol=tol)
+    dense = np.linalg.solve(_dense_b(s.astype(np.float64), d.astype(np.float64), alpha, w,
+                                     lam, m), g.astype(np.float64))
+    np.testing.assert_allclose(out, dense, rtol=100 * tol, atol=100 * tol)
+
+
+def test_low_rank_factors_blocks_match_single_blocks_and_dense():
+  blocks, m = _blocks()
+  s_, d_, a_, w_, l_ = zip(*blocks)
+  got = jax.jit(bh.low_rank_factors_blocks, static_argnums=5)(s_, d_, a_, w_, l_, 2, m)
+  for (s, d, alpha, w, lam), (u, sigma) in zip(blocks, got):
+    u1, sigma1 = bh.low_rank_factors(s, d, bh.posterior_coefficients(s, w, lam, m), alpha, w, 2)
+    tol = 1e-4 if s.dtype == np.float32 else 1e-9
+    assert u.shape == u1.shape == (min(2, s.shape[1]), s.shape[1]) and u.dtype == u1.dtype
+    np.testing.assert_allclose(sigma, sigma1, rtol=tol)
+    # Rows up to sign; the projector U'U is sign-free.
+    np.testing.assert_allclose(u.T @ u, u1.T @ u1, atol=tol)
+    b = _dense_b(s.astype(np.float64), d.astype(np.float64), alpha, w, lam, m)
+    top = np.linalg.svd(b, compute_uv=False)[:len(sigma)]
+    np.testing.assert_allclose(sigma, top, rtol=100 * tol)
+
+
+def test_blocks_batch_their_small_linear_algebra():
+  """Blocks whose small matrices agree in shape and dtype share one
+  inverse/solve/eigh/svd (one per block before): the posterior's M x M algebra
+  in two groups (by dtype; the rows' length n does not matter), the build's
+  in three (k = 1 for the one-entry block)."""
+  blocks, m = _blocks()
+  s_, d_, a_, w_, l_ = zip(*blocks)
+  gs = [np.ones(s.shape[1], s.dtype) for s in s_]
+  post = _primitive_counts(lambda *a: bh.posterior_inverse_matvec_blocks(*a, m),
+                           gs, s_, d_, a_, w_, l_)
+  build = _primitive_counts(lambda *a: bh.low_rank_factors_blocks(*a, 2, m),
+                            s_, d_, a_, w_, l_)
+  assert post["lu"] == 2 * 2           # inv of (B3) and solve of (W1), per group
+  assert build["lu"] == 3 and build["svd"] == 3 and build["eigh"] == 2 * 3

@@ -43,7 +43,7 @@ consistently in the Gram matrices"), so ``diag(S'S) = I`` on observed rows.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -137,14 +137,20 @@ def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: A
   identity block (their residual rows are zero, so they contribute nothing).
   """
   gram, = _products([directions], [(0, 0)])
+  return _coefficients(gram, prior_scale, noise_scale, num_observed)
+
+
+def _coefficients(gram: Array, prior_scale: Array, noise_scale: Array,
+                  num_observed: Optional[Array]) -> Array:
+  """`posterior_coefficients` from the Gram matrix ``S S'`` (rows layout)."""
   # Mask the (M, M) Gram matrix, not the (M, n) directions (no n-sized copy);
   # the mask of `observation_mask` from its diagonal (no second pass over S).
   mask = _mask(jnp.diagonal(gram), num_observed)
-  maskf = mask.astype(directions.dtype)
+  maskf = mask.astype(gram.dtype)
   gram = gram * maskf[:, None] * maskf[None, :]
   diag = jnp.diagonal(gram)
   mat = (jnp.square(prior_scale) * gram
-         + jnp.diag(jnp.square(noise_scale) * diag + (1.0 - mask.astype(gram.dtype))))
+         + jnp.diag(jnp.square(noise_scale) * diag + (1.0 - maskf)))
   return call_in_at_least_float32(jnp.linalg.inv, mat)
 
 
@@ -161,17 +167,57 @@ def posterior_inverse_matvec(g: Array, directions: Array, residuals: Array,
 
   ``d = alpha g - alpha^2 w^2 X (I + alpha w^2 S'X)^{-1} S' g``, ``X = Delta' C``.
   This is the active direction of the posterior observations (spec,
-  "Observations": ``d = B^{-1} g``, then ``y = H d``).
+  "Observations": ``d = B^{-1} g``, then ``y = H d``). For several blocks at
+  once, with ``C`` from the noise scale, see `posterior_inverse_matvec_blocks`.
   """
-  w2 = jnp.square(prior_scale)
-  m = directions.shape[0]
-  s_delta, s_g = _products([directions, residuals, g[None]], [(0, 1), (0, 2)])
-  sx = s_delta @ coefficients                            # S'X, (M, M)
-  sg = s_g[:, 0]                                         # S'g, (M,)
-  z = call_in_at_least_float32(jnp.linalg.solve,
-                               jnp.eye(m, dtype=sx.dtype) + alpha * w2 * sx, sg)
+  return _inverse_matvecs([g], [directions], [residuals], [alpha], [prior_scale],
+                          coefficients=[coefficients])[0]
+
+
+def posterior_inverse_matvec_blocks(
+    gs: Sequence[Array], directions: Sequence[Array], residuals: Sequence[Array],
+    alphas: Sequence[Array], prior_scales: Sequence[Array], noise_scales: Sequence[Array],
+    num_observed: Optional[Array] = None) -> list:
+  r"""`posterior_inverse_matvec` of each block, with ``C`` of (B3) computed on the way.
+
+  Equals ``[posterior_inverse_matvec(g_b, S_b, Delta_b, posterior_coefficients(S_b,
+  w_b, lam_b, num_observed), alpha_b, w_b) for each block b]``, with fewer
+  passes and launches: each block's rows are read once for ``S S'``, ``S Delta'``
+  and ``S g`` together, and the small ``M x M`` algebra of blocks of equal
+  shapes and dtypes (the inverse of (B3), the solve of (W1)) runs as one
+  batched call (`_map_blocks`) instead of one per block.
+  """
+  return _inverse_matvecs(gs, directions, residuals, alphas, prior_scales,
+                          noise_scales=noise_scales, num_observed=num_observed)
+
+
+def _inverse_matvecs(gs, directions, residuals, alphas, prior_scales, *, coefficients=None,
+                     noise_scales=None, num_observed=None) -> list:
+  """(W1) per block; ``C`` given (``coefficients``) or from (B3) (``noise_scales``)."""
+  own_c = coefficients is None
+  wanted = [(0, 1), (0, 2)] + ([(0, 0)] if own_c else [])
+  small = []
+  for b, (g, s, res) in enumerate(zip(gs, directions, residuals)):
+    grams = _products([s, res, g[None]], wanted)
+    c = grams[2] if own_c else coefficients[b]
+    extra = noise_scales[b] if own_c else 0.0
+    small.append((None, (grams[0], grams[1][:, 0], c, alphas[b], prior_scales[b], extra)))
+
+  def weights(_, s_delta, s_g, c, alpha, prior_scale, noise_scale):
+    # ``x = C z`` with z of (W1): d = alpha g - alpha^2 w^2 x Delta (rows).
+    if own_c:
+      c = _coefficients(c, prior_scale, noise_scale, num_observed)
+    sx = s_delta @ c                                     # S'X, (M, M)
+    m = sx.shape[0]
+    z = call_in_at_least_float32(
+        jnp.linalg.solve, jnp.eye(m, dtype=sx.dtype) + alpha * jnp.square(prior_scale) * sx,
+        s_g)
+    return c @ z
+
+  xs = _map_blocks(weights, small)
   # ``x @ Delta`` rather than ``Delta' @ x``: see `low_rank_precondition`.
-  return alpha * g - jnp.square(alpha) * w2 * ((coefficients @ z) @ residuals)
+  return [alpha * g - jnp.square(alpha) * jnp.square(w) * (x @ res)
+          for g, res, x, alpha, w in zip(gs, residuals, xs, alphas, prior_scales)]
 
 
 def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
@@ -213,12 +259,73 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   Returns ``U`` as ROWS, shape ``(k, n)``, and ``sigma`` of shape ``(k,)``,
   ``k = min(rank, n, 2M)``. No iterative eigensolver and no ``n x n`` matrix.
   """
-  n = directions.shape[1]
-  m = directions.shape[0]
-  dtype = directions.dtype
-  # X' = C' Delta (M x n) is never formed either: its Gram blocks come from
-  # those of the stored rows, X'X = C'(Delta Delta')C and X'S = C'(Delta S').
-  g_dd, g_ds, g_ss = _products([residuals, directions], [(0, 0), (0, 1), (1, 1)])
+  return _factors([directions], [residuals], [alpha], [prior_scale], rank,
+                  coefficients=[coefficients])[0]
+
+
+def low_rank_factors_blocks(
+    directions: Sequence[Array], residuals: Sequence[Array], alphas: Sequence[Array],
+    prior_scales: Sequence[Array], noise_scales: Sequence[Array], rank: int,
+    num_observed: Optional[Array] = None) -> list:
+  r"""`low_rank_factors` of each block, with ``C`` of (B3) computed on the way.
+
+  Equals ``[low_rank_factors(S_b, Delta_b, posterior_coefficients(S_b, w_b,
+  lam_b, num_observed), alpha_b, w_b, rank) for each block b]`` (a list of
+  ``(U_b, sigma_b)``), with fewer passes and launches: each block's rows are
+  read once for the three Gram blocks (``S S'`` serving both ``C`` and
+  ``A'A``), and the small algebra of blocks of equal shapes, dtypes and ``k``
+  (the inverse of (B3), the ``2M x 2M`` eigendecomposition and SVD of (L1), the
+  ``k x k`` re-orthonormalisation) runs as one batched call per stage
+  (`_map_blocks`) instead of one per block.
+  """
+  return _factors(directions, residuals, alphas, prior_scales, rank,
+                  noise_scales=noise_scales, num_observed=num_observed)
+
+
+def _factors(directions, residuals, alphas, prior_scales, rank, *, coefficients=None,
+             noise_scales=None, num_observed=None) -> list:
+  """(L1) per block; ``C`` given (``coefficients``) or from (B3) (``noise_scales``)."""
+  own_c = coefficients is None
+  small = []
+  for b, (s, res) in enumerate(zip(directions, residuals)):
+    m, n = s.shape
+    # X' = C' Delta (M x n) is never formed either: its Gram blocks come from
+    # those of the stored rows, X'X = C'(Delta Delta')C and X'S = C'(Delta S').
+    g_dd, g_ds, g_ss = _products([res, s], [(0, 0), (0, 1), (1, 1)])
+    extra = noise_scales[b] if own_c else coefficients[b]
+    small.append((min(rank, n, 2 * m),
+                  (g_dd, g_ds, g_ss, extra, alphas[b], prior_scales[b], np.int32(n))))
+
+  def span_factors(k, g_dd, g_ds, g_ss, extra, alpha, prior_scale, n):
+    c = _coefficients(g_ss, prior_scale, extra, num_observed) if own_c else extra
+    a, b, sigma = _span_factors(g_dd, g_ds, g_ss, c, alpha, prior_scale, n, k)
+    return c @ a, b, sigma
+
+  factors = _map_blocks(span_factors, small)
+  # U' = a' Delta + b' S, (k, n), written as k rows of 2M scaled-row sums:
+  # one fused loop per row and no (k, n) temporaries besides the result (as
+  # two products plus a sum it held three; the largest branch sets the scratch
+  # size of every step, see the transform's "Structure" note).
+  us = []
+  for s, res, (a, b, _) in zip(directions, residuals, factors):
+    m, k = b.shape
+    us.append(jnp.stack([sum(a[i, j] * res[i] + b[i, j] * s[i] for i in range(m))
+                         for j in range(k)]) if k else jnp.zeros((0, s.shape[1]), s.dtype))
+  # (U U')^{-1/2} U: exact orthonormality of the rows (zero rows stay zero).
+  inv_sqrts = _map_blocks(lambda _, gram: _inverse_sqrt(gram),
+                          [(None, (_products([u], [(0, 0)])[0],)) for u in us])
+  return [(q @ u, sigma) for q, u, (_, _, sigma) in zip(inv_sqrts, us, factors)]
+
+
+def _span_factors(g_dd: Array, g_ds: Array, g_ss: Array, coefficients: Array, alpha: Array,
+                  prior_scale: Array, n: Array, k: int) -> Tuple[Array, Array, Array]:
+  """The small part of (L1): ``U = Delta' (C a) + S' b`` and ``sigma``, from Gram blocks.
+
+  Returns ``a`` (the weights of ``X``'s columns), ``b`` (of ``S``'s), both
+  ``(M, k)``, and ``sigma`` ``(k,)``; see `low_rank_factors` for the steps.
+  """
+  m = g_ss.shape[0]
+  dtype = g_ss.dtype
   g_xx = coefficients.T @ g_dd @ coefficients
   g_xs = coefficients.T @ g_ds
   gram = jnp.block([[g_xx, g_xs], [g_xs.T, g_ss]])       # A'A, (2M, 2M)
@@ -229,7 +336,6 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   t = d_inv[:, None] * v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, mu, 1.0)), 0.0)
   zx = t.T @ gram[:, :m]                                 # Z'X, (2M, M)
   zs = t.T @ gram[:, m:]                                 # Z'S, (2M, M)
-  p = 2 * m
   # A dropped slot stands for a direction outside span[X, S], where B is the
   # prior's (1/alpha) I -- but only n - rank(A) such directions exist: with
   # fewer parameters than 2M (a small bias) the span is all of R^n, and a
@@ -238,21 +344,45 @@ def low_rank_factors(directions: Array, residuals: Array, coefficients: Array,
   k_mat = (jnp.diag(jnp.where(keep | outside, 1.0 / alpha, 0.0).astype(dtype))
            + jnp.square(prior_scale) * (zx @ zs.T))
   u_k, sigma, _ = call_in_at_least_float32(jnp.linalg.svd, k_mat)
-  k = min(rank, n, p)
   coef = t @ u_k[:, :k]                                  # U = A coef, (2M, k)
-  # U' = a' Delta + b' S, (k, n), written as k rows of 2M scaled-row sums:
-  # one fused loop per row and no (k, n) temporaries besides the result (as
-  # two products plus a sum it held three; the largest branch sets the scratch
-  # size of every step, see the transform's "Structure" note).
-  a = coefficients @ coef[:m]                            # (M, k)
-  b = coef[m:]                                           # (M, k)
-  u = jnp.stack([sum(a[i, j] * residuals[i] + b[i, j] * directions[i] for i in range(m))
-                 for j in range(k)]) if k else jnp.zeros((0, n), dtype)
-  # (U U')^{-1/2} U: exact orthonormality of the rows (zero rows stay zero).
-  lam, w = call_in_at_least_float32(jnp.linalg.eigh, _products([u], [(0, 0)])[0])
+  return coef[:m], coef[m:], sigma[:k]
+
+
+def _inverse_sqrt(gram: Array) -> Array:
+  """``gram^{-1/2}`` of a PSD Gram matrix, its tiny eigenvalues dropped (zero rows stay zero)."""
+  dtype = gram.dtype
+  lam, w = call_in_at_least_float32(jnp.linalg.eigh, gram)
   ok = lam > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(jnp.max(lam), 1.0)
-  inv_sqrt = (w * jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, lam, 1.0)), 0.0)) @ w.T
-  return inv_sqrt @ u, sigma[:k]
+  return (w * jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, lam, 1.0)), 0.0)) @ w.T
+
+
+def _map_blocks(fn: Callable[..., Any], blocks: Sequence[Tuple[Hashable, Tuple[Any, ...]]]
+                ) -> list:
+  """``[fn(static, *args) for static, args in blocks]``, equal blocks batched.
+
+  Blocks whose ``static`` and whose arguments' shapes and dtypes agree are
+  stacked and run as one ``jax.vmap``-ed call: per-block small linear algebra
+  (``inv``, ``solve``, ``eigh``, ``svd`` of ``M x M`` matrices) becomes one
+  batched call per group, which GPU runtimes issue as one batched library
+  launch (outside CUDA graphs each launch costs host time) instead of one per
+  parameter tensor. A block alone in its group is called as it is.
+  """
+  groups: dict = {}
+  for b, (static, args) in enumerate(blocks):
+    key = (static, tuple((jnp.shape(x), jnp.result_type(x)) for x in args))
+    groups.setdefault(key, []).append(b)
+  out: list = [None] * len(blocks)
+  for members in groups.values():
+    static = blocks[members[0]][0]
+    if len(members) == 1:
+      out[members[0]] = fn(static, *blocks[members[0]][1])
+      continue
+    stacked = [jnp.stack([jnp.asarray(blocks[b][1][i]) for b in members])
+               for i in range(len(blocks[members[0]][1]))]
+    result = jax.vmap(lambda *args: fn(static, *args))(*stacked)
+    for j, b in enumerate(members):
+      out[b] = jax.tree_util.tree_map(lambda r: r[j], result)
+  return out
 
 
 def preconditioner_scales(sigma: Array, alpha: Array, form: str = "inverse") -> Array:

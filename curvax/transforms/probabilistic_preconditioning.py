@@ -713,19 +713,19 @@ def probabilistic_preconditioning(
       # at row m, where the rows hold zeros or nothing that is read, or out
       # of bounds: dropped); the caller discards the other fields.
       m = state.num_observations
-      coeffs = [bh.posterior_coefficients(s, leaf_scalar(state.prior_scale, i),
-                                          leaf_scalar(state.noise_scale, i), m)
-                for i, s in enumerate(state.directions)]
-      # (O2): active direction d = B^{-1} g (W1), leaf by leaf; zero on an
+      num_leaves = len(g_flat)
+      alphas = [leaf_scalar(state.alpha, i) for i in range(num_leaves)]
+      # (O2): active direction d = B^{-1} g (W1), with C of (B3), leaf by leaf
+      # (their small M x M algebra batched across leaves); zero on an
       # inactive group's leaves, so H d, and every leaf's y, has no term
       # from them (their rows stay zero: s = d / ||d|| with d = 0).
       active = _active_groups(state.sum_vv, state.sum_uu)
-      d_flat = [jnp.where(leaf_scalar(active, i),
-                          bh.posterior_inverse_matvec(g, s, res, c, leaf_scalar(state.alpha, i),
-                                                      leaf_scalar(state.prior_scale, i)),
-                          jnp.zeros((), g.dtype))
-                for i, (g, s, res, c) in enumerate(
-                    zip(g_flat, state.directions, state.residuals, coeffs))]
+      d_flat = bh.posterior_inverse_matvec_blocks(
+          g_flat, state.directions, state.residuals, alphas,
+          [leaf_scalar(state.prior_scale, i) for i in range(num_leaves)],
+          [leaf_scalar(state.noise_scale, i) for i in range(num_leaves)], m)
+      d_flat = [jnp.where(leaf_scalar(active, i), d, jnp.zeros((), d.dtype))
+                for i, d in enumerate(d_flat)]
       y_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(hvp(unflat(d_flat)))]
       finite = _checks.tree_all_finite(d_flat + y_flat)
       written = finite & gate
@@ -744,7 +744,7 @@ def probabilistic_preconditioning(
         dirs.append(s_buf.at[m].set(jnp.where(written, s_new, zero).astype(s_buf.dtype),
                                     mode="drop"))
         res.append(r_buf.at[m].set(jnp.where(
-            written, y * inv - s_new / leaf_scalar(state.alpha, i), zero).astype(r_buf.dtype),
+            written, y * inv - s_new / alphas[i], zero).astype(r_buf.dtype),
                                    mode="drop"))
       skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
       # A non-finite observation is retaken on the next batch, at most
@@ -770,14 +770,16 @@ def probabilistic_preconditioning(
     # (AdaptiveSGD on mnist_mlp, XLA:CPU: three kernels, 4.3 MB, precondition-
     # phase step 1.21 -> 1.14x SGD).
     def build(state):
-      # (L1) per leaf.
+      # (L1) per leaf (the small algebra batched across leaves).
+      num_leaves = len(state.directions)
+      factors = bh.low_rank_factors_blocks(
+          state.directions, state.residuals,
+          [leaf_scalar(state.alpha, i) for i in range(num_leaves)],
+          [leaf_scalar(state.prior_scale, i) for i in range(num_leaves)],
+          [leaf_scalar(state.noise_scale, i) for i in range(num_leaves)], rank,
+          state.num_observations)
       vecs, vals = [], []
-      for i, (s, res) in enumerate(zip(state.directions, state.residuals)):
-        a = leaf_scalar(state.alpha, i)
-        w = leaf_scalar(state.prior_scale, i)
-        c = bh.posterior_coefficients(s, w, leaf_scalar(state.noise_scale, i),
-                                      state.num_observations)
-        u, sigma = bh.low_rank_factors(s, res, c, a, w, rank)
+      for i, (u, sigma) in enumerate(factors):
         ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(sigma))
         # In the state's dtypes (the leaf's; the group scalars may be wider).
         vecs.append(tuple(row.astype(v.dtype) for row, v in
