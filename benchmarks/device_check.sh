@@ -14,7 +14,13 @@
 #      "host-scheduled" 1.91x (every step compiled without conds, each with
 #      its phase's work: update(..., scheduled=estimation_phase(t, ...)), one
 #      loop per phase), floor 1.39x; the posterior and build steps ~80% idle
-#      in their small per-leaf jnp.linalg calls).
+#      in their small per-leaf jnp.linalg calls). Since then those calls are
+#      batched across leaves (one inv/solve/eigh/svd per group of equal small
+#      shapes; XLA:CPU HLO posterior 428 -> 271 kernels, build 546 -> 243):
+#      look at the host-scheduled rows and profile_steps' phase steps. New
+#      row "floor, one reduce per leaf": U'g as one variadic reduction per
+#      leaf instead of a vdot per row (XLA:CPU 67 -> 53 kernels, slower there);
+#      if it beats "floor" here, the transform should use it on GPUs.
 #   2. curvature_step_size, one call per step and one call per block of steps:
 #      issue #5's ratios (biased <= 1.4x, debiased <= 1.8x, interval <= 1.05x)
 #      and the host time per call; "interval, host-scheduled" compiles the
