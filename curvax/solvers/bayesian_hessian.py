@@ -7,7 +7,9 @@ specified in ``specs/probabilistic_preconditioning.md`` (sections "Observations"
 000_102983c1e1ef3813.txt, chapter 3, documents the PyTorch class
 ``Preconditioner`` that implements it). Everything here acts on ONE block of
 ``n`` parameters (one parameter tensor, flattened); the transform in
-``curvax.transforms.probabilistic_preconditioning`` applies it leaf by leaf.
+``curvax.transforms.probabilistic_preconditioning`` applies it leaf by leaf,
+through the ``*_blocks`` variants, which take a list of blocks and batch
+their small dense linear algebra across blocks of equal shapes.
 
 The spec's displayed equations carry no numbers; this module labels them, in the
 spec's order, and every docstring cites the labels:
