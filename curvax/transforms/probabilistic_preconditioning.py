@@ -460,9 +460,15 @@ def probabilistic_preconditioning(
     step(params, state, batch, scheduled=estimation_phase(t, **kw))
 
   The results are those of ``scheduled=True`` on every step (up to rounding:
-  the programs differ, and so may XLA's fusions). A step passed ``False`` or a phase while the state needs other work (a round that
-  ran late) waits: it returns a zero update, leaves the round where it was
-  and counts itself in ``num_skipped`` (the restart schedule still counts it).
+  the programs differ, and so may XLA's fusions). A step passed ``False`` or
+  a phase while the state needs other work (a round that ran late: a retaken
+  non-finite observation, a failed prior fit) waits: it returns a zero
+  update, leaves the round where it was and counts itself in ``num_skipped``
+  (the restart schedule still counts it). Waiting lasts until a step is
+  passed the phase the state is in (or ``True``), at the latest until the
+  next restart; without ``restart_every`` a host schedule never passes the
+  round's phases again, so such a loop should watch ``state.num_skipped`` (or
+  ``state.phase``) and pass ``True`` while it grows.
 
   Unknown keyword arguments raise ``TypeError`` (as for `hessian_free` and
   `curvature_step_size`): a misspelt option, or one of the seed's names
