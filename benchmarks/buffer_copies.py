@@ -169,6 +169,9 @@ def steps(params, batch, eval_batch):
       "  fixed rank-2, one reduce per leaf": make(optax.with_extra_args_support(optax.chain(
           fixed_low_rank_preconditioner(jax.random.PRNGKey(2), dots="reduce"),
           optax.sgd(0.1)))),
+      "  fixed rank-2, flat U": make(optax.with_extra_args_support(optax.chain(
+          fixed_low_rank_preconditioner(jax.random.PRNGKey(2), dots="flat"),
+          optax.sgd(0.1)))),
       "  adaptive (no preconditioning)": make(pp(precondition=False,
                                                  estimate_preconditioner=True)),
       "  momentum inner": make(pp(inner=optax.trace(0.9))),

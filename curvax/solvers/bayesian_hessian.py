@@ -342,7 +342,8 @@ def _span_factors(g_dd: Array, g_ds: Array, g_ss: Array, coefficients: Array, al
   # prior's (1/alpha) I -- but only n - rank(A) such directions exist: with
   # fewer parameters than 2M (a small bias) the span is all of R^n, and a
   # 1/alpha there would be a fake singular value displacing a true one.
-  outside = jnp.cumsum(~keep) <= n - jnp.sum(keep)
+  outside = (jnp.cumsum(~keep, dtype=jnp.int32)
+             <= n - jnp.sum(keep, dtype=jnp.int32))    # n: int32, also under vmap
   k_mat = (jnp.diag(jnp.where(keep | outside, 1.0 / alpha, 0.0).astype(dtype))
            + jnp.square(prior_scale) * (zx @ zs.T))
   u_k, sigma, _ = call_in_at_least_float32(jnp.linalg.svd, k_mat)
