@@ -19,8 +19,10 @@
 #      shapes; XLA:CPU HLO posterior 428 -> 271 kernels, build 546 -> 243):
 #      look at the host-scheduled rows and profile_steps' phase steps. New
 #      row "floor, one reduce per leaf": U'g as one variadic reduction per
-#      leaf instead of a vdot per row (XLA:CPU 67 -> 53 kernels, slower there);
-#      if it beats "floor" here, the transform should use it on GPUs.
+#      leaf instead of a vdot per row (XLA:CPU 67 -> 53 kernels, slower there),
+#      and "floor, flat U": all leaves' rows in one array, all U'g from one
+#      reduction (XLA:CPU: SGD's 36 kernels; slower there). If either beats
+#      "floor" here, the transform's preconditioner should take its layout.
 #   2. curvature_step_size, one call per step and one call per block of steps:
 #      issue #5's ratios (biased <= 1.4x, debiased <= 1.8x, interval <= 1.05x)
 #      and the host time per call; "interval, host-scheduled" compiles the
