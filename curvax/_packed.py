@@ -150,3 +150,27 @@ def install_packed_fields(cls: type, packs: Mapping[str, Sequence[str]],
   cls.scalars = lambda self: {name: getattr(self, name) for name in where}
   cls.scalars.__doc__ = "``{name: value}`` of all packed entries."
   return cls
+
+
+@jax.tree_util.register_pytree_node_class
+class PackedTree(PackedDict):
+  """One pytree of arrays stored as one flat vector per dtype (a `PackedDict`
+  of the single key ``"tree"``).
+
+  ``PackedTree.pack(tree)`` packs it, ``.unpack()`` returns it (slices of the
+  vectors, reshaped). For a state's parameter-shaped buffers that most steps
+  pass through untouched (`curvax.diagnostics.monitor`'s ``theta_0``): one
+  array per dtype instead of one per parameter tensor, so each jitted call
+  moves fewer arrays in and out.
+  """
+
+  @classmethod
+  def pack(cls, tree: Any) -> "PackedTree":  # pylint: disable=arguments-renamed
+    return super().pack({"tree": tree})
+
+  def unpack(self) -> Any:
+    return self["tree"]
+
+  def __repr__(self) -> str:
+    shapes = [getattr(v, "shape", v) for v in self._vectors]
+    return f"PackedTree(vectors={shapes})"

@@ -15,6 +15,7 @@ import pytest
 
 import curvax
 from curvax import diagnostics as dg
+from curvax._packed import PackedTree
 from tests import reference as ref
 
 RTOL = 1e-8
@@ -1114,17 +1115,17 @@ def test_hess_max_ev_warm_start_keeps_the_top_eigenpair():
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
   flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])
   state = tx.init(params)
-  assert not flat(state.eigenvector).any()
+  assert not flat(state.eigenvector.unpack()).any()
   p = params
   for i in range(3):
     h = np.asarray(ref.explicit_hessian(apply_fn, loss, p, batch))
     lam, vec = np.linalg.eigh(h)
     if i == 2:  # start from the second eigenvector instead
       _, unravel = jax.flatten_util.ravel_pytree(params)
-      state = state._replace(eigenvector=unravel(jnp.asarray(vec[:, -2])))
+      state = state._replace(eigenvector=PackedTree.pack(unravel(jnp.asarray(vec[:, -2]))))
     u, state = step(jax.grad(obj)(p, batch), state, p)
     np.testing.assert_allclose(dg.record(state)["hess_max_ev"], lam[-1], rtol=1e-6)
-    v = flat(state.eigenvector)
+    v = flat(state.eigenvector.unpack())
     np.testing.assert_allclose(abs(v @ vec[:, -1]) / np.linalg.norm(v), 1.0, atol=1e-6)
     p = optax.apply_updates(p, u)
 

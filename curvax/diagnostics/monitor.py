@@ -91,7 +91,7 @@ import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax._buffers import ordered_after, own_buffers
-from curvax._packed import PackedDict
+from curvax._packed import PackedDict, PackedTree
 from curvax.diagnostics import step_quality as alpha_lib
 from curvax.diagnostics import curvature as curv_lib
 from curvax.diagnostics import gradient_tests
@@ -131,12 +131,15 @@ class MonitorState(NamedTuple):
     alpha: Alpha of step ``alpha_step`` (NaN before any).
     alpha_step: the step ``alpha`` refers to (-1 before any).
     alpha_fresh: whether the last update completed an Alpha.
-    init_params: ``theta_0`` for Distance (``()`` if not tracked).
-    last_update: the previous update ``s`` for Alpha (``()`` if not tracked).
+    init_params: ``theta_0`` for Distance (``()`` if not tracked), as a
+      `curvax._packed.PackedTree` (``state.init_params.unpack()``: one array
+      per dtype instead of one per parameter tensor, like the three below).
+    last_update: the previous update ``s`` for Alpha (``()`` if not tracked),
+      a ``PackedTree``.
     alpha_start: ``(f_0, var f_0, mean s'g_i, var s'g_i, ||s||)`` at the start point.
     key: PRNG key (Lanczos start vectors, Monte-Carlo curvature).
     eigenvector: HessMaxEV's last top Ritz vector, its next start's warm part
-      (zeros before any; ``()`` if not tracked).
+      (zeros before any; ``()`` if not tracked), a ``PackedTree``.
   """
   inner_state: Any
   count: Array
@@ -402,11 +405,12 @@ def monitor(inner: optax.GradientTransformation,
         alpha=jnp.full((), jnp.nan, dtype),
         alpha_step=jnp.full((), -1, jnp.int32),
         alpha_fresh=jnp.zeros((), bool),
-        init_params=otu.tree_cast(params, None) if "distance" in want else (),
-        last_update=otu.tree_zeros_like(params) if need_alpha else (),
+        init_params=PackedTree.pack(params) if "distance" in want else (),
+        last_update=PackedTree.pack(otu.tree_zeros_like(params)) if need_alpha else (),
         alpha_start=jnp.zeros((5,), dtype),
         key=jax.random.PRNGKey(seed),
-        eigenvector=otu.tree_zeros_like(params) if "hess_max_ev" in want else ()))
+        eigenvector=(PackedTree.pack(otu.tree_zeros_like(params)) if "hess_max_ev" in want
+                     else ())))
 
   def compute(grads, new_updates, params, batch, state, key):
     """All requested instruments at ``theta_t`` on ``batch``.
@@ -423,7 +427,7 @@ def monitor(inner: optax.GradientTransformation,
     if need_pe:
       refs = (new_updates,) if need_alpha else ()
       if shared_end:
-        refs += (state.last_update,)
+        refs += (state.last_update.unpack(),)
       with jax.named_scope("per_example"):  # names the stages in profiles
         pe_losses, mean_g, second, sq_norms, dots, slopes, counts = _per_example(
             apply_fn, loss, params, batch, chunk_size, refs, want, hist_bins, hist_range)
@@ -451,7 +455,7 @@ def monitor(inner: optax.GradientTransformation,
       elif n in ("grad_norm", "update_size", "distance"):
         tree = {"grad_norm": grads, "update_size": new_updates}.get(n)
         if n == "distance":
-          tree = otu.tree_sub(params, state.init_params)
+          tree = otu.tree_sub(params, state.init_params.unpack())
         layers = norms.layer_norms(tree)
         out[n + "_layers"] = jax.tree_util.tree_map(cast, layers)
         out[n] = cast(norms.global_norm_from_layers(layers))
@@ -481,11 +485,11 @@ def monitor(inner: optax.GradientTransformation,
         from curvax.losses import objective  # pylint: disable=g-import-not-at-top
         mv = hessian_matvec(objective(apply_fn, loss), params, batch)
         with jax.named_scope("hess_max_ev"):
-          value, vector = _top_eigenpair(mv, params, state.eigenvector,
+          value, vector = _top_eigenpair(mv, params, state.eigenvector.unpack(),
                                          jax.random.fold_in(key, 1), eigen_iterations,
                                          eigen_rtol)
         out[n] = cast(value)
-        eigenvector = otu.tree_cast_like(vector, state.eigenvector)
+        eigenvector = PackedTree.pack(otu.tree_cast_like(vector, state.eigenvector.unpack()))
     return PackedDict.pack(out), start, end, eigenvector
 
   def update_fn(updates, state, params=None, *, batch=None, scheduled=None, **extra_args):
@@ -540,7 +544,7 @@ def monitor(inner: optax.GradientTransformation,
         alpha = jax.lax.cond(
             finish,
             lambda: end_point(*jax.named_scope("alpha_end")(_losses_and_slopes)(
-                apply_fn, loss, params, batch, state.last_update)),
+                apply_fn, loss, params, batch, state.last_update.unpack())),
             lambda: state.alpha)
       alpha_step = jnp.where(finish, count - 1, state.alpha_step)
       alpha_fresh = finish
@@ -559,7 +563,8 @@ def monitor(inner: optax.GradientTransformation,
       new_updates = ordered_after(new_updates, (start, alpha), whole=diagnostics)
     if need_alpha and not idle:
       last_update = jax.lax.cond(
-          is_tracked, lambda: otu.tree_cast_like(new_updates, state.last_update),
+          is_tracked,
+          lambda: PackedTree.pack(otu.tree_cast_like(new_updates, state.last_update.unpack())),
           lambda: state.last_update)
 
     new_state = MonitorState(
