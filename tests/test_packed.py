@@ -93,8 +93,8 @@ def test_packed_tree_round_trip_under_jit_one_vector_per_dtype():
 @pytest.mark.parametrize("preset", ["economy", "full"])
 def test_monitor_parameter_buffers_are_one_array_per_dtype(preset):
   # theta_0, the last update and HessMaxEV's vector pass through most steps
-  # untouched: one array each, not one per parameter tensor (the state of the
-  # 3c3d CNN's monitor: 33 -> 11 arrays), and they read back as the trees.
+  # untouched: one array each, not one per parameter tensor, and they read
+  # back as the trees (the state of the 3c3d CNN's monitor: 33 -> 6 arrays).
   apply_fn, loss, params, batch = ref.problem("mlp", n=6)
   tx = dg.monitor(optax.sgd(0.1), apply_fn, loss, preset, every=2)
   state = tx.init(params)
@@ -103,12 +103,21 @@ def test_monitor_parameter_buffers_are_one_array_per_dtype(preset):
   fields = ["init_params", "last_update"] + (["eigenvector"] if preset == "full" else [])
   for f in fields:
     assert len(jax.tree_util.tree_leaves(getattr(state, f))) == 1
+  # The scalars in two arrays, read by name: the whole state (SGD's is empty)
+  # is the records (one array per dtype), those two, the buffers and the key.
+  num_records = len(jax.tree_util.tree_leaves(state.diagnostics))
+  assert len(jax.tree_util.tree_leaves(state)) == num_records + 3 + len(fields)
+  assert (int(state.count), bool(state.tracked), int(state.tracked_step)) == (0, False, -1)
+  assert np.isnan(state.alpha) and state.alpha_start.shape == (5,)
   _assert_same(state.init_params.unpack(), params)
   grads = jax.grad(lambda p: jnp.mean(loss(apply_fn(p, batch[0]), batch[1])))(params)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
   updates, state = step(grads, state, params)          # step 0: tracked, stores the update
   _assert_same(state.last_update.unpack(), updates)
+  assert (int(state.count), bool(state.tracked), int(state.tracked_step)) == (1, True, 0)
   _, state2 = step(grads, state, optax.apply_updates(params, updates))   # untracked
+  assert (int(state2.count), bool(state2.tracked), int(state2.tracked_step)) == (2, False, 0)
+  assert bool(state2.alpha_fresh) and int(state2.alpha_step) == 0 and np.isfinite(state2.alpha)
   _assert_same(state2.last_update.unpack(), updates)
   _assert_same(state2.init_params.unpack(), params)
 

@@ -91,7 +91,7 @@ import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax._buffers import ordered_after, own_buffers
-from curvax._packed import PackedDict, PackedTree
+from curvax._packed import PackedDict, PackedTree, install_packed_fields
 from curvax.diagnostics import step_quality as alpha_lib
 from curvax.diagnostics import curvature as curv_lib
 from curvax.diagnostics import gradient_tests
@@ -119,41 +119,72 @@ INSTRUMENTS = frozenset(set(FULL) | _PER_EXAMPLE | _DIAG)
 class MonitorState(NamedTuple):
   """State of `monitor`.
 
+  The scalars are packed in two arrays, ``counts`` (int32: ``count``,
+  ``tracked``, ``tracked_step``, ``alpha_step``, ``alpha_fresh``) and
+  ``alpha_values`` (``alpha``, then ``alpha_start``), and read (and
+  ``_replace``d) by name, ``state.count``, ``state.alpha``, ...: each array of a
+  state costs host time per jitted call, and the untracked steps pass the
+  state through (docs/performance.md).
+
   Attributes:
     inner_state: the wrapped optimizer's state.
-    count: number of updates so far (the step index ``t`` of the next update).
-    tracked: whether the last update computed the instruments.
-    tracked_step: the step of the values in ``diagnostics`` (-1 before any).
+    counts: the int32 scalars below (the flags as 0 / 1).
     diagnostics: the values of the last tracked step, read like a dict
       ``name -> array``: scalars, per-layer trees (``*_layers``), histograms.
       Stored as a `curvax._packed.PackedDict` (one array per dtype instead of
       one per value: each array of a state costs host time per jitted call).
-    alpha: Alpha of step ``alpha_step`` (NaN before any).
-    alpha_step: the step ``alpha`` refers to (-1 before any).
-    alpha_fresh: whether the last update completed an Alpha.
+    alpha_values: ``alpha`` and ``alpha_start``, in the parameters' dtype.
     init_params: ``theta_0`` for Distance (``()`` if not tracked), as a
       `curvax._packed.PackedTree` (``state.init_params.unpack()``: one array
       per dtype instead of one per parameter tensor, like the three below).
     last_update: the previous update ``s`` for Alpha (``()`` if not tracked),
       a ``PackedTree``.
-    alpha_start: ``(f_0, var f_0, mean s'g_i, var s'g_i, ||s||)`` at the start point.
     key: PRNG key (Lanczos start vectors, Monte-Carlo curvature).
     eigenvector: HessMaxEV's last top Ritz vector, its next start's warm part
       (zeros before any; ``()`` if not tracked), a ``PackedTree``.
+
+  Scalars (properties):
+    count: number of updates so far (the step index ``t`` of the next update).
+    tracked: whether the last update computed the instruments.
+    tracked_step: the step of the values in ``diagnostics`` (-1 before any).
+    alpha: Alpha of step ``alpha_step`` (NaN before any).
+    alpha_step: the step ``alpha`` refers to (-1 before any).
+    alpha_fresh: whether the last update completed an Alpha.
+    alpha_start: ``(f_0, var f_0, mean s'g_i, var s'g_i, ||s||)`` at the start
+      point (``alpha_values[..., 1:]``; read only).
   """
   inner_state: Any
-  count: Array
-  tracked: Array
-  tracked_step: Array
+  counts: Array
   diagnostics: Dict[str, Any]
-  alpha: Array
-  alpha_step: Array
-  alpha_fresh: Array
+  alpha_values: Array
   init_params: Any
   last_update: Any
-  alpha_start: Array
   key: Array
   eigenvector: Any = ()
+
+  @property
+  def alpha_start(self) -> Array:
+    """``(f_0, var f_0, mean s'g_i, var s'g_i, ||s||)``: ``alpha_values[..., 1:]``."""
+    return self.alpha_values[..., 1:]
+
+
+_COUNT_FIELDS = ("count", "tracked", "tracked_step", "alpha_step", "alpha_fresh")
+install_packed_fields(MonitorState, {"counts": _COUNT_FIELDS, "alpha_values": ("alpha",)},
+                      casts={"tracked": bool, "alpha_fresh": bool})
+
+
+def _state(*, inner_state, count, tracked, tracked_step, diagnostics, alpha, alpha_step,
+           alpha_fresh, alpha_start, init_params, last_update, key, eigenvector) -> MonitorState:
+  """A `MonitorState` from its scalars by name (packed here)."""
+  dtype = jnp.result_type(alpha_start)
+  scalars = dict(count=count, tracked=tracked, tracked_step=tracked_step,
+                 alpha_step=alpha_step, alpha_fresh=alpha_fresh)
+  return MonitorState(
+      inner_state=inner_state,
+      counts=jnp.stack([jnp.asarray(scalars[f]).astype(jnp.int32) for f in _COUNT_FIELDS]),
+      diagnostics=diagnostics,
+      alpha_values=jnp.concatenate([jnp.asarray(alpha, dtype)[None], alpha_start]),
+      init_params=init_params, last_update=last_update, key=key, eigenvector=eigenvector)
 
 
 def _resolve_instruments(instruments) -> tuple:
@@ -396,7 +427,7 @@ def monitor(inner: optax.GradientTransformation,
   def init_fn(params):
     _checks.check_params(params, "monitor")
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
-    return own_buffers(MonitorState(
+    return own_buffers(_state(
         inner_state=inner.init(params),
         count=jnp.zeros((), jnp.int32),
         tracked=jnp.zeros((), bool),
@@ -567,7 +598,7 @@ def monitor(inner: optax.GradientTransformation,
           lambda: PackedTree.pack(otu.tree_cast_like(new_updates, state.last_update.unpack())),
           lambda: state.last_update)
 
-    new_state = MonitorState(
+    new_state = _state(
         inner_state=inner_state, count=count + 1, tracked=is_tracked,
         tracked_step=jnp.where(is_tracked, count, state.tracked_step),
         diagnostics=diagnostics, alpha=alpha, alpha_step=alpha_step,

@@ -488,8 +488,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       if monitored:   # the fields `curvax.diagnostics.record` reads, nothing params-sized
         from curvax.diagnostics import records  # pylint: disable=import-outside-toplevel
         mon = records.find_state(carry[2])._replace(
-            inner_state=(), count=(), init_params=(), last_update=(), alpha_start=(),
-            key=(), eigenvector=())
+            inner_state=(), init_params=(), last_update=(), key=(), eigenvector=())
       return carry, (loss, log_state(carry[2]), mon)
     outs, offset = [], 0
     for busy, length in layout:
