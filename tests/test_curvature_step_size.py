@@ -707,7 +707,8 @@ def test_state_packs_its_scalars_into_two_arrays():
   tx = curvature_step_size(inner, linear_apply, MSE, debias=False, learning_rate=0.5)
   state = tx.init(params)
   n_inner = len(jax.tree_util.tree_leaves(inner.init(params)))
-  assert len(jax.tree_util.tree_leaves(state)) == n_inner + 4  # count, values, counts, estimates
+  assert len(jax.tree_util.tree_leaves(state)) == n_inner + 2  # values (+ estimates), counts
+  assert int(state.count) == 0 and state.estimates.shape == (1,)
   grads = jax.grad(curvax.losses.objective(linear_apply, MSE))(params, batch)
   _, state = jax.jit(functools.partial(tx.update, batch=batch))(grads, state, params)
   scalars = state.scalars()
@@ -715,6 +716,8 @@ def test_state_packs_its_scalars_into_two_arrays():
   assert all(jnp.shape(v) == () for v in scalars.values())
   assert scalars["computed"].dtype == jnp.bool_ and bool(scalars["computed"])
   assert int(state.num_computed) == 1 and int(state.num_nonfinite) == 0
+  assert int(state.count) == 1
+  np.testing.assert_allclose(state.estimates, [state.alpha_absolute], rtol=1e-6)
   np.testing.assert_allclose(state.alpha_absolute, state.alpha * 0.5, rtol=1e-6)
   assert float(state.alpha) > 0
   np.testing.assert_allclose(state.scale, state.alpha, rtol=1e-6)

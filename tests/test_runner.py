@@ -330,8 +330,7 @@ def test_loggable_state_names_packed_scalars():
   logged = problems.loggable_state((state[0], s))
   names = {n for n in logged if n.startswith("1.")}
   assert names == {"1." + n for n in s._scalar_names if n != "computed"} | {
-      "1.count", "1.inner_state.count", "1.inner_state.hyperparams.learning_rate",
-      "1.estimates"}
+      "1.inner_state.count", "1.inner_state.hyperparams.learning_rate"}
   for name in ("alpha", "numerator", "denominator", "num_computed", "learning_rate"):
     np.testing.assert_array_equal(logged["1." + name], getattr(s, name))
   assert float(logged["1.num_computed"]) == 1 and np.isfinite(float(logged["1.alpha"]))

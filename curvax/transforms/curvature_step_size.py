@@ -30,11 +30,12 @@ STATIC_ARGS = ("inner", "apply_fn", "loss", "regularizer", "num_estimates")
 
 
 #: The scalar quantities of `CurvatureStepSizeState`, packed in ``values`` (in
-#: the parameters' float dtype) and ``counts`` (int32), in this order.
+#: the parameters' float dtype; the interval window's estimates follow them)
+#: and ``counts`` (int32), in this order.
 _VALUE_FIELDS = ("alpha", "alpha_absolute", "numerator", "denominator", "eval_loss",
                  "biased_numerator", "biased_denominator", "hybrid", "cos_batch", "cos_eval",
                  "direction_norm", "learning_rate", "held_learning_rate", "scale")
-_COUNT_FIELDS = ("computed", "num_computed", "num_negative", "num_undefined",
+_COUNT_FIELDS = ("count", "computed", "num_computed", "num_negative", "num_undefined",
                  "num_nonfinite")
 
 
@@ -54,15 +55,16 @@ class CurvatureStepSizeState(NamedTuple):
   with a kernel of its own (docs/performance.md).
 
   Attributes:
-    count: number of updates so far.
     inner_state: the inner optimizer's state.
-    values: the float scalars below, in the parameters' dtype.
+    values: the float scalars below, in the parameters' dtype, then
+      ``estimates``.
     counts: the int32 scalars below (``computed`` as 0 / 1).
+
+  Properties:
     estimates: interval mode: absolute ``alpha*`` of the current estimation
       window (NaN where not usable); shape ``(num_estimates,)`` (``(1,)`` in
-      ``every_step`` mode).
-
-  Scalars (properties):
+      ``every_step`` mode); read only (``values[..., 14:]``).
+    count: number of updates so far.
     alpha: relative ``alpha* = -d'g / d'Gd`` (the factor on ``eta_t``); NaN if
       undefined (``d'Gd <= 0`` or not finite).
     alpha_absolute: ``alpha * eta_t``, the learning rate the method proposes.
@@ -93,11 +95,14 @@ class CurvatureStepSizeState(NamedTuple):
     num_nonfinite: updates zeroed because the step ``(lr / eta_t) d`` was not
       finite (a non-finite inner proposal, or an overflowing rescaling).
   """
-  count: Array
   inner_state: Any
   values: Array
   counts: Array
-  estimates: Array
+
+  @property
+  def estimates(self) -> Array:
+    """Interval mode: the estimation window's absolute ``alpha*`` (see above)."""
+    return self.values[..., len(_VALUE_FIELDS):]
 
   @property
   def negative_fraction(self) -> Array:
@@ -344,15 +349,14 @@ def curvature_step_size(
     _checks.check_params(params, _NAME)
     dtype = _float_dtype(params)
     nan = jnp.full((), jnp.nan, dtype)
-    zero = jnp.zeros((), jnp.int32)
     eta0 = jnp.asarray(lr_fn(jnp.zeros((), jnp.int32)), dtype)
     values = dict.fromkeys(_VALUE_FIELDS, nan)
     values.update(learning_rate=eta0, held_learning_rate=eta0, scale=jnp.ones((), dtype))
     return own_buffers(CurvatureStepSizeState(
-        count=zero, inner_state=inner.init(params),
-        values=jnp.stack([values[f] for f in _VALUE_FIELDS]),
-        counts=jnp.zeros((len(_COUNT_FIELDS),), jnp.int32),
-        estimates=jnp.full((num_slots,), jnp.nan, dtype)))
+        inner_state=inner.init(params),
+        values=jnp.concatenate([jnp.stack([values[f] for f in _VALUE_FIELDS]),
+                                jnp.full((num_slots,), jnp.nan, dtype)]),
+        counts=jnp.zeros((len(_COUNT_FIELDS),), jnp.int32)))
 
   def clip_lr(lr):
     return lr if clip is None else jnp.clip(lr, clip[0], clip[1])
@@ -480,16 +484,17 @@ def curvature_step_size(
     measured = dict(meas._asdict(), alpha=alpha, alpha_absolute=alpha_abs, hybrid=hybrid)
     now = dict(measured, learning_rate=lr, held_learning_rate=new_held, scale=scale)
     values = jnp.where(np.array([f in measured for f in _VALUE_FIELDS]) & ~compute,
-                       state.values,
+                       state.values[:len(_VALUE_FIELDS)],
                        jnp.stack([jnp.asarray(now[f], dtype) for f in _VALUE_FIELDS]))
-    steps = dict(computed=compute, num_computed=compute,
+    # ``count`` as optax.safe_int32_increment: it stops at the int32 maximum.
+    steps = dict(count=t < jnp.iinfo(jnp.int32).max, computed=compute, num_computed=compute,
                  num_negative=compute & defined & (alpha < 0),
                  num_undefined=compute & ~defined, num_nonfinite=~finite)
     counts = (jnp.where(np.array([f != "computed" for f in _COUNT_FIELDS]), state.counts, 0)
               + jnp.stack([steps[f] for f in _COUNT_FIELDS]).astype(jnp.int32))
     new_state = CurvatureStepSizeState(
-        count=optax.safe_int32_increment(t), inner_state=inner_state, values=values,
-        counts=counts, estimates=estimates.astype(dtype))
+        inner_state=inner_state, values=jnp.concatenate([values, estimates.astype(dtype)]),
+        counts=counts)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
