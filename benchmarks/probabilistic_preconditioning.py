@@ -102,7 +102,7 @@ def fixed_low_rank_preconditioner(key, rank=2, scale=0.5, dots="vdot"):
 
   ``dots="vdot"``: ``U'g`` as the transform computes it (`low_rank_coefficients`:
   one ``vdot`` per row); ``"reduce"``: one variadic reduction per leaf for all
-  its rows (reads g once; XLA:CPU HLO of the mnist_mlp step 67 -> 52 kernels,
+  its rows (reads g once; XLA:CPU HLO of the mnist_mlp step 67 -> 53 kernels,
   ~5% slower on 2 CPU cores): the row "floor, one reduce per leaf", to measure on
   a GPU, where a step of this size costs about its kernel count. ``"flat"``: all
   leaves' rows in ONE ``(rank, total)`` array (each leaf's entries from an
