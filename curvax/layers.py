@@ -26,7 +26,9 @@ Memory: the patches hold ``prod(kernel_size)`` copies of the (strided) input.
 `max_pool` is ``flax.linen.max_pool`` (same outputs, same gradients, ties go
 to the first maximum of the window in row-major order) as the elementwise
 maximum of the window's strided slices, with a custom JVP that routes each
-tangent through a mask of the maximising entries. Its transpose (the gradient)
+tangent through a mask of the maximising entries (a window holding a NaN
+has a NaN output either way; its tangent here is zero, where ``nn.max_pool``
+routes it to an entry that depends on XLA's reduction order). Its transpose (the gradient)
 is padding and adding, where XLA differentiates ``reduce_window`` max into a
 ``select_and_scatter``, which XLA:CPU runs on a serial loop, once per column
 when back-propagating several columns (the ``K`` output-Hessian columns of an

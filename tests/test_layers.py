@@ -176,6 +176,23 @@ def test_max_pool_matches_nn_max_pool_with_ties(x_shape, window, strides, paddin
     np.testing.assert_allclose(a, b, **TOL)
 
 
+def test_max_pool_window_with_a_nan():
+  """A NaN in a window: the output is NaN (as nn.max_pool's) and that window's tangent
+  zero; the other windows' values and tangents are nn.max_pool's."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 2), jnp.float64)
+  x = x.at[1, 2, 3, 0].set(jnp.nan)
+  t = jax.random.normal(jax.random.PRNGKey(1), x.shape, jnp.float64)
+  (y, y_dot), (y_ref, y_dot_ref) = (jax.jvp(lambda x: pool(x, (2, 2), (2, 2)), (x,), (t,))
+                                    for pool in (max_pool, nn.max_pool))
+  bad = np.zeros(y.shape, bool)
+  bad[1, 1, 1, 0] = True
+  np.testing.assert_array_equal(np.isnan(y), bad)
+  np.testing.assert_array_equal(np.isnan(y_ref), bad)
+  assert y_dot[1, 1, 1, 0] == 0 and np.all(np.isfinite(y_dot))
+  np.testing.assert_allclose(y[~bad], y_ref[~bad], **TOL)
+  np.testing.assert_allclose(y_dot[~bad], y_dot_ref[~bad], **TOL)
+
+
 def test_max_pool_negative_padding_crops():
   """Negative padding crops (nn.max_pool's outputs; its gradient fails in JAX's
   reduce_window transpose, so the reference crops by slicing)."""
