@@ -98,8 +98,7 @@ def steps_in_one_call(body, num_steps: int, scheduled=None):
   runs every call): e.g. the steps without scheduled work in a loop of the
   variant compiled without conds.
   """
-  runs = (((True, num_steps),) if scheduled is None
-          else schedule_runs(scheduled, 0, num_steps))
+  runs = schedule_runs(scheduled, 0, num_steps)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run(params, state, data):

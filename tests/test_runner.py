@@ -867,6 +867,17 @@ def test_host_schedule_gives_the_records_of_the_device_schedule(steps_per_call):
     curvax.problems.run(problem, optax.sgd(0.1), scheduled=True, **kw)
 
 
+def test_schedule_runs_groups_steps_of_equal_schedule():
+  """Runs of equal ``schedule(t)`` over steps first .. first + count - 1 (values
+  normalised to bool unless a phase name); no schedule: one busy run."""
+  phase = lambda t: "prior" if t % 10 < 2 else t % 10 == 5  # noqa: E731
+  assert runner_lib.schedule_runs(phase, 8, 10) == (
+      (False, 2), ("prior", 2), (False, 3), (True, 1), (False, 2))
+  assert runner_lib.schedule_runs(lambda t: np.int64(t >= 3), 0, 5) == ((False, 3), (True, 2))
+  assert runner_lib.schedule_runs(None, 4, 7) == ((True, 7),)
+  assert runner_lib.schedule_runs(None, 4, 0) == runner_lib.schedule_runs(phase, 4, 0) == ()
+
+
 @pytest.mark.parametrize("max_layouts", [4, 0])
 def test_host_schedule_splits_calls_into_loops_of_equal_schedule(monkeypatch, max_layouts):
   # probabilistic_preconditioning estimates on the first 4 steps of every

@@ -232,11 +232,15 @@ def _pad_diverged(record: Dict[str, Any], epochs: int, steps_per_epoch: int) -> 
 MAX_LAYOUTS = 4
 
 
-def schedule_runs(schedule: Callable[[int], Any], first: int,
+def schedule_runs(schedule: Optional[Callable[[int], Any]], first: int,
                   count: int) -> Tuple[Tuple[Any, int], ...]:
   """Steps ``first .. first + count - 1`` as runs ``((value, length), ...)`` of
   equal ``schedule(t)``, each value as ``update(..., scheduled=...)`` takes it
-  (a phase name, else a bool): one loop per run, each of its own variant."""
+  (a phase name, else a bool): one loop per run, each of its own variant.
+  Without a schedule (``None``) the steps are one run of busy steps,
+  ``((True, count),)``, called without ``scheduled``."""
+  if schedule is None:
+    return ((True, count),) if count > 0 else ()
   runs = []
   for t in range(first, first + count):
     value = schedule(t)
@@ -538,12 +542,6 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       steps_jits[layout] = jax.jit(functools.partial(steps, layout=layout), donate_argnums=(0,))
     return steps_jits[layout]
 
-  def runs_of(first, count):
-    """The call's steps as runs ``((busy, length), ...)`` of equal schedule
-    (one run of busy steps without ``scheduled``)."""
-    if scheduled is None:
-      return ((True, count),)
-    return schedule_runs(scheduled, first, count)
 
   def coarse(runs):
     """One run for the whole call: busy (with conds) unless none of its steps is."""
@@ -569,13 +567,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
   if scheduled is not None and steps_per_call > 1:
     layouts = set()
     for first, count in planned_calls():
-      layouts.add(runs_of(first, count))
+      layouts.add(schedule_runs(scheduled, first, count))
       if len(layouts) > MAX_LAYOUTS:
         break
     split_calls = len(layouts) <= MAX_LAYOUTS
 
   def layout_of(first, count):
-    runs = runs_of(first, count)
+    runs = schedule_runs(scheduled, first, count)
     return runs if split_calls else coarse(runs)
 
   record: Dict[str, Any] = {
