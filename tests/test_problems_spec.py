@@ -468,7 +468,7 @@ def test_runner_protocol_evaluations_logging_and_json(tmp_path):
   r = problems.run("quadratic_deep", "sgd", epochs=2, out=str(tmp_path), verbose=False)
   rel = os.path.relpath(r["path"], tmp_path)
   assert re.fullmatch(r"quadratic_deep/sgd/num_epochs__2__batch_size__128__learning_rate__"
-                      r"0\.0158/random_seed__0__\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d\.json", rel), rel
+                      r"1\.58e-02/random_seed__0__\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d\.json", rel), rel
   with open(r["path"]) as f:
     j = json.load(f)
   for key in ("testproblem", "batch_size", "num_epochs", "random_seed", "weight_decay",

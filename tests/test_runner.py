@@ -30,7 +30,7 @@ def test_end_to_end_fmnist_mlp_sgd_json_and_plot(tmp_path):
   files = sorted(glob.glob(os.path.join(out, "**", "*.json"), recursive=True))
   assert len(files) == 2
   assert os.path.relpath(files[0], out).startswith(
-      "fmnist_mlp/sgd/num_epochs__1__batch_size__128__learning_rate__0.2__train_size__6400"
+      "fmnist_mlp/sgd/num_epochs__1__batch_size__128__learning_rate__2.e-01__train_size__6400"
       "__eval_size__1000__max_steps__30/random_seed__0__")
   with open(files[0]) as f:
     r = json.load(f)
@@ -186,13 +186,13 @@ def test_runs_of_other_runner_settings_get_their_own_setting_folder(tmp_path):
   not as seeds."""
   out = str(tmp_path / "res")
   kw = dict(epochs=1, out=out, verbose=False, hyperparams={"learning_rate": 0.01})
-  base = "num_epochs__1__batch_size__128__learning_rate__0.01"
+  base = "num_epochs__1__batch_size__128__learning_rate__1.e-02"
   for extra, suffix in ((dict(), ""), (dict(train_size=5000, eval_batch_size=128), ""),
                         (dict(train_size=256), "__train_size__256"),
                         (dict(eval_size=100, eval_batch_size=64, max_steps=3),
                          "__eval_size__100__eval_batch_size__64__max_steps__3"),
                         (dict(max_steps=4, eval_every=2), "__max_steps__4__eval_every__2"),
-                        (dict(max_steps=4, time_budget=1e6), "__max_steps__4__time_budget__1000000.0")):
+                        (dict(max_steps=4, time_budget=1e6), "__max_steps__4__time_budget__1.e+06")):
     r = problems.run("quadratic_deep", "sgd", **kw, **extra)
     assert os.path.relpath(os.path.dirname(r["path"]), out) == os.path.join(
         "quadratic_deep", "sgd", base + suffix), extra
@@ -731,8 +731,14 @@ def test_setting_folder_and_json_conversion():
   from curvax.problems import runner  # pylint: disable=import-outside-toplevel
   folder = runner._setting_folder(3, 64, 0.002, {"lr": 0.1, "b1": 0.9, "eps": 1e-8},
                                   {"train_size": 256, "max_steps": None})
-  assert folder == ("num_epochs__3__batch_size__64__weight_decay__0.002__b1__0.9__eps__1e-08"
-                    "__lr__0.1__train_size__256")
+  assert folder == ("num_epochs__3__batch_size__64__weight_decay__2.e-03__b1__9.e-01__eps__1.e-08"
+                    "__lr__1.e-01__train_size__256")
+  # DeepOBS's float2str: floats (numpy's too) in ten-digit scientific notation, trailing
+  # zeros dropped; ints, bools and strings as str; a weight decay of 0.0 is still written.
+  assert runner._setting_folder(1, 8, 0.0, {"b": 1.58e-2, "c": np.float32(0.5), "d": 3,
+                                            "e": True, "f": "cos"}) == (
+      "num_epochs__1__batch_size__8__weight_decay__0.e+00__b__1.58e-02__c__5.e-01__d__3"
+      "__e__True__f__cos")
   assert runner._setting_folder(1, 8, None, {}) == "num_epochs__1__batch_size__8"
   got = runner._jsonable({"a": [float("nan"), float("inf"), -float("inf"), 1.5],
                           "b": np.float32(2.0), 3: (np.int64(4), jnp.float32(0.5))})

@@ -126,22 +126,36 @@ def _diagnostics_record(opt_state: Any) -> Dict[str, Any]:
   return records.record(opt_state)
 
 
-def _setting_folder(num_epochs, batch_size, weight_decay, hyperparams, settings=None):
-  """DeepOBS's setting folder name, ``num_epochs__2__batch_size__128__learning_rate__0.01``.
+def _float2str(x: float) -> str:
+  """DeepOBS's ``float2str``: ten-digit scientific notation, trailing zeros of
+  the mantissa dropped (``0.01 -> '1.e-02'``, ``1.58e-2 -> '1.58e-02'``)."""
+  mantissa, exponent = f"{x:.10e}".split("e")
+  return mantissa.rstrip("0") + "e" + exponent
 
-  ``settings`` (curvax's runner options that change what a run trains or
-  reports, `runner_settings`, e.g. ``{'train_size': 256}``) follow in the same
-  ``key__value`` style, those that are None left out: runs of one folder differ
-  only in their seed.
+
+def _folder_value(v) -> str:
+  return _float2str(float(v)) if isinstance(v, (float, np.floating)) else str(v)
+
+
+def _setting_folder(num_epochs, batch_size, weight_decay, hyperparams, settings=None):
+  """DeepOBS's setting folder name, ``num_epochs__2__batch_size__128__learning_rate__1.e-02``.
+
+  As DeepOBS's runners write it (``create_output_directory``): the weight decay
+  when the problem has one, then the hyperparameters in alphabetical order,
+  floats in DeepOBS's ``float2str`` form, so that a setting run with DeepOBS
+  and with curvax lands in the same folder. ``settings`` (curvax's runner
+  options that change what a run trains or reports, `runner_settings`, e.g.
+  ``{'train_size': 256}``) follow in the same ``key__value`` style, those that
+  are None left out: runs of one folder differ only in their seed.
   """
   parts = [f"num_epochs__{num_epochs}", f"batch_size__{batch_size}"]
-  if weight_decay:
-    parts.append(f"weight_decay__{weight_decay}")
+  if weight_decay is not None:
+    parts.append(f"weight_decay__{_folder_value(weight_decay)}")
   for k in sorted(hyperparams):
-    parts.append(f"{k}__{hyperparams[k]}")
+    parts.append(f"{k}__{_folder_value(hyperparams[k])}")
   for k, v in (settings or {}).items():
     if v is not None:
-      parts.append(f"{k}__{v}")
+      parts.append(f"{k}__{_folder_value(v)}")
   return "__".join(parts)
 
 
