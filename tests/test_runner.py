@@ -48,7 +48,7 @@ def test_end_to_end_fmnist_mlp_sgd_json_and_plot(tmp_path):
   assert r["test_losses"][1] < r["test_losses"][0] - 0.05
   assert r["test_accuracies"][1] > r["test_accuracies"][0] + 0.1
   assert r["minibatch_train_losses"][-1] < r["minibatch_train_losses"][0]
-  assert r["minibatch_steps"][:3] == [1, 10, 20]
+  assert r["minibatch_steps"][:3] == [1, 11, 21]   # mini-batches 0, 10, 20 (DeepOBS)
   assert r["optimizer_state"] == {} or all(len(v) == 3 for v in r["optimizer_state"].values())
   assert cli.main(["plot", out]) == 0
   png = os.path.join(out, "fmnist_mlp.png")
@@ -289,9 +289,10 @@ def test_runner_passes_disjoint_batch_and_eval_batch_and_logs_state():
                    log_every=3, verbose=False, optimizer_name="probe")
   s = r["optimizer_state"]
   assert set(s) == {"overlap", "batch_rows", "damping"}
-  assert r["minibatch_steps"] == [1, 3, 6, 9, 12]
-  assert s["overlap"] == [0] * 5
-  assert s["batch_rows"] == [128 + 1000 * 50] * 5
+  # mini-batches 0, 3, 6 of each 7-step epoch, as DeepOBS counts its train_log_interval
+  assert r["minibatch_steps"] == [1, 4, 7, 8, 11, 14]
+  assert s["overlap"] == [0] * 6
+  assert s["batch_rows"] == [128 + 1000 * 50] * 6
   np.testing.assert_allclose(s["damping"], [0.5 ** k for k in r["minibatch_steps"]])
   assert r["status"] == "completed" and r["steps"] == 14
 

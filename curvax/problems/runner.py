@@ -5,7 +5,9 @@ are evaluated before the first epoch and after every epoch (so each list has
 ``epochs + 1`` entries), the train metrics on augmented training examples
 (`Problem.evaluate`) with fresh augmentation at each evaluation, drawn from the
 seed and the step; the mini-batch training loss is logged every
-``log_every`` steps; a non-finite training loss stops the run (noticed at the
+``log_every`` steps, counted as DeepOBS counts its ``train_log_interval``, from
+each epoch's first mini-batch (mini-batches 0, 10, 20, ... of every epoch:
+global steps 1, 11, ..., 461, 470, 480, ... at 469 steps per epoch); a non-finite training loss stops the run (noticed at the
 next logged step, the reason names the first non-finite one), recorded as
 ``status='diverged'`` with the reason; on DeepOBS's schedule (no ``max_steps``,
 ``eval_every`` or ``time_budget``) the metric lists are then padded, as DeepOBS's
@@ -291,7 +293,9 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     epochs: number of epochs (default: the problem's DeepOBS budget).
     seed: seeds initialisation, shuffling, augmentation (training and the
       train metrics'), dropout.
-    log_every: mini-batch loss / optimizer-state logging interval, in steps (>= 1).
+    log_every: mini-batch loss / optimizer-state logging interval, in steps (>= 1),
+      counted from each epoch's first step (``minibatch_steps`` lists the
+      logged global steps).
     eval_batch_size: size of ``eval_batch`` (>= 1; default: the batch size).
     out: a folder; the results JSON goes to DeepOBS's layout
       ``out/<problem>/<optimizer>/<setting>/random_seed__<seed>__<time>.json``;
@@ -750,11 +754,12 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       global_step += count
       for j in range(count):
         s = first + j + 1
+        in_epoch = i - count + j   # the step's mini-batch within the epoch, from 0
         unchecked.append((s, loss, None) if logged is None else (s, losses, j))
         if monitored:
           diagnostics.append(_diagnostics_record(
               carry[2] if mons is None else jax.tree.map(lambda a: a[j], mons)))  # pylint: disable=cell-var-from-loop
-        if s % log_every == 0 or s == 1:
+        if in_epoch % log_every == 0:   # DeepOBS: batch_count % train_log_interval
           if logged is None:
             pending.append((calls, s, loss, log_state(carry[2]), None))
           else:
