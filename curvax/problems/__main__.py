@@ -42,7 +42,7 @@ def main(argv=None) -> int:
   r.add_argument("--seeds", type=int, nargs="+", default=[0])
   r.add_argument("--batch-size", type=int, default=None)
   r.add_argument("--eval-batch-size", type=int, default=None)
-  r.add_argument("--log-every", type=int, default=10,
+  r.add_argument("--log-every", type=int, default=10, metavar="K",
                  help="log the mini-batch loss and optimizer state on every K-th mini-batch "
                       "of each epoch, from its first (DeepOBS's train_log_interval)")
   r.add_argument("--out", default="results")
