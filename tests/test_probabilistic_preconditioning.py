@@ -1057,13 +1057,16 @@ def test_bad_scheduled_values():
                          scheduled="build")
 
 
-def test_scheduled_false_while_the_round_runs_late_waits():
+def test_scheduled_false_while_the_round_runs_late_steps_with_the_held_estimate():
   """P = M = 2, restart_every = 6: the host schedules steps 0-3 of each round.
   A non-finite first batch retakes a prior step, so on the device the build
-  falls on step 4, which the host passed False: steps 4 and 5 wait (zero
-  updates, counted), nothing of the round changes (and the restart after
-  step 5 cuts it as usual), and a step passed True goes on where the round stood (it builds, and steps as the device-side
-  run's step 4 did)."""
+  falls on step 4, which the host passed False: steps 4 and 5 find the round
+  late. Nothing of the round changes (it waits, counted; the restart after
+  step 5 cuts it as usual), and each takes a preconditioning step with the
+  estimate the state holds: the fit's learning rate and, before any build,
+  no rank-k part (-alpha g, plain SGD). A step passed True goes on where the
+  round stood (it builds, and steps as the device-side run does from that
+  round)."""
   tx = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2,
                                      restart_every=6)
   params = {"x": jnp.ones(N)}
@@ -1073,12 +1076,21 @@ def test_scheduled_false_while_the_round_runs_late_waits():
   assert flags == [True] * 4 + [False] * 2 + [True] * 2
   states, updates, _ = _run_scheduled(tx, SINGLE, params, batches, flags)
   assert [int(s.num_skipped) for s in states[1:]] == [1, 1, 1, 1, 2, 3, 3, 3]
-  assert not any(np.any(np.asarray(u["x"])) for u in updates[:6])
-  for f in ("round_step", "phase", "num_observations", "directions", "residuals", "alpha"):
+  assert not any(np.any(np.asarray(u["x"])) for u in updates[:4] + updates[6:])
+  for f in ("round_step", "phase", "num_observations", "directions", "residuals", "alpha",
+            "eigenvectors", "eigenvalues"):
     chex.assert_trees_all_equal(getattr(states[5], f), getattr(states[4], f))
+  lr = float(states[4].learning_rate[0])
+  assert lr > 0 and lr == float(states[4].alpha[0])
+  p = params
+  for t in (4, 5):   # each at the parameters the step before left
+    want = jax.tree.map(lambda g: -lr * g, jax.grad(SINGLE)(p, BATCH))
+    chex.assert_trees_all_close(updates[t], want, rtol=1e-12)
+    p = optax.apply_updates(p, updates[t])
   assert int(states[6].round_step) == 0 and int(states[6].num_restarts) == 1   # cut on time
   # By phase: the retaken prior step makes the device one step late, so the
-  # host's posterior and build steps (2, 3) and the steps after wait too.
+  # host's posterior and build steps (2, 3) and the steps after find it late
+  # before its fit: no learning rate yet, zero updates.
   phases = [estimation_phase(t, prior_iterations=2, num_observations=2, restart_every=6)
             for t in range(6)]
   assert phases == ["prior", "prior", "posterior", "build", False, False]
@@ -1087,12 +1099,17 @@ def test_scheduled_false_while_the_round_runs_late_waits():
   assert not any(np.any(np.asarray(u["x"])) for u in phase_updates)
   for f in ("round_step", "phase", "sum_vu", "sum_directions", "directions"):
     chex.assert_trees_all_equal(getattr(by_phase[5], f), getattr(by_phase[2], f))
-  # Without the restart the waiting round resumes at the next step passed True.
+  # Without the restart the late round resumes at the next step passed True:
+  # its build is the device-side run's, and its step the one the device-side
+  # run's round state takes at the parameters the late step left.
   tx_long = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2)
-  ref, ref_updates, _ = _run_scheduled(tx_long, SINGLE, params, batches[:6], [True] * 6)
+  ref, _, _ = _run_scheduled(tx_long, SINGLE, params, batches[:6], [True] * 6)
   got, got_updates, _ = _run_scheduled(tx_long, SINGLE, params, batches[:6],
                                        [True] * 4 + [False, True])
-  assert np.any(np.asarray(ref_updates[4]["x"]))
-  chex.assert_trees_all_close(got_updates[5], ref_updates[4], rtol=1e-12)
+  chex.assert_trees_all_close(got_updates[4], updates[4], rtol=1e-12)
   chex.assert_trees_all_close(got[6].eigenvectors, ref[5].eigenvectors, rtol=1e-12)
+  p = optax.apply_updates(params, got_updates[4])
+  want, _ = tx_long.update(jax.grad(SINGLE)(p, BATCH), ref[4], p, batch=BATCH)
+  assert np.any(np.asarray(want["x"]))
+  chex.assert_trees_all_close(got_updates[5], want, rtol=1e-12)
   assert int(got[6].num_skipped) == int(ref[6].num_skipped) + 1

@@ -183,8 +183,9 @@ class ProbabilisticPreconditioningState(NamedTuple):
     sum_directions: sum of the prior directions v_i (shaped like params).
     sum_products: sum of the prior products u_i = H_i v_i (shaped like params).
     inner_state: state of the inner optimizer.
-    num_skipped: steps skipped because of non-finite values, and steps passed
-      ``scheduled=False`` while the round still estimated (they wait).
+    num_skipped: steps skipped because of non-finite values, and host-scheduled
+      steps that found the round late (they step with the estimate the state
+      holds, and the round waits; see `probabilistic_preconditioning`).
     num_failed_fits: prior fits rejected (non-finite or zero alpha, w in an
       active group, or no active group); each restarts the round.
     num_negative_curvature: prior fits with a negative sum v'u in some group
@@ -364,9 +365,10 @@ def estimates_preconditioner(step: int, *, prior_iterations: int = 10,
 
   This is the schedule of a round that runs as planned. A retaken
   observation (non-finite values) or a failed prior fit makes the device's
-  round late, and steps then passed ``scheduled=False`` wait until the next
-  step passed ``True`` (see `probabilistic_preconditioning`, "Host-side
-  schedule"); ``scheduled=True`` is always right.
+  round late: steps then passed ``scheduled=False`` step with the estimate the
+  state holds while the round waits for the next step passed ``True`` or the
+  next restart (see `probabilistic_preconditioning`, "Host-side schedule");
+  ``scheduled=True`` is always right.
   """
   return estimation_phase(step, prior_iterations=prior_iterations,
                           num_observations=num_observations, restart_every=restart_every,
@@ -460,15 +462,19 @@ def probabilistic_preconditioning(
     step(params, state, batch, scheduled=estimation_phase(t, **kw))
 
   The results are those of ``scheduled=True`` on every step (up to rounding:
-  the programs differ, and so may XLA's fusions). A step passed ``False`` or
-  a phase while the state needs other work (a round that ran late: a retaken
-  non-finite observation, a failed prior fit) waits: it returns a zero
-  update, leaves the round where it was and counts itself in ``num_skipped``
-  (the restart schedule still counts it). Waiting lasts until a step is
-  passed the phase the state is in (or ``True``), at the latest until the
-  next restart; without ``restart_every`` a host schedule never passes the
-  round's phases again, so such a loop should watch ``state.num_skipped`` (or
-  ``state.phase``) and pass ``True`` while it grows.
+  the programs differ, and so may XLA's fusions) while the rounds run as
+  planned. A step passed ``False`` or a phase while the state needs other
+  work (a round that ran late: a retaken non-finite observation, a failed
+  prior fit) leaves the round where it was, counts itself in ``num_skipped``
+  (the restart schedule still counts it) and takes a preconditioning step
+  with the estimate the state holds: the last completed round's rank-k
+  estimate and the learning rate of the last successful fit (zero before the
+  first fit: such a step is a zero update). So training goes on while the
+  round waits, until a step is passed the phase the state is in (or
+  ``True``), at the latest until the next restart; without ``restart_every``
+  a host schedule never passes the round's phases again, so such a loop
+  should watch ``state.num_skipped`` (or ``state.phase``) and pass ``True``
+  while it grows.
 
   Unknown keyword arguments raise ``TypeError`` (as for `hessian_free` and
   `curvature_step_size`): a misspelt option, or one of the seed's names
@@ -845,14 +851,15 @@ def probabilistic_preconditioning(
         starting = (phase == PRECONDITION) & (state.round_step == apply_start)
         state = cond(starting, build_and_reset, build_out, state)
       in_precondition = (phase == PRECONDITION) & (state.round_step >= apply_start)
-      waiting = jnp.zeros((), bool)
+      late = jnp.zeros((), bool)
     else:
       # The caller's host schedule says which step this is (see
       # `estimation_phase`): compiled without conds, with that phase's work
       # (if any) applied where the state agrees. A state that needs other
       # work (a round that ran late: a retaken observation or a failed fit)
-      # makes the step wait: zero update, the round unchanged, counted in
-      # num_skipped; a step passed the phase the state is in goes on with it.
+      # leaves the round as it is (it waits, counted in num_skipped) and the
+      # step is a preconditioning step with the estimate the state holds; a
+      # step passed the phase the state is in goes on with the round.
       ran = jnp.zeros((), bool)
       ready = busy_steps
       if scheduled == "prior":
@@ -869,7 +876,7 @@ def probabilistic_preconditioning(
         state = selected(starting, build_and_reset, build_out, state)
         ready = apply_start
       in_precondition = (phase == PRECONDITION) & (state.round_step >= ready)
-      waiting = ~(ran | in_precondition)
+      late = ~(ran | in_precondition)
     inner_state = state.inner_state
 
     # Computed on every step and selected with ``where``, not in a cond: the
@@ -917,14 +924,14 @@ def probabilistic_preconditioning(
       step = [jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)) for x in step]
     else:
       finite = _checks.tree_all_finite(step)
-    apply = in_precondition & finite
+    apply = (in_precondition | late) & finite
     new_updates = treedef.unflatten(
         [jnp.where(apply, x, jnp.zeros((), x.dtype)) for x in step])
     new_state = state._replace(
         inner_state=optax.tree_utils.tree_where(apply, new_inner, inner_state),
         round_step=state.round_step + in_precondition.astype(state.round_step.dtype),
         learning_rate=jnp.where(in_precondition, lr, state.learning_rate),
-        num_skipped=state.num_skipped + ((in_precondition & ~finite) | waiting).astype(
+        num_skipped=state.num_skipped + ((in_precondition & ~finite) | late).astype(
             jnp.int32))
 
     r = new_state.round_step
