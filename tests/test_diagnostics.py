@@ -537,6 +537,31 @@ def test_monitor_scheduled_false_skips_the_step_and_its_pending_alpha():
   assert int(state.alpha_step) == 6
 
 
+def test_monitor_hands_inner_scheduled_to_the_optimizer_inside():
+  # inner_scheduled goes to the inner optimizer as its scheduled (here
+  # curvature_step_size's interval mode: False compiles its step without its
+  # cond); not passed, the inner optimizer gets no scheduled at all.
+  apply_fn, loss, params, batch = ref.problem("mlp", n=4)
+  seen = []
+  css = curvax.transforms.curvature_step_size(optax.sgd(0.1), apply_fn, loss, debias=False,
+                                              mode="interval", interval=4, num_estimates=2)
+
+  def update(updates, state, params=None, **kw):
+    seen.append(kw.get("scheduled", "absent"))
+    return css.update(updates, state, params, **kw)
+
+  tx = dg.monitor(optax.GradientTransformationExtraArgs(css.init, update), apply_fn, loss,
+                  ["loss"], every=2)
+  jaxpr = lambda **kw: str(jax.make_jaxpr(  # noqa: E731
+      lambda s: tx.update(params, s, params, batch=batch, **kw))(tx.init(params)))
+  assert "cond[" not in jaxpr(scheduled=False, inner_scheduled=False)
+  assert "cond[" in jaxpr(scheduled=False)   # the inner's own cond
+  assert "cond[" in jaxpr(scheduled=False, inner_scheduled=True)
+  assert seen == [False, "absent", True]
+  with pytest.raises(TypeError, match="scheduled"):
+    jaxpr(inner_scheduled="yes")   # checked by the optimizer that takes it
+
+
 @pytest.mark.parametrize("bad", [1, "no", np.array(True)])
 def test_monitor_scheduled_must_be_a_static_bool(bad):
   apply_fn, loss, params, batch = ref.problem("mlp", n=4)

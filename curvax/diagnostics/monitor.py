@@ -34,6 +34,12 @@ tracks it (and Alpha's pending end point, if any, is dropped)::
     def step(params, state, batch, scheduled): ...
     step(params, state, batch, scheduled=is_scheduled(t, every=64, instruments=names))
 
+``scheduled`` is the monitor's own; an optimizer inside it that has a host
+schedule of its own (`curvax.transforms.curvature_step_size`'s
+`computes_curvature`, `probabilistic_preconditioning`'s `estimation_phase`)
+gets its value as ``update(..., inner_scheduled=...)``, which the monitor
+passes on to it as ``scheduled=`` (``None``, the default: not passed).
+
 Per-example quantities come from one `curvax.curvature.per_example_statistics`
 call per tracked step (the BackPACK-style fast path for Flax Dense/Conv models,
 else chunked ``vmap``), which never holds all ``B x D`` per-example gradients:
@@ -378,10 +384,11 @@ def monitor(inner: optax.GradientTransformation,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
-    params, *, batch, scheduled=None, **extra_args)`` needs ``params`` and
-    ``batch`` and forwards ``extra_args`` to ``inner``; ``scheduled=False``
-    (static) skips the step's work and its conds (module docstring,
-    `is_scheduled`).
+    params, *, batch, scheduled=None, inner_scheduled=None, **extra_args)``
+    needs ``params`` and ``batch`` and forwards ``extra_args`` to ``inner``;
+    ``scheduled=False`` (static) skips the step's work and its conds (module
+    docstring, `is_scheduled`); ``inner_scheduled``, unless None, goes to
+    ``inner`` as its ``scheduled``.
   """
   names = _resolve_instruments(instruments)
   _check_schedule_args(every, schedule)
@@ -523,12 +530,15 @@ def monitor(inner: optax.GradientTransformation,
         eigenvector = PackedTree.pack(otu.tree_cast_like(vector, state.eigenvector.unpack()))
     return PackedDict.pack(out), start, end, eigenvector
 
-  def update_fn(updates, state, params=None, *, batch=None, scheduled=None, **extra_args):
+  def update_fn(updates, state, params=None, *, batch=None, scheduled=None,
+                inner_scheduled=None, **extra_args):
     scheduled = _checks.static_flag(scheduled, "scheduled", "monitor")
     if params is None:
       raise TypeError("monitor.update needs `params` (the current parameters).")
     _checks.require_kwarg(batch, "batch", "monitor")
     batch = _checks.check_batch(batch)
+    if inner_scheduled is not None:   # the inner optimizer's host schedule (it checks it)
+      extra_args = dict(extra_args, scheduled=inner_scheduled)
     new_updates, inner_state = inner.update(updates, state.inner_state, params,
                                             batch=batch, **extra_args)
     count = state.count
