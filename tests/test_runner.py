@@ -977,3 +977,54 @@ def test_auto_schedule_with_a_monitor_is_the_monitors():
   assert got["minibatch_train_losses"] == want["minibatch_train_losses"]
   assert got["diagnostics"] == want["diagnostics"]
   assert [d["step"] for d in got["diagnostics"]] == [0, 4]
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_auto_schedule_with_a_monitor_pairs_it_with_the_optimizers(monkeypatch, steps_per_call):
+  # A monitored registered optimizer with a host schedule of its own: "auto"
+  # gives the pair (monitor's, optimizer's); the optimizer gets its value
+  # through the monitor (inner_scheduled -> scheduled), so its steps without
+  # curvature compile without its cond. Results: the device-side schedules'
+  # (up to rounding: the programs differ).
+  from curvax.problems import optimizers as opt_lib
+  problem = curvax.problems.get("quadratic_deep", batch_size=8)
+  hp = dict(mode="interval", interval=4, num_estimates=2, debias=False)
+  seen, real_build = [], opt_lib.build
+
+  def build(*args, **kwargs):   # records the scheduled values the optimizer is traced with
+    tx, built = real_build(*args, **kwargs)
+
+    def update(updates, state, params=None, **kw):
+      seen.append(kw.get("scheduled"))
+      return tx.update(updates, state, params, **kw)
+    return optax.GradientTransformationExtraArgs(tx.init, update), built
+
+  monkeypatch.setattr(opt_lib, "build", build)
+  kw = dict(max_steps=12, train_size=64, eval_size=16, log_every=1, hyperparams=hp,
+            steps_per_call=steps_per_call, verbose=False,
+            monitor={"instruments": ["loss", "grad_norm"], "every": 3})
+  want = curvax.problems.run(problem, "curvature_step_size", **kw)
+  assert set(seen) == {None}
+  seen.clear()
+  got = curvax.problems.run(problem, "curvature_step_size", scheduled="auto", **kw)
+  assert False in seen and set(seen) <= {None, False}
+  np.testing.assert_allclose(got["minibatch_train_losses"], want["minibatch_train_losses"],
+                             rtol=1e-5)
+  assert got["optimizer_state"]["num_computed"] == want["optimizer_state"]["num_computed"] == [
+      1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6]
+  np.testing.assert_allclose(got["optimizer_state"]["learning_rate"],
+                             want["optimizer_state"]["learning_rate"], rtol=1e-5)
+  assert [d["step"] for d in got["diagnostics"]] == [d["step"] for d in want["diagnostics"]] == [
+      0, 3, 6, 9]
+  for a, b in zip(got["diagnostics"], want["diagnostics"]):
+    np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]],
+                               rtol=1e-5)
+  # A pair from the caller's own function does the same; coarse calls (more
+  # layouts than MAX_LAYOUTS) run each entry with its conds where any step has work.
+  monkeypatch.setattr(runner_lib, "MAX_LAYOUTS", 0)
+  pairs = lambda t: (t % 3 == 0, curvax.transforms.computes_curvature(t, **{  # noqa: E731
+      k: v for k, v in hp.items() if k != "debias"}))
+  coarse = curvax.problems.run(problem, "curvature_step_size", scheduled=pairs, **kw)
+  np.testing.assert_allclose(coarse["minibatch_train_losses"], want["minibatch_train_losses"],
+                             rtol=1e-5)
+  assert coarse["optimizer_state"]["num_computed"] == want["optimizer_state"]["num_computed"]

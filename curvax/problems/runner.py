@@ -248,19 +248,25 @@ def _pad_diverged(record: Dict[str, Any], epochs: int, steps_per_epoch: int) -> 
 MAX_LAYOUTS = 4
 
 
+def _schedule_value(value):
+  if isinstance(value, tuple):
+    return tuple(_schedule_value(v) for v in value)
+  return value if isinstance(value, str) else bool(value)
+
+
 def schedule_runs(schedule: Optional[Callable[[int], Any]], first: int,
                   count: int) -> Tuple[Tuple[Any, int], ...]:
   """Steps ``first .. first + count - 1`` as runs ``((value, length), ...)`` of
   equal ``schedule(t)``, each value as ``update(..., scheduled=...)`` takes it
   (a phase name, else a bool): one loop per run, each of its own variant.
   Without a schedule (``None``) the steps are one run of busy steps,
-  ``((True, count),)``, called without ``scheduled``."""
+  ``((True, count),)``, called without ``scheduled``. A pair (a monitor's
+  value, the optimizer's inside it) is normalised entry by entry."""
   if schedule is None:
     return ((True, count),) if count > 0 else ()
   runs = []
   for t in range(first, first + count):
-    value = schedule(t)
-    value = value if isinstance(value, str) else bool(value)
+    value = _schedule_value(schedule(t))
     if runs and runs[-1][0] == value:
       runs[-1] = (value, runs[-1][1] + 1)
     else:
@@ -350,9 +356,10 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       ``lambda t: curvax.diagnostics.is_scheduled(t, every=64)`` for a
       monitor, ``curvax.transforms.computes_curvature`` for
       curvature_step_size or ``curvax.transforms.estimation_phase`` for
-      probabilistic_preconditioning (its phase by name); ``"auto"``: the monitor's with
-      ``monitor=``, else that of the registered optimizer named by
-      ``optimizer`` (`curvax.problems.optimizers.host_schedule`). Steps without
+      probabilistic_preconditioning (its phase by name); ``"auto"``: that of the
+      registered optimizer named by ``optimizer``
+      (`curvax.problems.optimizers.host_schedule`), with ``monitor=`` the
+      monitor's (paired with the optimizer's, see ``monitor``). Steps without
       run a second compiled step, built with ``update(..., scheduled=False)``:
       no ``lax.cond``, on which GPU runtimes wait for the host
       (docs/performance.md). With ``steps_per_call``, a call runs one loop per
@@ -371,9 +378,11 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       ``'diagnostics'`` (`curvax.diagnostics.dashboard` draws them; the
       command line: ``python -m curvax.problems dashboard RESULT.json``), and
       ``optimizer_state`` logs the optimizer's fields as without the monitor.
-      With ``monitor=``, ``scheduled`` is the monitor's schedule
-      (`curvax.diagnostics.is_scheduled`): the monitor does not hand
-      ``scheduled`` to the optimizer inside it.
+      With ``monitor=``, ``scheduled(t)`` is the monitor's schedule
+      (`curvax.diagnostics.is_scheduled`), or a pair ``(monitor's,
+      optimizer's)``: the second goes to the optimizer inside the monitor
+      (``update(..., inner_scheduled=...)``); ``"auto"`` gives the pair when
+      the registered optimizer has a host schedule.
     verbose: print progress.
 
   Returns:
@@ -416,6 +425,7 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
                      f"and a disjoint eval_batch of {e}.")
   steps_per_epoch = n // b
   hyperparams = dict(hyperparams or {})
+  registered = None
   if isinstance(optimizer, str):
     optimizer_name = optimizer_name or optimizer
     registered = optimizer
@@ -436,7 +446,12 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
     if scheduled == "auto":
       schedule_settings = {k: monitor_settings[k] for k in ("every", "schedule", "instruments")
                            if k in monitor_settings}
-      scheduled = lambda t: diagnostics_lib.is_scheduled(t, **schedule_settings)  # noqa: E731
+      tracks = lambda t: diagnostics_lib.is_scheduled(t, **schedule_settings)  # noqa: E731
+      inner_schedule = (opt_lib.host_schedule(registered, hyperparams)
+                        if registered is not None else None)
+      # The monitor's schedule and, handed on through it, the optimizer's.
+      scheduled = tracks if inner_schedule is None else (
+          lambda t: (tracks(t), inner_schedule(t)))
   tx = optax.with_extra_args_support(optimizer)
   epochs = problem.num_epochs if epochs is None else epochs
   # With monitor=, the optimizer's own state fields keep their names in
@@ -486,8 +501,13 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       # value_fn disagreed with `value` and `grad` on dropout and VAE problems).
       extra = dict(value=loss, grad=grads,
                    value_fn=lambda p: problem.train_loss(p, model_state, batch, k_drop)[0])
-    if busy is not True:     # the host knows this step's scheduled work (False: none)
-      extra["scheduled"] = busy
+    # The host knows this step's scheduled work (False: none); a pair is the
+    # monitor's and the optimizer's inside it.
+    mon_busy, inner_busy = busy if isinstance(busy, tuple) else (busy, True)
+    if mon_busy is not True:
+      extra["scheduled"] = mon_busy
+    if inner_busy is not True:
+      extra["inner_scheduled"] = inner_busy
     updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
                                    eval_batch=eval_batch, **extra)
     params = optax.apply_updates(params, updates)
@@ -562,8 +582,14 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
 
 
   def coarse(runs):
-    """One run for the whole call: busy (with conds) unless none of its steps is."""
-    return ((any(busy is not False for busy, _ in runs), sum(length for _, length in runs)),)
+    """One run for the whole call: busy (with conds) unless none of its steps is
+    (for pairs, entry by entry)."""
+    values = [busy for busy, _ in runs]
+    if all(isinstance(v, tuple) for v in values):
+      busy = tuple(any(v is not False for v in entry) for entry in zip(*values))
+    else:
+      busy = any(v is not False for v in values)
+    return ((busy, sum(length for _, length in runs)),)
 
   def planned_calls():
     """``(first step, length)`` of every call of the run (if it runs to the end)."""
