@@ -330,8 +330,9 @@ def test_low_rank_factors_blocks_match_single_blocks_and_dense():
 def test_blocks_batch_their_small_linear_algebra():
   """Blocks whose small matrices agree in shape and dtype share one
   inverse/solve/eigh/svd (one per block before): the posterior's M x M algebra
-  in two groups (by dtype; the rows' length n does not matter), the build's
-  in three (k = 1 for the one-entry block)."""
+  in two groups (by dtype; the rows' length n does not matter), one solve
+  each (C of (B3) folded into the solve of (W1)); the build's in three (k = 1
+  for the one-entry block)."""
   blocks, m = _blocks()
   s_, d_, a_, w_, l_ = zip(*blocks)
   gs = [np.ones(s.shape[1], s.dtype) for s in s_]
@@ -339,5 +340,5 @@ def test_blocks_batch_their_small_linear_algebra():
                            gs, s_, d_, a_, w_, l_)
   build = _primitive_counts(lambda *a: bh.low_rank_factors_blocks(*a, 2, m),
                             s_, d_, a_, w_, l_)
-  assert post["lu"] == 2 * 2           # inv of (B3) and solve of (W1), per group
+  assert post["lu"] == 2               # (K + a S'Delta') x = S'g, per group
   assert build["lu"] == 3 and build["svd"] == 3 and build["eigh"] == 2 * 3

@@ -145,15 +145,22 @@ def posterior_coefficients(directions: Array, prior_scale: Array, noise_scale: A
 def _coefficients(gram: Array, prior_scale: Array, noise_scale: Array,
                   num_observed: Optional[Array]) -> Array:
   """`posterior_coefficients` from the Gram matrix ``S S'`` (rows layout)."""
+  return call_in_at_least_float32(jnp.linalg.inv,
+                                  _gram_system(gram, prior_scale, noise_scale, num_observed))
+
+
+def _gram_system(gram: Array, prior_scale: Array, noise_scale: Array,
+                 num_observed: Optional[Array]) -> Array:
+  """``C^{-1} = w^2 S S' + lam^2 diag(S S')`` of (B3), masked (identity rows
+  for unobserved or empty observations), from the Gram matrix ``S S'``."""
   # Mask the (M, M) Gram matrix, not the (M, n) directions (no n-sized copy);
   # the mask of `observation_mask` from its diagonal (no second pass over S).
   mask = _mask(jnp.diagonal(gram), num_observed)
   maskf = mask.astype(gram.dtype)
   gram = gram * maskf[:, None] * maskf[None, :]
   diag = jnp.diagonal(gram)
-  mat = (jnp.square(prior_scale) * gram
-         + jnp.diag(jnp.square(noise_scale) * diag + (1.0 - maskf)))
-  return call_in_at_least_float32(jnp.linalg.inv, mat)
+  return (jnp.square(prior_scale) * gram
+          + jnp.diag(jnp.square(noise_scale) * diag + (1.0 - maskf)))
 
 
 def posterior_matvec(v: Array, directions: Array, residuals: Array, coefficients: Array,
@@ -185,8 +192,9 @@ def posterior_inverse_matvec_blocks(
   Equals ``[posterior_inverse_matvec(g_b, S_b, Delta_b, posterior_coefficients(S_b,
   w_b, lam_b, num_observed), alpha_b, w_b) for each block b]``, with fewer
   launches: the small ``M x M`` algebra of blocks of equal shapes and dtypes
-  (the inverse of (B3), the solve of (W1)) runs as one batched call
-  (`_map_blocks`) instead of one per block. (``S S'`` is formed apart from
+  runs as one batched call (`_map_blocks`) instead of one per block, and it is
+  one solve: ``C`` of (B3) is not formed, ``x = C z`` of (W1) is
+  ``(C^{-1} + alpha w^2 S Delta')^{-1} S g`` (rows layout). (``S S'`` is formed apart from
   ``S Delta'`` and ``S g``: one pass of 45 row products over mnist_mlp's long
   rows made XLA:CPU's posterior step ~10% slower than two of 15 and 30.)
   """
@@ -207,13 +215,18 @@ def _inverse_matvecs(gs, directions, residuals, alphas, prior_scales, *, coeffic
 
   def weights(_, s_delta, s_g, c, alpha, prior_scale, noise_scale):
     # ``x = C z`` with z of (W1): d = alpha g - alpha^2 w^2 x Delta (rows).
+    a = alpha * jnp.square(prior_scale)
     if own_c:
-      c = _coefficients(c, prior_scale, noise_scale, num_observed)
+      # With C = K^{-1} (K of (B3), `_gram_system`): C (I + a S'X)^{-1} =
+      # K^{-1} (I + a S'Delta' K^{-1})^{-1} = (K + a S'Delta')^{-1}, so x is
+      # one M x M solve, where forming C took an inverse and then a solve
+      # (two LU factorizations: on a GPU, library calls outside the step's
+      # CUDA graph, and a while loop each to apply the pivots).
+      k = _gram_system(c, prior_scale, noise_scale, num_observed)
+      return call_in_at_least_float32(jnp.linalg.solve, k + a * s_delta, s_g)
     sx = s_delta @ c                                     # S'X, (M, M)
     m = sx.shape[0]
-    z = call_in_at_least_float32(
-        jnp.linalg.solve, jnp.eye(m, dtype=sx.dtype) + alpha * jnp.square(prior_scale) * sx,
-        s_g)
+    z = call_in_at_least_float32(jnp.linalg.solve, jnp.eye(m, dtype=sx.dtype) + a * sx, s_g)
     return c @ z
 
   xs = _map_blocks(weights, small)
