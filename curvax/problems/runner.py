@@ -7,7 +7,8 @@ are evaluated before the first epoch and after every epoch (so each list has
 seed and the step; the mini-batch training loss is logged every
 ``log_every`` steps, counted as DeepOBS counts its ``train_log_interval``, from
 each epoch's first mini-batch (mini-batches 0, 10, 20, ... of every epoch:
-global steps 1, 11, ..., 461, 470, 480, ... at 469 steps per epoch); a non-finite training loss stops the run (noticed at the
+global steps 1, 11, ..., 461, 470, 480, ... at 469 steps per epoch); a
+non-finite training loss stops the run (noticed at the
 next logged step, the reason names the first non-finite one), recorded as
 ``status='diverged'`` with the reason; on DeepOBS's schedule (no ``max_steps``,
 ``eval_every`` or ``time_budget``) the metric lists are then padded, as DeepOBS's
