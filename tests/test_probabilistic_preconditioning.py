@@ -1088,6 +1088,13 @@ def test_scheduled_false_while_the_round_runs_late_steps_with_the_held_estimate(
     chex.assert_trees_all_close(updates[t], want, rtol=1e-12)
     p = optax.apply_updates(p, updates[t])
   assert int(states[6].round_step) == 0 and int(states[6].num_restarts) == 1   # cut on time
+  # A fixed learning rate: the late steps take it (the group has prior observations).
+  fixed = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observations=2,
+                                        restart_every=6, learning_rate=0.125)
+  _, fixed_updates, _ = _run_scheduled(fixed, SINGLE, params, batches[:5], flags[:5])
+  assert not any(np.any(np.asarray(u["x"])) for u in fixed_updates[:4])
+  chex.assert_trees_all_close(fixed_updates[4], jax.tree.map(
+      lambda g: -0.125 * g, jax.grad(SINGLE)(params, BATCH)), rtol=1e-12)
   # By phase: the retaken prior step makes the device one step late, so the
   # host's posterior and build steps (2, 3) and the steps after find it late
   # before its fit: no learning rate yet, zero updates.

@@ -468,13 +468,14 @@ def probabilistic_preconditioning(
   prior fit) leaves the round where it was, counts itself in ``num_skipped``
   (the restart schedule still counts it) and takes a preconditioning step
   with the estimate the state holds: the last completed round's rank-k
-  estimate and the learning rate of the last successful fit (zero before the
-  first fit: such a step is a zero update). So training goes on while the
-  round waits, until a step is passed the phase the state is in (or
-  ``True``), at the latest until the next restart; without ``restart_every``
-  a host schedule never passes the round's phases again, so such a loop
-  should watch ``state.num_skipped`` (or ``state.phase``) and pass ``True``
-  while it grows.
+  estimate and the current learning rate (the last successful fit's, or the
+  fixed ``learning_rate`` of a group with prior observations; before the
+  first fit a fitted rate is zero, and the step a zero update). So training
+  goes on while the round waits, until a step is passed the phase the state
+  is in (or ``True``), at the latest until the next restart; without
+  ``restart_every`` a host schedule never passes the round's phases again, so
+  such a loop should watch ``state.num_skipped`` (or ``state.phase``) and
+  pass ``True`` while it grows.
 
   Unknown keyword arguments raise ``TypeError`` (as for `hessian_free` and
   `curvature_step_size`): a misspelt option, or one of the seed's names
