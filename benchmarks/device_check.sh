@@ -16,8 +16,10 @@
 #      loop per phase), floor 1.39x; the posterior and build steps ~80% idle
 #      in their small per-leaf jnp.linalg calls). Since then those calls are
 #      batched across leaves (one inv/solve/eigh/svd per group of equal small
-#      shapes; XLA:CPU HLO posterior 428 -> 271 kernels, build 546 -> 243):
-#      look at the host-scheduled rows and profile_steps' phase steps. New
+#      shapes; XLA:CPU HLO posterior 428 -> 271 kernels, build 546 -> 243),
+#      and the posterior's two factorizations are one solve (271 -> 261, one
+#      LU per group): look at the host-scheduled rows and profile_steps'
+#      phase steps. New
 #      row "floor, one reduce per leaf": U'g as one variadic reduction per
 #      leaf instead of a vdot per row (XLA:CPU 67 -> 53 kernels, slower there),
 #      and "floor, flat U": all leaves' rows in one array, all U'g from one
@@ -39,7 +41,8 @@
 #      every 64th; the third run, cut after three rows: every 64th 2.0/2.5x,
 #      host-scheduled 1.7/2.1x, donated blocks host-scheduled 2.5/2.9x; since
 #      then the idle step lost 33 kernels of record slices, MLP: 72 -> 39, SGD
-#      33). Its "idle"/"host" columns time untracked steps compiled without
+#      33, and the state 33 -> 6 arrays on 3c3d: host time per untracked
+#      call). Its "idle"/"host" columns time untracked steps compiled without
 #      the cond.
 #      "loop" / "loop host" (--blocks): blocks of 64 steps with parameters and
 #      state donated, as a training loop runs them (the other columns are
