@@ -244,12 +244,15 @@ def test_host_schedule_matches_the_device_schedule(mode):
 
 @pytest.mark.parametrize("skipped, changed", [
     (4, {t: 0.25 for t in range(6, 11)}),    # window 1 without 0.4: median(0.2, 0.3)
+    (2, {t: 0.35 for t in range(6, 11)}),    # its first (the window's reset): median(0.4, 0.3)
     (5, {}),                                 # its last step: median(0.2, 0.4) still applied
     (7, {t: 0.5 for t in range(11, 18)}),    # window 2 without 0.1: median(0.9, 0.3, 0.5)
 ])
 def test_scheduled_false_on_a_window_step_leaves_its_estimate_missing(skipped, changed):
   # The windows follow the schedule (reset at their first step, median after
-  # their last) whether or not the caller skipped one of their steps.
+  # their last) whether or not the caller skipped one of their steps; a
+  # skipped last step applies the median the window's measuring steps kept
+  # (window_median), unsorted.
   flags = [True] * len(_TARGETS)
   flags[skipped] = False
   records, state, calls = _run_schedule(_TARGETS, flags)

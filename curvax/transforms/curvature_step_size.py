@@ -34,7 +34,8 @@ STATIC_ARGS = ("inner", "apply_fn", "loss", "regularizer", "num_estimates")
 #: and ``counts`` (int32), in this order.
 _VALUE_FIELDS = ("alpha", "alpha_absolute", "numerator", "denominator", "eval_loss",
                  "biased_numerator", "biased_denominator", "hybrid", "cos_batch", "cos_eval",
-                 "direction_norm", "learning_rate", "held_learning_rate", "scale")
+                 "direction_norm", "learning_rate", "held_learning_rate", "scale",
+                 "window_median")
 _COUNT_FIELDS = ("count", "computed", "num_computed", "num_negative", "num_undefined",
                  "num_nonfinite")
 
@@ -63,7 +64,7 @@ class CurvatureStepSizeState(NamedTuple):
   Properties:
     estimates: interval mode: absolute ``alpha*`` of the current estimation
       window (NaN where not usable); shape ``(num_estimates,)`` (``(1,)`` in
-      ``every_step`` mode); read only (``values[..., 14:]``).
+      ``every_step`` mode); read only (``values[..., 15:]``).
     count: number of updates so far.
     alpha: relative ``alpha* = -d'g / d'Gd`` (the factor on ``eta_t``); NaN if
       undefined (``d'Gd <= 0`` or not finite).
@@ -89,6 +90,11 @@ class CurvatureStepSizeState(NamedTuple):
     held_learning_rate: the learning rate carried to the next step: the
       fallback of ``every_step`` mode, the current median of ``interval`` mode.
     scale: the factor applied to ``d`` this step (``learning_rate / eta_t``).
+    window_median: interval mode: the median of ``estimates`` (their usable
+      entries; NaN if none), kept up to date by the steps that measure, so
+      that the step closing a window without measuring (passed
+      ``scheduled=False``) applies it without sorting; NaN in ``every_step``
+      mode.
     computed: whether this step computed curvature (bool).
     num_computed, num_negative, num_undefined: counts over all curvature steps
       of computed, negative and undefined ``alpha*``.
@@ -126,15 +132,15 @@ class _Measurement(NamedTuple):
   direction_norm: Array
 
 
-def _masked_median(values: Array) -> Tuple[Array, Array]:
+def _masked_median(values: Array) -> Array:
   """Median of the non-NaN entries (mean of the two middle ones for an even
-  count) and their number; NaN if there are none."""
+  count); NaN if there are none."""
   present = ~jnp.isnan(values)
   k = jnp.sum(present)
   ordered = jnp.sort(jnp.where(present, values, jnp.inf))
   lo = ordered[jnp.maximum((k - 1) // 2, 0)]
   hi = ordered[jnp.minimum(k // 2, values.shape[0] - 1)]
-  return jnp.where(k > 0, 0.5 * (lo + hi), jnp.nan), k
+  return jnp.where(k > 0, 0.5 * (lo + hi), jnp.nan)
 
 
 def _due(step, mode: str, warmup_steps, interval, num_estimates):
@@ -456,19 +462,24 @@ def curvature_step_size(
       new_held = lr
       estimates = jnp.where(compute, jnp.where(usable, alpha_abs, jnp.nan)[None],
                             state.estimates)
+      median = nan
     else:
       lr = jnp.where(in_warmup, eta, held)
       accept = usable if positive_only else (compute & defined & jnp.isfinite(alpha_abs))
-      estimates = jnp.where(due & (position == 0),
-                            jnp.full_like(state.estimates, jnp.nan), state.estimates)
+      restart = due & (position == 0)     # a new window starts empty
+      estimates = jnp.where(restart, jnp.full_like(state.estimates, jnp.nan), state.estimates)
       slot = jnp.clip(position, 0, num_slots - 1)
-      estimates = jnp.where(compute, estimates.at[slot].set(
-          jnp.where(accept, alpha_abs, jnp.nan)), estimates)
-      median, k = _masked_median(estimates)
+      if scheduled is False:
+        # Nothing measured: the window changed at most by its restart (no
+        # estimate, median NaN), so its median is the stored one: no sort.
+        median = jnp.where(restart, jnp.nan, state.window_median)
+      else:
+        estimates = jnp.where(compute, estimates.at[slot].set(
+            jnp.where(accept, alpha_abs, jnp.nan)), estimates)
+        median = _masked_median(estimates)   # NaN iff the window has no usable estimate
       window_done = due & (position == num_estimates - 1)
       new_held = jnp.where(in_warmup, eta,
-                           jnp.where(window_done & (k > 0) & (median > 0),
-                                     clip_lr(median), held))
+                           jnp.where(window_done & (median > 0), clip_lr(median), held))
     scale = jnp.where(eta != 0, lr / jnp.where(eta != 0, eta, 1), 0).astype(dtype)
 
     # The guard checks the step itself: a finite d times a finite, usable
@@ -482,7 +493,8 @@ def curvature_step_size(
     # step that computed them (one select over the vector); the rest is this
     # step's; counters accumulate, ``computed`` does not.
     measured = dict(meas._asdict(), alpha=alpha, alpha_absolute=alpha_abs, hybrid=hybrid)
-    now = dict(measured, learning_rate=lr, held_learning_rate=new_held, scale=scale)
+    now = dict(measured, learning_rate=lr, held_learning_rate=new_held, scale=scale,
+               window_median=median)
     values = jnp.where(np.array([f in measured for f in _VALUE_FIELDS]) & ~compute,
                        state.values[:len(_VALUE_FIELDS)],
                        jnp.stack([jnp.asarray(now[f], dtype) for f in _VALUE_FIELDS]))
