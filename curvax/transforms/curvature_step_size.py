@@ -38,6 +38,9 @@ _VALUE_FIELDS = ("alpha", "alpha_absolute", "numerator", "denominator", "eval_lo
                  "window_median")
 _COUNT_FIELDS = ("count", "computed", "num_computed", "num_negative", "num_undefined",
                  "num_nonfinite")
+# The values a step without measurement writes (contiguous in _VALUE_FIELDS).
+_STEP_FIELDS = ("learning_rate", "held_learning_rate", "scale", "window_median")
+assert _VALUE_FIELDS[_VALUE_FIELDS.index(_STEP_FIELDS[0]):][:len(_STEP_FIELDS)] == _STEP_FIELDS
 
 
 class CurvatureStepSizeState(NamedTuple):
@@ -495,18 +498,28 @@ def curvature_step_size(
     measured = dict(meas._asdict(), alpha=alpha, alpha_absolute=alpha_abs, hybrid=hybrid)
     now = dict(measured, learning_rate=lr, held_learning_rate=new_held, scale=scale,
                window_median=median)
-    values = jnp.where(np.array([f in measured for f in _VALUE_FIELDS]) & ~compute,
-                       state.values[:len(_VALUE_FIELDS)],
-                       jnp.stack([jnp.asarray(now[f], dtype) for f in _VALUE_FIELDS]))
+    if scheduled is False:
+      # Nothing measured: only this step's rates change (contiguous in
+      # _VALUE_FIELDS), written in place, and the window (its reset).
+      first = _VALUE_FIELDS.index(_STEP_FIELDS[0])
+      values = jax.lax.dynamic_update_slice(
+          state.values, jnp.stack([jnp.asarray(now[f], dtype) for f in _STEP_FIELDS]),
+          (first,))
+      if mode == "interval":
+        values = jnp.where((np.arange(values.shape[-1]) >= len(_VALUE_FIELDS)) & restart,
+                           jnp.nan, values)
+    else:
+      values = jnp.where(np.array([f in measured for f in _VALUE_FIELDS]) & ~compute,
+                         state.values[:len(_VALUE_FIELDS)],
+                         jnp.stack([jnp.asarray(now[f], dtype) for f in _VALUE_FIELDS]))
+      values = jnp.concatenate([values, estimates.astype(dtype)])
     # ``count`` as optax.safe_int32_increment: it stops at the int32 maximum.
     steps = dict(count=t < jnp.iinfo(jnp.int32).max, computed=compute, num_computed=compute,
                  num_negative=compute & defined & (alpha < 0),
                  num_undefined=compute & ~defined, num_nonfinite=~finite)
     counts = (jnp.where(np.array([f != "computed" for f in _COUNT_FIELDS]), state.counts, 0)
               + jnp.stack([steps[f] for f in _COUNT_FIELDS]).astype(jnp.int32))
-    new_state = CurvatureStepSizeState(
-        inner_state=inner_state, values=jnp.concatenate([values, estimates.astype(dtype)]),
-        counts=counts)
+    new_state = CurvatureStepSizeState(inner_state=inner_state, values=values, counts=counts)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
