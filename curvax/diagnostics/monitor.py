@@ -145,7 +145,8 @@ class MonitorState(NamedTuple):
       per dtype instead of one per parameter tensor, like the three below).
     last_update: the previous update ``s`` for Alpha (``()`` if not tracked),
       a ``PackedTree``.
-    key: PRNG key (Lanczos start vectors, Monte-Carlo curvature).
+    key: PRNG key (Lanczos start vectors, Monte-Carlo curvature), from
+      ``seed``; step ``t`` draws from ``fold_in(key, t)`` (it does not change).
     eigenvector: HessMaxEV's last top Ritz vector, its next start's warm part
       (zeros before any; ``()`` if not tracked), a ``PackedTree``.
 
@@ -542,7 +543,9 @@ def monitor(inner: optax.GradientTransformation,
     new_updates, inner_state = inner.update(updates, state.inner_state, params,
                                             batch=batch, **extra_args)
     count = state.count
-    key, sub = jax.random.split(state.key)
+    # The tracked step's randomness from the seed's key and the step: nothing
+    # to advance (no split) on the steps that track nothing.
+    sub = jax.random.fold_in(state.key, count)
     idle = scheduled is False     # the caller says: nothing scheduled (no cond)
     is_tracked = jnp.zeros((), bool) if idle else jnp.asarray(track(count), bool)
 
@@ -613,7 +616,7 @@ def monitor(inner: optax.GradientTransformation,
         tracked_step=jnp.where(is_tracked, count, state.tracked_step),
         diagnostics=diagnostics, alpha=alpha, alpha_step=alpha_step,
         alpha_fresh=alpha_fresh, init_params=state.init_params,
-        last_update=last_update, alpha_start=start, key=key, eigenvector=eigenvector)
+        last_update=last_update, alpha_start=start, key=state.key, eigenvector=eigenvector)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
