@@ -30,7 +30,9 @@
 #      and the host time per call; "interval, host-scheduled" compiles the
 #      steps without curvature without the cond (update(..., scheduled=False)),
 #      now also inside a block (two loops). Since the second run: state 38 ->
-#      21 arrays, fewer kernels (XLA:CPU biased 135 -> 114).
+#      21 arrays, fewer kernels (XLA:CPU biased 135 -> 114); since the third,
+#      2 arrays beside the inner state and the unscheduled interval step
+#      without sort or full-vector writes (XLA:CPU 85 -> 77, nadamw 57).
 #   3. profile_steps: per step of each transform (MLP) and monitor preset
 #      (3c3d), device busy time against wall time, kernels per step and the
 #      most expensive instructions with their JAX op_name; the steps' optimized
@@ -42,8 +44,8 @@
 #      host-scheduled 1.7/2.1x, donated blocks host-scheduled 2.5/2.9x; since
 #      then the idle step lost 33 kernels of record slices, MLP: 72 -> 39, SGD
 #      33, and the state 33 -> 6 arrays on 3c3d: host time per untracked
-#      call). Its "idle"/"host" columns time untracked steps compiled without
-#      the cond.
+#      call; no PRNG split on untracked steps, XLA:CPU 47 -> 38 kernels). Its
+#      "idle"/"host" columns time untracked steps compiled without the cond.
 #      "loop" / "loop host" (--blocks): blocks of 64 steps with parameters and
 #      state donated, as a training loop runs them (the other columns are
 #      composed from undonated steps).
