@@ -581,7 +581,6 @@ def run(problem: Union[Problem, str], optimizer: Union[optax.GradientTransformat
       steps_jits[layout] = jax.jit(functools.partial(steps, layout=layout), donate_argnums=(0,))
     return steps_jits[layout]
 
-
   def coarse(runs):
     """One run for the whole call: busy (with conds) unless none of its steps is
     (for pairs, entry by entry)."""
