@@ -327,6 +327,38 @@ def test_low_rank_factors_blocks_match_single_blocks_and_dense():
     np.testing.assert_allclose(sigma, top, rtol=100 * tol)
 
 
+def test_blocks_ignore_stale_rows_beyond_num_observed():
+  """The ``*_blocks`` variants mask every Gram block by ``num_observed``: rows
+  from there on may hold a previous round's (finite) observations and give the
+  results of zero rows, to rounding (the transform leaves them in place)."""
+  blocks, m = _blocks()
+  rng = np.random.default_rng(8)
+  stale = []
+  for s, d, alpha, w, lam in blocks:
+    s2, d2 = s.copy(), d.copy()
+    raw = rng.normal(size=(s.shape[0] - m, s.shape[1]))
+    s2[m:] = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    d2[m:] = 3.0 * rng.normal(size=raw.shape)
+    stale.append((s2, d2, alpha, w, lam))
+  gs = [rng.normal(size=s.shape[1]).astype(s.dtype) for s, *_ in blocks]
+  inverse = jax.jit(bh.posterior_inverse_matvec_blocks)
+  factors = jax.jit(bh.low_rank_factors_blocks, static_argnums=5)
+  for num in (m, 1):
+    want_x = inverse(gs, *zip(*[(s[:num].copy(), d[:num].copy(), *rest)
+                                for s, d, *rest in blocks]), num)
+    want_f = factors(*zip(*[(np.concatenate([s[:num], 0 * s[num:]]),
+                             np.concatenate([d[:num], 0 * d[num:]]), *rest)
+                            for s, d, *rest in blocks]), 2, num)
+    got_x = inverse(gs, *zip(*stale), num)
+    got_f = factors(*zip(*stale), 2, num)
+    for (s, *_), x, x_want, (u, sigma), (u_want, sigma_want) in zip(
+        blocks, got_x, want_x, got_f, want_f):
+      tol = 1e-5 if s.dtype == np.float32 else 1e-10
+      np.testing.assert_allclose(x, x_want, rtol=tol, atol=tol)
+      np.testing.assert_allclose(sigma, sigma_want, rtol=tol)
+      np.testing.assert_allclose(u.T @ u, u_want.T @ u_want, atol=tol)
+
+
 def test_blocks_batch_their_small_linear_algebra():
   """Blocks whose small matrices agree in shape and dtype share one
   inverse/solve/eigh/svd (one per block before): the posterior's M x M algebra

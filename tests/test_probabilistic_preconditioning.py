@@ -1033,6 +1033,47 @@ def test_host_scheduled_steps_match_the_device_schedule(case, by_phase):
                           else {"prior", "posterior", "build", False})
 
 
+@pytest.mark.parametrize("by_phase", [False, True], ids=["device", "host_phase"])
+def test_a_round_ignores_the_previous_rounds_rows(by_phase):
+  """A new round writes only row 0 of S and Delta (the fit's observation) and
+  leaves the last round's rows in place: the posterior and the build must mask
+  them by ``num_observations``. A run whose buffers are cleared at the restart
+  gives the same round (every update, the factors), while the uncleared
+  buffers do hold the old rows."""
+  kw = {"prior_iterations": 3, "num_observations": 3, "rank": 2, "restart_every": 7}
+  loss_fn, params, batches = _noisy_setup()
+  tx = probabilistic_preconditioning(loss_fn, **kw)
+  host_kw = {k: v for k, v in kw.items() if k != "rank"}
+  flags = [estimation_phase(t, **host_kw) if by_phase else True for t in range(14)]
+  states, updates, _ = _run_scheduled(tx, loss_fn, params, batches[:14], flags)
+  # The cleared run: params and state at the restart (after step 7), buffers zeroed.
+  start = jax.tree.map(jnp.copy, params)
+  for u in updates[:7]:
+    start = optax.apply_updates(start, u)
+  restarted = states[7]
+  assert int(restarted.round_step) == 0 and int(restarted.num_observations) == 0
+  cleared = restarted._replace(
+      directions=tuple(jnp.zeros_like(x) for x in restarted.directions),
+      residuals=tuple(jnp.zeros_like(x) for x in restarted.residuals))
+  step = jax.jit(lambda p, s, b, scheduled: tx.update(
+      jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=scheduled),
+                 static_argnames="scheduled")
+  p, s = start, cleared
+  for t in range(7, 14):
+    u, s = step(p, s, batches[t], scheduled=flags[t])
+    p = optax.apply_updates(p, u)
+    chex.assert_trees_all_close(u, updates[t], rtol=1e-12, atol=1e-12)
+    if t == 9:     # the fit: row 0 written, the old rows kept (or zero, cleared)
+      assert int(s.num_observations) == 1
+      assert any(np.any(np.asarray(x)[1:]) for x in states[t + 1].directions)
+      assert not any(np.any(np.asarray(x)[1:]) for x in s.directions)
+  assert any(np.any(np.asarray(x)) for x in updates[13].values())
+  chex.assert_trees_all_close((s.eigenvectors, s.eigenvalues),
+                              (states[14].eigenvectors, states[14].eigenvalues),
+                              rtol=1e-12, atol=1e-12)
+  chex.assert_trees_all_close(s.directions, states[14].directions, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("scheduled", [False, "prior", "posterior", "build"])
 def test_host_scheduled_steps_compile_no_cond(scheduled):
   params = {"x": jnp.ones(N)}

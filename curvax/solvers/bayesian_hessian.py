@@ -37,9 +37,12 @@ spec's order, and every docstring cites the labels:
   rank-k estimate applied to g.
 
 Layout: observations are stored as ROWS, ``S`` and ``Delta`` of shape ``(M, n)``
-(so the spec's ``S`` is ``S.T`` here). Rows not yet observed are zero; they are
-masked out, which lets fixed-shape buffers hold a growing set of observations
-under ``jit``. Observed directions have unit norm (the spec's "unit-norm columns
+(so the spec's ``S`` is ``S.T`` here). Rows not yet observed are masked out,
+which lets fixed-shape buffers hold a growing set of observations under
+``jit``: the single-block functions expect them zero; the ``*_blocks`` variants
+given ``num_observed`` ignore rows from ``num_observed`` on whatever (finite)
+values they hold, e.g. a previous round's observations, so a new round need
+not clear its buffers. Observed directions have unit norm (the spec's "unit-norm columns
 consistently in the Gram matrices"), so ``diag(S'S) = I`` on observed rows.
 """
 
@@ -197,6 +200,8 @@ def posterior_inverse_matvec_blocks(
   ``(C^{-1} + alpha w^2 S Delta')^{-1} S g`` (rows layout). (``S S'`` is formed apart from
   ``S Delta'`` and ``S g``: one pass of 45 row products over mnist_mlp's long
   rows made XLA:CPU's posterior step ~10% slower than two of 15 and 30.)
+  Rows from ``num_observed`` on are ignored, whatever finite values they hold
+  (every Gram block is masked): a caller's buffers may keep stale rows.
   """
   return _inverse_matvecs(gs, directions, residuals, alphas, prior_scales,
                           noise_scales=noise_scales, num_observed=num_observed)
@@ -223,7 +228,9 @@ def _inverse_matvecs(gs, directions, residuals, alphas, prior_scales, *, coeffic
       # (two LU factorizations: on a GPU, library calls outside the step's
       # CUDA graph, and a while loop each to apply the pivots).
       k = _gram_system(c, prior_scale, noise_scale, num_observed)
-      return call_in_at_least_float32(jnp.linalg.solve, k + a * s_delta, s_g)
+      maskf = _mask(jnp.diagonal(c), num_observed).astype(c.dtype)
+      return call_in_at_least_float32(
+          jnp.linalg.solve, k + a * s_delta * maskf[:, None] * maskf[None, :], s_g * maskf)
     sx = s_delta @ c                                     # S'X, (M, M)
     m = sx.shape[0]
     z = call_in_at_least_float32(jnp.linalg.solve, jnp.eye(m, dtype=sx.dtype) + a * sx, s_g)
@@ -291,7 +298,8 @@ def low_rank_factors_blocks(
   ``A'A``), and the small algebra of blocks of equal shapes, dtypes and ``k``
   (the inverse of (B3), the ``2M x 2M`` eigendecomposition and SVD of (L1), the
   ``k x k`` re-orthonormalisation) runs as one batched call per stage
-  (`_map_blocks`) instead of one per block.
+  (`_map_blocks`) instead of one per block. Rows from ``num_observed`` on are
+  ignored, whatever finite values they hold (every Gram block is masked).
   """
   return _factors(directions, residuals, alphas, prior_scales, rank,
                   noise_scales=noise_scales, num_observed=num_observed)
@@ -312,7 +320,13 @@ def _factors(directions, residuals, alphas, prior_scales, rank, *, coefficients=
                   (g_dd, g_ds, g_ss, extra, alphas[b], prior_scales[b], np.int32(n))))
 
   def span_factors(k, g_dd, g_ds, g_ss, extra, alpha, prior_scale, n):
-    c = _coefficients(g_ss, prior_scale, extra, num_observed) if own_c else extra
+    if own_c:
+      maskf = _mask(jnp.diagonal(g_ss), num_observed).astype(g_ss.dtype)
+      both = maskf[:, None] * maskf[None, :]
+      g_dd, g_ds, g_ss = g_dd * both, g_ds * both, g_ss * both
+      c = _coefficients(g_ss, prior_scale, extra, num_observed)
+    else:
+      c = extra
     a, b, sigma = _span_factors(g_dd, g_ds, g_ss, c, alpha, prior_scale, n, k)
     return c @ a, b, sigma
 
