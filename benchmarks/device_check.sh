@@ -18,8 +18,9 @@
 #      batched across leaves (one inv/solve/eigh/svd per group of equal small
 #      shapes; XLA:CPU HLO posterior 428 -> 271 kernels, build 546 -> 243),
 #      and the posterior's two factorizations are one solve (271 -> 261, one
-#      LU per group), and a prior step writes row 0 of S and Delta in place
-#      (not both whole buffers): look at the host-scheduled rows and
+#      LU per group), a prior step writes row 0 of S and Delta in place
+#      (not both whole buffers), and the prior sums are packed (state 67 -> 53
+#      arrays per call): look at the host-scheduled rows and
 #      profile_steps' phase steps. New
 #      row "floor, one reduce per leaf": U'g as one variadic reduction per
 #      leaf instead of a vdot per row (XLA:CPU 67 -> 53 kernels, slower there),

@@ -171,6 +171,35 @@ class PackedTree(PackedDict):
   def unpack(self) -> Any:
     return self["tree"]
 
+  def update(self, fn: Any, *trees: Any) -> "PackedTree":
+    """This packing with each leaf ``x`` replaced by ``fn(x, *leaves of trees)``.
+
+    ``trees`` share the packed tree's structure (their leaves are matched in
+    order). Each leaf is read from its slot and written back into it with
+    ``lax.dynamic_update_slice``: in place when the vectors are donated, with
+    no copy of them (the update of a slot reads only that slot) and at most one
+    leaf as scratch. Unpacking, updating and `pack` would concatenate instead,
+    which XLA:CPU runs far slower than the leaves' own computation when it
+    fuses that computation into the concatenation (mnist_mlp's 1.3M entries:
+    ~77 ms against ~1 ms leaf by leaf); ``fn`` must keep each leaf's shape.
+    """
+    (entry,), _ = self._layout
+    others = [jax.tree_util.tree_leaves(t) for t in trees]
+    if any(len(o) != len(entry[2]) for o in others):
+      raise ValueError(f"PackedTree.update: the trees have {[len(o) for o in others]} "
+                       f"leaves, the packing {len(entry[2])}.")
+    vectors = list(self._vectors)
+    for i, (group, offset, shape) in enumerate(entry[2]):
+      v = vectors[group]
+      size = int(np.prod(shape, dtype=np.int64))
+      lead = v.shape[:-1]
+      start = (0,) * len(lead) + (offset,)
+      old = jax.lax.dynamic_slice(v, start, lead + (size,)).reshape(lead + shape)
+      new = jnp.asarray(fn(old, *[o[i] for o in others]))
+      vectors[group] = jax.lax.dynamic_update_slice(
+          v, new.astype(v.dtype).reshape(lead + (size,)), start)
+    return type(self)(tuple(vectors), self._layout)
+
   def __repr__(self) -> str:
     shapes = [getattr(v, "shape", v) for v in self._vectors]
     return f"PackedTree(vectors={shapes})"

@@ -90,6 +90,27 @@ def test_packed_tree_round_trip_under_jit_one_vector_per_dtype():
   _assert_same(out.unpack(), jax.tree_util.tree_map(lambda x: 2 * x, tree))
 
 
+def test_packed_tree_update_writes_each_slot_in_place():
+  """``update`` gives what unpacking, mapping and packing gives (mixed dtypes,
+  another tree's leaves matched in order), as a donated jitted call without a
+  copy of the packed vectors; a tree of another leaf count is refused."""
+  tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": (jnp.ones(4), jnp.arange(3, dtype=jnp.int32)),
+          "v": jnp.linspace(-1.0, 1.0, 5)}
+  other = jax.tree_util.tree_map(lambda x: x + 3, tree)
+  fn = lambda x, y: 2 * x + y
+  want = PackedTree.pack(jax.tree_util.tree_map(fn, tree, other))
+  step = jax.jit(lambda p, o: p.update(fn, o), donate_argnums=0)
+  hlo = step.lower(PackedTree.pack(tree), other).compile().as_text()
+  assert " copy(" not in hlo
+  out = step(PackedTree.pack(tree), other)
+  assert isinstance(out, PackedTree)
+  _assert_same(out.unpack(), want.unpack())
+  for got, expected in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="leaves"):
+    PackedTree.pack(tree).update(fn, {"w": tree["w"]})
+
+
 @pytest.mark.parametrize("preset", ["economy", "full"])
 def test_monitor_parameter_buffers_are_one_array_per_dtype(preset):
   # theta_0, the last update and HessMaxEV's vector pass through most steps

@@ -753,6 +753,10 @@ def test_mixed_precision_parameters_keep_their_dtypes():
   for u in updates:
     chex.assert_trees_all_equal_dtypes(u, mixed)
   chex.assert_trees_all_equal_dtypes(states[-1], tx.init(mixed))
+  # The prior sums are packed: one vector per dtype, whatever the leaf count.
+  for packed in (states[-1].sum_directions, states[-1].sum_products):
+    assert sorted(str(v.dtype) for v in jax.tree.leaves(packed)) == ["float32", "float64"]
+    chex.assert_trees_all_equal_dtypes(packed.unpack(), mixed)
   _, _, wide = _run(tx, TWO, {"w": mixed["w"].astype(jnp.float64), "b": mixed["b"]}, 8)
   for u, v in zip(updates, wide):
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):

@@ -113,7 +113,7 @@ import optax.tree_utils as otu
 
 from curvax import _checks
 from curvax._buffers import own_buffers
-from curvax._packed import install_packed_fields
+from curvax._packed import PackedTree, install_packed_fields
 from curvax.curvature import hessian_matvec
 from curvax.solvers import bayesian_hessian as bh
 
@@ -181,8 +181,11 @@ class ProbabilisticPreconditioningState(NamedTuple):
     residuals: per leaf, ``Delta = Y - S / alpha`` as rows ``(M, n)`` (B2), as
       ``directions``.
     sum_vu, sum_uu, sum_vv: (G,) prior sums of v'u, ||u||^2, ||v||^2.
-    sum_directions: sum of the prior directions v_i (shaped like params).
-    sum_products: sum of the prior products u_i = H_i v_i (shaped like params).
+    sum_directions: sum of the prior directions v_i, a
+      `curvax._packed.PackedTree` (``.unpack()`` gives the params-shaped tree):
+      one array per dtype, not one per parameter tensor, as the state passes
+      through every jitted call (each array costs host time).
+    sum_products: sum of the prior products u_i = H_i v_i, packed likewise.
     inner_state: state of the inner optimizer.
     num_skipped: steps skipped because of non-finite values, and host-scheduled
       steps that found the round late (they step with the estimate the state
@@ -562,8 +565,8 @@ def probabilistic_preconditioning(
         directions=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
         residuals=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
         sum_vu=zeros_g(), sum_uu=zeros_g(), sum_vv=zeros_g(),
-        sum_directions=optax.tree_utils.tree_zeros_like(params),
-        sum_products=optax.tree_utils.tree_zeros_like(params),
+        sum_directions=PackedTree.pack(optax.tree_utils.tree_zeros_like(params)),
+        sum_products=PackedTree.pack(optax.tree_utils.tree_zeros_like(params)),
         inner_state=own_buffers(inner.init(params)),
         num_skipped=izero(), num_failed_fits=izero(), num_negative_curvature=izero(),
         posterior_retakes=izero()), dtype)
@@ -640,8 +643,8 @@ def probabilistic_preconditioning(
       vv = _group_sum([jnp.vdot(v, v) for v in g_flat], gids, num_groups)
       new = (pick(keep(sum_vu) + vu, sum_vu), pick(keep(sum_uu) + uu, sum_uu),
              pick(keep(sum_vv) + vv, sum_vv),
-             jax.tree.map(lambda s, v: pick(keep(s) + v, s), sum_dirs, updates),
-             jax.tree.map(lambda s, u: pick(keep(s) + u, s), sum_prods, u_tree),
+             sum_dirs.update(lambda s, v: pick(keep(s) + v, s), updates),
+             sum_prods.update(lambda s, u: pick(keep(s) + u, s), u_tree),
              pick(r + 1, r), skipped + jnp.where(finite, 0, 1).astype(skipped.dtype))
       return new, finite & gate & (r == num_prior - 1)
 
@@ -666,8 +669,8 @@ def probabilistic_preconditioning(
       alpha = jnp.where(active, jnp.abs(state.sum_vu) / jnp.where(active, state.sum_uu, one_g),
                         one_g)
       w = jnp.where(active, jnp.abs(state.sum_vu) / jnp.where(active, state.sum_vv, one_g), one_g)
-      sum_v = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_directions)]
-      sum_u = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_products)]
+      sum_v = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_directions.unpack())]
+      sum_u = [jnp.ravel(x) for x in treedef.flatten_up_to(state.sum_products.unpack())]
       norm_sum = _group_sum([jnp.vdot(s, s) for s in sum_v], gids, num_groups)
       if noise_estimate == "unbiased":
         lam = jnp.maximum((state.sum_vv - norm_sum / num_prior) / (num_prior - 1), 0.0)
