@@ -20,6 +20,7 @@ import optax
 import pytest
 
 import curvax
+from curvax._packed import PackedTree
 from curvax.solvers import bayesian_hessian as bh
 from curvax.transforms.probabilistic_preconditioning import (
     POSTERIOR, PRECONDITION, PRIOR, STATIC_ARGS, estimates_preconditioner, estimation_phase,
@@ -178,7 +179,7 @@ def test_rank_k_preconditioned_step_matches_closed_form():
   b_mat, alpha = _dense_posterior(states[t], 0)
   uu, ss, _ = np.linalg.svd(b_mat)
   u, sigma = uu[:, :rank], ss[:rank]
-  np.testing.assert_allclose(states[t].eigenvalues[0], sigma, rtol=1e-8)
+  np.testing.assert_allclose(states[t].eigenvalues.unpack()[0], sigma, rtol=1e-8)
   g = np.asarray(jax.grad(SINGLE)(params, BATCH)["x"])
   scale = 1.0 / (alpha * sigma) if form == "inverse" else sigma ** -0.5
   g_tilde = g - u @ (u.T @ g) + u @ (scale * (u.T @ g))          # (C2) / (C1)
@@ -295,7 +296,7 @@ def test_chain_and_unknown_kwargs_and_inject_hyperparams():
     outs.append((u, state, step))
   # Both equal the closed form -lr * g~ with the state's own rank-2 factors (C2).
   st = outs[1][1].inner_state
-  u_vec, sigma = np.asarray(st.eigenvectors[0]), np.asarray(st.eigenvalues[0])
+  u_vec, sigma = np.asarray(st.eigenvectors[0]), np.asarray(st.eigenvalues.unpack()[0])
   gv = np.asarray(g["x"])
   scale = 1.0 / (float(st.alpha[0]) * sigma)
   want = -0.05 * (gv + u_vec.T @ ((scale - 1.0) * (u_vec @ gv)))
@@ -349,7 +350,8 @@ def test_preconditioning_step_guard_sees_every_non_finite_gradient_entry(inner, 
                          round_step=jnp.asarray(10, jnp.int32),
                          sum_vv=jnp.ones_like(state.sum_vv), sum_uu=jnp.ones_like(state.sum_uu),
                          alpha=jnp.ones_like(state.alpha),
-                         eigenvectors=(rows,), eigenvalues=(jnp.asarray([2.0, 4.0], dtype),))
+                         eigenvectors=(rows,),
+                         eigenvalues=PackedTree.pack((jnp.asarray([2.0, 4.0], dtype),)))
   batch = (jnp.ones((2, 1), dtype), jnp.zeros((2, 1), dtype))
   update = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))
   g = jnp.asarray([1e-30, 2e-30, 3e-30, 0.0], dtype)
@@ -388,8 +390,8 @@ def test_posterior_gives_up_after_repeated_non_finite_observations():
   _, ref, ref_updates = _run(one_obs, SINGLE, {"x": jnp.ones(N)}, 3)
   # Rank 2 from one observation: its pair, then the prior's 1/alpha (a direction
   # the inverse form leaves unscaled), so the step equals the rank-1 one.
-  sigma, u = states[4].eigenvalues[0], states[4].eigenvectors[0]
-  np.testing.assert_allclose(sigma[0], ref[2].eigenvalues[0][0], rtol=1e-10)
+  sigma, u = states[4].eigenvalues.unpack()[0], states[4].eigenvectors[0]
+  np.testing.assert_allclose(sigma[0], ref[2].eigenvalues.unpack()[0][0], rtol=1e-10)
   np.testing.assert_allclose(sigma[1], 1.0 / states[4].alpha[0], rtol=1e-10)
   np.testing.assert_allclose(abs(u[0] @ ref[2].eigenvectors[0][0]), 1.0, rtol=1e-10)
   np.testing.assert_allclose(updates[4]["x"], ref_updates[2]["x"], rtol=1e-9)
@@ -515,7 +517,7 @@ def test_groups_labels_callable_seed_form_on_mlp():
   params_out, states, updates = _run(tx, loss_fn, params, 8, [batch] * 8)
   st = states[-1]
   assert st.alpha.shape == (2,) and np.all(np.asarray(st.alpha) > 0)
-  assert all(v.shape == (2,) for v in st.eigenvalues)
+  assert all(v.shape == (2,) for v in st.eigenvalues.unpack())
   assert int(st.num_skipped) == 0
   assert float(loss_fn(params_out, batch)) < start
   # First preconditioned step: the seed form (C1) with the state's own factors.
@@ -523,7 +525,7 @@ def test_groups_labels_callable_seed_form_on_mlp():
   grads = jax.grad(loss_fn)(params, batch)
   for i, name in enumerate(["b1", "b2", "w1", "w2"]):
     u_vec = np.asarray(states[t].eigenvectors[i])
-    sigma = np.asarray(states[t].eigenvalues[i])
+    sigma = np.asarray(states[t].eigenvalues.unpack()[i])
     gv = np.ravel(np.asarray(grads[name]))
     want = -float(st.learning_rate[i % 2]) * (gv + u_vec.T @ ((sigma ** -0.5 - 1.0)
                                                                * (u_vec @ gv)))
@@ -665,7 +667,7 @@ def test_noisy_batches_match_a_dense_reference_round(form, noise_estimate, two_g
     u_ref, sigma_ref = ref["factors"][k]
     assert sigma_ref[rank - 1] > 1.05 * sigma_ref[rank]      # U well defined
     u = np.asarray(built.eigenvectors[i])
-    np.testing.assert_allclose(built.eigenvalues[i], sigma_ref[:rank], rtol=1e-9)
+    np.testing.assert_allclose(built.eigenvalues.unpack()[i], sigma_ref[:rank], rtol=1e-9)
     np.testing.assert_allclose(u.T @ u, u_ref @ u_ref.T, atol=1e-9)
   # The observations use the step's own batch: the gradient and Hessian of the
   # batch before give directions far from curvax's.
@@ -775,7 +777,7 @@ def test_defaults_are_the_spec_defaults():
   params = {"x": jnp.ones(N)}
   state = probabilistic_preconditioning(SINGLE).init(params)
   assert state.directions[0].shape == (5, N) and state.residuals[0].shape == (5, N)
-  assert len(state.eigenvectors[0]) == 2 and state.eigenvalues[0].shape == (2,)
+  assert len(state.eigenvectors[0]) == 2 and state.eigenvalues.unpack()[0].shape == (2,)
   with pytest.raises(ValueError, match="restart_every"):
     probabilistic_preconditioning(SINGLE, restart_every=14)
   probabilistic_preconditioning(SINGLE, restart_every=15)
@@ -902,8 +904,8 @@ def test_leaf_smaller_than_rank_gets_a_newton_step():
   params = {"s": jnp.ones(1), "x": jnp.ones(N)}
   _, states, updates = _run(tx, loss_fn, params, 4)
   st = states[-1]
-  assert st.eigenvalues[0].shape == (1,) and len(st.eigenvectors[0]) == 1   # leaves: s, x
-  assert st.eigenvalues[1].shape == (2,) and len(st.eigenvectors[1]) == 2
+  assert st.eigenvalues.unpack()[0].shape == (1,) and len(st.eigenvectors[0]) == 1   # leaves: s, x
+  assert st.eigenvalues.unpack()[1].shape == (2,) and len(st.eigenvectors[1]) == 2
   np.testing.assert_allclose(st.alpha[0], 1.0 / h, rtol=1e-12)
   np.testing.assert_allclose(updates[3]["s"], [-(h - c) / h], rtol=1e-10)
   assert np.all(np.isfinite(np.asarray(updates[3]["x"])))
@@ -946,7 +948,7 @@ def test_all_bfloat16_parameters_follow_the_float32_run():
   low, s_low = run(jnp.bfloat16)
   ref32, s32 = run(jnp.float32)
   assert int(s_low.phase) == int(s32.phase) == 2 and int(s_low.num_skipped) == 0
-  assert all(e.dtype == jnp.bfloat16 for e in s_low.eigenvalues)
+  assert all(e.dtype == jnp.bfloat16 for e in s_low.eigenvalues.unpack())
   assert np.all(np.isfinite(low)) and np.linalg.norm(low) > 0
   assert low @ ref32 / (np.linalg.norm(low) * np.linalg.norm(ref32)) > 0.99
   np.testing.assert_allclose(np.asarray(s_low.alpha, np.float64), s32.alpha, rtol=2e-2)

@@ -259,7 +259,7 @@ def _compare(states, updates, records, slices, gids, *, check_estimate=True):
         np.testing.assert_allclose(st.residuals[i], ref["y"][i] - ref["s"][i] / alpha_of[i],
                                    rtol=1e-9, atol=1e-10, err_msg=f"{msg} Delta leaf {i}")
         assert ref["gaps"][i] > 1e-6, (msg, i, ref["gaps"][i])   # U well defined
-        np.testing.assert_allclose(st.eigenvalues[i], ref["sigma"][i], rtol=1e-9,
+        np.testing.assert_allclose(st.eigenvalues.unpack()[i], ref["sigma"][i], rtol=1e-9,
                                    err_msg=f"{msg} sigma leaf {i}")
         u = np.stack(st.eigenvectors[i], axis=1)
         np.testing.assert_allclose(u @ u.T, ref["u"][i] @ ref["u"][i].T, atol=1e-9,
@@ -346,7 +346,7 @@ def test_defaults_round_structure_and_trajectory():
   assert not np.any(np.asarray(states[8].alpha)) and np.all(np.asarray(states[9].alpha) > 0)
   assert int(states[-1].num_restarts) == 0 and int(states[-1].round_step) == steps
   assert states[-1].alpha.shape == (1,) and np.all(records[-1]["lam"] > 0)
-  assert all(v.shape == (2,) for v in states[-1].eigenvalues)
+  assert all(v.shape == (2,) for v in states[-1].eigenvalues.unpack())
   # The first step applies the inverse of the rank-k estimate
   # B_k = U diag(sigma) U' + (I - UU') / alpha (from the dense reference) to the
   # gradient at the estimation point: B_k (-step) = g, leaf by leaf.
@@ -377,7 +377,7 @@ def test_rank_is_capped_where_the_estimate_only_shortens_steps():
     inv_alpha = 1.0 / records[t]["alpha"][0]
     for sigma in records[t]["sigma"]:
       assert np.all(np.asarray(sigma) >= inv_alpha * (1 - 1e-12)), (t, sigma, inv_alpha)
-    for sigma in states[t].eigenvalues:
+    for sigma in states[t].eigenvalues.unpack():
       assert np.all(np.asarray(sigma) >= inv_alpha * (1 - 1e-9)), (t, sigma, inv_alpha)
   with pytest.raises(ValueError, match="must not exceed num_observations"):
     probabilistic_preconditioning(loss_fn, prior_iterations=3, num_observations=1, rank=2)

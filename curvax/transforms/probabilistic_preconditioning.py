@@ -172,7 +172,9 @@ class ProbabilisticPreconditioningState(NamedTuple):
     learning_rate: (G,) learning rate the inner optimizer uses (alpha, or the
       fixed ``learning_rate``; 0 for an inactive group, which takes no step).
     eigenvalues: per leaf, the ``k`` top singular values ``sigma`` of the
-      rank-k Hessian estimate (L1) (its eigenvalue estimates).
+      rank-k Hessian estimate (L1) (its eigenvalue estimates), packed into one
+      vector per dtype (`curvax._packed.PackedTree`; ``.unpack()`` gives the
+      tuple, ``.unpack()[i]`` leaf ``i``'s ``(k,)`` values).
     eigenvectors: per leaf, ``U``'s ``k`` rows ``(n,)`` (L1), a tuple of arrays (not
       one ``(k, n)`` array: rows sliced out of it were copied every step).
     directions: per leaf, ``S`` as rows ``(M, n)`` (unit-norm observed
@@ -200,7 +202,7 @@ class ProbabilisticPreconditioningState(NamedTuple):
   count: Array
   counts: Array
   group_values: Array
-  eigenvalues: Tuple[Array, ...]
+  eigenvalues: Any
   eigenvectors: Tuple[Tuple[Array, ...], ...]
   directions: Tuple[Array, ...]
   residuals: Tuple[Array, ...]
@@ -224,7 +226,7 @@ class _Fields(NamedTuple):
   prior_scale: Array
   noise_scale: Array
   learning_rate: Array
-  eigenvalues: Tuple[Array, ...]
+  eigenvalues: Any
   eigenvectors: Tuple[Tuple[Array, ...], ...]
   directions: Tuple[Array, ...]
   residuals: Tuple[Array, ...]
@@ -559,7 +561,8 @@ def probabilistic_preconditioning(
         count=izero(), round_step=izero(), phase=izero(), num_observations=izero(),
         num_restarts=izero(), alpha=zeros_g(), prior_scale=zeros_g(), noise_scale=zeros_g(),
         learning_rate=lr0,
-        eigenvalues=tuple(jnp.ones((_rank_of(x.size),), x.dtype) for x in leaves),
+        eigenvalues=PackedTree.pack(tuple(jnp.ones((_rank_of(x.size),), x.dtype)
+                                          for x in leaves)),
         eigenvectors=tuple(tuple(jnp.zeros((x.size,), x.dtype) for _ in range(_rank_of(x.size)))
                            for x in leaves),
         directions=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
@@ -799,13 +802,14 @@ def probabilistic_preconditioning(
           [leaf_scalar(state.noise_scale, i) for i in range(num_leaves)], rank,
           state.num_observations)
       vecs, vals = [], []
+      old_vals = state.eigenvalues.unpack()
       for i, (u, sigma) in enumerate(factors):
         ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(sigma))
         # In the state's dtypes (the leaf's; the group scalars may be wider).
         vecs.append(tuple(row.astype(v.dtype) for row, v in
                           zip(jnp.where(ok, u, 0.0), state.eigenvectors[i])))
-        vals.append(jnp.where(ok, sigma, 1.0).astype(state.eigenvalues[i].dtype))
-      return tuple(vecs), tuple(vals)
+        vals.append(jnp.where(ok, sigma, 1.0).astype(old_vals[i].dtype))
+      return tuple(vecs), PackedTree.pack(tuple(vals))
 
     # The conds. GPU runtimes sync with the host for each lax.cond (its
     # predicate is read on the host: ~40 us per cond on an H200, measured), and
@@ -896,9 +900,10 @@ def probabilistic_preconditioning(
     if precondition:
       # The factors c (C1/C2) of all leaves in one elementwise pass (per leaf,
       # XLA:GPU launched two kernels for each leaf's k numbers).
-      ranks = [s.shape[0] for s in state.eigenvalues]
+      eigenvalues = state.eigenvalues.unpack()
+      ranks = [s.shape[0] for s in eigenvalues]
       scales = jnp.split(bh.preconditioner_scales(
-          jnp.concatenate(state.eigenvalues),
+          jnp.concatenate(eigenvalues),
           jnp.concatenate([jnp.broadcast_to(leaf_scalar(state.alpha, i), (k,))
                            for i, k in enumerate(ranks)]), form), np.cumsum(ranks)[:-1])
       coefs = [bh.low_rank_coefficients(g, u, c)
