@@ -169,7 +169,19 @@ class PackedTree(PackedDict):
     return super().pack({"tree": tree})
 
   def unpack(self) -> Any:
-    return self["tree"]
+    return PackedDict.__getitem__(self, "tree")
+
+  # Read only through `unpack`: iterating or indexing the packing as the
+  # Mapping it is built on would give its one key, "tree", where code written
+  # for the unpacked tree (``for s in state.eigenvalues``) expects leaves.
+  def __getitem__(self, key: Any) -> Any:
+    raise TypeError(f"a PackedTree is read with .unpack() (then [{key!r}]), not indexed.")
+
+  def __iter__(self) -> Iterator[str]:
+    raise TypeError("a PackedTree is read with .unpack() (then iterated), not iterated.")
+
+  __eq__ = object.__eq__
+  __hash__ = object.__hash__
 
   def update(self, fn: Any, *trees: Any) -> "PackedTree":
     """This packing with each leaf ``x`` replaced by ``fn(x, *leaves of trees)``.

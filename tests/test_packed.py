@@ -109,6 +109,12 @@ def test_packed_tree_update_writes_each_slot_in_place():
     np.testing.assert_array_equal(got, expected)
   with pytest.raises(ValueError, match="leaves"):
     PackedTree.pack(tree).update(fn, {"w": tree["w"]})
+  # Read through unpack() only: iterating or indexing the packing itself
+  # would see its Mapping key "tree", not the tree's leaves.
+  with pytest.raises(TypeError, match="unpack"):
+    list(PackedTree.pack((jnp.ones(2), jnp.ones(3))))
+  with pytest.raises(TypeError, match="unpack"):
+    PackedTree.pack((jnp.ones(2), jnp.ones(3)))[0]
 
 
 @pytest.mark.parametrize("preset", ["economy", "full"])
