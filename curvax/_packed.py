@@ -180,6 +180,8 @@ class PackedTree(PackedDict):
   def __iter__(self) -> Iterator[str]:
     raise TypeError("a PackedTree is read with .unpack() (then iterated), not iterated.")
 
+  # Mapping's == compares items, so iterates: identity instead (JAX compares
+  # the layout, the pytree's static data, not the object).
   __eq__ = object.__eq__
   __hash__ = object.__hash__
 

@@ -969,8 +969,9 @@ def _noisy_setup():
   return loss_fn, params, [tuple(map(jnp.asarray, bt)) for bt in batches]
 
 
-def _run_scheduled(tx, loss_fn, params, batches, flags):
-  """Runs one step per batch with ``scheduled=flags[t]``; lists the values traced."""
+def _run_scheduled(tx, loss_fn, params, batches, flags, state=None):
+  """Runs one step per batch with ``scheduled=flags[t]`` from ``state`` (``tx.init``
+  if None); lists the values traced."""
   traces = []
 
   @functools.partial(jax.jit, static_argnames="scheduled")
@@ -978,7 +979,7 @@ def _run_scheduled(tx, loss_fn, params, batches, flags):
     traces.append(scheduled)
     return tx.update(jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=scheduled)
 
-  state = tx.init(params)
+  state = tx.init(params) if state is None else state
   states, updates = [state], []
   for flag, b in zip(flags, batches):
     u, state = step(params, state, b, scheduled=flag)
@@ -1061,19 +1062,16 @@ def test_a_round_ignores_the_previous_rounds_rows(by_phase):
   cleared = restarted._replace(
       directions=tuple(jnp.zeros_like(x) for x in restarted.directions),
       residuals=tuple(jnp.zeros_like(x) for x in restarted.residuals))
-  step = jax.jit(lambda p, s, b, scheduled: tx.update(
-      jax.grad(loss_fn)(p, b), s, p, batch=b, scheduled=scheduled),
-                 static_argnames="scheduled")
-  p, s = start, cleared
-  for t in range(7, 14):
-    u, s = step(p, s, batches[t], scheduled=flags[t])
-    p = optax.apply_updates(p, u)
-    chex.assert_trees_all_close(u, updates[t], rtol=1e-12, atol=1e-12)
-    if t == 9:     # the fit: row 0 written, the old rows kept (or zero, cleared)
-      assert int(s.num_observations) == 1
-      assert any(np.any(np.asarray(x)[1:]) for x in states[t + 1].directions)
-      assert not any(np.any(np.asarray(x)[1:]) for x in s.directions)
+  again, again_updates, _ = _run_scheduled(tx, loss_fn, start, batches[7:14], flags[7:],
+                                           state=cleared)
+  for got, want in zip(again_updates, updates[7:]):
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
+  # After the fit (step 9): row 0 written, the old rows kept (or zero, cleared).
+  assert int(again[3].num_observations) == 1
+  assert any(np.any(np.asarray(x)[1:]) for x in states[10].directions)
+  assert not any(np.any(np.asarray(x)[1:]) for x in again[3].directions)
   assert any(np.any(np.asarray(x)) for x in updates[13].values())
+  s = again[-1]
   chex.assert_trees_all_close((s.eigenvectors, s.eigenvalues),
                               (states[14].eigenvectors, states[14].eigenvalues),
                               rtol=1e-12, atol=1e-12)

@@ -152,14 +152,18 @@ def _coefficients(gram: Array, prior_scale: Array, noise_scale: Array,
                                   _gram_system(gram, prior_scale, noise_scale, num_observed))
 
 
+def _gram_mask(gram: Array, num_observed: Optional[Array]) -> Array:
+  """The mask of `observation_mask` as 0/1 in ``gram``'s dtype, from the
+  diagonal of the Gram matrix ``S S'`` (no second pass over ``S``)."""
+  return _mask(jnp.diagonal(gram), num_observed).astype(gram.dtype)
+
+
 def _gram_system(gram: Array, prior_scale: Array, noise_scale: Array,
                  num_observed: Optional[Array]) -> Array:
   """``C^{-1} = w^2 S S' + lam^2 diag(S S')`` of (B3), masked (identity rows
   for unobserved or empty observations), from the Gram matrix ``S S'``."""
-  # Mask the (M, M) Gram matrix, not the (M, n) directions (no n-sized copy);
-  # the mask of `observation_mask` from its diagonal (no second pass over S).
-  mask = _mask(jnp.diagonal(gram), num_observed)
-  maskf = mask.astype(gram.dtype)
+  # Mask the (M, M) Gram matrix, not the (M, n) directions (no n-sized copy).
+  maskf = _gram_mask(gram, num_observed)
   gram = gram * maskf[:, None] * maskf[None, :]
   diag = jnp.diagonal(gram)
   return (jnp.square(prior_scale) * gram
@@ -228,7 +232,7 @@ def _inverse_matvecs(gs, directions, residuals, alphas, prior_scales, *, coeffic
       # (two LU factorizations: on a GPU, library calls outside the step's
       # CUDA graph, and a while loop each to apply the pivots).
       k = _gram_system(c, prior_scale, noise_scale, num_observed)
-      maskf = _mask(jnp.diagonal(c), num_observed).astype(c.dtype)
+      maskf = _gram_mask(c, num_observed)
       return call_in_at_least_float32(
           jnp.linalg.solve, k + a * s_delta * maskf[:, None] * maskf[None, :], s_g * maskf)
     sx = s_delta @ c                                     # S'X, (M, M)
@@ -321,7 +325,7 @@ def _factors(directions, residuals, alphas, prior_scales, rank, *, coefficients=
 
   def span_factors(k, g_dd, g_ds, g_ss, extra, alpha, prior_scale, n):
     if own_c:
-      maskf = _mask(jnp.diagonal(g_ss), num_observed).astype(g_ss.dtype)
+      maskf = _gram_mask(g_ss, num_observed)
       both = maskf[:, None] * maskf[None, :]
       g_dd, g_ds, g_ss = g_dd * both, g_ds * both, g_ss * both
       c = _coefficients(g_ss, prior_scale, extra, num_observed)
