@@ -185,6 +185,80 @@ class PackedTree(PackedDict):
   __eq__ = object.__eq__
   __hash__ = object.__hash__
 
+  @classmethod
+  def zeros(cls, like: Any, lead: Tuple[int, ...] = ()) -> "PackedTree":
+    """Zeros packed with the layout of ``like`` (a pytree of arrays or
+    ``jax.ShapeDtypeStruct``s) and leading axes ``lead`` on every vector:
+    ``.unpack()`` gives each leaf with shape ``lead + leaf.shape``.
+
+    With ``lead = (M,)`` this is a buffer of ``M`` rows, each a packed copy of
+    ``like`` (`curvax.transforms.probabilistic_preconditioning`'s observations):
+    one ``(M, size)`` array per dtype instead of one ``(M, ...)`` array per leaf.
+    Nothing is concatenated (`pack` would be, which is slow for computed leaves).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    dtypes = sorted({jnp.dtype(x.dtype).name for x in leaves})
+    sizes = dict.fromkeys(dtypes, 0)
+    slots = []
+    for x in leaves:
+      name = jnp.dtype(x.dtype).name
+      slots.append((dtypes.index(name), sizes[name], tuple(x.shape)))
+      sizes[name] += int(np.prod(x.shape, dtype=np.int64))
+    vectors = tuple(jnp.zeros(tuple(lead) + (sizes[name],), name) for name in dtypes)
+    return cls(vectors, ((("tree", treedef, tuple(slots)),), tuple(dtypes)))
+
+  def set_at(self, index: Any, tree: Any, keep: Any = False) -> "PackedTree":
+    """This packing with ``tree``'s leaves written at ``index`` of the leading axis.
+
+    For a packing with one leading axis (`zeros` with ``lead = (M,)``): leaf
+    ``i`` of the result's ``unpack()`` has ``tree``'s leaf ``i`` as its row
+    ``index`` (a traced integer, clamped to ``[0, M)``) and its other rows
+    unchanged; where ``keep`` (a traced bool) holds, or ``index`` is out of
+    bounds, no row changes. Each leaf's slot of the row is written by a
+    ``lax.dynamic_update_slice`` of its own, in place when the vectors are
+    donated; a write that may be skipped reads the slot it would overwrite (a
+    select), nothing else is read. (``.at[index, slot].set(..., mode="drop")``
+    does the same through a scatter, which XLA lowers with an index vector
+    and a bounds check of its own per leaf: ~2 more kernels per write.)
+    """
+    (entry,), _ = self._layout
+    leaves = jax.tree_util.tree_leaves(tree)
+    if len(leaves) != len(entry[2]):
+      raise ValueError(f"PackedTree.set_at: the tree has {len(leaves)} leaves, the "
+                       f"packing {len(entry[2])}.")
+    vectors = list(self._vectors)
+    if any(v.ndim != 2 for v in vectors):
+      raise ValueError("PackedTree.set_at needs one leading axis (PackedTree.zeros(like, "
+                       f"lead=(M,))); the vectors have shapes {[v.shape for v in vectors]}.")
+    rows = vectors[0].shape[0] if vectors else 0
+    if rows == 0:
+      return self
+    index = jnp.asarray(index, jnp.int32)
+    keep = jnp.asarray(keep) | (index < 0) | (index >= rows)
+    index = jnp.clip(index, 0, rows - 1)
+    for (group, offset, shape), x in zip(entry[2], leaves):
+      v = vectors[group]
+      size = int(np.prod(shape, dtype=np.int64))
+      start = (index, jnp.asarray(offset, jnp.int32))
+      new = jnp.reshape(x, (1, size)).astype(v.dtype)
+      new = jnp.where(keep, jax.lax.dynamic_slice(v, start, (1, size)), new)
+      vectors[group] = jax.lax.dynamic_update_slice(v, new, start)
+    return type(self)(tuple(vectors), self._layout)
+
+  def row(self, index: Any) -> Any:
+    """The tree at ``index`` of the one leading axis (`zeros` with ``lead =
+    (M,)``), clamped to ``[0, M)``: leaf ``i`` is ``unpack()[i][index]``, read
+    with one ``lax.dynamic_slice`` of its slot."""
+    (entry,), _ = self._layout
+    rows = self._vectors[0].shape[0]
+    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, max(rows - 1, 0))
+    leaves = []
+    for group, offset, shape in entry[2]:
+      size = int(np.prod(shape, dtype=np.int64))
+      start = (index, jnp.asarray(offset, jnp.int32))
+      leaves.append(jax.lax.dynamic_slice(self._vectors[group], start, (1, size)).reshape(shape))
+    return jax.tree_util.tree_unflatten(entry[1], leaves)
+
   def update(self, fn: Any, *trees: Any) -> "PackedTree":
     """This packing with each leaf ``x`` replaced by ``fn(x, *leaves of trees)``.
 

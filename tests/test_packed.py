@@ -117,6 +117,44 @@ def test_packed_tree_update_writes_each_slot_in_place():
     PackedTree.pack((jnp.ones(2), jnp.ones(3)))[0]
 
 
+def test_packed_rows_write_and_read_one_row_per_call_in_place():
+  """``zeros(like, lead=(M,))`` holds M rows of ``like`` in one (M, size) array
+  per dtype; ``set_at(i, tree)`` gives the buffers with row i of every leaf
+  replaced (mixed dtypes, checked against numpy), unless ``keep`` or ``i`` out
+  of bounds; ``row(i)`` reads it back; a donated jitted write copies nothing."""
+  like = (jax.ShapeDtypeStruct((3,), jnp.float32), jax.ShapeDtypeStruct((2, 2), jnp.bfloat16),
+          jax.ShapeDtypeStruct((4,), jnp.float32))
+  rows = PackedTree.zeros(like, lead=(5,))
+  assert sorted(v.shape for v in jax.tree_util.tree_leaves(rows)) == [(5, 4), (5, 7)]
+  assert [x.shape for x in rows.unpack()] == [(5, 3), (5, 2, 2), (5, 4)]
+  rng = np.random.default_rng(0)
+  want = [np.zeros((5,) + x.shape) for x in like]
+  write = jax.jit(lambda r, i, t, keep: r.set_at(i, t, keep), donate_argnums=0)
+  for i, keep in [(2, False), (0, False), (4, False), (2, True), (5, False), (-1, False)]:
+    tree = tuple(jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in like)
+    rows = write(rows, i, tree, keep)
+    if not keep and 0 <= i < 5:
+      for w, t in zip(want, tree):
+        w[i] = np.asarray(t, np.float64)
+    for got, w, x in zip(rows.unpack(), want, like):
+      assert got.dtype == x.dtype
+      np.testing.assert_array_equal(np.asarray(got, np.float64), w)
+  for i in range(5):
+    for got, w in zip(jax.jit(lambda r, i: r.row(i))(rows, i), want):
+      np.testing.assert_array_equal(np.asarray(got, np.float64), w[i])
+  # In place: no copy of the buffers. (Not asserted for the bfloat16 vector:
+  # XLA:CPU copies a bfloat16 buffer around a select-and-write of a whole
+  # row, as it does for `.at[i].set(..., mode="drop")` on one.)
+  like32 = (jax.ShapeDtypeStruct((3,), jnp.float32), jax.ShapeDtypeStruct((2, 2), jnp.int32))
+  tree32 = tuple(jnp.ones(x.shape, x.dtype) for x in like32)
+  hlo = write.lower(PackedTree.zeros(like32, lead=(5,)), 1, tree32, True).compile().as_text()
+  assert " copy(" not in hlo
+  with pytest.raises(ValueError, match="leaves"):
+    rows.set_at(0, tree[:2])
+  with pytest.raises(ValueError, match="leading axis"):
+    PackedTree.pack(tree).set_at(0, tree)
+
+
 @pytest.mark.parametrize("preset", ["economy", "full"])
 def test_monitor_parameter_buffers_are_one_array_per_dtype(preset):
   # theta_0, the last update and HessMaxEV's vector pass through most steps

@@ -97,8 +97,8 @@ SHARED = probabilistic_preconditioning(SINGLE, prior_iterations=2, num_observati
 
 def _dense_posterior(state, leaf):
   """Dense posterior mean (B1-B3) rebuilt in numpy from the stored S, Delta."""
-  s = np.asarray(state.directions[leaf])
-  d = np.asarray(state.residuals[leaf])
+  s = np.asarray(state.directions.unpack()[leaf])
+  d = np.asarray(state.residuals.unpack()[leaf])
   gid = 0 if state.alpha.shape[0] == 1 else leaf
   alpha, w, lam = (float(state.alpha[gid]), float(state.prior_scale[gid]),
                    float(state.noise_scale[gid]))
@@ -153,7 +153,7 @@ def test_noise_free_posterior_reproduces_hessian_on_observed_subspace():
   assert int(st.num_observations) == m_obs and int(st.phase) == PRECONDITION
   for leaf, h in enumerate([A_B, A_W]):                # leaves in tree order: b, w
     b_mat, _ = _dense_posterior(st, leaf)
-    s = np.asarray(st.directions[leaf])
+    s = np.asarray(st.directions.unpack()[leaf])
     np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1.0, rtol=1e-12)
     # B s_j = H s_j for every observed direction (block-diagonal H: exact).
     np.testing.assert_allclose(s @ b_mat.T, s @ h.T, rtol=1e-7, atol=1e-7)
@@ -230,7 +230,7 @@ def test_fixed_learning_rate_momentum_and_only_adaptive():
   params = {"x": jnp.ones(N)}
   _, states, updates = _run(tx, SINGLE, params, 4)
   assert [int(st.phase) for st in states] == [PRIOR, PRECONDITION, PRECONDITION, PRECONDITION]
-  assert states[0].directions[0].shape == (0, N)      # no posterior buffers
+  assert states[0].directions.unpack()[0].shape == (0, N)      # no posterior buffers
   np.testing.assert_allclose(states[-1].learning_rate, [lr])
   assert float(states[-1].alpha[0]) != lr
   assert float(jnp.max(jnp.abs(updates[1]["x"]))) == 0.0
@@ -326,7 +326,8 @@ def test_non_finite_observations_are_skipped_and_recorded():
   assert np.all(np.asarray(updates[6]["x"]) == 0.0)
   # The skipped observations left the estimate as if they never happened.
   _, clean, _ = _run(SHARED, SINGLE, params, 3)
-  np.testing.assert_allclose(states[4].directions[0], clean[2].directions[0], rtol=1e-12)
+  np.testing.assert_allclose(states[4].directions.unpack()[0], clean[2].directions.unpack()[0],
+                             rtol=1e-12)
   np.testing.assert_allclose(states[4].alpha, clean[2].alpha, rtol=1e-12)
 
 
@@ -483,7 +484,8 @@ def test_inactive_groups_do_not_fail_the_fit_nor_change_the_active_ones(groups, 
     moved += float(jnp.max(jnp.abs(u["x"]))) > 0
     for f in ("alpha", "prior_scale", "noise_scale", "learning_rate"):
       np.testing.assert_allclose(getattr(st, f)[ix], getattr(ref, f)[0], rtol=1e-12)
-    np.testing.assert_allclose(st.directions[ix], ref.directions[0], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(st.directions.unpack()[ix], ref.directions.unpack()[0],
+                               rtol=1e-12, atol=1e-15)
     for name in inactive:
       assert not np.any(np.asarray(u[name])), name
   # 4 preconditioned steps in each full round of 8, 2 in the last 6 steps.
@@ -498,7 +500,8 @@ def test_inactive_groups_do_not_fail_the_fit_nor_change_the_active_ones(groups, 
   np.testing.assert_array_equal(np.asarray(st.noise_scale)[others], 0.0)
   np.testing.assert_array_equal(np.asarray(st.learning_rate)[others], 0.0)
   for i in others:
-    assert not np.any(np.asarray(st.directions[i])) and not np.any(np.asarray(st.residuals[i]))
+    assert not np.any(np.asarray(st.directions.unpack()[i]))
+    assert not np.any(np.asarray(st.residuals.unpack()[i]))
 
 
 @pytest.mark.slow
@@ -661,8 +664,8 @@ def test_noisy_batches_match_a_dense_reference_round(form, noise_estimate, two_g
   np.testing.assert_allclose(fit.learning_rate, ref["alpha"], rtol=1e-12)
   for i, k in enumerate(names):
     # (O1), (O2), (B2): the observed directions and residuals.
-    np.testing.assert_allclose(built.directions[i], ref["s"][k], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(built.residuals[i], ref["delta"][k], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(built.directions.unpack()[i], ref["s"][k], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(built.residuals.unpack()[i], ref["delta"][k], rtol=1e-9, atol=1e-10)
     # (L1): sigma, and U up to signs (its projector).
     u_ref, sigma_ref = ref["factors"][k]
     assert sigma_ref[rank - 1] > 1.05 * sigma_ref[rank]      # U well defined
@@ -674,7 +677,7 @@ def test_noisy_batches_match_a_dense_reference_round(form, noise_estimate, two_g
   lagged = _dense_round(a, e, b, x0, batches, labels, p_it, m_obs, rank, form,
                         noise_estimate, num_steps, lag=1)
   for i, k in enumerate(names):
-    assert np.max(np.abs(np.asarray(built.directions[i])[1:] - lagged["s"][k][1:])) > 1e-2
+    assert np.max(np.abs(np.asarray(built.directions.unpack()[i])[1:] - lagged["s"][k][1:])) > 1e-2
   # (C1)/(C2): no step while estimating, then the reference's steps.
   for u in updates[:p_it + m_obs - 1]:
     assert not any(np.any(np.asarray(x)) for x in u.values())
@@ -755,10 +758,16 @@ def test_mixed_precision_parameters_keep_their_dtypes():
   for u in updates:
     chex.assert_trees_all_equal_dtypes(u, mixed)
   chex.assert_trees_all_equal_dtypes(states[-1], tx.init(mixed))
-  # The prior sums are packed: one vector per dtype, whatever the leaf count.
+  # The prior sums are packed: one vector per dtype, whatever the leaf count;
+  # the observations S and Delta one (M, size) array per dtype.
   for packed in (states[-1].sum_directions, states[-1].sum_products):
     assert sorted(str(v.dtype) for v in jax.tree.leaves(packed)) == ["float32", "float64"]
     chex.assert_trees_all_equal_dtypes(packed.unpack(), mixed)
+  for packed in (states[-1].directions, states[-1].residuals):
+    assert sorted((str(v.dtype), v.shape) for v in jax.tree.leaves(packed)) == [
+        ("float32", (2, mixed["w"].size)), ("float64", (2, mixed["b"].size))]
+    assert [(x.dtype, x.shape) for x in packed.unpack()] == [
+        (mixed[k].dtype, (2, mixed[k].size)) for k in sorted(mixed)]
   _, _, wide = _run(tx, TWO, {"w": mixed["w"].astype(jnp.float64), "b": mixed["b"]}, 8)
   for u, v in zip(updates, wide):
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
@@ -776,7 +785,8 @@ def test_defaults_are_the_spec_defaults():
   and restart_every must exceed the estimation length P + M - 1 = 14."""
   params = {"x": jnp.ones(N)}
   state = probabilistic_preconditioning(SINGLE).init(params)
-  assert state.directions[0].shape == (5, N) and state.residuals[0].shape == (5, N)
+  assert state.directions.unpack()[0].shape == (5, N)
+  assert state.residuals.unpack()[0].shape == (5, N)
   assert len(state.eigenvectors[0]) == 2 and state.eigenvalues.unpack()[0].shape == (2,)
   with pytest.raises(ValueError, match="restart_every"):
     probabilistic_preconditioning(SINGLE, restart_every=14)
@@ -1060,16 +1070,16 @@ def test_a_round_ignores_the_previous_rounds_rows(by_phase):
   restarted = states[7]
   assert int(restarted.round_step) == 0 and int(restarted.num_observations) == 0
   cleared = restarted._replace(
-      directions=tuple(jnp.zeros_like(x) for x in restarted.directions),
-      residuals=tuple(jnp.zeros_like(x) for x in restarted.residuals))
+      directions=jax.tree.map(jnp.zeros_like, restarted.directions),
+      residuals=jax.tree.map(jnp.zeros_like, restarted.residuals))
   again, again_updates, _ = _run_scheduled(tx, loss_fn, start, batches[7:14], flags[7:],
                                            state=cleared)
   for got, want in zip(again_updates, updates[7:]):
     chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
   # After the fit (step 9): row 0 written, the old rows kept (or zero, cleared).
   assert int(again[3].num_observations) == 1
-  assert any(np.any(np.asarray(x)[1:]) for x in states[10].directions)
-  assert not any(np.any(np.asarray(x)[1:]) for x in again[3].directions)
+  assert any(np.any(np.asarray(x)[1:]) for x in states[10].directions.unpack())
+  assert not any(np.any(np.asarray(x)[1:]) for x in again[3].directions.unpack())
   assert any(np.any(np.asarray(x)) for x in updates[13].values())
   s = again[-1]
   chex.assert_trees_all_close((s.eigenvectors, s.eigenvalues),

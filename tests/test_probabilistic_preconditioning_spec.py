@@ -254,9 +254,10 @@ def _compare(states, updates, records, slices, gids, *, check_estimate=True):
       alpha_of = [ref["alpha"][gids[i]] for i in range(len(slices))]
       for i in range(len(slices)):
         # The stored S (unit-norm rows) and Delta = Y - S / alpha.
-        np.testing.assert_allclose(st.directions[i], ref["s"][i], rtol=1e-9, atol=1e-12,
+        np.testing.assert_allclose(st.directions.unpack()[i], ref["s"][i], rtol=1e-9, atol=1e-12,
                                    err_msg=f"{msg} S leaf {i}")
-        np.testing.assert_allclose(st.residuals[i], ref["y"][i] - ref["s"][i] / alpha_of[i],
+        np.testing.assert_allclose(st.residuals.unpack()[i],
+                                   ref["y"][i] - ref["s"][i] / alpha_of[i],
                                    rtol=1e-9, atol=1e-10, err_msg=f"{msg} Delta leaf {i}")
         assert ref["gaps"][i] > 1e-6, (msg, i, ref["gaps"][i])   # U well defined
         np.testing.assert_allclose(st.eigenvalues.unpack()[i], ref["sigma"][i], rtol=1e-9,

@@ -179,9 +179,11 @@ class ProbabilisticPreconditioningState(NamedTuple):
       one ``(k, n)`` array: rows sliced out of it were copied every step).
     directions: per leaf, ``S`` as rows ``(M, n)`` (unit-norm observed
       directions); only the first ``num_observations`` rows are this round's,
-      the others are unread (a previous round's, or zero).
+      the others are unread (a previous round's, or zero). Packed: one
+      ``(M, size)`` array per dtype, each row all leaves' rows side by side
+      (`curvax._packed.PackedTree`; ``.unpack()[i]`` is leaf ``i``'s ``(M, n)``).
     residuals: per leaf, ``Delta = Y - S / alpha`` as rows ``(M, n)`` (B2), as
-      ``directions``.
+      ``directions`` (packed likewise).
     sum_vu, sum_uu, sum_vv: (G,) prior sums of v'u, ||u||^2, ||v||^2.
     sum_directions: sum of the prior directions v_i, a
       `curvax._packed.PackedTree` (``.unpack()`` gives the params-shaped tree):
@@ -204,8 +206,8 @@ class ProbabilisticPreconditioningState(NamedTuple):
   group_values: Array
   eigenvalues: Any
   eigenvectors: Tuple[Tuple[Array, ...], ...]
-  directions: Tuple[Array, ...]
-  residuals: Tuple[Array, ...]
+  directions: Any
+  residuals: Any
   sum_directions: Any
   sum_products: Any
   inner_state: Any
@@ -228,8 +230,8 @@ class _Fields(NamedTuple):
   learning_rate: Array
   eigenvalues: Any
   eigenvectors: Tuple[Tuple[Array, ...], ...]
-  directions: Tuple[Array, ...]
-  residuals: Tuple[Array, ...]
+  directions: Any
+  residuals: Any
   sum_vu: Array
   sum_uu: Array
   sum_vv: Array
@@ -557,6 +559,7 @@ def probabilistic_preconditioning(
     zeros_g = lambda: jnp.zeros((num_groups,), dtype)
     lr0 = zeros_g() if learning_rate is None else zeros_g() + jnp.asarray(learning_rate, dtype)
     izero = lambda: jnp.zeros([], jnp.int32)
+    rows = tuple(jax.ShapeDtypeStruct((x.size,), x.dtype) for x in leaves)
     return _pack(_Fields(
         count=izero(), round_step=izero(), phase=izero(), num_observations=izero(),
         num_restarts=izero(), alpha=zeros_g(), prior_scale=zeros_g(), noise_scale=zeros_g(),
@@ -565,8 +568,8 @@ def probabilistic_preconditioning(
                                           for x in leaves)),
         eigenvectors=tuple(tuple(jnp.zeros((x.size,), x.dtype) for _ in range(_rank_of(x.size)))
                            for x in leaves),
-        directions=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
-        residuals=tuple(jnp.zeros((m_buf, x.size), x.dtype) for x in leaves),
+        directions=PackedTree.zeros(rows, lead=(m_buf,)),
+        residuals=PackedTree.zeros(rows, lead=(m_buf,)),
         sum_vu=zeros_g(), sum_uu=zeros_g(), sum_vv=zeros_g(),
         sum_directions=PackedTree.pack(optax.tree_utils.tree_zeros_like(params)),
         sum_products=PackedTree.pack(optax.tree_utils.tree_zeros_like(params)),
@@ -707,22 +710,20 @@ def probabilistic_preconditioning(
         # and a write that does not read the row needs no copy of it).
         write = do_fit & valid
         dirs, res = [], []
-        for i, (sv, su, buf) in enumerate(zip(sum_v, sum_u, state.directions)):
+        for i, (sv, su) in enumerate(zip(sum_v, sum_u)):
           nrm = jnp.linalg.norm(sv / num_prior)
           inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
           s1 = -(sv / num_prior) * inv
           y1 = -(su / num_prior) * inv
           write_i = write & leaf_scalar(active, i)
-          zero = jnp.zeros((), buf.dtype)
-          # With a traced gate, another phase's row 0 is kept: the write goes
-          # out of bounds and is dropped (a select would read the row: a copy).
-          row = 0 if gate is True else jnp.where(gate, 0, buf.shape[0])
-          dirs.append(buf.at[row].set(jnp.where(write_i, s1, zero).astype(buf.dtype),
-                                      mode="drop"))
-          res.append(state.residuals[i].at[row].set(
-              jnp.where(write_i, y1 - s1 / leaf_scalar(alpha, i), zero).astype(buf.dtype),
-              mode="drop"))
-        out.update(directions=tuple(dirs), residuals=tuple(res),
+          zero = jnp.zeros((), sv.dtype)
+          dirs.append(jnp.where(write_i, s1, zero))
+          res.append(jnp.where(write_i, y1 - s1 / leaf_scalar(alpha, i), zero))
+        # With a traced gate, another phase's row 0 is kept (read and
+        # written back, slot by slot, in place).
+        keep = False if gate is True else ~gate
+        out.update(directions=state.directions.set_at(0, dirs, keep),
+                   residuals=state.residuals.set_at(0, res, keep),
                    num_observations=jnp.where(write, one, out["num_observations"]))
       return state._replace(**out)
 
@@ -744,7 +745,7 @@ def probabilistic_preconditioning(
       # from them (their rows stay zero: s = d / ||d|| with d = 0).
       active = _active_groups(state.sum_vv, state.sum_uu)
       d_flat = bh.posterior_inverse_matvec_blocks(
-          g_flat, state.directions, state.residuals, alphas,
+          g_flat, state.directions.unpack(), state.residuals.unpack(), alphas,
           [leaf_scalar(state.prior_scale, i) for i in range(num_leaves)],
           [leaf_scalar(state.noise_scale, i) for i in range(num_leaves)], m)
       d_flat = [jnp.where(leaf_scalar(active, i), d, jnp.zeros((), d.dtype))
@@ -752,23 +753,24 @@ def probabilistic_preconditioning(
       y_flat = [jnp.ravel(x) for x in treedef.flatten_up_to(hvp(unflat(d_flat)))]
       finite = _checks.tree_all_finite(d_flat + y_flat)
       written = finite & gate
-      dirs, res = [], []
-      for i, (d, y, s_buf, r_buf) in enumerate(
-          zip(d_flat, y_flat, state.directions, state.residuals)):
+      # Row m written in place (a select over the whole buffer would
+      # materialise a copy of it). Rows from num_observations on are masked
+      # (unread) by the posterior and the build, so a skipped observation
+      # writes zeros there instead of keeping the row (reading it copied
+      # the row: ~1 ms per leaf).
+      dirs, invs = [], []
+      for d in d_flat:
         nrm = jnp.linalg.norm(d)
         inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
-        s_new = d * inv
-        # Row m written in place (a select over the whole buffer would
-        # materialise a copy of it). Rows from num_observations on are masked
-        # (unread) by the posterior and the build, so a skipped observation
-        # writes zeros there instead of keeping the row (reading it copied
-        # the row: ~1 ms per leaf).
-        zero = jnp.zeros((), s_buf.dtype)
-        dirs.append(s_buf.at[m].set(jnp.where(written, s_new, zero).astype(s_buf.dtype),
-                                    mode="drop"))
-        res.append(r_buf.at[m].set(jnp.where(
-            written, y * inv - s_new / alphas[i], zero).astype(r_buf.dtype),
-                                   mode="drop"))
+        dirs.append(jnp.where(written, d * inv, jnp.zeros((), d.dtype)))
+        invs.append(inv)
+      directions = state.directions.set_at(m, dirs)
+      # Delta's row from S's row as written (read back): XLA recomputes d,
+      # elementwise in Delta's old rows, inside each row write, so every write
+      # into the packed Delta must come after all of S's, or Delta is copied
+      # first (mnist_mlp: 27 MB per posterior step); reading s back orders them.
+      res = [jnp.where(written, y * inv - s / alpha, jnp.zeros((), y.dtype))
+             for y, inv, s, alpha in zip(y_flat, invs, directions.row(m), alphas)]
       skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
       # A non-finite observation is retaken on the next batch, at most
       # MAX_POSTERIOR_RETAKES times in a row: a degenerate estimate (e.g. no
@@ -779,7 +781,7 @@ def probabilistic_preconditioning(
       give_up = retakes >= MAX_POSTERIOR_RETAKES
       round_step = jnp.where(finite, state.round_step + 1,
                              jnp.where(give_up, apply_start, state.round_step))
-      return (tuple(dirs), tuple(res), jnp.where(finite, m + 1, m),
+      return (directions, state.residuals.set_at(m, res), jnp.where(finite, m + 1, m),
               round_step.astype(state.round_step.dtype), skipped,
               jnp.where(give_up, 0, retakes).astype(jnp.int32))
 
@@ -794,9 +796,9 @@ def probabilistic_preconditioning(
     # phase step 1.21 -> 1.14x SGD).
     def build(state):
       # (L1) per leaf (the small algebra batched across leaves).
-      num_leaves = len(state.directions)
+      num_leaves = len(state.eigenvectors)
       factors = bh.low_rank_factors_blocks(
-          state.directions, state.residuals,
+          state.directions.unpack(), state.residuals.unpack(),
           [leaf_scalar(state.alpha, i) for i in range(num_leaves)],
           [leaf_scalar(state.prior_scale, i) for i in range(num_leaves)],
           [leaf_scalar(state.noise_scale, i) for i in range(num_leaves)], rank,
