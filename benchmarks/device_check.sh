@@ -20,7 +20,8 @@
 #      and the posterior's two factorizations are one solve (271 -> 261, one
 #      LU per group), a prior step writes row 0 of S and Delta in place
 #      (not both whole buffers), and the prior sums and the eigenvalues are
-#      packed (state 67 -> 46 arrays per call): look at the host-scheduled rows and
+#      packed, then S and Delta too (one (M, size) array per dtype; state
+#      67 -> 46 -> 32 arrays per call): look at the host-scheduled rows and
 #      profile_steps' phase steps. New
 #      row "floor, one reduce per leaf": U'g as one variadic reduction per
 #      leaf instead of a vdot per row (XLA:CPU 67 -> 53 kernels, slower there),

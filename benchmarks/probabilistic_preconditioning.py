@@ -35,8 +35,8 @@ faults per step and PreconditionedSGD 1.32-1.41x in one run, 860-1030 faults
 and 1.62-1.66x in another. Compare runs by their page-fault column. The last
 rows print the host time per call (benchmarks/_timing.py:
 ``host_time_per_call``), ~6.5 us per array passed in and out on this machine:
-the PP step moves 80 (SGD 8), which a GPU has to hide behind a step that may
-be shorter.
+the PP step moved 80 when this was written (SGD 8; 32 since its buffers are
+packed), which a GPU has to hide behind a step that may be shorter.
 
 Then (``--one-call``, the default) each epoch once more as ONE jitted call, a
 ``lax.fori_loop`` over its steps: no per-step host work. On an H200 (synthetic

@@ -219,7 +219,7 @@ class PackedTree(PackedDict):
     donated; a write that may be skipped reads the slot it would overwrite (a
     select), nothing else is read. (``.at[index, slot].set(..., mode="drop")``
     does the same through a scatter, which XLA lowers with an index vector
-    and a bounds check of its own per leaf: ~2 more kernels per write.)
+    and a bounds check of its own per leaf: ~1.5 more kernels per write.)
     """
     (entry,), _ = self._layout
     leaves = jax.tree_util.tree_leaves(tree)
