@@ -194,8 +194,11 @@ def main():
                      chunk_size=args.chunk_size)
     step1 = make_step(tx1)
     p1, state1 = step1(params, tx1.init(params), other)  # the previous step: other data
+    # "after": the step after a tracked one, which finishes Alpha's fit (the
+    # warm-up ended on an untracked step, so its state says "not tracked").
     kinds = {"plain": (plain_step, sgd.init(params)), "tracked": (step, at(args.every)),
-             "after": (step, at(args.every + 1)), "untracked": (step, at(args.every + 2)),
+             "after": (step, at(args.every + 1)._replace(tracked=jnp.asarray(True))),
+             "untracked": (step, at(args.every + 2)),
              # the same untracked step, scheduled on the host (no cond at all)
              "idle": (make_step(tx, scheduled=False), at(args.every + 2)),
              "every1": (step1, state1)}
