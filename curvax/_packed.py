@@ -250,7 +250,7 @@ class PackedTree(PackedDict):
     (M,)``), clamped to ``[0, M)``: leaf ``i`` is ``unpack()[i][index]``, read
     with one ``lax.dynamic_slice`` of its slot."""
     (entry,), _ = self._layout
-    rows = self._vectors[0].shape[0]
+    rows = self._vectors[0].shape[0] if self._vectors else 0
     index = jnp.clip(jnp.asarray(index, jnp.int32), 0, max(rows - 1, 0))
     leaves = []
     for group, offset, shape in entry[2]:
