@@ -323,10 +323,19 @@ def _top_eigenpair(matvec, params, previous, key, iterations, rtol):
   return values[0], jax.tree_util.tree_map(lambda v: v[0], vectors)
 
 
-def _losses_and_slopes(apply_fn, loss, params, batch, direction):
-  """Per-example losses and slopes ``d' g_i`` from one JVP of the per-example loss."""
+def _losses_and_slopes(apply_fn, loss, params, batch, direction, *more):
+  """Per-example losses and slopes ``d' g_i`` from one JVP of the per-example loss;
+  with ``more`` directions, the slopes along each (a tuple) from one
+  linearisation: the forward pass once, the tangent pass batched."""
   inputs, targets = batch
-  return jax.jvp(lambda p: loss(apply_fn(p, inputs), targets), (params,), (direction,))
+  f = lambda p: loss(apply_fn(p, inputs), targets)
+  if not more:
+    return jax.jvp(f, (params,), (direction,))
+  losses, lin = jax.linearize(f, params)
+  # In the parameters' dtypes, as linearisation requires of its tangents.
+  directions = [otu.tree_cast_like(d, params) for d in (direction,) + more]
+  slopes = jax.vmap(lin)(jax.tree_util.tree_map(lambda *d: jnp.stack(d), *directions))
+  return losses, tuple(slopes)
 
 
 def monitor(inner: optax.GradientTransformation,
@@ -407,9 +416,10 @@ def monitor(inner: optax.GradientTransformation,
   need_diag = bool(want & _DIAG)
   need_alpha = "alpha" in want
   # Tracking every step, Alpha's end point (losses and slopes s_{t-1}'g_i at
-  # theta_t on this batch) comes with this step's per-example statistics: one
-  # more ``dot_with`` reference instead of a JVP of its own.
-  shared_end = always_tracked and need_alpha and need_pe
+  # theta_t on this batch) comes with this step's start point: one more
+  # ``dot_with`` reference of the per-example statistics, or (without them)
+  # a second tangent of the start point's JVP, instead of a JVP of its own.
+  shared_end = always_tracked and need_alpha
 
   def empty_diagnostics(params):
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
@@ -456,7 +466,7 @@ def monitor(inner: optax.GradientTransformation,
 
     Returns ``(diagnostics, alpha start point, end point, eigenvector)``; the
     end point of the previous step's Alpha, ``(losses, slopes s_{t-1}'g_i)``,
-    only if `shared_end`; HessMaxEV's top Ritz vector (else the state's).
+    only if `shared_end` (every step tracked); HessMaxEV's top Ritz vector (else the state's).
     """
     out = {}
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
@@ -473,12 +483,17 @@ def monitor(inner: optax.GradientTransformation,
       p0 = slopes[0] if need_alpha else None
       if shared_end:
         end = (pe_losses, slopes[1])
+    elif shared_end:  # s_t'g_i and s_{t-1}'g_i: one linearisation, two tangents
+      with jax.named_scope("alpha_start"):
+        pe_losses, (p0, p1) = _losses_and_slopes(apply_fn, loss, params, batch, new_updates,
+                                                 state.last_update.unpack())
+      end = (pe_losses, p1)
     elif "loss" in want or need_alpha:
       inputs, targets = batch
       pe_losses = loss(apply_fn(params, inputs), targets)
     start = state.alpha_start
     if need_alpha:
-      if not need_pe:  # else s'g_i came with the per-example statistics
+      if not need_pe and not shared_end:  # else s'g_i came with the statistics above
         with jax.named_scope("alpha_start"):
           _, p0 = _losses_and_slopes(apply_fn, loss, params, batch, new_updates)
       start = jnp.stack([jnp.mean(pe_losses), alpha_lib.sample_variance(pe_losses),
@@ -582,13 +597,8 @@ def monitor(inner: optax.GradientTransformation,
             alpha_lib.sample_variance(p1) / safe ** 2, tau)
         return value.astype(state.alpha.dtype)
 
-      if shared_end:
+      if shared_end:   # no cond: on XLA:CPU a JVP inside one ran ~2x slower
         alpha = jnp.where(finish, end_point(*end), state.alpha)
-      elif always_tracked:
-        # Every step but the first finishes a fit: no cond (on XLA:CPU the
-        # JVP inside one ran ~2x slower; the first step's is discarded).
-        alpha = jnp.where(finish, end_point(*jax.named_scope("alpha_end")(_losses_and_slopes)(
-            apply_fn, loss, params, batch, state.last_update.unpack())), state.alpha)
       else:
         alpha = jax.lax.cond(
             finish,
