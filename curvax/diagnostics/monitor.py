@@ -10,7 +10,8 @@ Alpha is requested, which needs the loss and slope at the step's end point).
 Tracking every step (``every=1``), there is no ``lax.cond``: the per-example pass
 shares its forward and backward pass with the training step's gradient under
 ``jit`` (see `curvax.curvature.flax_layers`), and Alpha's end point comes with
-it as one more projection instead of a JVP. One caveat on XLA:CPU: a step's
+it as one more projection instead of a JVP (without per-example instruments,
+as a second tangent of the start point's JVP). One caveat on XLA:CPU: a step's
 scratch buffer is sized for its largest branch (here the tracked one) and
 allocated on every execution; glibc maps blocks of hundreds of MB afresh each
 time, so untracked steps then page-fault their working memory (a raw
@@ -466,7 +467,8 @@ def monitor(inner: optax.GradientTransformation,
 
     Returns ``(diagnostics, alpha start point, end point, eigenvector)``; the
     end point of the previous step's Alpha, ``(losses, slopes s_{t-1}'g_i)``,
-    only if `shared_end` (every step tracked); HessMaxEV's top Ritz vector (else the state's).
+    only if `shared_end` (every step tracked); HessMaxEV's top Ritz vector (else
+    the state's).
     """
     out = {}
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
