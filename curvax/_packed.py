@@ -19,6 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _layout(trees: Sequence[Tuple[str, Any]]) -> Tuple[Tuple[Any, ...], Dict[str, int]]:
+  """The layout of `PackedDict` for ``[(key, pytree), ...]`` in that order (leaves:
+  anything with ``shape`` and ``dtype``): ``((entries, dtypes), sizes)``, where
+  each entry is ``(key, treedef, slots)``, a slot ``(dtype index, offset,
+  shape)`` per leaf, and ``sizes[dtype]`` is the length of that dtype's vector."""
+  flat = [(key, *jax.tree_util.tree_flatten(tree)) for key, tree in trees]
+  dtypes = sorted({jnp.dtype(x.dtype).name for _, leaves, _ in flat for x in leaves})
+  sizes = dict.fromkeys(dtypes, 0)
+  entries = []
+  for key, leaves, treedef in flat:
+    slots = []
+    for x in leaves:
+      name = jnp.dtype(x.dtype).name
+      slots.append((dtypes.index(name), sizes[name], tuple(x.shape)))
+      sizes[name] += int(np.prod(x.shape, dtype=np.int64))
+    entries.append((key, treedef, tuple(slots)))
+  return (tuple(entries), tuple(dtypes)), sizes
+
+
 @jax.tree_util.register_pytree_node_class
 class PackedDict(Mapping):
   """``{key: pytree of arrays}`` stored as one flat vector per dtype.
@@ -42,24 +61,16 @@ class PackedDict(Mapping):
     Keys are sorted, so that mappings built in different orders (e.g. the two
     branches of a ``lax.cond``) pack to the same structure.
     """
-    dtypes = sorted({jnp.result_type(x).name for tree in values.values()
-                     for x in jax.tree_util.tree_leaves(tree)})
-    parts = {name: [] for name in dtypes}
-    sizes = dict.fromkeys(dtypes, 0)
-    entries = []
-    for key, tree in sorted(values.items()):
-      leaves, treedef = jax.tree_util.tree_flatten(tree)
-      slots = []
-      for x in leaves:
-        x = jnp.asarray(x)
-        group = dtypes.index(x.dtype.name)
-        slots.append((group, sizes[x.dtype.name], tuple(x.shape)))
-        sizes[x.dtype.name] += x.size
+    arrays = [(key, jax.tree_util.tree_map(jnp.asarray, tree))
+              for key, tree in sorted(values.items())]
+    layout, _ = _layout(arrays)
+    parts = {name: [] for name in layout[1]}
+    for _, tree in arrays:
+      for x in jax.tree_util.tree_leaves(tree):
         parts[x.dtype.name].append(jnp.ravel(x))
-      entries.append((key, treedef, tuple(slots)))
     vectors = tuple(jnp.concatenate(parts[name]) if parts[name] else jnp.zeros((0,), name)
-                    for name in dtypes)
-    return cls(vectors, (tuple(entries), tuple(dtypes)))
+                    for name in layout[1])
+    return cls(vectors, layout)
 
   def _entry(self, key):
     for entry in self._layout[0]:
@@ -196,16 +207,9 @@ class PackedTree(PackedDict):
     one ``(M, size)`` array per dtype instead of one ``(M, ...)`` array per leaf.
     Nothing is concatenated (`pack` would be, which is slow for computed leaves).
     """
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    dtypes = sorted({jnp.dtype(x.dtype).name for x in leaves})
-    sizes = dict.fromkeys(dtypes, 0)
-    slots = []
-    for x in leaves:
-      name = jnp.dtype(x.dtype).name
-      slots.append((dtypes.index(name), sizes[name], tuple(x.shape)))
-      sizes[name] += int(np.prod(x.shape, dtype=np.int64))
-    vectors = tuple(jnp.zeros(tuple(lead) + (sizes[name],), name) for name in dtypes)
-    return cls(vectors, ((("tree", treedef, tuple(slots)),), tuple(dtypes)))
+    layout, sizes = _layout([("tree", like)])
+    return cls(tuple(jnp.zeros(tuple(lead) + (sizes[name],), name) for name in layout[1]),
+               layout)
 
   def set_at(self, index: Any, tree: Any, keep: Any = False) -> "PackedTree":
     """This packing with ``tree``'s leaves written at ``index`` of the leading axis.
