@@ -299,6 +299,13 @@ def _group_ids(params: Any, groups: Any) -> Tuple[Tuple[int, ...], int]:
   return tuple(ids), len(index)
 
 
+def _inverse_norm(v: Array) -> Array:
+  """``1 / ||v||``, and 0 for ``v = 0`` (so ``v * _inverse_norm(v)`` is the unit
+  direction of an observation, or the empty one)."""
+  nrm = jnp.linalg.norm(v)
+  return jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
+
+
 def _active_groups(sum_vv: Array, sum_uu: Array) -> Array:
   """(G,) bool: groups whose prior phase observed gradient and curvature.
 
@@ -711,8 +718,7 @@ def probabilistic_preconditioning(
         write = do_fit & valid
         dirs, res = [], []
         for i, (sv, su) in enumerate(zip(sum_v, sum_u)):
-          nrm = jnp.linalg.norm(sv / num_prior)
-          inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
+          inv = _inverse_norm(sv / num_prior)
           s1 = -(sv / num_prior) * inv
           y1 = -(su / num_prior) * inv
           write_i = write & leaf_scalar(active, i)
@@ -760,8 +766,7 @@ def probabilistic_preconditioning(
       # the row: ~1 ms per leaf).
       dirs, invs = [], []
       for d in d_flat:
-        nrm = jnp.linalg.norm(d)
-        inv = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)
+        inv = _inverse_norm(d)
         dirs.append(jnp.where(written, d * inv, jnp.zeros((), d.dtype)))
         invs.append(inv)
       directions = state.directions.set_at(m, dirs)
